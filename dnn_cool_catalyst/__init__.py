@@ -1,0 +1,26 @@
+"""dnn_cool_catalyst: multi-task learning with task preconditions for PyTorch and Catalyst.
+
+Declare tasks, compose them into flows with preconditions, and get the module, the masked loss,
+metrics, decoders, evaluation, explanations and datasets from that one description.
+"""
+from .dsl import Tasks, TaskFlow
+from .errors import FlowDefinitionError, InputError, LabelError
+from .graph import FlowGraph
+from .tasks import (
+    BinaryClassificationTask,
+    BoundedRegressionTask,
+    ClassificationTask,
+    Decoder,
+    ITask,
+    MaskedLanguageModelingTask,
+    MultilabelClassificationTask,
+    Task,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
+    "FlowGraph", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask", "MultilabelClassificationTask",
+    "Task", "TaskFlow", "Tasks", "__version__",
+]

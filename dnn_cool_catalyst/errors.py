@@ -1,0 +1,16 @@
+"""Exceptions raised by dnn_cool_catalyst, each naming the flow, task path, key or shape involved."""
+
+
+class FlowDefinitionError(ValueError):
+    """A flow function is malformed: unknown task or feature, bad condition, task added twice."""
+
+
+class LabelError(ValueError):
+    """Labels of a task have the wrong length, shape, dtype or values, or are absent."""
+
+
+class InputError(KeyError):
+    """An input mapping lacks a feature (or ground truth) that the flow reads."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else ""

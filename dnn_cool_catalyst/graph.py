@@ -1,0 +1,130 @@
+"""The immutable graph a flow function is traced into, once, at `add_flow` time.
+
+A `FlowGraph` is a tree of `Node`s (a leaf task, or a nested flow with its own nodes) plus the
+flattened `leaves` in flow order. Each leaf carries its *precondition*: the conjunction of every
+condition literal applied to it and to each flow that contains it, with task paths relative to the
+graph's root. Every product of a flow (module, loss, metrics, dataset, decoder, evaluator,
+explainer) is an interpreter of this graph; none re-runs the user's function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from .tasks.base import ITask
+
+InputKey = Tuple[str, ...]  # () is the whole input mapping, ("a", "b") is x["a"]["b"]
+
+
+@dataclass(frozen=True)
+class Literal:
+    """`out.<path>` (negated=False) or `~out.<path>` (negated=True)."""
+
+    path: str
+    negated: bool = False
+
+    def prefixed(self, prefix: str) -> "Literal":
+        return Literal(f"{prefix}.{self.path}", self.negated)
+
+    def __str__(self) -> str:
+        return f"{'~' if self.negated else ''}out.{self.path}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One `out += ...` entry: a leaf task (`flow is None`) or a nested flow."""
+
+    name: str
+    path: str
+    task: object  # ITask for a leaf, TaskFlow for a nested flow
+    input_key: InputKey
+    conditions: Tuple[Literal, ...]  # its own conditions (the `| c` applied to this entry)
+    children: Tuple["Node", ...] = ()
+    is_flow: bool = False
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A leaf task at `path`, reading `input_key`, applying when all `precondition` literals hold."""
+
+    path: str
+    task: ITask
+    input_key: InputKey
+    precondition: Tuple[Literal, ...]
+
+
+@dataclass(frozen=True)
+class FlowGraph:
+    """A traced flow: its `nodes` (tree) and `leaves` (flattened, in flow order)."""
+
+    name: str
+    nodes: Tuple[Node, ...]
+    leaves: Tuple[Leaf, ...]
+
+    @property
+    def paths(self) -> Tuple[str, ...]:
+        return tuple(leaf.path for leaf in self.leaves)
+
+    @property
+    def condition_paths(self) -> Tuple[str, ...]:
+        """Paths of the tasks used as preconditions, in flow order (they need labels in `gt`)."""
+        used = {lit.path for leaf in self.leaves for lit in leaf.precondition}
+        return tuple(p for p in self.paths if p in used)
+
+    @property
+    def input_keys(self) -> Tuple[InputKey, ...]:
+        seen: Dict[InputKey, None] = {}
+        for leaf in self.leaves:
+            seen.setdefault(leaf.input_key, None)
+        return tuple(seen)
+
+    def leaf(self, path: str) -> Leaf:
+        for leaf in self.leaves:
+            if leaf.path == path:
+                return leaf
+        raise KeyError(f"flow {self.name!r} has no task {path!r}; known: {list(self.paths)}")
+
+
+def build_graph(name: str, entries) -> FlowGraph:
+    """Assemble a graph from traced entries `(name, task, input_key, conditions, subgraph)`."""
+    nodes = []
+    for entry_name, task, key, conds, sub in entries:
+        if sub is None:
+            nodes.append(Node(entry_name, entry_name, task, key, conds))
+        else:
+            nodes.append(Node(entry_name, entry_name, task, key, conds,
+                              children=tuple(_rebase(n, entry_name, key) for n in sub.nodes), is_flow=True))
+    leaves = []
+    _collect(tuple(nodes), (), leaves)
+    return FlowGraph(name, tuple(nodes), tuple(leaves))
+
+
+def _rebase(node: Node, prefix: str, key: InputKey) -> Node:
+    return Node(
+        node.name,
+        f"{prefix}.{node.path}",
+        node.task,
+        key + node.input_key,
+        tuple(lit.prefixed(prefix) for lit in node.conditions),
+        tuple(_rebase(c, prefix, key) for c in node.children),
+        node.is_flow,
+    )
+
+
+def _collect(nodes: Tuple[Node, ...], inherited: Tuple[Literal, ...], out: list) -> None:
+    for node in nodes:
+        pre = inherited + tuple(lit for lit in node.conditions if lit not in inherited)
+        if node.is_flow:
+            _collect(node.children, pre, out)
+        else:
+            out.append(Leaf(node.path, node.task, node.input_key, pre))
+
+
+def find_node(nodes: Tuple[Node, ...], path: str) -> Optional[Node]:
+    """The node at `path` (leaf or flow), or None."""
+    for node in nodes:
+        if node.path == path:
+            return node
+        if node.is_flow and path.startswith(node.path + "."):
+            return find_node(node.children, path)
+    return None

@@ -1,0 +1,1 @@
+"""Interpreters of a traced `FlowGraph`: one module per product."""

@@ -1,0 +1,127 @@
+"""`flow.get_dataset(inputs, labels)`: `(X, y)` items whose `X["gt"]` carries precondition labels.
+
+Labels are validated and converted once (per task: dtype, shape, missing marker). Items can be
+fetched one at a time (`ds[i]`, works with a plain `DataLoader`) or a whole batch at once
+(`ds[[i, j, ...]]`), which `ds.loader(batch_size=...)` uses through a `BatchSampler` so that a
+batch of 256 costs one tensor gather per key instead of collating 256 small dicts.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from ..errors import InputError, LabelError
+from ..graph import FlowGraph
+
+
+def _to_tensor_tree(value: Any, name: str) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _to_tensor_tree(v, f"{name}.{k}") for k, v in value.items()}
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return value
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+        return value  # a lazy sequence (e.g. images read from disk): indexed item by item
+    raise InputError(f"input {name!r} must be an array, a tensor, a mapping or a sequence, got {type(value).__name__}")
+
+
+def _length(value: Any) -> int:
+    if isinstance(value, Mapping):
+        lengths = {_length(v) for v in value.values()}
+        if len(lengths) != 1:
+            raise InputError(f"nested inputs have different lengths: {sorted(lengths)}")
+        return lengths.pop()
+    return len(value)
+
+
+def _take(value: Any, index: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _take(v, index) for k, v in value.items()}
+    if isinstance(value, Tensor):
+        return value[index]
+    if isinstance(index, Tensor):
+        items = [value[int(i)] for i in index]
+        return torch.stack([torch.as_tensor(v) for v in items]) if items and _stackable(items[0]) else items
+    return value[index]
+
+
+def _stackable(v: Any) -> bool:
+    return isinstance(v, (Tensor, np.ndarray, int, float))
+
+
+def _shape(value: Any) -> str:
+    return str(tuple(value.shape)) if hasattr(value, "shape") else f"(len {len(value)})"
+
+
+class FlowDataset(Dataset):
+    """`(X, y)` items for a flow: `X` = the inputs of the sample(s) plus `X["gt"]` = labels of the
+    precondition tasks; `y` = `{path: label}` for every task.
+
+    `inputs`: feature name -> array/tensor `(N, ...)` (or nested mappings, or lazy sequences);
+    `labels`: task path -> labels in the task's format (missing marker where unannotated).
+    """
+
+    def __init__(self, graph: FlowGraph, inputs: Mapping[str, Any], labels: Mapping[str, Any]):
+        if not isinstance(inputs, Mapping) or not isinstance(labels, Mapping):
+            raise TypeError("get_dataset(inputs, labels) takes two mappings: feature -> array, task path -> labels")
+        if "gt" in inputs:
+            raise InputError("inputs must not contain the reserved key 'gt'")
+        self.graph = graph
+        self.inputs = {k: _to_tensor_tree(v, k) for k, v in inputs.items()}
+        for key in graph.input_keys:
+            node: Any = self.inputs
+            for i, k in enumerate(key):
+                if not isinstance(node, Mapping) or k not in node:
+                    users = [leaf.path for leaf in graph.leaves if leaf.input_key[: i + 1] == key[: i + 1]]
+                    raise InputError(f"inputs have no feature {'.'.join(key[: i + 1])!r} (read by {users}); "
+                                     f"they have {sorted(node) if isinstance(node, Mapping) else []}")
+                node = node[k]
+        lengths = {k: _length(v) for k, v in self.inputs.items()}
+        if len(set(lengths.values())) > 1:
+            raise InputError(f"inputs have different lengths: {lengths}")
+        n = next(iter(lengths.values())) if lengths else None
+        missing = [p for p in graph.paths if p not in labels]
+        if missing:
+            raise LabelError(f"labels have no entry for task(s) {missing} of flow {graph.name!r} "
+                             f"(pass an all-missing array to leave a task unannotated); they have {sorted(labels)}")
+        extra = sorted(set(labels) - set(graph.paths))
+        if extra:
+            raise LabelError(f"labels for unknown task path(s) {extra}; flow {graph.name!r} has {list(graph.paths)}")
+        self.labels: Dict[str, Tensor] = {}
+        for leaf in graph.leaves:
+            t = leaf.task.prepare_labels(labels[leaf.path])
+            if n is None:
+                n = t.shape[0]
+            if t.shape[0] != n:
+                raise LabelError(f"task {leaf.path!r}: {t.shape[0]} labels of shape {tuple(t.shape)} for "
+                                 f"{n} samples (inputs: {', '.join(f'{k} {_shape(v)}' for k, v in self.inputs.items())})")
+            self.labels[leaf.path] = t
+        self.n = int(n or 0)
+        self.gt_paths = graph.condition_paths
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any):
+        """One sample for an int index; a collated batch for a sequence of indices."""
+        if not isinstance(index, (int, np.integer)):
+            index = torch.as_tensor(index, dtype=torch.int64)
+        elif not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for a dataset of {self.n} samples")
+        x = {k: _take(v, index) for k, v in self.inputs.items()}
+        x["gt"] = {p: self.labels[p][index] for p in self.gt_paths}
+        y = {p: t[index] for p, t in self.labels.items()}
+        return x, y
+
+    def loader(self, batch_size: int = 32, shuffle: bool = False, drop_last: bool = False,
+               generator: Optional[torch.Generator] = None, **kwargs) -> DataLoader:
+        """A `DataLoader` that fetches whole batches at once (`batch_size=None` + a `BatchSampler`)."""
+        base = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
+        return DataLoader(self, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None, **kwargs)

@@ -1,0 +1,62 @@
+"""`flow.torch()`: the flow as an `nn.Module`, heads registered under task and flow names."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..graph import FlowGraph, InputKey
+from .masks import compute_masks
+
+
+def read_input(x: Any, key: InputKey, path: str) -> Any:
+    """`x[k1][k2]...`, with an error naming the task and the available keys."""
+    value = x
+    for i, k in enumerate(key):
+        try:
+            value = value[k]
+        except (KeyError, TypeError, IndexError):
+            have = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            where = "x" + "".join(f"[{p!r}]" for p in key[:i])
+            raise InputError(f"task {path!r} reads x.{'.'.join(key)}, but {where} has no key {k!r} (has {have})") from None
+    return value
+
+
+class FlowModule(nn.Module):
+    """Runs every head on its input and adds the precondition masks.
+
+    `forward(x)` returns `{"logits", "activated", "decoded", "mask"}`, each `{path: tensor}`.
+    Masks come from `x["gt"]` when present (ground truth, three-valued) and from the decoded
+    predictions otherwise. In training mode with `gt`, activation and decoding are skipped.
+    Heads are looked up through `_modules` on every call so that DataParallel replicas use their
+    own copies.
+    """
+
+    def __init__(self, graph: FlowGraph):
+        super().__init__()
+        self.graph = graph
+        for node in graph.nodes:
+            self.add_module(node.name, FlowModule(node.task.graph) if node.is_flow else node.task.module)
+        self._routes = tuple((leaf.path, tuple(leaf.path.split(".")), leaf.input_key, leaf.task) for leaf in graph.leaves)
+
+    def forward(self, x: Mapping[str, Any]) -> Dict[str, Dict[str, Tensor]]:
+        logits: Dict[str, Tensor] = {}
+        for path, route, key, _ in self._routes:
+            head = self
+            for name in route:
+                head = head._modules[name]
+            logits[path] = head(read_input(x, key, path))
+        gt = x.get("gt") if isinstance(x, Mapping) else None
+        out: Dict[str, Dict[str, Tensor]] = {"logits": logits}
+        decoded = None
+        if gt is None or not self.training:
+            activated = {path: task.activate(logits[path]) for path, _, _, task in self._routes}
+            decoded = {path: task.decode(activated[path]) for path, _, _, task in self._routes}
+            out["activated"], out["decoded"] = activated, decoded
+        first = next(iter(logits.values()))
+        out["mask"] = compute_masks(self.graph, first.shape[0], first.device, gt=gt, decoded=decoded)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"flow={self.graph.name!r}"

@@ -1,0 +1,99 @@
+"""The seed's home-security story as code: its tasks and flows over a shared feature vector.
+
+Used by the demo, the benchmarks and the tests; also a compact example of a realistic flow::
+
+    tasks = security_tasks(features=256)
+    flow = tasks.get_full_flow()            # full_flow
+    model = flow.torch()                    # heads read x["features"]
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .dsl import Tasks
+from .tasks import BinaryClassificationTask, BoundedRegressionTask, ClassificationTask, MultilabelClassificationTask
+
+BINARY = ("camera_blocked", "door_open", "door_locked", "person_present")
+FACE_BOX = ("face_x1", "face_y1", "face_w", "face_h")
+BODY_BOX = ("body_x1", "body_y1", "body_w", "body_h")
+FACIAL_CHARACTERISTICS = ("glasses", "beard", "hat")
+SHIRT_TYPES = ("t-shirt", "polo", "hoodie", "sweater", "tank-top", "shirt", "jacket")
+
+
+def security_tasks(features: int = 256, image_size: float = 64.0, feature_key: str = "features") -> Tasks:
+    """Tasks and flows of the story; every head is an `nn.Linear(features, k)` reading
+    `x.<feature_key>`. Box coordinates are bounded regressions with `scale=image_size`."""
+    tasks = [BinaryClassificationTask(n, nn.Linear(features, 1)) for n in BINARY]
+    tasks += [BoundedRegressionTask(n, nn.Linear(features, 1), scale=image_size) for n in FACE_BOX + BODY_BOX]
+    tasks.append(MultilabelClassificationTask("facial_characteristics", nn.Linear(features, len(FACIAL_CHARACTERISTICS)),
+                                              class_names=FACIAL_CHARACTERISTICS))
+    tasks.append(ClassificationTask("shirt_type", nn.Linear(features, len(SHIRT_TYPES)), class_names=SHIRT_TYPES))
+    t = Tasks(tasks, inputs=[feature_key])
+    add_security_flows(t, feature_key)
+    return t
+
+
+def add_security_flows(tasks: Tasks, feature_key: str = "features") -> None:
+    """Add the story's four flows (face_regression, body_regression, person_regression, full_flow)
+    to `tasks`, which must hold the story's task names; every head reads `x.<feature_key>`."""
+
+    def feats(x):
+        return getattr(x, feature_key)
+
+    @tasks.add_flow
+    def face_regression(flow, x, out):
+        for name in FACE_BOX + ("facial_characteristics",):
+            out += getattr(flow, name)(feats(x))
+        return out
+
+    @tasks.add_flow
+    def body_regression(flow, x, out):
+        for name in BODY_BOX + ("shirt_type",):
+            out += getattr(flow, name)(feats(x))
+        return out
+
+    @tasks.add_flow
+    def person_regression(flow, x, out):
+        out += flow.face_regression(x)
+        out += flow.body_regression(x)
+        return out
+
+    @tasks.add_flow
+    def full_flow(flow, x, out):
+        out += flow.camera_blocked(feats(x))
+        out += flow.door_open(feats(x)) | (~out.camera_blocked)
+        out += flow.door_locked(feats(x)) | (~out.door_open)
+        out += flow.person_present(feats(x)) | out.door_open
+        out += flow.person_regression(x) | out.person_present
+        return out
+
+
+def security_labels(n: int, seed: int = 0, missing_rate: float = 0.05, image_size: float = 64.0):
+    """Random labels of the story for `n` samples, keyed by task path of `full_flow`, in task format
+    (binary 0/1/NaN, boxes in [0, 1], multilabel (n, 3) with NaN, shirt type int with -1).
+    Annotations follow the story's preconditions; each cell is also missing with `missing_rate`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    nan = np.nan
+    blocked = (rng.random(n) < 0.2).astype(np.float32)
+    door_open = np.where(blocked == 1, nan, rng.random(n) < 0.55).astype(np.float32)
+    door_locked = np.where(door_open == 0, rng.random(n) < 0.5, nan).astype(np.float32)
+    person = np.where(door_open == 1, rng.random(n) < 0.7, nan).astype(np.float32)
+    has_person = person == 1
+    labels = {"camera_blocked": blocked, "door_open": door_open, "door_locked": door_locked, "person_present": person}
+    prefix = {**{k: "person_regression.face_regression." for k in FACE_BOX + ("facial_characteristics",)},
+              **{k: "person_regression.body_regression." for k in BODY_BOX + ("shirt_type",)}}
+    for name in FACE_BOX + BODY_BOX:
+        labels[prefix[name] + name] = np.where(has_person, rng.random(n), nan).astype(np.float32)
+    fc = (rng.random((n, len(FACIAL_CHARACTERISTICS))) < 0.4).astype(np.float32)
+    fc[~has_person] = nan
+    labels[prefix["facial_characteristics"] + "facial_characteristics"] = fc
+    labels[prefix["shirt_type"] + "shirt_type"] = np.where(has_person, rng.integers(0, len(SHIRT_TYPES), n), -1)
+    for path, v in labels.items():
+        drop = rng.random(v.shape) < missing_rate
+        if v.dtype.kind == "f":
+            v[drop] = nan
+        else:
+            v[drop] = -1
+    return labels

@@ -1,0 +1,291 @@
+"""The task protocol (`ITask`), the `Task` dataclass behind every predefined kind, and decoders.
+
+A task owns everything that is specific to one kind of output: how labels look and which value
+marks them missing, the elementwise loss, the activation, the decoder (with its tunable parameters)
+and the default metrics. The flow interpreters only combine these pieces with masks; they never
+ask which kind a task is.
+
+Shapes: `N` is the batch size. A task's *elements* are what availability is decided on: one per
+sample for binary, classification and bounded regression, one per class for multilabel, one per
+token for masked language modeling. `elementwise_loss` and `available` both return tensors of the
+element shape `(N, ...)`.
+"""
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import LabelError
+
+JSON = Any
+
+
+class Decoder(abc.ABC):
+    """Turns activated outputs into decoded predictions; tunable parameters are plain JSON values."""
+
+    def __call__(self, activated: Tensor) -> Tensor:
+        return self.decode(activated)
+
+    @abc.abstractmethod
+    def decode(self, activated: Tensor) -> Tensor:
+        """Decode a batch of activated outputs."""
+
+    def params(self) -> Dict[str, JSON]:
+        """The current parameters, JSON-serialisable (empty when there is nothing to tune)."""
+        return {}
+
+    def load_tuned(self, params: Dict[str, JSON]) -> None:
+        """Apply parameters previously returned by `tune` or `params`."""
+        if params:
+            raise ValueError(f"{type(self).__name__} has no tunable parameters, got {sorted(params)}")
+
+    def tune(self, activated: Tensor, labels: Tensor, available: Tensor, **kwargs) -> Dict[str, JSON]:
+        """Find the best parameters on `activated`/`labels` restricted to `available` (element
+        shape), apply them and return them. Decoders without parameters return `{}`."""
+        return {}
+
+
+class ThresholdDecoder(Decoder):
+    """`activated > threshold`; one threshold, or one per class (last dimension) once tuned."""
+
+    def __init__(self, threshold: float | Sequence[float] = 0.5):
+        self.threshold: float | List[float] = _json_threshold(threshold)
+        self._cache: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def decode(self, activated: Tensor) -> Tensor:
+        if isinstance(self.threshold, float):
+            return activated > self.threshold
+        key = (activated.device, activated.dtype)
+        t = self._cache.get(key)
+        if t is None:
+            t = self._cache[key] = torch.tensor(self.threshold, device=activated.device, dtype=activated.dtype)
+        if activated.shape[-1] != t.shape[0]:
+            raise ValueError(f"{len(self.threshold)} tuned thresholds for outputs of shape {tuple(activated.shape)}")
+        return activated > t
+
+    def params(self) -> Dict[str, JSON]:
+        return {"threshold": self.threshold}
+
+    def load_tuned(self, params: Dict[str, JSON]) -> None:
+        unknown = set(params) - {"threshold"}
+        if unknown:
+            raise ValueError(f"ThresholdDecoder takes only 'threshold', got {sorted(unknown)}")
+        if "threshold" in params:
+            self.threshold = _json_threshold(params["threshold"])
+            self._cache.clear()
+
+    def __getstate__(self):  # cached device tensors are not part of the state
+        return {"threshold": self.threshold}
+
+    def __setstate__(self, state):
+        self.threshold = state["threshold"]
+        self._cache = {}
+
+
+def _json_threshold(value) -> float | List[float]:
+    if isinstance(value, (int, float)):
+        return float(value)
+    values = [float(v) for v in value]
+    if not values:
+        raise ValueError("an empty list of thresholds")
+    return values
+
+
+class SortDecoder(Decoder):
+    """Indices along the last dimension sorted by declining activation (the first `top_k` only
+    when `top_k` is given, as for a vocabulary)."""
+
+    def __init__(self, top_k: Optional[int] = None):
+        self.top_k = top_k
+
+    def decode(self, activated: Tensor) -> Tensor:
+        if self.top_k is None or self.top_k >= activated.shape[-1]:
+            return torch.argsort(activated, dim=-1, descending=True, stable=True)
+        return torch.topk(activated, self.top_k, dim=-1, sorted=True).indices
+
+
+class ScaleDecoder(Decoder):
+    """`activated * scale`: bounded regression back in label units."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = float(scale)
+
+    def decode(self, activated: Tensor) -> Tensor:
+        return activated * self.scale
+
+
+class ITask(abc.ABC):
+    """What every task offers to the flow interpreters. Subclass it for a task of your own, or
+    build a `Task(...)` from functions."""
+
+    name: str
+    module: nn.Module
+    decoder: Decoder  # holds the tuned parameters; shared by the module, decoder and evaluator
+    weight: float = 1.0
+
+    @property
+    def can_condition(self) -> bool:
+        """Whether `out.<task>` may precondition other tasks (binary tasks)."""
+        return False
+
+    @abc.abstractmethod
+    def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Unreduced loss, element shape; must be finite where labels are missing."""
+
+    @abc.abstractmethod
+    def available(self, labels: Tensor) -> Tensor:
+        """Boolean tensor of element shape: the label is present."""
+
+    @abc.abstractmethod
+    def activate(self, logits: Tensor) -> Tensor:
+        """Logits to activated outputs (probabilities, normalised values)."""
+
+    @abc.abstractmethod
+    def decode(self, activated: Tensor) -> Tensor:
+        """Activated outputs to decoded predictions."""
+
+    @abc.abstractmethod
+    def prepare_labels(self, values: Any) -> Tensor:
+        """Labels (array, tensor, list) in canonical dtype and shape; raises `LabelError`."""
+
+    def create_metrics(self) -> List[Tuple[str, Any]]:
+        """Fresh metric objects `(name, metric)` for this task."""
+        return []
+
+    def condition(self, values: Tensor, from_labels: bool) -> Tuple[Tensor, Tensor]:
+        """For condition tasks: `(known, value)` boolean `(N,)` from labels or decoded outputs."""
+        raise TypeError(f"task {self.name!r} cannot be used as a condition")
+
+    def sample_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean loss over each sample's available elements, `(N,)`, NaN where none is available."""
+        loss = self.elementwise_loss(logits, labels)
+        avail = self.available(labels)
+        if loss.dim() == 1:
+            return torch.where(avail, loss, torch.full_like(loss, math.nan))
+        w = avail.to(loss.dtype).flatten(1)
+        count = w.sum(1)
+        s = (loss.flatten(1) * w).sum(1)
+        return torch.where(count > 0, s / count.clamp_min(1), torch.full_like(s, math.nan))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _nan_available(labels: Tensor) -> Tensor:
+    return ~torch.isnan(labels)
+
+
+@dataclass(eq=False)
+class Task(ITask):
+    """A task assembled from functions; the predefined kinds are subclasses of it.
+
+    Fields: `loss(logits, labels)` is the *elementwise* loss (finite where labels are missing, e.g.
+    computed on labels with the missing marker replaced); `available_func(labels)` the boolean
+    availability of each element; `per_sample_loss` an optional override of the derived per-sample
+    mean; `metrics` a sequence of `(name, metric)` prototypes copied for each evaluation;
+    `label_dtype` and `missing` describe the labels; `weight` scales the task's term in the flow loss.
+
+    Example (a custom task)::
+
+        Task(name="depth", module=nn.Linear(64, 1),
+             loss=lambda logits, y: (logits.squeeze(-1) - y.nan_to_num()) ** 2,
+             available_func=lambda y: ~torch.isnan(y))
+    """
+
+    name: str
+    module: nn.Module
+    loss: Callable[[Tensor, Tensor], Tensor]
+    per_sample_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    activation: Callable[[Tensor], Tensor] = _identity
+    decoder: Decoder = field(default_factory=lambda: _IdentityDecoder())
+    metrics: Sequence[Tuple[str, Any]] = ()
+    available_func: Callable[[Tensor], Tensor] = _nan_available
+    missing: Any = math.nan
+    label_dtype: torch.dtype = torch.float32
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"task name must be a Python identifier, got {self.name!r}")
+        if self.name in _RESERVED:
+            raise ValueError(f"task name {self.name!r} is reserved")
+        if not isinstance(self.module, nn.Module):
+            raise TypeError(f"task {self.name!r}: module must be an nn.Module, got {type(self.module).__name__}")
+
+    def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.loss(logits, labels)
+
+    def available(self, labels: Tensor) -> Tensor:
+        return self.available_func(labels)
+
+    def activate(self, logits: Tensor) -> Tensor:
+        return self.activation(logits)
+
+    def decode(self, activated: Tensor) -> Tensor:
+        return self.decoder(activated)
+
+    def prepare_labels(self, values: Any) -> Tensor:
+        return raw_labels(values, self.name).to(self.label_dtype)
+
+    def sample_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.per_sample_loss is not None:
+            return self.per_sample_loss(logits, labels)
+        return ITask.sample_loss(self, logits, labels)
+
+    def create_metrics(self) -> List[Tuple[str, Any]]:
+        return [(name, copy.deepcopy(m)) for name, m in self.metrics]
+
+
+class _IdentityDecoder(Decoder):
+    def decode(self, activated: Tensor) -> Tensor:
+        return activated
+
+
+_RESERVED = {"gt", "logits", "activated", "decoded", "mask", "overall"}
+
+
+def _as_tensor(values: Any, name: str) -> Tensor:
+    if isinstance(values, Tensor):
+        return values.detach().cpu()
+    try:
+        arr = np.asarray(values)
+    except Exception as e:  # ragged lists etc.
+        raise LabelError(f"task {name!r}: cannot turn labels into an array: {e}") from None
+    if arr.dtype == object:
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise LabelError(f"task {name!r}: labels must be numeric, got an object array "
+                             f"(first value {arr.flat[0]!r})") from None
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise LabelError(f"task {name!r}: labels must be numeric, got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def raw_labels(values: Any, name: str) -> Tensor:
+    """Labels as a CPU tensor of their own dtype, with a batch dimension."""
+    t = _as_tensor(values, name)
+    if t.dim() == 0:
+        raise LabelError(f"task {name!r}: labels must have a batch dimension, got a scalar")
+    return t
+
+
+def squeeze_last(t: Tensor) -> Tensor:
+    """`(N, 1)` -> `(N,)`; other shapes unchanged."""
+    return t.squeeze(-1) if t.dim() == 2 and t.shape[-1] == 1 else t
+
+
+def check_vector_labels(t: Tensor, name: str) -> Tensor:
+    """Labels with one value per sample: `(N,)` or `(N, 1)` -> `(N,)`."""
+    t = squeeze_last(t)
+    if t.dim() != 1:
+        raise LabelError(f"task {name!r}: labels must have shape (N,) or (N, 1), got {tuple(t.shape)}")
+    return t

@@ -1,0 +1,67 @@
+"""Binary classification: sigmoid, `activated > threshold`, BCE with logits; labels 0/1, NaN missing."""
+from __future__ import annotations
+
+import math
+from typing import Any, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LabelError
+from ..metrics import BinaryConfusionMetric
+from .base import Task, ThresholdDecoder, check_vector_labels
+
+
+def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
+    labels = labels.reshape(logits.shape)
+    target = torch.where(torch.isnan(labels), torch.zeros_like(labels), labels)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+
+def _nan_available(labels: Tensor) -> Tensor:
+    return ~torch.isnan(labels)
+
+
+class BinaryClassificationTask(Task):
+    """A yes/no question. The module outputs one logit per sample, `(N, 1)` or `(N,)`.
+
+    Decoded `True` where the probability exceeds the (tunable) threshold; usable as a condition
+    (`out.<name>`, `~out.<name>`) for later tasks of a flow.
+    """
+
+    def __init__(self, name: str, module: nn.Module, threshold: float = 0.5, weight: float = 1.0):
+        super().__init__(
+            name=name,
+            module=module,
+            loss=_bce_elementwise,
+            activation=torch.sigmoid,
+            decoder=ThresholdDecoder(threshold),
+            metrics=[(k, BinaryConfusionMetric(k)) for k in BinaryConfusionMetric.KINDS],
+            available_func=_nan_available,
+            missing=math.nan,
+            label_dtype=torch.float32,
+            weight=weight,
+        )
+
+    @property
+    def can_condition(self) -> bool:
+        return True
+
+    def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return _bce_elementwise(logits, labels).reshape(labels.shape)
+
+    def prepare_labels(self, values: Any) -> Tensor:
+        t = check_vector_labels(super().prepare_labels(values), self.name)
+        bad = ~(torch.isnan(t) | (t == 0) | (t == 1))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise LabelError(f"task {self.name!r}: binary labels must be 0, 1 or NaN (missing); "
+                             f"sample {i} is {float(t[i])}")
+        return t
+
+    def condition(self, values: Tensor, from_labels: bool) -> Tuple[Tensor, Tensor]:
+        v = values.reshape(values.shape[0], -1)[:, 0]
+        if from_labels:
+            return ~torch.isnan(v), v > 0.5
+        return torch.ones_like(v, dtype=torch.bool), v.bool()

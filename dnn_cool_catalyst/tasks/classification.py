@@ -1,0 +1,65 @@
+"""Multi-class classification: softmax, classes sorted by probability, cross entropy; labels int, -1 missing."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LabelError
+from ..metrics import TopKAccuracy
+from .base import SortDecoder, Task, check_vector_labels, raw_labels
+
+
+def _ce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+
+
+def _index_available(labels: Tensor) -> Tensor:
+    return labels >= 0
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+class ClassificationTask(Task):
+    """One of C classes. The module outputs `(N, C)` logits; labels are class indices `(N,)`,
+    `-1` (or NaN in a float array) for missing. Decoded: class indices by declining probability;
+    metrics report top-1/3/5 accuracy (those `k <= top_k` that fit the number of classes)."""
+
+    def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
+                 top_k: int = 5, weight: float = 1.0):
+        self.class_names = list(class_names) if class_names is not None else None
+        self.top_k = int(top_k)
+        ks = [k for k in (1, 3, 5) if k <= self.top_k and (self.class_names is None or k <= len(self.class_names))]
+        super().__init__(
+            name=name,
+            module=module,
+            loss=_ce_elementwise,
+            activation=_softmax,
+            decoder=SortDecoder(),
+            metrics=[(f"accuracy_{k}", TopKAccuracy(k)) for k in ks],
+            available_func=_index_available,
+            missing=-1,
+            label_dtype=torch.int64,
+            weight=weight,
+        )
+
+    def prepare_labels(self, values: Any) -> Tensor:
+        t = check_vector_labels(raw_labels(values, self.name), self.name)
+        if t.is_floating_point():
+            nan = torch.isnan(t)
+            if (t[~nan] != t[~nan].round()).any():
+                raise LabelError(f"task {self.name!r}: class labels must be whole numbers")
+            t = torch.where(nan, torch.full_like(t, -1), t)
+        t = t.to(torch.int64)
+        n = len(self.class_names) if self.class_names is not None else None
+        bad = (t < -1) | ((t >= n) if n is not None else torch.zeros_like(t, dtype=torch.bool))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise LabelError(f"task {self.name!r}: class index {int(t[i])} at sample {i} is outside "
+                             f"[0, {n if n is not None else 'C'}) and is not -1 (missing)")
+        return t
+

@@ -1,0 +1,55 @@
+"""Multilabel classification: sigmoid per class, per-class thresholds, BCE; labels 0/1 (N, C), NaN per element."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LabelError
+from ..metrics import ElementAccuracy
+from .base import Task, ThresholdDecoder, raw_labels
+
+
+def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
+    target = torch.where(torch.isnan(labels), torch.zeros_like(labels), labels)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+
+def _nan_available(labels: Tensor) -> Tensor:
+    return ~torch.isnan(labels)
+
+
+class MultilabelClassificationTask(Task):
+    """Any subset of C classes. The module outputs `(N, C)` logits; labels are `(N, C)` floats
+    0/1 with NaN for a missing element. Decoded: `activated > thresholds` (one per class once tuned)."""
+
+    def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
+                 weight: float = 1.0):
+        self.class_names = list(class_names) if class_names is not None else None
+        super().__init__(
+            name=name,
+            module=module,
+            loss=_bce_elementwise,
+            activation=torch.sigmoid,
+            decoder=ThresholdDecoder(0.5),
+            metrics=[("accuracy", ElementAccuracy())],
+            available_func=_nan_available,
+            missing=math.nan,
+            label_dtype=torch.float32,
+            weight=weight,
+        )
+
+    def prepare_labels(self, values: Any) -> Tensor:
+        t = raw_labels(values, self.name).to(torch.float32)
+        n = len(self.class_names) if self.class_names is not None else None
+        if t.dim() != 2 or (n is not None and t.shape[1] != n):
+            want = f"(N, {n})" if n is not None else "(N, C)"
+            raise LabelError(f"task {self.name!r}: multilabel labels must have shape {want}, got {tuple(t.shape)}")
+        bad = ~(torch.isnan(t) | (t == 0) | (t == 1))
+        if bad.any():
+            i, j = (int(v) for v in bad.nonzero()[0])
+            raise LabelError(f"task {self.name!r}: multilabel labels must be 0, 1 or NaN; [{i}, {j}] is {float(t[i, j])}")
+        return t
