@@ -183,6 +183,13 @@ class TaskFlow:
         self.func = func
         self._module = None
 
+    def __getstate__(self):
+        # The user's flow function may be a local function (not picklable; DDP pickles the
+        # runner); the traced graph holds everything the products need.
+        state = dict(self.__dict__)
+        state["func"] = None
+        return state
+
     def __repr__(self) -> str:
         return f"TaskFlow({self.name!r}, tasks={list(self.graph.paths)})"
 

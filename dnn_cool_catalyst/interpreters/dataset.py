@@ -66,13 +66,18 @@ class FlowDataset(Dataset):
 
     `inputs`: feature name -> array/tensor `(N, ...)` (or nested mappings, or lazy sequences);
     `labels`: task path -> labels in the task's format (missing marker where unannotated).
+    `with_index=True` adds `X["index"]`, the dataset indices of the samples (int64), so that
+    callbacks can name samples correctly under shuffling.
     """
 
-    def __init__(self, graph: FlowGraph, inputs: Mapping[str, Any], labels: Mapping[str, Any]):
+    def __init__(self, graph: FlowGraph, inputs: Mapping[str, Any], labels: Mapping[str, Any],
+                 with_index: bool = False):
         if not isinstance(inputs, Mapping) or not isinstance(labels, Mapping):
             raise TypeError("get_dataset(inputs, labels) takes two mappings: feature -> array, task path -> labels")
-        if "gt" in inputs:
-            raise InputError("inputs must not contain the reserved key 'gt'")
+        reserved = {"gt", "index"} & set(inputs)
+        if reserved:
+            raise InputError(f"inputs must not contain the reserved key(s) {sorted(reserved)}")
+        self.with_index = with_index
         self.graph = graph
         self.inputs = {k: _to_tensor_tree(v, k) for k, v in inputs.items()}
         for key in graph.input_keys:
@@ -117,6 +122,8 @@ class FlowDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {self.n} samples")
         x = {k: _take(v, index) for k, v in self.inputs.items()}
         x["gt"] = {p: self.labels[p][index] for p in self.gt_paths}
+        if self.with_index:
+            x["index"] = torch.as_tensor(index, dtype=torch.int64) % self.n
         y = {p: t[index] for p, t in self.labels.items()}
         return x, y
 
