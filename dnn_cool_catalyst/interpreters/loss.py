@@ -51,7 +51,7 @@ class FlowLoss(nn.Module):
                 elem = task.elementwise_loss(z, y)
                 avail = task.available(y)
                 result[path] = masked_sum_count(elem, avail, masks[path])
-            except RuntimeError as e:
+            except (RuntimeError, ValueError) as e:
                 raise _shape_error(path, z, y, e) from e
         return result
 
@@ -97,7 +97,7 @@ class FlowPerSampleLoss:
             z = logits[path]
             try:
                 ps = per_sample_masked(task.sample_loss(z, y).reshape(-1), masks[path])
-            except RuntimeError as e:
+            except (RuntimeError, ValueError) as e:
                 raise _shape_error(path, z, y, e) from e
             result[path] = ps
             term = float(task.weight) * torch.nan_to_num(ps, nan=0.0)
