@@ -3,9 +3,11 @@
 Declare tasks, compose them into flows with preconditions, and get the module, the masked loss,
 metrics, decoders, evaluation, explanations and datasets from that one description.
 """
+from .converters import Column, Converters, ImageFiles, TableError
 from .dsl import Tasks, TaskFlow
 from .errors import FlowDefinitionError, InputError, LabelError
 from .graph import FlowGraph
+from .project import BackboneModel, Project
 from .tasks import (
     BinaryClassificationTask,
     BoundedRegressionTask,
@@ -20,6 +22,7 @@ from .tasks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackboneModel", "Column", "Converters", "ImageFiles", "Project", "TableError",
     "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
     "FlowGraph", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask", "MultilabelClassificationTask",
     "Task", "TaskFlow", "Tasks", "__version__",

@@ -9,6 +9,8 @@ from torch import Tensor
 
 def expand_mask(mask: Tensor, like: Tensor) -> Tensor:
     """A per-sample mask `(N,)` viewed to broadcast over an element tensor `(N, ...)`."""
+    if like.dim() == 1:
+        return mask
     return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
 
 

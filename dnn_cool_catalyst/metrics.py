@@ -4,15 +4,36 @@ Every metric keeps its state as a dict of tensors that are *sums and counts*, so
 several batches, DataParallel replicas or DDP ranks merge exactly by addition (`merge`,
 `all_reduce`). `mask` is the boolean `(N,)` precondition mask of the task (samples in which the
 task applies); a metric also skips elements whose label is missing, so it counts exactly the
-samples of `S_t`. `uses` tells whether `update` wants activated or decoded predictions.
+elements of `S_t`. `uses` tells whether `update` wants activated (`"activated"`) or decoded
+(`"decoded"`) predictions.
+
+Conventions (checked against scikit-learn in the tests):
+
+- `compute()` is NaN when no element of `S_t` was seen since the last reset.
+- A ratio whose denominator is zero although samples were seen (precision without predicted
+  positives, recall without positive labels, F1 without either) is 0, as scikit-learn's
+  `zero_division=0`.
+- Classification precision, recall and F1 are *macro* averages over the classes that occur among
+  the labels or the top-1 predictions of `S_t` (scikit-learn's `average="macro"`), from a confusion
+  matrix state.
+- Multilabel F1 is *micro* over the available elements: one tp/fp/fn count over all (sample,
+  class) elements of `S_t` (scikit-learn's `average="micro"` when no element is missing).
+- Perplexity is `exp(mean NLL)` over the masked tokens of `S_t`, the NLL taken from the activated
+  probabilities as `-log(max(p_label, tiny))` (`tiny` the smallest normal number of their dtype, so a
+  probability that underflowed to 0 costs about 87 nats in float32 instead of infinity).
+
+States are float64 (exact counts up to 2**53) and live on the device of the first update, so that
+accumulating on a GPU never synchronises; `compute()` synchronises once.
 """
 from __future__ import annotations
 
 import abc
-from typing import Dict
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
+
+States = Dict[str, Tensor]
 
 
 class Metric(abc.ABC):
@@ -21,11 +42,11 @@ class Metric(abc.ABC):
     uses: str = "decoded"  # "decoded" or "activated"
 
     def __init__(self) -> None:
-        self.states: Dict[str, Tensor] = self.initial_states()
+        self.states: States = self.initial_states()
 
     @abc.abstractmethod
-    def initial_states(self) -> Dict[str, Tensor]:
-        """Zero states (float64 or int64 tensors on the CPU)."""
+    def initial_states(self) -> States:
+        """Zero states (float64 tensors on the CPU)."""
 
     def reset(self) -> None:
         """Forget everything seen so far."""
@@ -39,37 +60,110 @@ class Metric(abc.ABC):
     def compute(self) -> float:
         """The metric over everything seen since the last reset (NaN when nothing was seen)."""
 
-    def merge(self, states: Dict[str, Tensor]) -> None:
-        """Add the states of another instance of the same metric (another device or batch)."""
+    def merge(self, other: Union["Metric", Mapping[str, Tensor]]) -> None:
+        """Add the states of another instance of the same metric (another device, batch or rank),
+        given as the instance or as its `states` dict."""
+        states = other.states if isinstance(other, Metric) else other
+        missing = set(self.states) ^ set(states)
+        if missing:
+            raise ValueError(f"{type(self).__name__}.merge: states {sorted(states)} do not match {sorted(self.states)}")
         for k, v in states.items():
-            self.states[k] = self.states[k] + v.to(self.states[k].device)
+            mine = self.states[k]
+            self.states[k] = mine + v.to(mine.device, mine.dtype)
 
-    def all_reduce(self) -> None:
-        """Sum states across the processes of an initialised `torch.distributed` group."""
+    def all_reduce(self, device: Optional[torch.device] = None) -> None:
+        """Sum states across the processes of an initialised `torch.distributed` group (no-op
+        otherwise). States are moved to `device` for the reduction: by default the current CUDA
+        device under the NCCL backend, else where they are."""
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            for k in sorted(self.states):
-                t = self.states[k].clone()
-                dist.all_reduce(t)
-                self.states[k] = t
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = _reduce_device(device)
+        for k in sorted(self.states):
+            t = self.states[k].to(device).clone() if device is not None else self.states[k].clone()
+            dist.all_reduce(t)
+            self.states[k] = t
 
     def _add(self, **values: Tensor) -> None:
         for k, v in values.items():
-            self.states[k] = self.states[k] + v.detach().to(self.states[k].device, self.states[k].dtype)
+            s = self.states[k]
+            if s.device != v.device and v.device.type != "mps":  # MPS has no float64: keep such states on the CPU
+                s = s.to(v.device)
+            self.states[k] = s + v.detach().to(s.device, s.dtype)
 
 
-def _ratio(num: Tensor, den: Tensor) -> float:
-    den = float(den)
-    return float(num) / den if den > 0 else float("nan")
+def _reduce_device(device: Optional[torch.device]) -> Optional[torch.device]:
+    import torch.distributed as dist
+
+    if device is not None:
+        return torch.device(device)
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
 
 
-def _zeros(*names: str, shape=()) -> Dict[str, Tensor]:
+def _float(t: Tensor) -> float:
+    return float(t.detach().cpu())
+
+
+def _ratio(num: Tensor, den: Tensor, seen: Tensor) -> float:
+    """`num / den`; 0 where `den` is 0 but something was `seen`; NaN when nothing was seen."""
+    if _float(seen) <= 0:
+        return float("nan")
+    den_ = _float(den)
+    return _float(num) / den_ if den_ > 0 else 0.0
+
+
+def _zeros(*names: str, shape=()) -> States:
     return {n: torch.zeros(shape, dtype=torch.float64) for n in names}
 
 
+def expand_to(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-sample mask `(N,)` viewed to broadcast over element tensors `(N, ...)`."""
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
+
+
+# Binary decisions (binary tasks, multilabel elements) ---------------------------------------------------------
+
+
+def binary_counts(preds: Tensor, targets: Tensor, mask: Tensor) -> Dict[str, Tensor]:
+    """`tp, fp, fn, tn` of boolean decisions `preds` against 0/1/NaN `targets` (same element shape,
+    `(N,)` labels also accept `(N, 1)` predictions) over the available elements of masked samples."""
+    if preds.shape != targets.shape:
+        preds = preds.reshape(targets.shape)
+    w = ~torch.isnan(targets) & expand_to(mask, targets)
+    p = preds.bool()
+    pos = (targets > 0.5) & w
+    neg = (targets <= 0.5) & w  # NaN compares false: missing elements are in neither
+    tp = (p & pos).sum()
+    fp = (p & neg).sum()
+    return {"tp": tp, "fp": fp, "fn": pos.sum() - tp, "tn": neg.sum() - fp}
+
+
+def binary_scores(tp, fp, fn, tn, kind: str):
+    """accuracy / precision / recall / f1_score from confusion counts (numbers or float64
+    tensors), with this module's zero-division convention."""
+    n = tp + fp + fn + tn
+    if kind == "accuracy":
+        num, den = tp + tn, n
+    elif kind == "precision":
+        num, den = tp, tp + fp
+    elif kind == "recall":
+        num, den = tp, tp + fn
+    elif kind == "f1_score":
+        num, den = 2 * tp, 2 * tp + fp + fn
+    else:
+        raise ValueError(f"unknown binary metric {kind!r}")
+    return _ratio(torch.as_tensor(num), torch.as_tensor(den), torch.as_tensor(n))
+
+
 class BinaryConfusionMetric(Metric):
-    """Accuracy, f1_score, precision or recall of decoded binary predictions, from confusion counts."""
+    """Accuracy, f1_score, precision or recall of decoded boolean predictions, from confusion counts.
+
+    Works per element, so on a multilabel task it gives element accuracy and *micro* F1 over the
+    available (sample, class) elements.
+    """
 
     KINDS = ("accuracy", "f1_score", "precision", "recall")
 
@@ -79,37 +173,37 @@ class BinaryConfusionMetric(Metric):
         self.kind = kind
         super().__init__()
 
-    def initial_states(self) -> Dict[str, Tensor]:
+    def initial_states(self) -> States:
         return _zeros("tp", "fp", "fn", "tn")
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
-        t = targets.reshape(-1)
-        p = preds.reshape(-1).bool()
-        w = ~torch.isnan(t) & mask.reshape(-1)
-        pos = (t > 0.5) & w
-        neg = (t <= 0.5) & w
-        self._add(tp=(p & pos).sum(), fp=(p & neg).sum(), fn=(~p & pos).sum(), tn=(~p & neg).sum())
+        self._add(**binary_counts(preds, targets, mask))
 
     def compute(self) -> float:
         s = self.states
-        tp, fp, fn, tn = s["tp"], s["fp"], s["fn"], s["tn"]
-        if self.kind == "accuracy":
-            return _ratio(tp + tn, tp + fp + fn + tn)
-        if self.kind == "precision":
-            return _ratio(tp, tp + fp)
-        if self.kind == "recall":
-            return _ratio(tp, tp + fn)
-        return _ratio(2 * tp, 2 * tp + fp + fn)
+        return binary_scores(s["tp"], s["fp"], s["fn"], s["tn"], self.kind)
+
+
+class ElementAccuracy(BinaryConfusionMetric):
+    """Share of available label elements equal to the decoded prediction (multilabel per class)."""
+
+    def __init__(self) -> None:
+        super().__init__("accuracy")
+
+
+# Classification ---------------------------------------------------------------------------------------------------
 
 
 class TopKAccuracy(Metric):
     """Share of samples whose label is among the first `k` decoded (sorted) classes."""
 
     def __init__(self, k: int = 1) -> None:
+        if k < 1:
+            raise ValueError(f"top-k accuracy needs k >= 1, got {k}")
         self.k = k
         super().__init__()
 
-    def initial_states(self) -> Dict[str, Tensor]:
+    def initial_states(self) -> States:
         return _zeros("correct", "count")
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
@@ -119,22 +213,102 @@ class TopKAccuracy(Metric):
         self._add(correct=hit.sum(), count=w.sum())
 
     def compute(self) -> float:
-        return _ratio(self.states["correct"], self.states["count"])
+        return _ratio(self.states["correct"], self.states["count"], self.states["count"])
 
 
-class ElementAccuracy(Metric):
-    """Share of available label elements equal to the decoded prediction (multilabel per class)."""
+def confusion_matrix(top1: Tensor, targets: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """`(C, C)` counts, rows = label, columns = top-1 prediction, over labelled masked samples."""
+    t = targets.reshape(-1).long()
+    w = (t >= 0) & mask.reshape(-1)
+    idx = t.clamp_min(0) * num_classes + top1.reshape(-1).long()
+    counts = torch.bincount(idx[w], minlength=num_classes * num_classes)
+    if counts.numel() != num_classes * num_classes:
+        raise ValueError(f"class index out of range for {num_classes} classes "
+                         f"(largest label {int(t[w].max())}, largest prediction {int(top1.reshape(-1)[w].max())})")
+    return counts.reshape(num_classes, num_classes)
 
-    def initial_states(self) -> Dict[str, Tensor]:
-        return _zeros("correct", "count")
+
+def macro_scores(matrix: Tensor, kind: str) -> float:
+    """Macro precision / recall / f1_score over the classes present among labels or predictions."""
+    m = matrix.double()
+    tp = m.diagonal()
+    pred = m.sum(0)
+    true = m.sum(1)
+    present = (pred + true) > 0
+    if not bool(present.any()):
+        return float("nan")
+    if kind == "precision":
+        num, den = tp, pred
+    elif kind == "recall":
+        num, den = tp, true
+    elif kind == "f1_score":
+        num, den = 2 * tp, pred + true
+    else:
+        raise ValueError(f"unknown classification metric {kind!r}")
+    per_class = torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+    return _float(per_class[present].mean())
+
+
+class ConfusionMatrixMetric(Metric):
+    """Macro precision, recall or f1_score of the top-1 decoded class, from a `(C, C)` confusion
+    matrix state. `num_classes` may be left out: it is then taken from the decoded predictions
+    (their last dimension, all classes sorted) at the first update."""
+
+    KINDS = ("f1_score", "precision", "recall")
+
+    def __init__(self, kind: str = "f1_score", num_classes: Optional[int] = None) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown classification metric {kind!r}; known: {self.KINDS}")
+        self.kind = kind
+        self.num_classes = num_classes
+        super().__init__()
+
+    def initial_states(self) -> States:
+        c = self.num_classes or 0
+        return {"matrix": torch.zeros((c, c), dtype=torch.float64)}
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
-        w = ~torch.isnan(targets) & mask.reshape(-1, *([1] * (targets.dim() - 1)))
-        hit = (preds.bool() == (targets > 0.5)) & w
-        self._add(correct=hit.sum(), count=w.sum())
+        c = self.states["matrix"].shape[0]
+        if c == 0:
+            if preds.dim() < 2:
+                raise ValueError("ConfusionMatrixMetric without num_classes needs decoded predictions (N, C) "
+                                 f"(classes sorted by probability), got shape {tuple(preds.shape)}")
+            c = preds.shape[-1]
+            self.states["matrix"] = torch.zeros((c, c), dtype=torch.float64)
+        top1 = preds[..., 0] if preds.dim() >= 2 else preds
+        self._add(matrix=confusion_matrix(top1, targets, mask, c))
+
+    def merge(self, other: Union[Metric, Mapping[str, Tensor]]) -> None:
+        states = other.states if isinstance(other, Metric) else other
+        a, b = self.states["matrix"], states["matrix"].to(self.states["matrix"].device, torch.float64)
+        c = max(a.shape[0], b.shape[0])
+        self.states["matrix"] = _pad(a, c) + _pad(b, c)
+
+    def all_reduce(self, device: Optional[torch.device] = None) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = _reduce_device(device) or self.states["matrix"].device
+        size = torch.tensor([self.states["matrix"].shape[0]], dtype=torch.int64, device=device)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)  # a rank that saw nothing has a 0 x 0 matrix
+        m = _pad(self.states["matrix"].to(device), int(size))
+        dist.all_reduce(m)
+        self.states["matrix"] = m
 
     def compute(self) -> float:
-        return _ratio(self.states["correct"], self.states["count"])
+        return macro_scores(self.states["matrix"], self.kind)
+
+
+def _pad(m: Tensor, c: int) -> Tensor:
+    if m.shape[0] == c:
+        return m.clone()
+    out = torch.zeros((c, c), dtype=m.dtype, device=m.device)
+    out[: m.shape[0], : m.shape[1]] = m
+    return out
+
+
+# Regression ---------------------------------------------------------------------------------------------------------
 
 
 class MeanAbsoluteError(Metric):
@@ -146,7 +320,7 @@ class MeanAbsoluteError(Metric):
         self.scale = float(scale)
         super().__init__()
 
-    def initial_states(self) -> Dict[str, Tensor]:
+    def initial_states(self) -> States:
         return _zeros("abs_sum", "count")
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
@@ -157,19 +331,47 @@ class MeanAbsoluteError(Metric):
         self._add(abs_sum=err.sum(), count=w.sum())
 
     def compute(self) -> float:
-        return _ratio(self.states["abs_sum"], self.states["count"]) * self.scale
+        return _ratio(self.states["abs_sum"], self.states["count"], self.states["count"]) * self.scale
+
+
+# Masked language modeling -------------------------------------------------------------------------------------------
 
 
 class TokenAccuracy(Metric):
     """Share of masked tokens (label != -100) whose most probable decoded token is the label."""
 
-    def initial_states(self) -> Dict[str, Tensor]:
+    def initial_states(self) -> States:
         return _zeros("correct", "count")
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
-        w = (targets != -100) & mask.reshape(-1, 1)
-        hit = (preds[..., 0] == targets) & w
+        w = (targets != -100) & expand_to(mask, targets)
+        top1 = preds[..., 0] if preds.dim() > targets.dim() else preds
+        hit = (top1 == targets) & w
         self._add(correct=hit.sum(), count=w.sum())
 
     def compute(self) -> float:
-        return _ratio(self.states["correct"], self.states["count"])
+        return _ratio(self.states["correct"], self.states["count"], self.states["count"])
+
+
+class Perplexity(Metric):
+    """`exp(mean NLL)` over masked tokens, from activated probabilities `(N, T, V)` (see the module
+    docstring for the clamp of zero probabilities)."""
+
+    uses = "activated"
+
+    def initial_states(self) -> States:
+        return _zeros("nll_sum", "count")
+
+    def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
+        w = (targets != -100) & expand_to(mask, targets)
+        p = preds.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        tiny = torch.finfo(p.dtype).tiny
+        nll = -torch.log(p.clamp_min(tiny)).double()
+        self._add(nll_sum=torch.where(w, nll, torch.zeros((), dtype=torch.float64, device=nll.device)).sum(),
+                  count=w.sum())
+
+    def compute(self) -> float:
+        count = _float(self.states["count"])
+        if count <= 0:
+            return float("nan")
+        return float(torch.exp(self.states["nll_sum"].detach().cpu() / count))

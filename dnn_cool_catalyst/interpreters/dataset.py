@@ -68,10 +68,12 @@ class FlowDataset(Dataset):
     `labels`: task path -> labels in the task's format (missing marker where unannotated).
     `with_index=True` adds `X["index"]`, the dataset indices of the samples (int64), so that
     callbacks can name samples correctly under shuffling.
+    `computed`: top-level feature names that the model computes itself from the inputs (e.g.
+    `features` from a backbone reading `img`), so the inputs need not hold them.
     """
 
     def __init__(self, graph: FlowGraph, inputs: Mapping[str, Any], labels: Mapping[str, Any],
-                 with_index: bool = False):
+                 with_index: bool = False, computed: Sequence[str] = ()):
         if not isinstance(inputs, Mapping) or not isinstance(labels, Mapping):
             raise TypeError("get_dataset(inputs, labels) takes two mappings: feature -> array, task path -> labels")
         reserved = {"gt", "index"} & set(inputs)
@@ -81,6 +83,8 @@ class FlowDataset(Dataset):
         self.graph = graph
         self.inputs = {k: _to_tensor_tree(v, k) for k, v in inputs.items()}
         for key in graph.input_keys:
+            if key and key[0] in computed:
+                continue
             node: Any = self.inputs
             for i, k in enumerate(key):
                 if not isinstance(node, Mapping) or k not in node:

@@ -1,11 +1,18 @@
 """`flow.get_activation()` and `flow.get_decoder()`: per-task functions applied by path."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
+import numpy as np
+import torch
 from torch import Tensor
 
+from ..errors import LabelError
+from ..functional import expand_mask
 from ..graph import FlowGraph
+from .masks import compute_masks
+
+Metric = Union[str, Callable]
 
 
 class FlowActivation:
@@ -43,3 +50,96 @@ class FlowDecoder:
         for leaf in self.graph.leaves:
             if leaf.path in params:
                 leaf.task.decoder.load_tuned(dict(params[leaf.path]))
+
+    def tune(self, predictions: Mapping[str, Any], targets: Mapping[str, Any],
+             masks: Optional[Mapping[str, Any]] = None,
+             metric: Union[Metric, Mapping[str, Metric]] = "accuracy") -> Dict[str, Dict[str, Any]]:
+        """Tune every task decoder that has parameters (thresholds), on the samples of `S_t` only;
+        apply the result and return `{path: params}` of plain JSON values.
+
+        `predictions`: `{path: activated (N, ...)}` (tensors or arrays); tasks absent from it are
+        left alone. `targets`: `{path: labels}` in the tasks' label format. `masks`: `{path: bool
+        (N,)}`, or None to take them from the targets with ground-truth precondition semantics (then
+        `targets` must also hold the labels of the precondition tasks). `metric`: a name of
+        `dnn_cool_catalyst.tuning.METRICS` ("accuracy", "f1", "balanced_accuracy", "youden"), a
+        callable `f(tp, fp, fn, tn) -> scores` on arrays of confusion counts, or `{path: metric}`
+        (paths not named use "accuracy").
+
+        Each value is what the task's decoder reports (`ThresholdDecoder.tune`), e.g.
+        `{"threshold": 0.43, "tuned": true, "metric": "accuracy", "score": 0.91, "num_samples": 812}`,
+        or `{"threshold": 0.5, "tuned": false, "reason": "no samples in S_t"}` for a task without
+        samples (it keeps its current parameters). `load_tuned` accepts these dicts as they are.
+        """
+        paths = set(self.graph.paths)
+        unknown = sorted(set(predictions) - paths)
+        if unknown:
+            raise KeyError(f"predictions for unknown task path(s) {unknown}; flow {self.graph.name!r} has {list(self.graph.paths)}")
+        if isinstance(metric, Mapping):
+            bad = sorted(set(metric) - paths)
+            if bad:
+                raise KeyError(f"tuning metric given for unknown task path(s) {bad}; flow {self.graph.name!r} has "
+                               f"{list(self.graph.paths)}")
+            metrics = {p: metric.get(p, "accuracy") for p in paths}
+        else:
+            metrics = {p: metric for p in paths}
+        leaves = [leaf for leaf in self.graph.leaves if leaf.path in predictions and leaf.task.decoder.params()]
+        if not leaves:
+            return {}
+        activated = {leaf.path: as_tensor(predictions[leaf.path], leaf.path, "predictions") for leaf in leaves}
+        n = activated[leaves[0].path].shape[0]
+        labels = prepare_labels(self.graph, targets, [leaf.path for leaf in leaves], n)
+        if masks is None:
+            masks = ground_truth_masks(self.graph, targets, n, labels)
+        result: Dict[str, Dict[str, Any]] = {}
+        for leaf in leaves:
+            p = leaf.path
+            a, y = activated[p], labels[p]
+            if a.shape[0] != n:
+                raise LabelError(f"predictions of task {p!r} have {a.shape[0]} samples, those of {leaves[0].path!r} {n}")
+            if p not in masks:
+                raise KeyError(f"masks have no entry for task {p!r}; they have {sorted(masks)}")
+            m = as_tensor(masks[p], p, "masks").reshape(-1).bool()
+            if m.shape[0] != n:
+                raise ValueError(f"mask of task {p!r} has {m.shape[0]} entries for {n} samples")
+            avail = leaf.task.available(y)
+            in_s = avail & expand_mask(m, avail)
+            try:
+                result[p] = leaf.task.decoder.tune(a, y, in_s, metric=metrics[p])
+            except ValueError as e:
+                raise ValueError(f"tuning task {p!r}: {e}") from e
+        return result
+
+
+def as_tensor(value: Any, path: str, what: str) -> Tensor:
+    """A CPU tensor from a tensor or array (no copy where possible), with errors naming the task."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{what} of task {path!r} must be a tensor or a numeric array ({e})") from None
+
+
+def prepare_labels(graph: FlowGraph, targets: Mapping[str, Any], paths: Sequence[str], n: int) -> Dict[str, Tensor]:
+    """`{path: labels}` in canonical form (`task.prepare_labels`), checked to hold `n` samples."""
+    out = {}
+    for p in paths:
+        if p not in targets:
+            raise LabelError(f"targets have no labels for task {p!r} of flow {graph.name!r}; they have {sorted(targets)}")
+        y = graph.leaf(p).task.prepare_labels(targets[p])
+        if y.shape[0] != n:
+            raise LabelError(f"task {p!r}: {y.shape[0]} labels for {n} predictions")
+        out[p] = y
+    return out
+
+
+def ground_truth_masks(graph: FlowGraph, targets: Mapping[str, Any], n: int,
+                       prepared: Optional[Mapping[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """Precondition masks from the targets (three-valued ground-truth semantics, API.md section 4)."""
+    prepared = dict(prepared or {})
+    missing = [p for p in graph.condition_paths if p not in prepared and p not in targets]
+    if missing:
+        raise LabelError(f"targets have no labels for precondition task(s) {missing} of flow {graph.name!r}, needed "
+                         "for ground-truth masks (pass masks= or preconditions='predicted' instead)")
+    gt = {p: prepared[p] if p in prepared else prepare_labels(graph, targets, [p], n)[p] for p in graph.condition_paths}
+    return compute_masks(graph, n, torch.device("cpu"), gt=gt)

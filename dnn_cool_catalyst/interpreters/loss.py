@@ -60,7 +60,10 @@ class FlowLoss(nn.Module):
         """`sum_t weight_t * sum_t / max(count_t, 1)`."""
         total = None
         for path, (s, c) in terms.items():
-            v = weights[path] * (s / c.clamp_min(1))
+            v = s / c.clamp_min(1)
+            w = weights[path]
+            if w != 1.0:  # skip a multiplication (and its backward) per task in the common case
+                v = w * v
             total = v if total is None else total + v
         return total
 

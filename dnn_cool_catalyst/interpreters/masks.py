@@ -24,6 +24,7 @@ def compute_masks(graph: FlowGraph, batch_size: int, device: torch.device,
     if gt is None and decoded is None:
         raise ValueError("compute_masks needs ground truth (gt) or decoded predictions")
     masks: Dict[str, Tensor] = {}
+    unconditioned = set()  # paths whose mask is all true: a literal on them needs no `&`
     literal_values: Dict[Literal, Tensor] = {}
     ones = None
     for leaf in graph.leaves:
@@ -31,23 +32,27 @@ def compute_masks(graph: FlowGraph, batch_size: int, device: torch.device,
         for lit in leaf.precondition:
             v = literal_values.get(lit)
             if v is None:
-                v = literal_values[lit] = _literal(graph, lit, masks, gt, decoded)
+                v = _literal(graph, lit, gt, decoded)
+                if lit.path not in unconditioned:
+                    v = masks[lit.path] & v
+                literal_values[lit] = v
             m = v if m is None else m & v
         if m is None:
             if ones is None:
                 ones = torch.ones(batch_size, dtype=torch.bool, device=device)
             m = ones
+            unconditioned.add(leaf.path)
         masks[leaf.path] = m
     return masks
 
 
-def _literal(graph: FlowGraph, lit: Literal, masks, gt, decoded) -> Tensor:
+def _literal(graph: FlowGraph, lit: Literal, gt, decoded) -> Tensor:
+    """Where the literal is not FALSE, before `&` with the condition task's own mask."""
     task = graph.leaf(lit.path).task
     if gt is not None:
         if lit.path not in gt:
             raise InputError(f"x['gt'] has no labels for precondition task {lit.path!r} of flow {graph.name!r}; "
                              f"gt has {sorted(gt)}")
-        known, value = task.condition(gt[lit.path], from_labels=True)
-        return masks[lit.path] & (~known | (value != lit.negated))
+        return task.condition_not_false(gt[lit.path], lit.negated)
     _, value = task.condition(decoded[lit.path], from_labels=False)
-    return masks[lit.path] & (value != lit.negated)
+    return ~value if lit.negated else value

@@ -42,14 +42,21 @@ class Decoder(abc.ABC):
         return {}
 
     def load_tuned(self, params: Dict[str, JSON]) -> None:
-        """Apply parameters previously returned by `tune` or `params`."""
+        """Apply parameters previously returned by `tune` or `params` (the report keys of `tune`,
+        `TUNING_INFO_KEYS`, are ignored)."""
+        params = {k: v for k, v in params.items() if k not in TUNING_INFO_KEYS}
         if params:
             raise ValueError(f"{type(self).__name__} has no tunable parameters, got {sorted(params)}")
 
     def tune(self, activated: Tensor, labels: Tensor, available: Tensor, **kwargs) -> Dict[str, JSON]:
         """Find the best parameters on `activated`/`labels` restricted to `available` (element
-        shape), apply them and return them. Decoders without parameters return `{}`."""
+        shape: the elements of `S_t`), apply them and return them with a report (see
+        `ThresholdDecoder.tune`). Decoders without parameters return `{}`."""
         return {}
+
+
+# Keys that `tune` adds to the parameters it returns, to report what happened; `load_tuned` skips them.
+TUNING_INFO_KEYS = frozenset({"tuned", "reason", "metric", "score", "num_samples", "untuned_classes"})
 
 
 class ThresholdDecoder(Decoder):
@@ -60,6 +67,8 @@ class ThresholdDecoder(Decoder):
         self._cache: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
 
     def decode(self, activated: Tensor) -> Tensor:
+        if activated.dtype in (torch.float16, torch.bfloat16):
+            activated = activated.float()  # thresholds are float32 values; half precision would round them
         if isinstance(self.threshold, float):
             return activated > self.threshold
         key = (activated.device, activated.dtype)
@@ -74,12 +83,66 @@ class ThresholdDecoder(Decoder):
         return {"threshold": self.threshold}
 
     def load_tuned(self, params: Dict[str, JSON]) -> None:
-        unknown = set(params) - {"threshold"}
+        unknown = set(params) - {"threshold"} - TUNING_INFO_KEYS
         if unknown:
             raise ValueError(f"ThresholdDecoder takes only 'threshold', got {sorted(unknown)}")
         if "threshold" in params:
             self.threshold = _json_threshold(params["threshold"])
             self._cache.clear()
+
+    def tune(self, activated: Tensor, labels: Tensor, available: Tensor, metric: Any = "accuracy") -> Dict[str, JSON]:
+        """Exact best threshold(s) on the elements where `available` holds (`dnn_cool_catalyst.tuning`);
+        applies and returns them.
+
+        One threshold for outputs `(N,)` / `(N, 1)`, one per class for `(N, C)` (or when thresholds are
+        already per class). `metric`: a name of `tuning.METRICS` or a callable on `(tp, fp, fn, tn)`.
+        Returned (plain JSON): `{"threshold": t, "tuned": true, "metric": name, "score": value or null,
+        "num_samples": n}`; without any element: `{"threshold": <current>, "tuned": false, "reason":
+        "no samples in S_t"}`. Per class, `threshold`, `score` and `num_samples` are lists,
+        `"untuned_classes"` lists the classes without elements (they keep their threshold) and
+        `"tuned"` is false only when no class had any.
+        """
+        from ..tuning import as_numpy, best_threshold, metric_function
+
+        name, fn = metric_function(metric)
+        a, y, w = as_numpy(activated), as_numpy(labels), as_numpy(available).astype(bool)
+        per_class = isinstance(self.threshold, list) or (a.ndim >= 2 and a.shape[-1] > 1)
+        if not per_class:
+            a, y, w = a.reshape(-1), y.reshape(-1), w.reshape(-1)
+            if not a.shape == y.shape == w.shape:
+                raise ValueError(f"tune: activated {a.shape}, labels {y.shape} and available {w.shape} "
+                                 "must have one element per sample")
+            if not w.any():
+                return {"threshold": self.threshold, "tuned": False, "reason": "no samples in S_t"}
+            r = best_threshold(a[w], y[w] > 0.5, fn)
+            self.load_tuned({"threshold": r.threshold})
+            return {"threshold": r.threshold, "tuned": True, "metric": name, "score": _json_score(r.score),
+                    "num_samples": r.num_samples}
+        c = a.shape[-1]
+        if y.shape != a.shape or w.shape != a.shape:
+            raise ValueError(f"tune: activated {a.shape}, labels {y.shape} and available {w.shape} must have one shape")
+        current = list(self.threshold) if isinstance(self.threshold, list) else [self.threshold] * c
+        if len(current) != c:
+            raise ValueError(f"{len(current)} thresholds for outputs with {c} classes")
+        a, y, w = a.reshape(-1, c), y.reshape(-1, c), w.reshape(-1, c)
+        if not w.any():
+            return {"threshold": self.threshold, "tuned": False, "reason": "no samples in S_t"}
+        thresholds, scores, counts, untuned = [], [], [], []
+        for k in range(c):
+            wk = w[:, k]
+            if wk.any():
+                r = best_threshold(a[wk, k], y[wk, k] > 0.5, fn)
+                thresholds.append(r.threshold)
+                scores.append(_json_score(r.score))
+                counts.append(r.num_samples)
+            else:
+                thresholds.append(current[k])
+                scores.append(None)
+                counts.append(0)
+                untuned.append(k)
+        self.load_tuned({"threshold": thresholds})
+        return {"threshold": thresholds, "tuned": True, "metric": name, "score": scores, "num_samples": counts,
+                "untuned_classes": untuned}
 
     def __getstate__(self):  # cached device tensors are not part of the state
         return {"threshold": self.threshold}
@@ -87,6 +150,10 @@ class ThresholdDecoder(Decoder):
     def __setstate__(self, state):
         self.threshold = state["threshold"]
         self._cache = {}
+
+
+def _json_score(value: float) -> Optional[float]:
+    return None if math.isnan(value) or math.isinf(value) else float(value)
 
 
 def _json_threshold(value) -> float | List[float]:
@@ -162,6 +229,13 @@ class ITask(abc.ABC):
     def condition(self, values: Tensor, from_labels: bool) -> Tuple[Tensor, Tensor]:
         """For condition tasks: `(known, value)` boolean `(N,)` from labels or decoded outputs."""
         raise TypeError(f"task {self.name!r} cannot be used as a condition")
+
+    def condition_not_false(self, labels: Tensor, negated: bool) -> Tensor:
+        """From labels, boolean `(N,)`: where `out.<task>` (`~out.<task>` when `negated`) is not
+        FALSE, i.e. the label is missing or says yes (no). Overridden by tasks that can do it in
+        fewer tensor ops; the result must equal this default."""
+        known, value = self.condition(labels, from_labels=True)
+        return ~known | (value != negated)
 
     def sample_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over each sample's available elements, `(N,)`, NaN where none is available."""

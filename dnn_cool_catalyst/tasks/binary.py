@@ -14,9 +14,9 @@ from .base import Task, ThresholdDecoder, check_vector_labels
 
 
 def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
-    labels = labels.reshape(logits.shape)
-    target = torch.where(torch.isnan(labels), torch.zeros_like(labels), labels)
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    """BCE with logits in the labels' shape (`(N, 1)` logits for `(N,)` labels); 0 where missing."""
+    return F.binary_cross_entropy_with_logits(logits.reshape(labels.shape), torch.nan_to_num(labels, nan=0.0),
+                                              reduction="none")
 
 
 def _nan_available(labels: Tensor) -> Tensor:
@@ -49,7 +49,7 @@ class BinaryClassificationTask(Task):
         return True
 
     def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return _bce_elementwise(logits, labels).reshape(labels.shape)
+        return _bce_elementwise(logits, labels)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)
@@ -59,6 +59,11 @@ class BinaryClassificationTask(Task):
             raise LabelError(f"task {self.name!r}: binary labels must be 0, 1 or NaN (missing); "
                              f"sample {i} is {float(t[i])}")
         return t
+
+    def condition_not_false(self, labels: Tensor, negated: bool) -> Tensor:
+        v = labels if labels.dim() == 1 else labels.reshape(labels.shape[0], -1)[:, 0]
+        # comparisons with NaN are false, so a missing label never makes the condition FALSE
+        return ~(v > 0.5) if negated else ~(v <= 0.5)
 
     def condition(self, values: Tensor, from_labels: bool) -> Tuple[Tensor, Tensor]:
         v = values.reshape(values.shape[0], -1)[:, 0]

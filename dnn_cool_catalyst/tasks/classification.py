@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
-from ..metrics import TopKAccuracy
+from ..metrics import ConfusionMatrixMetric, TopKAccuracy
 from .base import SortDecoder, Task, check_vector_labels, raw_labels
 
 
@@ -27,20 +27,23 @@ def _softmax(logits: Tensor) -> Tensor:
 class ClassificationTask(Task):
     """One of C classes. The module outputs `(N, C)` logits; labels are class indices `(N,)`,
     `-1` (or NaN in a float array) for missing. Decoded: class indices by declining probability;
-    metrics report top-1/3/5 accuracy (those `k <= top_k` that fit the number of classes)."""
+    metrics report top-1/3/5 accuracy (those `k <= top_k` and, when `class_names` tell the number of
+    classes, `k < C`) and macro f1_score, precision and recall of the top-1 class."""
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
                  top_k: int = 5, weight: float = 1.0):
         self.class_names = list(class_names) if class_names is not None else None
         self.top_k = int(top_k)
-        ks = [k for k in (1, 3, 5) if k <= self.top_k and (self.class_names is None or k <= len(self.class_names))]
+        n = len(self.class_names) if self.class_names is not None else None
+        ks = [k for k in (1, 3, 5) if k <= self.top_k and (n is None or k == 1 or k < n)]
         super().__init__(
             name=name,
             module=module,
             loss=_ce_elementwise,
             activation=_softmax,
             decoder=SortDecoder(),
-            metrics=[(f"accuracy_{k}", TopKAccuracy(k)) for k in ks],
+            metrics=[(f"accuracy_{k}", TopKAccuracy(k)) for k in ks]
+            + [(kind, ConfusionMatrixMetric(kind, n)) for kind in ConfusionMatrixMetric.KINDS],
             available_func=_index_available,
             missing=-1,
             label_dtype=torch.int64,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
-from ..metrics import TokenAccuracy
+from ..metrics import Perplexity, TokenAccuracy
 from .base import SortDecoder, Task, raw_labels
 
 IGNORE = -100
@@ -30,7 +30,8 @@ def _softmax(logits: Tensor) -> Tensor:
 class MaskedLanguageModelingTask(Task):
     """Predict masked tokens. The module outputs `(N, T, V)` logits; labels are token ids `(N, T)`
     with `-100` where a token is not masked. Decoded: the `top_k` most probable token ids per token,
-    by declining probability (a full sort of a large vocabulary is never needed)."""
+    by declining probability (a full sort of a large vocabulary is never needed). Metrics: token
+    accuracy of the top-1 token and perplexity over the masked tokens."""
 
     def __init__(self, name: str, module: nn.Module, top_k: int = 5, weight: float = 1.0):
         super().__init__(
@@ -39,7 +40,7 @@ class MaskedLanguageModelingTask(Task):
             loss=_ce_per_token,
             activation=_softmax,
             decoder=SortDecoder(top_k),
-            metrics=[("accuracy", TokenAccuracy())],
+            metrics=[("accuracy", TokenAccuracy()), ("perplexity", Perplexity())],
             available_func=_token_available,
             missing=IGNORE,
             label_dtype=torch.int64,

@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
-from ..metrics import ElementAccuracy
+from ..metrics import BinaryConfusionMetric, ElementAccuracy
 from .base import Task, ThresholdDecoder, raw_labels
 
 
 def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
-    target = torch.where(torch.isnan(labels), torch.zeros_like(labels), labels)
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels, nan=0.0), reduction="none")
 
 
 def _nan_available(labels: Tensor) -> Tensor:
@@ -24,7 +23,8 @@ def _nan_available(labels: Tensor) -> Tensor:
 
 class MultilabelClassificationTask(Task):
     """Any subset of C classes. The module outputs `(N, C)` logits; labels are `(N, C)` floats
-    0/1 with NaN for a missing element. Decoded: `activated > thresholds` (one per class once tuned)."""
+    0/1 with NaN for a missing element. Decoded: `activated > thresholds` (one per class once tuned).
+    Metrics: accuracy per available element and micro F1 over the available elements."""
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
                  weight: float = 1.0):
@@ -35,7 +35,7 @@ class MultilabelClassificationTask(Task):
             loss=_bce_elementwise,
             activation=torch.sigmoid,
             decoder=ThresholdDecoder(0.5),
-            metrics=[("accuracy", ElementAccuracy())],
+            metrics=[("accuracy", ElementAccuracy()), ("f1_score", BinaryConfusionMetric("f1_score"))],
             available_func=_nan_available,
             missing=math.nan,
             label_dtype=torch.float32,

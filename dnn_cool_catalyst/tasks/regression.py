@@ -13,9 +13,8 @@ from .base import ScaleDecoder, Task, check_vector_labels
 
 
 def _mse_on_sigmoid(logits: Tensor, labels: Tensor) -> Tensor:
-    labels = labels.reshape(logits.shape)
-    target = torch.where(torch.isnan(labels), torch.zeros_like(labels), labels)
-    return (torch.sigmoid(logits) - target) ** 2
+    """Squared error of sigmoid(logits) in the labels' shape; finite where labels are missing."""
+    return (torch.sigmoid(logits.reshape(labels.shape)) - torch.nan_to_num(labels, nan=0.0)) ** 2
 
 
 def _nan_available(labels: Tensor) -> Tensor:
@@ -45,7 +44,7 @@ class BoundedRegressionTask(Task):
         )
 
     def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return _mse_on_sigmoid(logits, labels).reshape(labels.shape)
+        return _mse_on_sigmoid(logits, labels)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)
