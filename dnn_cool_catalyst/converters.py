@@ -1,0 +1,462 @@
+"""DataFrame columns -> inputs, labels and tasks: type guessing, value conversion, default tasks.
+
+Every column used by a `Project` gets a `Column`: its *kind* (one of `KINDS`, guessed by
+`guess_kind` or told) and what conversion learnt from the data (class names, scale, image root).
+A value converter turns the column into an array in the task's label format (missing marker NaN,
+or -1 for categories); a task factory builds the task, with a head from a head factory.
+`Converters` overrides any of these per column or per kind::
+
+    Converters(types={"shirt_type": "category"},             # a float index column with NaN
+               class_names={"shirt_type": SHIRT_TYPES},       # fixes the number of classes
+               scales={"face_x1": 64.0},                      # labels = pixels / 64
+               heads={"category": lambda name, n_in, n_out: nn.Sequential(nn.Dropout(0.2), nn.Linear(n_in, n_out))})
+
+All conversion errors are `TableError`s naming the column and the row (the DataFrame's index label).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .tasks import BinaryClassificationTask, BoundedRegressionTask, ClassificationTask, ITask, MultilabelClassificationTask
+
+KINDS = ("binary", "continuous", "category", "multilabel", "image", "text")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+ValueConverter = Callable[[pd.Series, "Column"], Any]
+TaskFactory = Callable[["Column", nn.Module], ITask]
+HeadFactory = Callable[[str, int, int], nn.Module]
+
+
+class TableError(ValueError):
+    """The DataFrame does not fit: an unknown column, a value that does not fit its column's kind
+    (named by column and row), a column with every value missing, or a split file that belongs to
+    another table."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """What a project knows about one column: its kind and what conversion learnt from the data.
+
+    `role` is "input" or "output". `class_names` (category, multilabel) fixes the number of
+    classes; `scale` (continuous outputs) is what labels are divided by to lie in [0, 1] and what
+    `BoundedRegressionTask` multiplies by when decoding; `root` (image) is the directory file
+    names are relative to.
+    """
+
+    name: str
+    kind: str
+    role: str = "output"
+    class_names: Optional[Tuple[str, ...]] = None
+    scale: Optional[float] = None
+    root: Optional[str] = None
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the head's output: 1 for binary/continuous, the class count otherwise."""
+        return len(self.class_names) if self.class_names is not None else 1
+
+
+# Guessing ---------------------------------------------------------------------------------------
+
+_INDEX_LIST = re.compile(r"^\s*(\d+\s*(,\s*\d+\s*)*)?$")
+
+
+def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
+    """The kind of a column from its non-missing values.
+
+    bool, or numbers that are all 0/1 -> binary; integers in [0, max_categories) -> category;
+    other numbers -> continuous (a float column of whole numbers, such as pixel coordinates or a
+    class index stored as float because of NaN, stays continuous unless told otherwise);
+    a pandas categorical -> category; strings ending in an image extension -> image; strings of
+    comma-separated class indices ("0,2"), when some value is empty or has a comma -> multilabel;
+    other strings -> category if at most `max_categories` distinct values, else text;
+    lists/tuples/sets of indices -> multilabel.
+    """
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        return "category"
+    values = series.dropna()
+    if len(values) == 0:
+        raise TableError(f"column {series.name!r}: every value is missing; cannot guess its kind")
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return "binary"
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        arr = values.to_numpy(dtype=np.float64)
+        if np.isin(arr, (0.0, 1.0)).all():
+            return "binary"
+        if pd.api.types.is_integer_dtype(series.dtype) and arr.min() >= 0 and arr.max() < max_categories:
+            return "category"
+        return "continuous"
+    items = values.tolist()
+    if all(isinstance(v, (bool, np.bool_)) for v in items):
+        return "binary"
+    if all(isinstance(v, str) for v in items):
+        if all(v.lower().endswith(IMAGE_EXTENSIONS) for v in items):
+            return "image"
+        if all(_INDEX_LIST.match(v) for v in items) and any("," in v or not v.strip() for v in items):
+            return "multilabel"
+        return "category" if values.nunique() <= max_categories else "text"
+    if all(isinstance(v, (list, tuple, set, frozenset, np.ndarray)) for v in items):
+        return "multilabel"
+    raise TableError(f"column {series.name!r}: cannot guess its kind from values such as {items[0]!r} "
+                     f"({type(items[0]).__name__}); name it in Converters(types={{{series.name!r}: ...}}), one of {KINDS}")
+
+
+# Value conversion -------------------------------------------------------------------------------
+
+def _row_error(series: pd.Series, bad: np.ndarray, what: str) -> TableError:
+    pos = int(np.flatnonzero(bad)[0])
+    return TableError(f"column {series.name!r}, row {_plain(series.index[pos])!r}: {_plain(series.iloc[pos])!r} {what}"
+                      f" ({int(bad.sum())} such row(s))")
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _numbers(series: pd.Series, column: "Column") -> np.ndarray:
+    """float64 values, NaN where missing; a value that is not a number is an error."""
+    if pd.api.types.is_numeric_dtype(series.dtype) and not isinstance(series.dtype, pd.CategoricalDtype):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    coerced = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(coerced) & ~series.isna().to_numpy()
+    if bad.any():
+        raise _row_error(series, bad, f"is not a number (column kind {column.kind!r})")
+    return coerced
+
+
+def to_binary(series: pd.Series, column: "Column") -> np.ndarray:
+    """float32 (N,): 0/1, NaN where missing."""
+    arr = _numbers(series, column)
+    bad = ~(np.isnan(arr) | (arr == 0) | (arr == 1))
+    if bad.any():
+        raise _row_error(series, bad, "is not a binary value (0, 1, True, False or missing)")
+    return arr.astype(np.float32)
+
+
+def to_continuous(series: pd.Series, column: "Column") -> np.ndarray:
+    """float32 (N,): value / scale in [0, 1] for outputs (raw values for inputs), NaN where missing."""
+    arr = _numbers(series, column)
+    if column.scale is None:
+        return arr.astype(np.float32)
+    bad = (arr < 0) | (arr > column.scale)
+    if bad.any():
+        raise _row_error(series, bad, f"is outside [0, {column.scale:g}] (bounded regression divides by "
+                                      f"scale={column.scale:g}; set Converters(scales=...) or shift the column)")
+    return (arr / column.scale).astype(np.float32)
+
+
+def to_category(series: pd.Series, column: "Column") -> np.ndarray:
+    """int64 (N,): class indices, -1 where missing. Numeric columns hold indices (-1 or NaN is
+    missing); other columns hold class names (looked up in `column.class_names`)."""
+    n = column.n_outputs
+    missing = series.isna().to_numpy()
+    if _holds_indices(series):
+        arr = _numbers(series, column)
+        missing = missing | (arr == -1)
+        bad = ~missing & ((arr != np.round(arr)) | (arr < 0) | (arr >= n))
+        if bad.any():
+            raise _row_error(series, bad, f"is not a class index in [0, {n}) (or -1/NaN for missing)")
+        return np.where(missing, -1, np.nan_to_num(arr)).astype(np.int64)
+    lookup = {name: i for i, name in enumerate(column.class_names or ())}
+    out = np.full(len(series), -1, dtype=np.int64)
+    for pos, v in enumerate(series.tolist()):
+        if missing[pos]:
+            continue
+        idx = lookup.get(str(v))
+        if idx is None:
+            bad = np.zeros(len(series), dtype=bool)
+            bad[pos] = True
+            raise _row_error(series, bad, f"is not one of the class names {_short(column.class_names)}")
+        out[pos] = idx
+    return out
+
+
+def _holds_indices(series: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(series.dtype) and not isinstance(series.dtype, pd.CategoricalDtype) \
+        and not pd.api.types.is_bool_dtype(series.dtype)
+
+
+def _short(names: Optional[Sequence[str]], k: int = 8) -> str:
+    names = list(names or ())
+    return repr(names) if len(names) <= k else repr(names[:k])[:-1] + f", ... ({len(names)} in all)]"
+
+
+def parse_multilabel(series: pd.Series, class_names: Optional[Sequence[str]] = None) -> List[Optional[List[int]]]:
+    """Per row, the list of class indices, or None where missing. Cells are strings like "0,2"
+    ("" means no class; tokens may also be class names when `class_names` is given), sequences
+    of indices, or a single whole number."""
+    lookup = {name: i for i, name in enumerate(class_names or ())}
+    missing = series.isna().to_numpy()
+    rows: List[Optional[List[int]]] = []
+    for pos, v in enumerate(series.tolist()):
+        if missing[pos]:
+            rows.append(None)
+            continue
+        if isinstance(v, str):
+            tokens: Sequence[Any] = [t.strip() for t in v.split(",") if t.strip()]
+        elif isinstance(v, (list, tuple, set, frozenset, np.ndarray)):
+            tokens = list(v)
+        else:
+            tokens = [v]
+        idx = []
+        for t in tokens:
+            i = _multilabel_index(t, lookup)
+            if i is None:
+                bad = np.zeros(len(series), dtype=bool)
+                bad[pos] = True
+                names = f" or a class name of {_short(class_names)}" if class_names else ""
+                raise _row_error(series, bad, f"has {t!r}, which is not a class index (a whole number >= 0){names}")
+            idx.append(i)
+        rows.append(idx)
+    return rows
+
+
+def _multilabel_index(token: Any, lookup: Mapping[str, int]) -> Optional[int]:
+    if isinstance(token, str):
+        if token in lookup:
+            return lookup[token]
+        return int(token) if token.isdigit() else None
+    if isinstance(token, (bool, np.bool_)):
+        return None
+    if isinstance(token, (int, np.integer)) or (isinstance(token, (float, np.floating)) and float(token).is_integer()):
+        return int(token) if token >= 0 else None
+    return None
+
+
+def to_multilabel(series: pd.Series, column: "Column") -> np.ndarray:
+    """float32 (N, C): 1 for the listed classes, 0 for the others, a NaN row where missing."""
+    n = column.n_outputs
+    out = np.zeros((len(series), n), dtype=np.float32)
+    for pos, idx in enumerate(parse_multilabel(series, column.class_names)):
+        if idx is None:
+            out[pos] = np.nan
+            continue
+        too_big = [i for i in idx if i >= n]
+        if too_big:
+            bad = np.zeros(len(series), dtype=bool)
+            bad[pos] = True
+            raise _row_error(series, bad, f"has class index {too_big[0]}, but the column has {n} classes")
+        out[pos, idx] = 1.0
+    return out
+
+
+def to_text(series: pd.Series, column: "Column") -> np.ndarray:
+    """An object array of str (N,), "" where missing."""
+    missing = series.isna().to_numpy()
+    return np.array(["" if m else str(v) for v, m in zip(series.tolist(), missing)], dtype=object)
+
+
+def to_images(series: pd.Series, column: "Column") -> "ImageFiles":
+    """An `ImageFiles` sequence over `root/<value>`; every file must exist (checked here)."""
+    missing = series.isna().to_numpy()
+    if missing.any():
+        raise _row_error(series, missing, "is missing; every row needs an image file")
+    names = [os.fspath(v) if isinstance(v, (str, os.PathLike)) else v for v in series.tolist()]
+    bad = np.array([not isinstance(v, str) for v in names])
+    if bad.any():
+        raise _row_error(series, bad, "is not a file name")
+    paths = [os.path.join(column.root, v) if column.root is not None else v for v in names]
+    absent = np.array([not os.path.isfile(p) for p in paths])
+    if absent.any():
+        pos = int(np.flatnonzero(absent)[0])
+        raise TableError(f"column {series.name!r}, row {_plain(series.index[pos])!r}: image file {paths[pos]!r} does not "
+                         f"exist ({int(absent.sum())} missing file(s); root={column.root!r})")
+    return ImageFiles(paths)
+
+
+def load_image(path: str, mode: str = "RGB") -> Tensor:
+    """A float tensor (C, H, W) in [0, 1] from an image file (converted to `mode` first)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert(mode), dtype=np.uint8)  # a writable copy
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot read image {path!r}: {e}") from e
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+class ImageFiles:
+    """A lazy sequence of images: `len(images)`; `images[i]` reads file i as float (C, H, W) in
+    [0, 1]; `images[rows]` (a slice, index array or list) is the sub-sequence of those files.
+
+    `FlowDataset` accepts it as an input; a batch stacks the images, so they must share a size.
+    """
+
+    def __init__(self, paths: Sequence[str], mode: str = "RGB"):
+        self.paths = list(paths)
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Any):
+        if isinstance(index, (int, np.integer)):
+            return load_image(self.paths[index], self.mode)
+        if isinstance(index, slice):
+            return ImageFiles(self.paths[index], self.mode)
+        positions = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
+        if positions.dtype == np.bool_:
+            positions = np.flatnonzero(positions)
+        return ImageFiles([self.paths[int(i)] for i in positions.reshape(-1)], self.mode)
+
+    def __repr__(self) -> str:
+        first = f", first={self.paths[0]!r}" if self.paths else ""
+        return f"ImageFiles({len(self)} files{first})"
+
+
+VALUE_CONVERTERS: Dict[str, ValueConverter] = {
+    "binary": to_binary, "continuous": to_continuous, "category": to_category,
+    "multilabel": to_multilabel, "image": to_images, "text": to_text,
+}
+
+
+# Tasks ------------------------------------------------------------------------------------------
+
+def linear_head(name: str, in_features: int, n_outputs: int) -> nn.Module:
+    """The default head: `nn.Linear(in_features, n_outputs)`."""
+    return nn.Linear(in_features, n_outputs)
+
+
+def _no_task(column: Column, module: nn.Module) -> ITask:
+    raise TableError(f"column {column.name!r} holds {column.kind} values and has no default task; give one: "
+                     f"Converters(tasks={{{column.name!r}: lambda column, head: ...}})")
+
+
+TASK_FACTORIES: Dict[str, TaskFactory] = {
+    "binary": lambda c, head: BinaryClassificationTask(c.name, head),
+    "continuous": lambda c, head: BoundedRegressionTask(c.name, head, scale=c.scale if c.scale is not None else 1.0),
+    "category": lambda c, head: ClassificationTask(c.name, head, class_names=c.class_names),
+    "multilabel": lambda c, head: MultilabelClassificationTask(c.name, head, class_names=c.class_names),
+    "image": _no_task,
+    "text": _no_task,
+}
+
+
+# Configuration ----------------------------------------------------------------------------------
+
+@dataclass
+class Converters:
+    """Per-column and per-kind overrides of what a `Project` guesses and builds.
+
+    `values`, `tasks` and `heads` are looked up by column name first, then by kind; anything not
+    given uses the defaults (`VALUE_CONVERTERS`, `TASK_FACTORIES`, `linear_head`).
+    """
+
+    types: Dict[str, str] = field(default_factory=dict)  # column -> kind (one of KINDS); others are guessed
+    class_names: Dict[str, Sequence[str]] = field(default_factory=dict)  # column -> class names; fixes the class count
+    num_classes: Dict[str, int] = field(default_factory=dict)  # column -> class count when names are not given
+    # (default: distinct names for string columns, max index + 1 for indices)
+    scales: Dict[str, float] = field(default_factory=dict)  # continuous column -> scale (default: the column's max)
+    values: Dict[str, ValueConverter] = field(default_factory=dict)  # column or kind -> (series, Column) -> array
+    tasks: Dict[str, TaskFactory] = field(default_factory=dict)  # column or kind -> (Column, head) -> ITask
+    heads: Dict[str, HeadFactory] = field(default_factory=dict)  # column or kind -> (name, in_features, n_outputs) -> module
+    in_features: int = 256  # width of the features the default heads read (e.g. x.features from a backbone)
+    image_root: Optional[str] = None  # image file names are relative to this directory (None: as given)
+    max_categories: int = 50  # guessing: at most this many distinct strings/integers make a category
+
+    def value_converter(self, column: Column) -> ValueConverter:
+        return self.values.get(column.name) or self.values.get(column.kind) or VALUE_CONVERTERS[column.kind]
+
+    def task_factory(self, column: Column) -> TaskFactory:
+        return self.tasks.get(column.name) or self.tasks.get(column.kind) or TASK_FACTORIES[column.kind]
+
+    def head_factory(self, column: Column) -> HeadFactory:
+        return self.heads.get(column.name) or self.heads.get(column.kind) or linear_head
+
+    def check(self, columns: Sequence[str]) -> None:
+        """Fail on a kind that does not exist or an override naming neither a column nor a kind."""
+        for col, kind in self.types.items():
+            if kind not in KINDS:
+                raise TableError(f"Converters.types[{col!r}] = {kind!r} is not a kind; kinds: {KINDS}")
+        known = set(columns)
+        for attr in ("types", "class_names", "num_classes", "scales"):
+            for col in getattr(self, attr):
+                if col not in known:
+                    raise TableError(f"Converters.{attr} names {col!r}, which is not an input or output column"
+                                     f"{_close(col, known)}")
+        for attr in ("values", "tasks", "heads"):
+            for key in getattr(self, attr):
+                if key not in known and key not in KINDS:
+                    raise TableError(f"Converters.{attr} key {key!r} is neither a column nor a kind {KINDS}"
+                                     f"{_close(key, known)}")
+
+    def describe(self, series: pd.Series, role: str) -> Column:
+        """The `Column` of `series`: its kind (told or guessed) and what conversion needs to know."""
+        name = str(series.name)
+        kind = self.types.get(name) or guess_kind(series, self.max_categories)
+        class_names = None
+        scale = None
+        if kind in ("category", "multilabel"):
+            class_names = self._class_names(series, kind)
+        elif kind == "continuous" and role == "output":
+            scale = self._scale(series)
+        if name in self.class_names and kind not in ("category", "multilabel"):
+            raise TableError(f"column {name!r} is {kind}, but Converters.class_names names it; "
+                             f"set Converters(types={{{name!r}: 'category'}}) or 'multilabel'")
+        return Column(name, kind, role, class_names, scale, self.image_root if kind == "image" else None)
+
+    def _class_names(self, series: pd.Series, kind: str) -> Tuple[str, ...]:
+        name = str(series.name)
+        given = self.class_names.get(name)
+        count = self.num_classes.get(name)
+        if given is not None:
+            given = tuple(str(c) for c in given)
+            if len(set(given)) != len(given) or not given:
+                raise TableError(f"column {name!r}: class names must be distinct and non-empty, got {list(given)}")
+            if count is not None and count != len(given):
+                raise TableError(f"column {name!r}: num_classes={count} but {len(given)} class names")
+            return given
+        if kind == "category" and isinstance(series.dtype, pd.CategoricalDtype):
+            names = tuple(str(c) for c in series.dtype.categories)
+        elif kind == "category" and not _holds_indices(series):
+            names = tuple(sorted({str(v) for v in series.dropna().tolist()}))
+        else:
+            if kind == "category":
+                arr = _numbers(series, Column(name, kind))
+                arr = arr[~np.isnan(arr) & (arr != -1)]
+                top = int(arr.max()) if arr.size else -1
+            else:
+                top = max((max(idx) for idx in parse_multilabel(series) if idx), default=-1)
+            inferred = top + 1
+            if count is not None and count < inferred:
+                raise TableError(f"column {name!r}: num_classes={count}, but the column holds class index {top}")
+            n = count if count is not None else inferred
+            if n < 1:
+                raise TableError(f"column {name!r}: no class index found to infer the number of classes; "
+                                 f"set Converters(num_classes={{{name!r}: ...}})")
+            names = tuple(str(i) for i in range(n))
+        if count is not None and count != len(names):
+            raise TableError(f"column {name!r}: num_classes={count}, but it has {len(names)} distinct values {_short(names)}")
+        return names
+
+    def _scale(self, series: pd.Series) -> float:
+        name = str(series.name)
+        if name in self.scales:
+            scale = float(self.scales[name])
+            if not scale > 0:
+                raise TableError(f"Converters.scales[{name!r}] must be positive, got {scale}")
+            return scale
+        arr = _numbers(series, Column(name, "continuous"))
+        top = float(np.nanmax(arr))
+        if not top > 0:
+            raise TableError(f"column {name!r}: continuous values are scaled by their maximum, which is {top:g}; "
+                             f"set Converters(scales={{{name!r}: ...}})")
+        return top
+
+
+def _close(name: str, known) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""

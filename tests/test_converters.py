@@ -1,0 +1,190 @@
+"""converters: kind guessing, value conversion with missing markers, class/scale inference, images, errors."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dnn_cool_catalyst.converters import (
+    Column, Converters, ImageFiles, TableError, guess_kind, load_image, parse_multilabel, to_binary, to_category,
+    to_continuous, to_images, to_multilabel, to_text,
+)
+
+NAN = np.nan
+
+
+@pytest.mark.parametrize("values, dtype, kind", [
+    ([True, False, True], None, "binary"),
+    ([0.0, 1.0, NAN], None, "binary"),
+    ([True, NAN, False], object, "binary"),
+    ([0.5, 12.0, NAN], None, "continuous"),
+    ([3.0, 7.0, 4.0], None, "continuous"),  # whole-number floats stay continuous
+    ([0, 2, 3], "int64", "category"),
+    ([0, 200, 3], "int64", "continuous"),  # beyond max_categories
+    ([-1, 2, 3], "int64", "continuous"),
+    (["cat", "dog", NAN], None, "category"),
+    (["0,2", "", NAN, "1"], None, "multilabel"),
+    (["a.png", "b.JPG"], None, "image"),
+    ([[0, 2], [], [1]], object, "multilabel"),
+])
+def test_guess_kind(values, dtype, kind):
+    assert guess_kind(pd.Series(values, dtype=dtype, name="c")) == kind
+
+
+def test_guess_kind_text_categorical_and_failures():
+    many = pd.Series([f"sentence number {i}" for i in range(60)], name="t")
+    assert guess_kind(many) == "text"
+    assert guess_kind(many, max_categories=100) == "category"
+    assert guess_kind(pd.Series(pd.Categorical(["a", "b", "a"]), name="c")) == "category"
+    with pytest.raises(TableError, match=r"'c'.*every value is missing"):
+        guess_kind(pd.Series([NAN, NAN], name="c"))
+    with pytest.raises(TableError, match=r"'c'.*cannot guess.*types"):
+        guess_kind(pd.Series([{"a": 1}, {"b": 2}], name="c"))
+
+
+def test_binary_values_and_row_errors():
+    s = pd.Series([1.0, NAN, 0.0, True], dtype=object, index=["r0", "r1", "r2", "r3"], name="door_open")
+    out = to_binary(s, Column("door_open", "binary"))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [1, NAN, 0, 1])
+    bad = pd.Series([0.0, 1.0, 2.0, 5.0], index=["a", "b", "c", "d"], name="door_open")
+    with pytest.raises(TableError, match=r"column 'door_open', row 'c': 2\.0 is not a binary value.*2 such"):
+        to_binary(bad, Column("door_open", "binary"))
+    words = pd.Series(["yes", "no"], name="door_open")
+    with pytest.raises(TableError, match=r"row 0: 'yes' is not a number"):
+        to_binary(words, Column("door_open", "binary"))
+
+
+def test_continuous_scaled_by_max_or_given_scale():
+    s = pd.Series([10.0, NAN, 40.0, 0.0], name="x")
+    column = Converters().describe(s, "output")
+    assert column.kind == "continuous" and column.scale == 40.0
+    np.testing.assert_allclose(to_continuous(s, column), [0.25, NAN, 1.0, 0.0])
+    column = Converters(scales={"x": 80}).describe(s, "output")
+    np.testing.assert_allclose(to_continuous(s, column), [0.125, NAN, 0.5, 0.0])
+    with pytest.raises(TableError, match=r"row 2: 40\.0 is outside \[0, 20\]"):
+        to_continuous(s, Converters(scales={"x": 20}).describe(s, "output"))
+    with pytest.raises(TableError, match=r"row 1: -3\.0 is outside"):
+        to_continuous(pd.Series([1.0, -3.0], name="x"), Column("x", "continuous", scale=4.0))
+    with pytest.raises(TableError, match=r"'x'.*maximum, which is 0.*scales"):
+        Converters(types={"x": "continuous"}).describe(pd.Series([0.0, 0.0], name="x"), "output")
+    # inputs keep their raw values
+    raw = Converters().describe(pd.Series([-2.5, 7.0], name="x"), "input")
+    assert raw.scale is None
+    np.testing.assert_array_equal(to_continuous(pd.Series([-2.5, 7.0], name="x"), raw), [-2.5, 7.0])
+
+
+def test_category_from_float_indices_with_nan():
+    s = pd.Series([2.0, NAN, 0.0, 5.0, -1.0], name="shirt_type")
+    column = Converters(types={"shirt_type": "category"}).describe(s, "output")
+    assert column.class_names == ("0", "1", "2", "3", "4", "5") and column.n_outputs == 6
+    out = to_category(s, column)
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(out, [2, -1, 0, 5, -1])
+    column = Converters(types={"shirt_type": "category"}, num_classes={"shirt_type": 7}).describe(s, "output")
+    assert column.n_outputs == 7
+    named = Converters(class_names={"shirt_type": list("abcdefg")}, types={"shirt_type": "category"})
+    assert named.describe(s, "output").class_names == tuple("abcdefg")
+    with pytest.raises(TableError, match=r"row 1: 1\.5 is not a class index in \[0, 3\)"):
+        to_category(pd.Series([1.0, 1.5], name="c"), Column("c", "category", class_names=("a", "b", "c")))
+    with pytest.raises(TableError, match=r"row 0: 3\.0 is not a class index in \[0, 3\)"):
+        to_category(pd.Series([3.0], name="c"), Column("c", "category", class_names=("a", "b", "c")))
+    with pytest.raises(TableError, match=r"num_classes=2.*class index 5"):
+        Converters(types={"shirt_type": "category"}, num_classes={"shirt_type": 2}).describe(s, "output")
+
+
+def test_category_from_names():
+    s = pd.Series(["dog", "cat", NAN, "dog"], name="pet")
+    column = Converters().describe(s, "output")
+    assert column.kind == "category" and column.class_names == ("cat", "dog")
+    np.testing.assert_array_equal(to_category(s, column), [1, 0, -1, 1])
+    column = Converters(class_names={"pet": ["dog", "cat", "bird"]}).describe(s, "output")
+    np.testing.assert_array_equal(to_category(s, column), [0, 1, -1, 0])
+    with pytest.raises(TableError, match=r"column 'pet', row 2: 'fish' is not one of the class names"):
+        to_category(pd.Series(["dog", "cat", "fish"], name="pet"), column)
+    cat = pd.Series(pd.Categorical(["b", None, "a"], categories=["b", "a"]), name="pet")
+    column = Converters().describe(cat, "output")
+    assert column.class_names == ("b", "a")
+    np.testing.assert_array_equal(to_category(cat, column), [0, -1, 1])
+
+
+def test_multilabel_strings_lists_and_names():
+    s = pd.Series(["0,2", "", NAN, " 1 ", "2,0"], name="fc")
+    assert parse_multilabel(s) == [[0, 2], [], None, [1], [2, 0]]
+    column = Converters().describe(s, "output")
+    assert column.kind == "multilabel" and column.n_outputs == 3
+    out = to_multilabel(s, column)
+    assert out.shape == (5, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, [[1, 0, 1], [0, 0, 0], [NAN] * 3, [0, 1, 0], [1, 0, 1]])
+    column = Converters(num_classes={"fc": 5}, types={"fc": "multilabel"}).describe(s, "output")
+    assert to_multilabel(s, column).shape == (5, 5)
+    names = Converters(class_names={"fc": ["glasses", "beard", "hat"]}, types={"fc": "multilabel"})
+    words = pd.Series(["glasses,hat", "1"], name="fc")
+    np.testing.assert_array_equal(to_multilabel(words, names.describe(words, "output")), [[1, 0, 1], [0, 1, 0]])
+    lists = pd.Series([[0, 1], (), NAN], name="fc", dtype=object)
+    np.testing.assert_array_equal(to_multilabel(lists, Column("fc", "multilabel", class_names=("a", "b"))),
+                                  [[1, 1], [0, 0], [NAN, NAN]])
+    with pytest.raises(TableError, match=r"column 'fc', row 1: 'x,1' has 'x', which is not a class index"):
+        parse_multilabel(pd.Series(["0", "x,1"], name="fc"))
+    with pytest.raises(TableError, match=r"row 0: '3' has class index 3, but the column has 3 classes"):
+        to_multilabel(pd.Series(["3"], name="fc"), Column("fc", "multilabel", class_names=("a", "b", "c")))
+
+
+def test_text_missing_is_empty():
+    out = to_text(pd.Series(["a b", NAN], name="t"), Column("t", "text", "input"))
+    assert out.dtype == object and out.tolist() == ["a b", ""]
+
+
+def _png(path, array):
+    Image.fromarray(array).save(path)
+
+
+def test_image_files_are_lazy_and_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        _png(tmp_path / f"{i}.png", a)
+    _png(tmp_path / "grey.png", arrays[0][:, :, 0])
+    s = pd.Series(["0.png", "1.png", "2.png", "grey.png"], name="img")
+    column = Converters(image_root=str(tmp_path)).describe(s, "input")
+    assert column.kind == "image" and column.root == str(tmp_path)
+    images = to_images(s, column)
+    assert isinstance(images, ImageFiles) and len(images) == 4
+    x = images[1]
+    assert x.dtype == torch.float32 and x.shape == (3, 5, 7)
+    torch.testing.assert_close(x, torch.from_numpy(arrays[1]).permute(2, 0, 1).float() / 255)
+    grey = images[3]
+    assert grey.shape == (3, 5, 7) and torch.equal(grey[0], grey[2])
+    sub = images[np.array([2, 0])]
+    assert isinstance(sub, ImageFiles) and len(sub) == 2
+    torch.testing.assert_close(sub[0], images[2])
+    assert len(images[1:]) == 3 and len(images[torch.tensor([0, 1])]) == 2
+    assert load_image(str(tmp_path / "0.png"), mode="L").shape == (1, 5, 7)
+
+
+def test_image_errors_name_row_and_path(tmp_path):
+    _png(tmp_path / "a.png", np.zeros((2, 2, 3), np.uint8))
+    column = Column("img", "image", "input", root=str(tmp_path))
+    with pytest.raises(TableError, match=r"column 'img', row 'r1': image file '.*nope\.png' does not exist"):
+        to_images(pd.Series(["a.png", "nope.png"], index=["r0", "r1"], name="img"), column)
+    with pytest.raises(TableError, match=r"row 1: nan is missing"):
+        to_images(pd.Series(["a.png", NAN], name="img"), column)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(OSError, match=r"cannot read image .*broken\.png"):
+        ImageFiles([str(tmp_path / "broken.png")])[0]
+
+
+def test_converters_check_and_lookup_order():
+    conv = Converters(tasks={"a": "col", "binary": "kind"}, heads={"binary": "h"})
+    conv.check(["a", "b"])
+    assert conv.task_factory(Column("a", "binary")) == "col"
+    assert conv.task_factory(Column("b", "binary")) == "kind"
+    assert conv.head_factory(Column("b", "binary")) == "h"
+    with pytest.raises(TableError, match=r"types\['a'\] = 'bool' is not a kind"):
+        Converters(types={"a": "bool"}).check(["a"])
+    with pytest.raises(TableError, match=r"Converters.scales names 'door_opn'.*did you mean 'door_open'"):
+        Converters(scales={"door_opn": 2.0}).check(["door_open"])
+    with pytest.raises(TableError, match=r"Converters.values key 'contnuous' is neither"):
+        Converters(values={"contnuous": to_text}).check(["a"])
+    with pytest.raises(TableError, match=r"'a' is binary, but Converters.class_names names it"):
+        Converters(class_names={"a": ["x", "y"]}).describe(pd.Series([0.0, 1.0], name="a"), "output")
