@@ -1,0 +1,95 @@
+"""The layout of `runner.batch` that `FlowRunner.handle_batch` leaves for the callbacks.
+
+After `handle_batch`, `runner.batch` is a dict:
+
+- `"inputs"`: the input mapping `X` as the loader gave it (with `X["gt"]`, and `X["index"]` when
+  the dataset was built with `with_index=True`),
+- `"targets"`: `{path: labels}`,
+- `"outputs"`: the model's outputs `{"logits", "mask", ...}` (`"activated"` and `"decoded"` are
+  present outside training mode),
+- `"loss_terms"` (only when the criterion is a `FlowLoss`): `{path: (sum, count)}`, detached; the
+  states from which per-task losses over a whole loader are recombined exactly.
+
+A runner of your own can feed the callbacks by leaving the same keys.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+INPUTS = "inputs"
+TARGETS = "targets"
+OUTPUTS = "outputs"
+LOSS_TERMS = "loss_terms"
+INDEX = "index"
+
+
+def batch_parts(runner: Any, who: str) -> Tuple[Mapping[str, Any], Mapping[str, Tensor], Mapping[str, Any]]:
+    """`(inputs, targets, outputs)` of the current batch; an error naming `who` if they are absent."""
+    batch = runner.batch
+    if not isinstance(batch, Mapping) or OUTPUTS not in batch or TARGETS not in batch:
+        have = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(f"{who} needs runner.batch with {OUTPUTS!r} and {TARGETS!r} as FlowRunner.handle_batch "
+                       f"leaves them (see dnn_cool_catalyst.callbacks.batch); runner.batch has {have}")
+    return batch.get(INPUTS) or {}, batch[TARGETS], batch[OUTPUTS]
+
+
+def batch_size_of(targets: Mapping[str, Tensor], inputs: Optional[Mapping[str, Any]] = None) -> int:
+    """The number of samples in a batch, from its labels (or its dataset indices)."""
+    for value in targets.values():
+        return int(value.shape[0])
+    if inputs is not None and isinstance(inputs.get(INDEX), Tensor):
+        return int(inputs[INDEX].shape[0])
+    raise ValueError("cannot tell the batch size: the batch has no labels and no X['index']")
+
+
+class SampleIndexer:
+    """Dataset indices of the samples of each batch of one loader.
+
+    They come from `X["index"]` (right under shuffling). Without it they are positions in the
+    loader's order, counted from the start of the loader, and a warning (once per callback) says
+    so, because positions are wrong for a shuffled loader.
+    """
+
+    def __init__(self, who: str):
+        self.who = who
+        self._position = 0
+        self._warned = False
+
+    def reset(self) -> None:
+        self._position = 0
+
+    def __call__(self, inputs: Mapping[str, Any], n: int, loader_key: str) -> Tensor:
+        index = inputs.get(INDEX) if isinstance(inputs, Mapping) else None
+        self._position += n
+        if isinstance(index, Tensor):
+            return index.detach().reshape(-1).to("cpu", torch.int64)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"{self.who}: batches of loader {loader_key!r} carry no X['index']; using positions in the "
+                          f"loader as dataset indices, which is wrong if the loader shuffles. Build the dataset "
+                          f"with flow.get_dataset(..., with_index=True).", stacklevel=3)
+        return torch.arange(self._position - n, self._position, dtype=torch.int64)
+
+
+def detach_cpu(tree: Any) -> Any:
+    """A copy of nested mappings/sequences of tensors, detached and on the CPU."""
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, Mapping):
+        return {k: detach_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(detach_cpu(v) for v in tree)
+    return tree
+
+
+def activated_of(outputs: Mapping[str, Any], leaf: Any) -> Tensor:
+    """The activated output of a task: from `outputs["activated"]`, else activated from its logits."""
+    activated: Dict[str, Tensor] = outputs.get("activated") or {}
+    a = activated.get(leaf.path)
+    if a is None:
+        a = leaf.task.activate(outputs["logits"][leaf.path].detach())
+    return a.detach()

@@ -1,0 +1,238 @@
+"""`InterpretationCallback`: the best and worst samples of each task by per-sample loss."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+from catalyst.core.callback import Callback
+from torch import Tensor
+
+from .batch import INDEX, SampleIndexer, batch_parts, batch_size_of
+from .common import loader_selected, resolve_flow, resolve_logdir
+from .files import write_csv
+from .metrics import METRICS_ORDER
+from .publishers import default_publishers, log_text
+
+CSV_COLUMNS = ("task_path", "rank", "dataset_index", "loss")
+
+
+def rank_samples(losses: Tensor, indices: Tensor, k: int) -> pd.DataFrame:
+    """The `k` worst and `k` best samples of one task: `rank, dataset_index, loss`.
+
+    `losses` are per-sample losses with NaN outside `S_t` (those samples are ignored). Rank 1 is
+    the highest loss and rank `n = |S_t|` the lowest; equal losses are ranked by dataset index.
+    The `k` worst are ranks `1..k`, the `k` best ranks `n-k+1..n` (each sample once when they meet).
+    """
+    losses = losses.reshape(-1).double()
+    indices = indices.reshape(-1).to(torch.int64)
+    keep = ~torch.isnan(losses)
+    losses, indices = losses[keep], indices[keep]
+    by_index = torch.argsort(indices, stable=True)
+    order = by_index[torch.argsort(-losses[by_index], stable=True)]
+    n = int(order.numel())
+    ranks = sorted(set(range(min(k, n))) | set(range(max(n - k, 0), n)))
+    sel = order[ranks] if ranks else order[:0]
+    return pd.DataFrame({"rank": np.asarray(ranks, dtype=np.int64) + 1, "dataset_index": indices[sel].numpy(),
+                         "loss": losses[sel].numpy()})
+
+
+def _flatten(x: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    if isinstance(x, Mapping):
+        for k, v in x.items():
+            if not prefix and k in ("gt", INDEX):
+                continue
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], x
+
+
+class InterpretationCallback(Callback):
+    """Per-sample losses of every task over a loader (only samples in `S_t`), and the `top_k`
+    worst and best samples of each task by that loss.
+
+    At each selected loader's end it writes `interpretation_<loader>.csv` into the logdir
+    (`task_path, rank, dataset_index, loss`; see `rank_samples`), keeps the table in
+    `self.results[loader]`, and publishes to the loggers, grouped by task: a table of the ranked
+    samples (`<path>/interpretation`), and each input of each ranked sample through a publisher
+    (`<path>/worst/<i>/<input key>`, `<path>/best/<i>/<input key>`; `i` = 1 for the worst and for
+    the best). The inputs are read back from `runner.loader.dataset[dataset_index]`.
+
+    It also publishes the tree explanations (`flow.get_treelib_explainer()`) of the samples with
+    dataset index below `explain` as text (`explanations/sample_<index>`), with preconditions
+    decided from the decoded predictions, as at inference.
+
+    Dataset indices come from `X["index"]` (`flow.get_dataset(..., with_index=True)`), so they
+    are right for shuffled loaders; without it they are positions in the loader, with a warning.
+
+    Args:
+        flow: the `TaskFlow` (default: `runner.flow`).
+        top_k: how many worst and best samples per task.
+        loaders: loader keys to interpret (default: every loader that does not train).
+        publishers: input key (dotted for nested inputs) -> publisher, or None to never publish
+            that input; keys not listed are offered to `default_publishers` in turn.
+        default_publishers: publishers chosen by the input's type (default: images, then text).
+        explain: how many samples (the lowest dataset indices) to explain as trees; 0 for none.
+        logdir: where to write the CSV (default: `runner.logdir`; no file when neither is set).
+    """
+
+    def __init__(self, flow: Any = None, top_k: int = 5, loaders: Optional[Sequence[str]] = None,
+                 publishers: Optional[Mapping[str, Any]] = None, default_publishers: Optional[Sequence[Any]] = None,
+                 explain: int = 3, logdir: Optional[str] = None):
+        super().__init__(order=METRICS_ORDER + 1)
+        if top_k < 1:
+            raise ValueError(f"InterpretationCallback: top_k must be at least 1, got {top_k}")
+        self.flow = flow
+        self.top_k = int(top_k)
+        self.loaders = list(loaders) if loaders is not None else None
+        self.publishers = dict(publishers or {})
+        self.default_publishers = list(default_publishers) if default_publishers is not None else None
+        self.explain = int(explain)
+        self.logdir = logdir
+        self.results: Dict[str, pd.DataFrame] = {}
+        self._indexer = SampleIndexer(type(self).__name__)
+        self._active = False
+        self._warned_inputs = False
+
+    def on_experiment_start(self, runner: Any) -> None:
+        self.flow = resolve_flow(self.flow, runner, type(self).__name__)
+        self._graph = self.flow.graph
+        self._per_sample = self.flow.get_per_sample_loss()
+        self._logdir = resolve_logdir(self.logdir, runner)
+        if self.default_publishers is None:
+            self.default_publishers = list(default_publishers())
+        self._explainer = None
+
+    def on_loader_start(self, runner: Any) -> None:
+        self._active = loader_selected(runner, self.loaders, "eval")
+        self._indexer.reset()
+        self._losses: Dict[str, List[Tensor]] = defaultdict(list)
+        self._indices: List[Tensor] = []
+        self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
+
+    @torch.no_grad()
+    def on_batch_end(self, runner: Any) -> None:
+        if not self._active:
+            return
+        inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        n = batch_size_of(targets, inputs)
+        index = self._indexer(inputs, n, runner.loader_key)
+        per_sample = self._per_sample(outputs, targets)
+        for leaf in self._graph.leaves:
+            self._losses[leaf.path].append(per_sample[leaf.path].detach().float().cpu())
+        self._indices.append(index)
+        if self.explain > 0:
+            rows = torch.nonzero(index < self.explain).reshape(-1)
+            for r in rows.tolist():
+                self._explained.append((int(index[r]), self._sample_outputs(outputs, r)))
+
+    def _sample_outputs(self, outputs: Mapping[str, Any], row: int) -> Dict[str, Dict[str, Tensor]]:
+        sample: Dict[str, Dict[str, Tensor]] = {"logits": {}, "activated": {}}
+        activated = outputs.get("activated") or {}
+        for leaf in self._graph.leaves:
+            z = outputs["logits"][leaf.path][row: row + 1].detach().cpu()
+            a = activated.get(leaf.path)
+            sample["logits"][leaf.path] = z
+            sample["activated"][leaf.path] = leaf.task.activate(z) if a is None else a[row: row + 1].detach().cpu()
+        return sample
+
+    def on_loader_end(self, runner: Any) -> None:
+        if not self._active or not self._indices:
+            return
+        self._gather_across_processes()
+        indices = torch.cat(self._indices)
+        frames = []
+        for leaf in self._graph.leaves:
+            ranked = rank_samples(torch.cat(self._losses[leaf.path]), indices, self.top_k)
+            ranked.insert(0, "task_path", leaf.path)
+            frames.append(ranked)
+        table = pd.concat(frames, ignore_index=True)[list(CSV_COLUMNS)]
+        self.results[runner.loader_key] = table
+        if self._logdir is not None and getattr(getattr(runner, "engine", None), "is_main_process", True):
+            write_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), table)
+        self._publish(runner, table)
+        if self._explained:
+            self._publish_explanations(runner)
+        self._losses, self._indices, self._explained = defaultdict(list), [], []
+
+    # Publishing ----------------------------------------------------------------------------------
+    def _publish(self, runner: Any, table: pd.DataFrame) -> None:
+        dataset = getattr(getattr(runner, "loader", None), "dataset", None)
+        cache: Dict[int, Any] = {}
+        for path, rows in table.groupby("task_path", sort=False):
+            n = int(rows["rank"].max()) if len(rows) else 0
+            lines = ["| rank | dataset index | loss |", "|---:|---:|---:|"]
+            lines += [f"| {r} | {i} | {loss:.6g} |" for r, i, loss in rows[["rank", "dataset_index", "loss"]].itertuples(index=False)]
+            log_text(runner, f"{path}/interpretation", "\n".join(lines))
+            for r, i in rows[["rank", "dataset_index"]].itertuples(index=False):
+                x = self._read_inputs(dataset, int(i), cache)
+                if x is None:
+                    continue
+                position = f"worst/{r}" if r <= self.top_k else f"best/{n - r + 1}"
+                for key, value in _flatten(x):
+                    publisher = self._publisher(key, value)
+                    if publisher is not None:
+                        publisher.publish(runner, f"{path}/{position}/{key}", value)
+
+    def _publisher(self, key: str, value: Any) -> Any:
+        if key in self.publishers:
+            return self.publishers[key]
+        for publisher in self.default_publishers:
+            if publisher.accepts(value):
+                return publisher
+        return None
+
+    def _read_inputs(self, dataset: Any, index: int, cache: Dict[int, Any]) -> Any:
+        if index in cache:
+            return cache[index]
+        x = None
+        if dataset is not None and hasattr(dataset, "__getitem__"):
+            try:
+                item = dataset[index]
+                x = item[0] if isinstance(item, (tuple, list)) else item
+            except Exception as e:  # an iterable or otherwise unindexable dataset: publish no inputs
+                self._warn_inputs(f"reading dataset[{index}] failed ({type(e).__name__}: {e})")
+        else:
+            self._warn_inputs("the loader's dataset cannot be indexed")
+        cache[index] = x
+        return x
+
+    def _warn_inputs(self, why: str) -> None:
+        if not self._warned_inputs:
+            self._warned_inputs = True
+            warnings.warn(f"InterpretationCallback: inputs of the ranked samples are not published: {why}", stacklevel=3)
+
+    def _publish_explanations(self, runner: Any) -> None:
+        if self._explainer is None:
+            self._explainer = self.flow.get_treelib_explainer()
+        samples = sorted(self._explained, key=lambda s: s[0])
+        # No decoded values nor masks: the explainer decodes with the decoders as they are now
+        # (thresholds tuned on this loader included) and takes preconditions from those decisions.
+        outputs = {part: {leaf.path: torch.cat([s[1][part][leaf.path] for s in samples]) for leaf in self._graph.leaves}
+                   for part in ("logits", "activated")}
+        ids = [s[0] for s in samples]
+        for index, tree in zip(ids, self._explainer(outputs, ids=ids)):
+            text = tree.show(stdout=False, sorting=False)
+            log_text(runner, f"explanations/sample_{index}", "```\n" + text + "\n```")
+
+    def _gather_across_processes(self) -> None:
+        """Under DDP, every process ranks the losses of all processes (a no-op in one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        gathered: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (dict(self._losses), self._indices, self._explained))
+        losses: Dict[str, List[Tensor]] = defaultdict(list)
+        indices: List[Tensor] = []
+        explained: List[Any] = []
+        for part_losses, part_indices, part_explained in gathered:
+            for p, chunks in part_losses.items():
+                losses[p].extend(chunks)
+            indices.extend(part_indices)
+            explained.extend(part_explained)
+        self._losses, self._indices, self._explained = losses, indices, explained

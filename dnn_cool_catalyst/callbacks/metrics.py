@@ -1,0 +1,191 @@
+"""`FlowMetricsCallback`: per-task losses and metrics over a whole loader, as `<path>/<metric>`."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from catalyst.core.callback import Callback, CallbackOrder
+from torch import Tensor
+
+from .batch import LOSS_TERMS, activated_of, batch_parts, batch_size_of
+from .common import loader_selected, resolve_flow
+from .publishers import log_pr_curve
+
+#: Runs at `Metric` order; `ThresholdTuningCallback` runs just before it so that, at a loader's
+#: end, thresholds tuned on that loader are in place when the deferred decoded metrics are computed.
+METRICS_ORDER = CallbackOrder.Metric
+
+
+class FlowMetricsCallback(Callback):
+    """Per-task losses and every default metric of the flow, exact over the whole loader.
+
+    Losses are accumulated from the `(sum, count)` terms of the flow loss and metrics from their
+    sum/count states, so the loader values are what one batch holding the whole loader would give
+    (not a mean of batch means). At each loader's end `runner.loader_metrics` receives:
+
+    - `loss`: the flow loss over the loader (`sum_t weight_t * sum_t / max(count_t, 1)`),
+    - `<path>/loss`: each task's mean loss over its `S_t` (NaN when no sample was in `S_t`),
+    - `<path>/<metric>`: each default metric of each task,
+
+    so that Catalyst's loggers, checkpoint selection and early stopping can use them. Per batch,
+    `runner.batch_metrics` gets `<path>/loss` (`log_batch_losses`).
+
+    Args:
+        flow: the `TaskFlow` (default: `runner.flow`).
+        loaders: loader keys to measure (default: all).
+        log_batch_losses: also put per-task losses of each batch into `runner.batch_metrics`.
+        deferred_decoding: on loaders that do not train, decoded metrics of tasks with tunable
+            decoders (thresholds) are computed at the loader's end from the kept activated outputs,
+            with the decoder as it is then, so thresholds tuned on that loader apply to its metrics.
+        pr_curves: log a precision-recall curve per binary task and loader that does not train, to
+            the loggers that have `log_pr_curve` (e.g. `FlowTensorboardLogger`).
+    """
+
+    def __init__(self, flow: Any = None, loaders: Optional[Sequence[str]] = None, log_batch_losses: bool = True,
+                 deferred_decoding: bool = True, pr_curves: bool = True):
+        super().__init__(order=METRICS_ORDER)
+        self.flow = flow
+        self.loaders = list(loaders) if loaders is not None else None
+        self.log_batch_losses = log_batch_losses
+        self.deferred_decoding = deferred_decoding
+        self.pr_curves = pr_curves
+        self._active = False
+
+    # Setup ---------------------------------------------------------------------------------------
+    def on_experiment_start(self, runner: Any) -> None:
+        self.flow = resolve_flow(self.flow, runner, type(self).__name__)
+        self._leaves = self.flow.graph.leaves
+        self._loss = self.flow.get_loss()
+        self._weights = self._loss.weights
+        self._metrics = self.flow.get_metrics()
+        self._by_path: Dict[str, List[Any]] = defaultdict(list)
+        for tm in self._metrics:
+            self._by_path[tm.path].append(tm)
+        self._tunable = {leaf.path for leaf in self._leaves if leaf.task.decoder.params()}
+        self._binary = {leaf.path for leaf in self._leaves if leaf.task.can_condition}
+
+    def on_loader_start(self, runner: Any) -> None:
+        self._active = loader_selected(runner, self.loaders, "all")
+        if not self._active:
+            return
+        self._metrics.reset()
+        self._sums: Dict[str, Tensor] = {}
+        self._counts: Dict[str, Tensor] = {}
+        self._user_loss = [0.0, 0]  # sum of batch losses * batch size, samples (criterion without terms)
+        evaluating = not runner.is_train_loader
+        self._defer = self.deferred_decoding and evaluating
+        self._keep = {p for p in self._tunable if self._defer} | (self._binary & self._tunable if self.pr_curves and evaluating else set())
+        self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
+
+    # Per batch -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_batch_end(self, runner: Any) -> None:
+        if not self._active:
+            return
+        inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        terms = runner.batch.get(LOSS_TERMS)
+        if terms is None:
+            terms = self._loss.terms(outputs, targets)
+            loss = runner.batch_metrics.get("loss")
+            if loss is not None:
+                n = batch_size_of(targets, inputs)
+                self._user_loss[0] += float(loss.detach() if isinstance(loss, Tensor) else loss) * n
+                self._user_loss[1] += n
+        for path, (s, c) in terms.items():
+            s, c = s.detach(), c.detach()
+            self._sums[path] = self._sums[path] + s.double() if path in self._sums else s.double()
+            self._counts[path] = self._counts[path] + c.double() if path in self._counts else c.double()
+            if self.log_batch_losses:
+                runner.batch_metrics[f"{path}/loss"] = torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, math.nan))
+        masks = outputs["mask"]
+        decoded = outputs.get("decoded") or {}
+        for leaf in self._leaves:
+            p = leaf.path
+            a = activated_of(outputs, leaf)
+            if p in self._keep:
+                self._kept[p].append((a.cpu(), targets[p].detach().cpu(), masks[p].detach().cpu()))
+            deferred = self._defer and p in self._tunable
+            d = None
+            for tm in self._by_path[p]:
+                if tm.metric.uses == "activated":
+                    tm.metric.update(a, targets[p], masks[p])
+                elif not deferred:
+                    if d is None:
+                        d = decoded.get(p)
+                        d = leaf.task.decode(a) if d is None else d.detach()
+                    tm.metric.update(d, targets[p], masks[p])
+
+    # Loader end ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_loader_end(self, runner: Any) -> None:
+        if not self._active:
+            return
+        self._reduce_across_processes(runner)
+        kept = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in self._kept.items()}
+        self._kept = defaultdict(list)
+        if self._defer:
+            for leaf in self._leaves:
+                if leaf.path in self._tunable and leaf.path in kept:
+                    a, y, m = kept[leaf.path]
+                    d = leaf.task.decode(a)
+                    for tm in self._by_path[leaf.path]:
+                        if tm.metric.uses != "activated":
+                            tm.metric.update(d, y, m)
+        metrics: Dict[str, float] = {}
+        if self._sums:
+            total = 0.0
+            for path, s in self._sums.items():
+                s, c = float(s), float(self._counts[path])
+                total += self._weights.get(path, 1.0) * s / max(c, 1.0)
+                metrics[f"{path}/loss"] = s / c if c > 0 else math.nan
+            metrics["loss"] = total
+        if self._user_loss[1] > 0:  # a criterion of the user's: the loader loss is its sample-weighted mean
+            metrics["loss"] = self._user_loss[0] / self._user_loss[1]
+        metrics.update(self._metrics.compute())
+        runner.loader_metrics.update(metrics)
+        if self.pr_curves and not runner.is_train_loader:
+            self._log_pr_curves(runner, kept)
+
+    def _log_pr_curves(self, runner: Any, kept: Dict[str, Tuple[Tensor, Tensor, Tensor]]) -> None:
+        for leaf in self._leaves:
+            if leaf.path not in self._binary or leaf.path not in kept:
+                continue
+            a, y, m = kept[leaf.path]
+            a, y = a.reshape(a.shape[0], -1)[:, 0], y.reshape(y.shape[0], -1)[:, 0]
+            sel = m.reshape(-1) & leaf.task.available(y).reshape(-1)
+            if bool(sel.any()):
+                log_pr_curve(runner, f"{leaf.path}/pr_curve", labels=(y[sel] > 0.5).numpy(),
+                             scores=a[sel].double().numpy())
+
+    def _reduce_across_processes(self, runner: Any) -> None:
+        """Sum the loss terms and metric states of every process (DDP); a no-op in one process.
+
+        Sums and counts are added exactly; kept activated outputs are gathered as objects.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        device = getattr(getattr(runner, "engine", None), "device", None) or torch.device("cpu")
+        paths = sorted(self._sums)
+        if paths:
+            t = torch.stack([torch.stack([self._sums[p], self._counts[p]]) for p in paths]).to(device)
+            dist.all_reduce(t)
+            for p, (s, c) in zip(paths, t.cpu()):
+                self._sums[p], self._counts[p] = s, c
+        for tm in self._metrics:
+            for k in sorted(tm.metric.states):
+                v = tm.metric.states[k]
+                t = v.to(device)
+                dist.all_reduce(t)
+                tm.metric.states[k] = t.to(v.device)
+        if self._keep:
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, dict(self._kept))
+            merged: Dict[str, list] = defaultdict(list)
+            for part in gathered:
+                for p, chunks in part.items():
+                    merged[p].extend(chunks)
+            self._kept = merged

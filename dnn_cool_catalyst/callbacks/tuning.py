@@ -1,0 +1,171 @@
+"""`ThresholdTuningCallback`: tune the decoders at the end of each validation loader."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from catalyst.core.callback import Callback
+from torch import Tensor
+
+from .batch import activated_of, batch_parts
+from .common import loader_selected, resolve_flow, resolve_logdir
+from .files import read_json, write_json
+from .metrics import METRICS_ORDER
+
+TUNED_PARAMS_FILE = "tuned_params.json"
+HISTORY_FILE = "tuned_params_history.json"
+
+
+def numeric_params(path: str, params: Mapping[str, Any], class_names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """Loggable scalars of one task's tuned params: `<path>/tuned/<key>` for numbers and
+    `<path>/tuned/<key>/<class>` for lists of numbers; booleans, strings and counts are left out."""
+    out: Dict[str, float] = {}
+    for key, value in params.items():
+        if key == "num_samples" or isinstance(value, (bool, str)) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            out[f"{path}/tuned/{key}"] = float(value)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    name = class_names[i] if class_names is not None and i < len(class_names) else str(i)
+                    out[f"{path}/tuned/{key}/{name}"] = float(v)
+    return out
+
+
+class ThresholdTuningCallback(Callback):
+    """At the end of each validation loader, tunes every tunable decoder of the flow on the
+    activated outputs and targets of the whole loader (only samples in `S_t`).
+
+    Then it logs the tuned values into `runner.loader_metrics` (`<path>/tuned/threshold`, per class
+    for multilabel tasks), writes `tuned_params.json` (what `decoder.tune` returned) and
+    `tuned_params_history.json` (per epoch) atomically into the logdir, and, with `apply=True`,
+    keeps the tuned parameters in the decoders, so that the epoch's decoded metrics (computed by
+    `FlowMetricsCallback` after this callback at the loader's end) and later epochs use them. With
+    `apply=False` the decoders are left as they were.
+
+    On a resumed run (the first epoch of the experiment is not epoch 1) the parameters of the last
+    epoch before it are loaded back from the history file, so decoding continues as it stopped.
+
+    Args:
+        flow: the `TaskFlow` (default: `runner.flow`).
+        metric: what the thresholds maximise: "accuracy", "f1", "balanced_accuracy", "youden" or a
+            callable on the confusion counts (see `dnn_cool_catalyst.tuning`).
+        apply: keep the tuned parameters in the decoders.
+        loaders: loader keys to tune on (default: every validation loader, `runner.is_valid_loader`).
+        logdir: where to write the files (default: `runner.logdir`; no files when neither is set).
+    """
+
+    def __init__(self, flow: Any = None, metric: Any = "accuracy", apply: bool = True,
+                 loaders: Optional[Sequence[str]] = None, logdir: Optional[str] = None):
+        super().__init__(order=METRICS_ORDER - 1)
+        self.flow = flow
+        self.metric = metric
+        self.apply = apply
+        self.loaders = list(loaders) if loaders is not None else None
+        self.logdir = logdir
+        self.tuned: Dict[str, Dict[str, Any]] = {}
+        self._active = False
+
+    def on_experiment_start(self, runner: Any) -> None:
+        self.flow = resolve_flow(self.flow, runner, type(self).__name__)
+        self._leaves = [leaf for leaf in self.flow.graph.leaves if leaf.task.decoder.params()]
+        self._decoder = self.flow.get_decoder()
+        self._logdir = resolve_logdir(self.logdir, runner)
+        self._first_epoch = True
+
+    def on_epoch_start(self, runner: Any) -> None:
+        if self._first_epoch:
+            self._first_epoch = False
+            if runner.epoch_step > 1:
+                self._restore(runner.epoch_step - 1)
+
+    def _selected(self, runner: Any) -> bool:
+        if self.loaders is not None:
+            return runner.loader_key in self.loaders
+        return bool(runner.is_valid_loader)
+
+    def on_loader_start(self, runner: Any) -> None:
+        self._active = bool(self._leaves) and self._selected(runner)
+        self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
+
+    @torch.no_grad()
+    def on_batch_end(self, runner: Any) -> None:
+        if not self._active:
+            return
+        _, targets, outputs = batch_parts(runner, type(self).__name__)
+        masks = outputs["mask"]
+        for leaf in self._leaves:
+            self._kept[leaf.path].append((activated_of(outputs, leaf).cpu(), targets[leaf.path].detach().cpu(),
+                                          masks[leaf.path].detach().cpu()))
+
+    @torch.no_grad()
+    def on_loader_end(self, runner: Any) -> None:
+        if not self._active:
+            return
+        self._gather_across_processes()
+        if not self._kept:
+            return
+        joined = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in self._kept.items()}
+        self._kept = defaultdict(list)
+        predictions = {p: v[0] for p, v in joined.items()}
+        targets = {p: v[1] for p, v in joined.items()}
+        masks = {p: v[2] for p, v in joined.items()}
+        before = self._decoder.params()
+        tuned = self._decoder.tune(predictions, targets, masks=masks, metric=self.metric)
+        # Decoders take a `tune` result back as it is (the report keys are ignored).
+        self._decoder.load_tuned(tuned if self.apply else before)
+        self.tuned = {p: dict(v) for p, v in tuned.items()}
+        for leaf in self._leaves:
+            if leaf.path in tuned:
+                values = numeric_params(leaf.path, tuned[leaf.path], getattr(leaf.task, "class_names", None))
+                runner.loader_metrics.update({k: v for k, v in values.items() if math.isfinite(v)})
+        self._write(runner)
+
+    def _write(self, runner: Any) -> None:
+        if self._logdir is None or not _is_main_process(runner):
+            return
+        from ..tuning import save_tuned
+
+        save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), self.tuned)
+        history_path = os.path.join(self._logdir, HISTORY_FILE)
+        history = read_json(history_path) if os.path.exists(history_path) else {}
+        history[str(runner.epoch_step)] = self.tuned
+        write_json(history_path, history)
+
+    def _restore(self, epoch: int) -> None:
+        path = os.path.join(self._logdir, HISTORY_FILE) if self._logdir else None
+        if path is None or not os.path.exists(path):
+            warnings.warn(f"ThresholdTuningCallback: resuming after epoch {epoch} but there is no {HISTORY_FILE} in "
+                          f"the logdir ({self._logdir}); decoders keep their current parameters", stacklevel=2)
+            return
+        history = read_json(path)
+        epochs = [int(e) for e in history if int(e) <= epoch]
+        if not epochs:
+            return
+        self.tuned = history[str(max(epochs))]
+        if self.apply:
+            self._decoder.load_tuned(self.tuned)
+
+    def _gather_across_processes(self) -> None:
+        """Under DDP, every process tunes on the outputs of all processes (a no-op in one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        gathered: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, dict(self._kept))
+        merged: Dict[str, list] = defaultdict(list)
+        for part in gathered:
+            for p, chunks in part.items():
+                merged[p].extend(chunks)
+        self._kept = merged
+
+
+def _is_main_process(runner: Any) -> bool:
+    engine = getattr(runner, "engine", None)
+    return getattr(engine, "is_main_process", True) if engine is not None else True

@@ -1,0 +1,112 @@
+"""Workarounds for Catalyst 22.4 with today's torch and accelerate, through Catalyst's own seams.
+
+Each piece names the problem it works around (measured; see CATALYST.md of the project):
+
+- `DataParallelEngine`: Catalyst's raises `prepare_model() got an unexpected keyword argument
+  'device_placement'` with accelerate 0.25-0.27; this one has accelerate's signature.
+- `BackwardCallback`: Catalyst's `BackwardCallback(grad_clip_fn=...)` raises `AttributeError`
+  (it reads `self.model`); this one clips `runner.model`'s gradients. It also replaces the loss in
+  `runner.batch_metrics` by its detached value once the backward pass is done, so that loggers and
+  the progress bar, which call `float()` on batch metrics, do not warn about tensors requiring grad.
+- `batch_fetching_loader`: accelerate 0.27 fails on a `DataLoader(batch_size=None,
+  sampler=BatchSampler(...))` (`DataLoaderShard() got multiple values for keyword argument
+  'batch_size'`), the form `FlowDataset.loader()` uses to fetch whole batches at once. The loader is
+  rebuilt with `batch_sampler=` over a dataset whose `__getitems__` fetches the whole batch in one
+  call, which accelerate prepares correctly and which yields the same batches.
+- `quiet_step_callback_check`: Catalyst warns "No ICriterionCallback/IBackwardCallback/
+  IOptimizerCallback" whenever a criterion or optimizer is set without those callbacks. `FlowRunner`
+  computes the loss in `handle_batch` and adds the backward and optimizer callbacks itself where a
+  loader trains, so exactly these three messages are silenced while the callbacks are checked.
+- `available_engine`: `catalyst.utils.get_available_engine` with our `DataParallelEngine`.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+from catalyst import dl
+from catalyst.core.engine import Engine
+from catalyst.utils.torch import get_available_engine
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+STEP_CALLBACK_WARNINGS = (
+    r"No ``ICriterionCallback/CriterionCallback`` were found",
+    r"No ``IBackwardCallback/BackwardCallback`` were found",
+    r"No ``IOptimizerCallback/OptimizerCallback`` were found",
+)
+
+
+class DataParallelEngine(dl.DataParallelEngine):
+    """`torch.nn.DataParallel` over all visible GPUs (a pass-through on a CPU-only machine).
+
+    The natural place for memory balancing (losses and metrics reduced inside the replicas).
+    """
+
+    def prepare_model(self, model: torch.nn.Module, device_placement: Any = None, evaluation_mode: bool = False):
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1 and not isinstance(model, torch.nn.DataParallel):
+            model = torch.nn.DataParallel(model)
+        return Engine.prepare_model(self, model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+
+def available_engine(cpu: bool = False, fp16: bool = False, ddp: bool = False) -> Engine:
+    """The engine Catalyst would choose, with a working `DataParallelEngine` for several GPUs."""
+    engine = get_available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
+    if type(engine) is dl.DataParallelEngine:
+        return DataParallelEngine(fp16=fp16)
+    return engine
+
+
+class BackwardCallback(dl.BackwardCallback):
+    """Catalyst's backward step, with gradient clipping that works and the loss detached afterwards."""
+
+    def on_batch_end(self, runner: Any) -> None:
+        if not runner.is_train_loader:
+            return
+        loss = runner.batch_metrics[self.metric_key]
+        runner.engine.backward(loss)
+        if self.grad_clip_fn is not None:
+            runner.engine.unscale_gradients()
+            norm = self.grad_clip_fn(runner.model.parameters())
+            if self._log_gradient:
+                runner.batch_metrics[f"{self._prefix_gradient}/norm"] = norm
+        runner.batch_metrics[self.metric_key] = loss.detach()
+
+
+class _BatchFetch(Dataset):
+    """A dataset that hands a whole list of indices to the wrapped dataset in one call."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: Any) -> Any:
+        return self.dataset[indices]
+
+
+def batch_fetching_loader(loader: Any) -> Any:
+    """`loader` in a form accelerate can prepare; loaders that need no change are returned as they are."""
+    if not (isinstance(loader, DataLoader) and loader.batch_size is None and isinstance(loader.sampler, BatchSampler)):
+        return loader
+    kwargs = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                  timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                  persistent_workers=loader.persistent_workers)
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+    return DataLoader(_BatchFetch(loader.dataset), batch_sampler=loader.sampler, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_step_callback_check() -> Iterator[None]:
+    """Silence exactly Catalyst's three "No I*Callback" warnings inside the block."""
+    with warnings.catch_warnings():
+        for message in STEP_CALLBACK_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield

@@ -1,0 +1,108 @@
+"""Export a trained flow model to a directory and load it back, with nothing unpickled.
+
+A directory holds `weights.pth` (the model's `state_dict`, loaded with `weights_only=True`),
+`tuned_params.json` (the decoders' parameters) and `manifest.json` (format, versions, flow name,
+task paths and kinds, model class), written last, so a directory with a manifest is complete.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import nn
+
+from ..callbacks.files import read_json, write_atomic, write_json
+
+FORMAT = "dnn_cool_catalyst.export/1"
+WEIGHTS_FILE = "weights.pth"
+TUNED_FILE = "tuned_params.json"
+MANIFEST_FILE = "manifest.json"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside `DataParallel` / `DistributedDataParallel` wrappers."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def manifest_of(flow: Any, model: nn.Module) -> Dict[str, Any]:
+    """The manifest describing `model` trained for `flow` (plain JSON)."""
+    import catalyst
+
+    from .. import __version__
+
+    return {
+        "format": FORMAT,
+        "versions": {"dnn_cool_catalyst": __version__, "torch": torch.__version__,
+                     "catalyst": catalyst.__version__, "python": platform.python_version()},
+        "flow": flow.name,
+        "tasks": [{"path": leaf.path, "kind": type(leaf.task).__name__} for leaf in flow.graph.leaves],
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "files": {"weights": WEIGHTS_FILE, "tuned_params": TUNED_FILE},
+    }
+
+
+def export_model(directory: str | os.PathLike, flow: Any, model: nn.Module) -> str:
+    """Write `model`'s weights, `flow`'s decoder parameters and a manifest into `directory`."""
+    from ..tuning import save_tuned
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    model = unwrap_model(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_atomic(os.path.join(directory, WEIGHTS_FILE), lambda fh: torch.save(state, fh))
+    save_tuned(os.path.join(directory, TUNED_FILE), flow.get_decoder().params())
+    write_json(os.path.join(directory, MANIFEST_FILE), manifest_of(flow, model))
+    return directory
+
+
+def read_manifest(directory: str | os.PathLike) -> Dict[str, Any]:
+    """The manifest of an exported directory; an error naming the directory when it is not one."""
+    path = os.path.join(os.fspath(directory), MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(directory)!r} is not an exported flow model: no {MANIFEST_FILE}")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown export format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                         f" (expected {FORMAT!r})")
+    return manifest
+
+
+def check_compatible(manifest: Dict[str, Any], flow: Any) -> None:
+    """Raise `ValueError` naming the task paths or kinds in which `flow` differs from the manifest."""
+    saved = {t["path"]: t["kind"] for t in manifest["tasks"]}
+    current = {leaf.path: type(leaf.task).__name__ for leaf in flow.graph.leaves}
+    problems = []
+    if sorted(set(saved) - set(current)):
+        problems.append(f"tasks only in the export: {sorted(set(saved) - set(current))}")
+    if sorted(set(current) - set(saved)):
+        problems.append(f"tasks only in the flow: {sorted(set(current) - set(saved))}")
+    kinds = [f"{p} ({saved[p]} exported, {current[p]} now)" for p in saved if p in current and saved[p] != current[p]]
+    if kinds:
+        problems.append(f"task kinds differ: {kinds}")
+    if problems:
+        raise ValueError(f"the exported model (flow {manifest['flow']!r}) does not fit flow {flow.name!r}: "
+                         + "; ".join(problems))
+
+
+def load_model(directory: str | os.PathLike, flow: Any, model: nn.Module,
+               map_location: Any = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
+    """Load weights (`weights_only=True`) into `model` and tuned parameters into `flow`'s decoders;
+    returns `(model, manifest)`."""
+    from ..tuning import load_tuned
+
+    directory = os.fspath(directory)
+    manifest = read_manifest(directory)
+    check_compatible(manifest, flow)
+    state = torch.load(os.path.join(directory, WEIGHTS_FILE), map_location=map_location, weights_only=True)
+    target = unwrap_model(model)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{os.path.join(directory, WEIGHTS_FILE)} does not fit {type(target).__name__} "
+                         f"(exported from {manifest.get('model')}): missing keys {list(missing)[:10]}, "
+                         f"unexpected keys {list(unexpected)[:10]}")
+    flow.get_decoder().load_tuned(load_tuned(os.path.join(directory, TUNED_FILE)))
+    return model, manifest

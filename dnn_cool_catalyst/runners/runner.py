@@ -1,0 +1,540 @@
+"""`FlowRunner`: Catalyst's `Runner` for a task flow, with flow-aware defaults.
+
+The runner orchestrates: it feeds batches to the model, computes the flow loss, and adds the
+callbacks, optimizer, checkpointing and loggers a flow needs where the user gave none. Metrics,
+tuning, interpretation, evaluation and persistence live in the callbacks, the flow's
+interpreters and `runners.export`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import pandas as pd
+import torch
+from catalyst import dl
+from catalyst.core.callback import (
+    Callback,
+    IBackwardCallback,
+    ICheckpointCallback,
+    IOptimizerCallback,
+    ISchedulerCallback,
+)
+from catalyst.core.misc import callback_isinstance, sort_callbacks_by_order
+from catalyst.loggers.tensorboard import TensorboardLogger
+from torch import Tensor, nn
+
+from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
+from ..callbacks.batch import INDEX, INPUTS, LOSS_TERMS, OUTPUTS, TARGETS, batch_size_of
+from ..callbacks.files import write_csv
+from ..callbacks.tuning import TUNED_PARAMS_FILE
+from ..errors import InputError, LabelError
+from . import compat
+from .export import export_model, load_model, unwrap_model
+from .tensorboard import FlowTensorboardLogger
+
+LAST_CHECKPOINT = os.path.join("checkpoints", "runner.last.pth")
+EVALUATION_FILE = "evaluation.csv"
+
+
+# Building the runner from objects or dotted paths (YAML) -------------------------------------------
+
+
+def import_object(dotted: str) -> Any:
+    """The object named by `"package.module.attr"` (or `"package.module:attr"`)."""
+    module_name, sep, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{dotted!r} is not a dotted path 'package.module.name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"cannot import module {module_name!r} of {dotted!r}: {e}") from e
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no {attr!r} (from {dotted!r})") from None
+    return obj
+
+
+def resolve_flow(flow: Any) -> Any:
+    """A `TaskFlow` from a flow, a `Tasks` registry (its full flow), a factory returning either,
+    or the dotted path of any of these."""
+    from ..dsl import Tasks, TaskFlow
+
+    given = flow
+    if isinstance(flow, str):
+        flow = import_object(flow)
+    if callable(flow) and not isinstance(flow, (TaskFlow, Tasks)):
+        flow = flow()
+    if isinstance(flow, Tasks):
+        flow = flow.get_full_flow()
+    if not isinstance(flow, TaskFlow):
+        raise TypeError(f"FlowRunner needs a TaskFlow, a Tasks registry, a factory of one, or its dotted path; "
+                        f"{given!r} gave {type(flow).__name__}")
+    return flow
+
+
+def resolve_model(model: Any, flow: Any) -> nn.Module:
+    """The model: `flow.torch()` when None, a module as it is, or `factory(flow)` for a factory
+    (or the dotted path of one), e.g. a wrapper that computes features and calls the flow module."""
+    if model is None:
+        return flow.torch()
+    if isinstance(model, str):
+        model = import_object(model)
+    if isinstance(model, nn.Module):
+        return model
+    if callable(model):
+        built = model(flow)
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"the model factory {model!r} returned {type(built).__name__}, not an nn.Module")
+        return built
+    raise TypeError(f"model must be an nn.Module, a factory model(flow) or its dotted path, got {type(model).__name__}")
+
+
+# Batches ------------------------------------------------------------------------------------------
+
+
+def split_batch(batch: Any, loader_key: Optional[str], allow_inputs_only: bool = False) -> Tuple[Mapping, Optional[Mapping]]:
+    """`(X, y)` from a batch; a `TypeError` naming the loader and what it yielded otherwise."""
+    if isinstance(batch, Mapping) and allow_inputs_only:
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping) and isinstance(batch[1], Mapping):
+        return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of {len(batch)} item(s): ({', '.join(type(b).__name__ for b in batch[:4])})"
+    else:
+        got = f"a {type(batch).__name__}"
+    raise TypeError(f"loader {loader_key!r} yielded {got}; FlowRunner needs (X, y) pairs: X a mapping of input "
+                    f"features (with X['gt'] for the precondition tasks), y a mapping task path -> labels, "
+                    f"as flow.get_dataset(inputs, labels) produces")
+
+
+def check_first_batch(flow: Any, x: Mapping, y: Optional[Mapping], loader_key: Optional[str],
+                      reads_inputs: bool) -> None:
+    """Errors naming the task or key when a batch cannot feed the flow: labels missing for a task,
+    no ground truth for a precondition task, or (when the model is the flow module itself) a
+    feature the flow reads missing from X."""
+    from ..interpreters.module import read_input
+
+    graph = flow.graph
+    where = f"loader {loader_key!r}: the first batch"
+    if y is not None:
+        missing = [p for p in graph.paths if p not in y]
+        if missing:
+            raise LabelError(f"{where} has no labels (y) for task(s) {missing} of flow {graph.name!r}; y has {sorted(y)}")
+    conditions = graph.condition_paths
+    if conditions:
+        gt = x.get("gt")
+        if not isinstance(gt, Mapping):
+            raise InputError(f"{where} has no X['gt'] (the labels of the precondition tasks {list(conditions)}); "
+                             f"X has {sorted(x)}. Build it with flow.get_dataset(inputs, labels)")
+        missing = [p for p in conditions if p not in gt]
+        if missing:
+            raise InputError(f"{where}: X['gt'] has no labels for precondition task(s) {missing}; it has {sorted(gt)}")
+    if reads_inputs:
+        problems = []
+        for leaf in graph.leaves:
+            try:
+                read_input(x, leaf.input_key, leaf.path)
+            except InputError as e:
+                problems.append(str(e))
+        if problems:
+            raise InputError(f"{where} lacks inputs the flow reads: " + "; ".join(dict.fromkeys(problems)))
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """Nested mappings/sequences with every tensor moved to `device`."""
+    if isinstance(tree, Tensor):
+        return tree.to(device, non_blocking=True)
+    if isinstance(tree, Mapping):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device) for v in tree)
+    return tree
+
+
+def _concat(chunks: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+
+
+# The runner ---------------------------------------------------------------------------------------
+
+
+class FlowRunner(dl.Runner):
+    """Catalyst's `Runner` for a task flow.
+
+    `FlowRunner(flow, model=None)`: `flow` is a `TaskFlow`, a `Tasks` registry (its full flow), a
+    factory of one or its dotted path (for YAML); `model` defaults to `flow.torch()`, or is any
+    module (e.g. a backbone computing the features the heads read, then calling the flow module
+    with `gt` passed through) or a factory `model(flow)` / its dotted path.
+
+    `handle_batch` feeds `X` (with `X["gt"]`) to the model and leaves `inputs`, `targets`, `outputs`
+    and the loss terms in `runner.batch` (see `dnn_cool_catalyst.callbacks.batch`), the flow loss
+    in `runner.batch_metrics["loss"]`. The first batch of each loader is checked: a loader that does
+    not yield `(X, y)`, labels missing for a task or a missing key fail there, naming it.
+
+    `balance_dataparallel_memory=True` (reduce losses and metrics inside DataParallel replicas) is
+    not available yet: losses go through `FlowLoss.terms` and metrics through their sum/count
+    states precisely so that it can be added in `forward_flow` and the engine.
+
+    Example::
+
+        runner = FlowRunner(flow)
+        runner.train(loaders={"train": ..., "valid": ...}, num_epochs=10, logdir="logs/run1")
+        predictions = runner.infer(test_loader)
+        table = runner.evaluate(test_loader)
+        runner.export("exported/")
+        runner = FlowRunner.load("exported/", flow)
+    """
+
+    def __init__(self, flow: Any, model: Any = None, engine: Any = None, logdir: Optional[str] = None,
+                 balance_dataparallel_memory: bool = False):
+        flow = resolve_flow(flow)
+        super().__init__(model=resolve_model(model, flow), engine=engine)
+        if balance_dataparallel_memory:
+            raise NotImplementedError("balance_dataparallel_memory=True is not available yet (DataParallel memory "
+                                      "balancing is its own issue); train without it")
+        self.flow = flow
+        self.flow_loss = flow.get_loss()
+        self._kept_criterion: Any = self.flow_loss
+        self._logdir = os.fspath(logdir) if logdir is not None else None
+        self._evaluating = False
+        self._lr = 1e-3
+        self._default_callbacks = {"flow_metrics": True, "interpretation": True, "threshold_tuning": True}
+        self._resume_path: Optional[str] = None
+
+    # Where things are -----------------------------------------------------------------------------
+    @property
+    def logdir(self) -> Optional[str]:
+        """The logdir of the last `train` (or the one given to the constructor); None when there is none."""
+        return self._logdir
+
+    @property
+    def valid_loader(self) -> Optional[str]:
+        """The loader whose metrics select the best checkpoint."""
+        return self._valid_loader
+
+    # Training -------------------------------------------------------------------------------------
+    def train(self, *, loaders: "OrderedDict[str, Any]", model: Any = None, engine: Any = None,
+              criterion: Any = None, optimizer: Any = None, scheduler: Any = None,
+              callbacks: Union[List[Callback], Mapping[str, Callback], None] = None,
+              loggers: Optional[Mapping[str, Any]] = None, seed: int = 42, hparams: Optional[Dict[str, Any]] = None,
+              num_epochs: int = 1, logdir: Optional[str] = None, resume: Union[str, bool, None] = None,
+              valid_loader: Optional[str] = None, valid_metric: Optional[str] = None,
+              minimize_valid_metric: Optional[bool] = None, verbose: bool = False, timeit: bool = False,
+              check: bool = False, overfit: bool = False, profile: bool = False, load_best_on_end: bool = False,
+              cpu: bool = False, fp16: bool = False, ddp: bool = False,
+              lr: float = 1e-3, flow_metrics: bool = True, interpretation: bool = True,
+              threshold_tuning: bool = True) -> None:
+        """Catalyst's `train`, with defaults added only where none was given:
+
+        - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
+        - `optimizer`: `AdamW(lr=lr)` when a loader trains; an optimizer may also be a factory
+          `optimizer(params)` and a scheduler a factory `scheduler(optimizer)` (YAML partials);
+        - callbacks: `FlowMetricsCallback`, `InterpretationCallback`, `ThresholdTuningCallback`
+          (each unless one of its type is given or its flag is false), backward and optimizer
+          steps, a scheduler step, and with a `logdir` a runner checkpoint (`<logdir>/checkpoints`)
+          keeping the best epoch by `valid_metric` ("loss") on `valid_loader` (the first loader
+          whose name starts with "valid"); Catalyst's progress bar with `verbose=True`;
+        - loggers: a `FlowTensorboardLogger` in `<logdir>/tensorboard` (plus Catalyst's console and CSV);
+        - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
+          from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
+          total `num_epochs` and fresh loaders.
+        """
+        if not isinstance(loaders, Mapping) or not loaders:
+            raise TypeError(f"loaders must be a non-empty mapping name -> DataLoader, got {type(loaders).__name__}")
+        if self._evaluating:
+            logdir = None
+        else:
+            logdir = os.fspath(logdir) if logdir is not None else self._logdir
+            self._logdir = logdir
+        if criterion is not None:
+            self._kept_criterion = criterion
+        trains = any(str(k).startswith("train") for k in loaders)
+        self._lr = lr
+        self._make_default_optimizer = optimizer is None and trains and not self._evaluating
+        self._default_callbacks = {"flow_metrics": flow_metrics, "interpretation": interpretation and not self._evaluating,
+                                   "threshold_tuning": threshold_tuning and not self._evaluating}
+        if valid_loader is None:
+            valid_loader = next((k for k in loaders if str(k).startswith("valid")), next(iter(loaders)))
+        elif valid_loader not in loaders:
+            raise KeyError(f"valid_loader {valid_loader!r} is not one of the loaders {list(loaders)}")
+        if valid_metric is None:
+            valid_metric = "loss"
+        if minimize_valid_metric is None:
+            minimize_valid_metric = True
+        self._resume_path = self._resume_checkpoint(resume, logdir, callbacks)
+        if engine is None and self.engine is None:
+            engine = compat.available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
+        super().train(loaders=loaders, model=model, engine=engine, criterion=self._kept_criterion,
+                      optimizer=optimizer, scheduler=scheduler, callbacks=callbacks, loggers=loggers, seed=seed,
+                      hparams=hparams, num_epochs=num_epochs, logdir=logdir, resume=self._resume_path,
+                      valid_loader=valid_loader, valid_metric=valid_metric,
+                      minimize_valid_metric=minimize_valid_metric, verbose=verbose, timeit=timeit, check=check,
+                      overfit=overfit, profile=profile, load_best_on_end=load_best_on_end, cpu=cpu, fp16=fp16,
+                      ddp=ddp)
+
+    @staticmethod
+    def _resume_checkpoint(resume: Any, logdir: Optional[str], callbacks: Any) -> Optional[str]:
+        if resume is None or resume is False:
+            return None
+        if resume is True or resume == "last":
+            if logdir is None:
+                raise ValueError("resume=True continues from <logdir>/checkpoints/runner.last.pth: give a logdir")
+            path = os.path.join(logdir, LAST_CHECKPOINT)
+        else:
+            path = os.fspath(resume)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"cannot resume: no checkpoint {path!r}")
+        given = sort_callbacks_by_order(callbacks).values()
+        if any(callback_isinstance(c, ICheckpointCallback) for c in given):
+            raise ValueError("resume= works with FlowRunner's own checkpointing; with a CheckpointCallback of your own, "
+                             "give it resume_runner=... instead")
+        return path
+
+    def evaluate_loader(self, loader: Any, callbacks: Any = None, model: Any = None, engine: Any = None,
+                        seed: int = 42, verbose: bool = False) -> Dict[str, Any]:
+        """Catalyst's `evaluate_loader`: one pass over `loader` (as "valid") with the flow loss and
+        `FlowMetricsCallback`; returns the loader metrics. Tunes nothing and writes no files."""
+        self._evaluating = True
+        try:
+            return super().evaluate_loader(loader, callbacks=callbacks, model=model, engine=engine, seed=seed,
+                                           verbose=verbose)
+        finally:
+            self._evaluating = False
+
+    # Catalyst's hooks -----------------------------------------------------------------------------
+    def get_loaders(self) -> "OrderedDict[str, Any]":
+        return OrderedDict((k, compat.batch_fetching_loader(v)) for k, v in self._loaders.items())
+
+    def get_criterion(self) -> Any:
+        return self._kept_criterion
+
+    def get_optimizer(self, model: Any) -> Any:
+        optimizer = self._optimizer
+        if optimizer is None and self._make_default_optimizer:
+            return torch.optim.AdamW(model.parameters(), lr=self._lr)
+        if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer(model.parameters())
+        return optimizer
+
+    def get_scheduler(self, optimizer: Any) -> Any:
+        scheduler = self._scheduler
+        if scheduler is not None and callable(scheduler) and not hasattr(scheduler, "step"):
+            return scheduler(optimizer)
+        return scheduler
+
+    def get_loggers(self) -> Dict[str, Any]:
+        loggers = dict(self._loggers or {})
+        if self._logdir is not None and not any(isinstance(lg, TensorboardLogger) for lg in loggers.values()):
+            loggers["_tensorboard"] = FlowTensorboardLogger(logdir=os.path.join(self._logdir, "tensorboard"))
+        self._loggers = loggers
+        return super().get_loggers()
+
+    def get_callbacks(self) -> "OrderedDict[str, Callback]":
+        callbacks = sort_callbacks_by_order(self._callbacks)
+
+        def exists(kind) -> bool:
+            return any(callback_isinstance(c, kind) for c in callbacks.values())
+
+        flags = self._default_callbacks
+        if flags["flow_metrics"] and not exists(FlowMetricsCallback):
+            callbacks["_flow_metrics"] = FlowMetricsCallback()
+        if flags["interpretation"] and not exists(InterpretationCallback):
+            callbacks["_interpretation"] = InterpretationCallback()
+        if flags["threshold_tuning"] and not exists(ThresholdTuningCallback):
+            callbacks["_threshold_tuning"] = ThresholdTuningCallback()
+        trains = any(str(k).startswith("train") for k in self._loaders)
+        if trains and self.optimizer is not None:
+            if not exists(IBackwardCallback):
+                callbacks["_backward"] = compat.BackwardCallback(metric_key="loss")
+            if not exists(IOptimizerCallback):
+                callbacks["_optimizer"] = dl.OptimizerCallback(metric_key="loss")
+        if self.scheduler is not None and not exists(ISchedulerCallback):
+            plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            callbacks["_scheduler"] = (dl.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
+                                       if plateau else dl.SchedulerCallback())
+        if self._logdir is not None and not exists(ICheckpointCallback):
+            callbacks["_checkpoint"] = dl.CheckpointCallback(
+                logdir=os.path.join(self._logdir, "checkpoints"), loader_key=self._valid_loader,
+                metric_key=self._valid_metric, minimize=self._minimize_valid_metric, mode="runner",
+                resume_runner=self._resume_path, load_best_on_end=self._load_best_on_end)
+        self._callbacks = callbacks
+        return super().get_callbacks()
+
+    def _setup_callbacks(self) -> None:
+        # The loss is computed in handle_batch and the step callbacks are added above.
+        with compat.quiet_step_callback_check():
+            super()._setup_callbacks()
+
+    def on_batch_start(self, runner: Any) -> None:
+        # Catalyst takes len(batch[0]) as the batch size, which is the number of keys of X here.
+        x, y = split_batch(self.batch, self.loader_key, allow_inputs_only=self.is_infer_loader)
+        if self.loader_batch_step == 0:
+            check_first_batch(self.flow, x, y, self.loader_key, reads_inputs=self._model_is_flow_module())
+        self.batch_size = batch_size_of(y, x) if y is not None else _inputs_batch_size(x)
+        steps = self.engine.num_processes
+        self.batch_step += steps
+        self.loader_batch_step += steps
+        self.sample_step += self.batch_size * steps
+        self.loader_sample_step += self.batch_size * steps
+        self.batch_metrics = {}
+
+    def _model_is_flow_module(self) -> bool:
+        return unwrap_model(self.model) is self.flow.torch()
+
+    def handle_batch(self, batch: Any) -> None:
+        x, y = split_batch(batch, self.loader_key, allow_inputs_only=self.is_infer_loader)
+        outputs, terms = self.forward_flow(x, y)
+        self.batch = {INPUTS: x, TARGETS: y if y is not None else {}, OUTPUTS: outputs}
+        if y is None:
+            return
+        criterion = self.criterion if self.criterion is not None else self._kept_criterion
+        if terms is None and hasattr(criterion, "terms") and hasattr(criterion, "combine"):
+            terms = criterion.terms(outputs, y)
+        if terms is not None:
+            loss = criterion.combine(terms, criterion.weights)
+            self.batch[LOSS_TERMS] = {p: (s.detach(), c.detach()) for p, (s, c) in terms.items()}
+        else:
+            loss = criterion(outputs, y)
+        self.batch_metrics["loss"] = loss
+
+    def forward_flow(self, x: Mapping[str, Any], y: Optional[Mapping[str, Tensor]]) -> Tuple[Mapping[str, Any], Any]:
+        """The model's outputs for `x`, and the loss terms if the model computed them itself (the
+        seam for reducing inside DataParallel replicas); None lets the criterion compute them."""
+        return self.model(x), None
+
+    @torch.no_grad()
+    def predict_batch(self, batch: Any, **kwargs) -> Mapping[str, Any]:
+        """The model's outputs for a batch `(X, y)` or `X` (Catalyst's `predict_loader` uses it)."""
+        x, _ = split_batch(batch, self.loader_key, allow_inputs_only=True)
+        return self.model(x)
+
+    # After training ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, loader: Any, preconditions: str = "predicted") -> Dict[str, Any]:
+        """Like `infer`, with torch tensors on the CPU instead of numpy arrays."""
+        if preconditions not in ("predicted", "gt"):
+            raise ValueError(f"preconditions must be 'predicted' or 'gt', got {preconditions!r}")
+        model = self.model
+        if model is None:
+            raise ValueError("FlowRunner has no model")
+        was_training = model.training
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        parts: Dict[str, List[Dict[str, Tensor]]] = {k: [] for k in ("logits", "activated", "decoded", "mask")}
+        targets: List[Dict[str, Tensor]] = []
+        indices: List[Tensor] = []
+        first = True
+        try:
+            for batch in loader:
+                x, y = split_batch(batch, "infer", allow_inputs_only=True)
+                if first and preconditions == "gt":
+                    check_first_batch(self.flow, x, y, "infer", reads_inputs=self._model_is_flow_module())
+                first = False
+                if preconditions == "predicted":
+                    x = {k: v for k, v in x.items() if k != "gt"}
+                out = model(to_device(x, device))
+                activated = out.get("activated") or self.flow.get_activation()(out["logits"])
+                decoded = out.get("decoded") or self.flow.get_decoder()(activated)
+                for key, value in (("logits", out["logits"]), ("activated", activated), ("decoded", decoded),
+                                   ("mask", out["mask"])):
+                    parts[key].append({p: t.detach().cpu() for p, t in value.items()})
+                if y is not None:
+                    targets.append({p: t.detach().cpu() for p, t in y.items()})
+                if isinstance(x.get(INDEX), Tensor):
+                    indices.append(x[INDEX].detach().cpu().reshape(-1))
+        finally:
+            model.train(was_training)
+        result: Dict[str, Any] = {k: _concat(v) for k, v in parts.items()}
+        result["targets"] = _concat(targets) if targets else None
+        n = next(iter(result["logits"].values())).shape[0] if result["logits"] else 0
+        index = torch.cat(indices) if indices else torch.arange(n)
+        if indices and index.numel() == n:
+            order = torch.argsort(index, stable=True)
+            for key in ("logits", "activated", "decoded", "mask", "targets"):
+                if result[key] is not None:
+                    result[key] = {p: t[order] for p, t in result[key].items()}
+            index = index[order]
+        result["index"] = index
+        return result
+
+    def infer(self, loader: Any, preconditions: str = "predicted") -> Dict[str, Any]:
+        """Predictions over a loader, in dataset order (by `X["index"]` when batches carry it).
+
+        Returns `{"logits", "activated", "decoded", "mask", "targets"}`, each `{path: numpy array}`
+        (`targets` None when the loader yields only `X`), and `"index"` (dataset indices).
+        `preconditions="predicted"` (default) computes masks from the decoded predictions, as at
+        inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`.
+        """
+        result = self.predict(loader, preconditions)
+        out: Dict[str, Any] = {}
+        for key, value in result.items():
+            if isinstance(value, Mapping):
+                out[key] = {p: t.numpy() for p, t in value.items()}
+            elif isinstance(value, Tensor):
+                out[key] = value.numpy()
+            else:
+                out[key] = value
+        return out
+
+    def tune(self, loader: Any, metric: Any = "accuracy", apply: bool = True, save: bool = True) -> Dict[str, Dict[str, Any]]:
+        """Tune every tunable decoder on `loader` (samples in `S_t`, from `X["gt"]`) for `metric`;
+        returns `{path: params}`. `apply` keeps them in the decoders; `save` writes
+        `tuned_params.json` into the logdir (when there is one)."""
+        result = self._predict_with_targets(loader, "tune")
+        decoder = self.flow.get_decoder()
+        before = decoder.params()
+        paths = [p for p in before]
+        tuned = decoder.tune({p: result["activated"][p] for p in paths}, {p: result["targets"][p] for p in paths},
+                             masks={p: result["mask"][p] for p in paths}, metric=metric)
+        decoder.load_tuned(tuned if apply else before)
+        if save and self._logdir is not None:
+            from ..tuning import save_tuned
+
+            save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), tuned)
+        return tuned
+
+    def evaluate(self, loader: Any, preconditions: str = "gt", save: bool = True) -> pd.DataFrame:
+        """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res,
+        num_samples`; `flow.get_evaluator()` on activated predictions); also written as
+        `evaluation.csv` into the logdir when there is one and `save` is true."""
+        result = self._predict_with_targets(loader, "evaluate")
+        table = self.flow.get_evaluator()(result["activated"], result["targets"], preconditions=preconditions)
+        if save and self._logdir is not None:
+            write_csv(os.path.join(self._logdir, EVALUATION_FILE), table)
+        return table
+
+    def _predict_with_targets(self, loader: Any, what: str) -> Dict[str, Any]:
+        result = self.predict(loader, preconditions="gt")
+        if result["targets"] is None:
+            raise TypeError(f"{what} needs labels: the loader must yield (X, y) pairs")
+        return result
+
+    # Persistence ---------------------------------------------------------------------------------
+    def export(self, directory: Union[str, os.PathLike]) -> str:
+        """Write the model's weights, the tuned decoder parameters and a manifest into `directory`
+        (see `dnn_cool_catalyst.runners.export`); returns the directory."""
+        return export_model(directory, self.flow, self.model)
+
+    @classmethod
+    def load(cls, directory: Union[str, os.PathLike], flow: Any, model: Any = None, map_location: Any = "cpu",
+             **kwargs) -> "FlowRunner":
+        """A runner for `flow` (and `model`, built as in the constructor) with the weights
+        (`weights_only=True`) and tuned parameters exported to `directory`."""
+        runner = cls(flow, model=model, **kwargs)
+        load_model(directory, runner.flow, runner.model, map_location=map_location)
+        return runner
+
+
+def _inputs_batch_size(x: Mapping[str, Any]) -> int:
+    for value in x.values():
+        if isinstance(value, Tensor):
+            return int(value.shape[0])
+        if isinstance(value, Mapping):
+            return _inputs_batch_size(value)
+    raise ValueError("cannot tell the batch size of an X without tensors")
