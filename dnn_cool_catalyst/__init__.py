@@ -27,3 +27,14 @@ __all__ = [
     "FlowGraph", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask", "MultilabelClassificationTask",
     "Task", "TaskFlow", "Tasks", "__version__",
 ]
+
+_LAZY_SUBPACKAGES = ("callbacks", "runners")  # Catalyst adapters: imported on first access only
+
+
+def __getattr__(name: str):
+    """`dcc.runners` and `dcc.callbacks` import their subpackage (and Catalyst) on first access."""
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
