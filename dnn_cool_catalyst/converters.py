@@ -377,7 +377,8 @@ class Converters:
         return self.heads.get(column.name) or self.heads.get(column.kind) or linear_head
 
     def check(self, columns: Sequence[str]) -> None:
-        """Fail on a kind that does not exist or an override naming neither a column nor a kind."""
+        """Fail on a kind that does not exist or an override naming neither a column of the table
+        (`columns`) nor a kind: a misspelt name would otherwise be ignored."""
         for col, kind in self.types.items():
             if kind not in KINDS:
                 raise TableError(f"Converters.types[{col!r}] = {kind!r} is not a kind; kinds: {KINDS}")
@@ -385,7 +386,7 @@ class Converters:
         for attr in ("types", "class_names", "num_classes", "scales"):
             for col in getattr(self, attr):
                 if col not in known:
-                    raise TableError(f"Converters.{attr} names {col!r}, which is not an input or output column"
+                    raise TableError(f"Converters.{attr} names {col!r}, which is not a column of the table"
                                      f"{_close(col, known)}")
         for attr in ("values", "tasks", "heads"):
             for key in getattr(self, attr):

@@ -1,0 +1,302 @@
+"""`Project`: tasks, inputs, labels and a persistent train/valid/test split from a pandas DataFrame.
+
+    df = pd.read_csv("labels.csv", keep_default_na=False, na_values=["NaN"])
+    project = Project(df, input_col="img", output_col=[c for c in df.columns if c != "img"],
+                      converters=Converters(image_root="data", class_names={"shirt_type": SHIRT_TYPES},
+                                            types={"shirt_type": "category"}),
+                      project_dir="runs/security")
+    add_security_flows(project)                 # or @project.add_flow, heads read x.features
+    model = BackboneModel(my_cnn, project.get_full_flow(), input_key="img")  # img -> features -> heads
+    runner = project.runner(model, "baseline")  # logs under runs/security/baseline
+    runner.train(loaders=project.loaders(batch_size=64), num_epochs=10)
+
+Every output column becomes a task named after it (a head of width `Converters.in_features`);
+labels are keyed by task path, a column feeding every path that ends with its name. Input
+columns become inputs named after them: images as a lazy `ImageFiles` sequence, numbers as
+float32 arrays, text as str arrays. A model whose heads read `x.features` computes them from the
+inputs itself (`BackboneModel`), so datasets do not check for `features`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from .converters import Column, Converters, ImageFiles, TableError, _close
+from .dsl import TaskFlow, Tasks
+from .errors import LabelError
+
+SPLITS = ("train", "valid", "test")
+SPLIT_FILE = "split.json"
+Rows = Union[None, str, slice, Sequence[int], np.ndarray]
+
+
+# Splits (pure functions + one atomic file) -------------------------------------------------------
+
+def make_split(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Dict[str, np.ndarray]:
+    """A seeded random partition of `range(n)` into train/valid/test positions (each sorted).
+
+    Valid and test get `round(fraction * n)` rows each, train the rest.
+    """
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions are (train, valid, test), non-negative and summing to 1; got {tuple(fractions)}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_valid, n_test = int(round(fr[1] * n)), int(round(fr[2] * n))
+    n_train = n - n_valid - n_test
+    if n_train < 0:
+        raise ValueError(f"split fractions {tuple(fractions)} leave no rows for training out of {n}")
+    bounds = np.cumsum([0, n_train, n_valid, n_test])
+    return {name: np.sort(perm[bounds[i]:bounds[i + 1]]).astype(np.int64) for i, name in enumerate(SPLITS)}
+
+
+def table_fingerprint(df: pd.DataFrame) -> str:
+    """A short hash of `df`'s values and row order (not its index), to tell tables apart."""
+    hashed = pd.util.hash_pandas_object(df, index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes() + str(list(df.columns)).encode()).hexdigest()[:16]
+
+
+def _atomic_write_json(path: str, data: Any) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_or_make_split(path: Optional[str], n: int, fractions: Sequence[float], seed: int,
+                       fingerprint: str) -> Dict[str, np.ndarray]:
+    """The split saved at `path` if there is one (checked against the table), else a new one,
+    saved there. `path=None` keeps it in memory only."""
+    fractions = [float(f) for f in fractions]
+    if path is None or not os.path.exists(path):
+        split = make_split(n, fractions, seed)
+        if path is not None:
+            _atomic_write_json(path, {"num_rows": n, "fingerprint": fingerprint, "fractions": fractions, "seed": seed,
+                                      **{k: v.tolist() for k, v in split.items()}})
+        return split
+    try:
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        rows, fp = int(saved["num_rows"]), saved["fingerprint"]
+        split = {k: np.asarray(saved[k], dtype=np.int64).reshape(-1) for k in SPLITS}
+        old_fractions, old_seed = [float(f) for f in saved["fractions"]], int(saved["seed"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TableError(f"split file {path!r} is unreadable ({type(e).__name__}: {e}); delete it to make a new split") from None
+    fix = f"delete {path!r} to make a new split for this table"
+    if rows != n:
+        raise TableError(f"split file {path!r} was made for a table of {rows} rows, but this DataFrame has {n}; "
+                         f"use the same table or {fix}")
+    if fp != fingerprint:
+        raise TableError(f"split file {path!r} was made for a different table (same length, but the input columns "
+                         f"differ in values or row order); use the same table or {fix}")
+    if not np.allclose(old_fractions, fractions) or old_seed != seed:
+        raise TableError(f"split file {path!r} was made with fractions={old_fractions}, seed={old_seed}, but this "
+                         f"project asks for fractions={fractions}, seed={seed}; pass those or {fix}")
+    every = np.concatenate(list(split.values()))
+    if len(every) != n or not np.array_equal(np.sort(every), np.arange(n)):
+        raise TableError(f"split file {path!r} is not a partition of the {n} rows; {fix}")
+    return split
+
+
+# The model helper -------------------------------------------------------------------------------
+
+class BackboneModel(nn.Module):
+    """`backbone(x[input_key])` -> `x[feature_key]`, then the flow's module (heads and masks).
+
+    The usual model for a `Project` whose inputs are images and whose heads read `x.features`:
+    `BackboneModel(cnn, project.get_full_flow())`. Other inputs and `x["gt"]` pass through to the
+    flow unchanged. Submodules: `backbone` and `flow` (so `model.flow.door_open` is a head).
+    """
+
+    def __init__(self, backbone: nn.Module, flow: TaskFlow, input_key: str = "img", feature_key: str = "features"):
+        super().__init__()
+        self.backbone = backbone
+        self.flow = flow.torch()
+        self.input_key = input_key
+        self.feature_key = feature_key
+
+    def forward(self, x: Mapping[str, Any]):
+        if self.input_key not in x:
+            raise KeyError(f"BackboneModel reads x[{self.input_key!r}], but the batch has {sorted(x)}")
+        inner = {k: v for k, v in x.items() if k != self.input_key}
+        inner[self.feature_key] = self.backbone(x[self.input_key])
+        return self.flow(inner)
+
+
+# The project ------------------------------------------------------------------------------------
+
+class Project(Tasks):
+    """A `Tasks` built from a DataFrame: one task per output column, inputs from the input
+    column(s), a persistent train/valid/test split, datasets and a runner.
+
+    `input_col`: a column name or list of names (each becomes the input `x[<name>]`);
+    `output_col`: the label columns (None: every other column), each a task named after it;
+    `converters`: overrides of guessed kinds, conversions, tasks and heads (`Converters`);
+    `project_dir`: where the split (`split.json`) and runner logdirs live (None: split in memory,
+    no runner); `split`: (train, valid, test) fractions; `seed`: the split's seed.
+    A saved split is reused; one made for another table, or other fractions, is an error.
+    """
+
+    def __init__(self, df: pd.DataFrame, input_col: Union[str, Sequence[str]],
+                 output_col: Union[None, str, Sequence[str]] = None, converters: Optional[Converters] = None,
+                 project_dir: Optional[Union[str, os.PathLike]] = None,
+                 split: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0):
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"Project takes a pandas DataFrame, got {type(df).__name__}")
+        if len(df) == 0:
+            raise TableError("the DataFrame has no rows")
+        if not df.columns.is_unique:
+            raise TableError(f"the DataFrame has duplicate column names: {sorted(set(df.columns[df.columns.duplicated()]))}")
+        self.df = df
+        self.converters = converters if converters is not None else Converters()
+        self.input_cols = self._names(input_col, "input_col")
+        if output_col is None:
+            output_col = [c for c in df.columns if c not in self.input_cols]
+        self.output_cols = self._names(output_col, "output_col")
+        both = sorted(set(self.input_cols) & set(self.output_cols))
+        if both:
+            raise TableError(f"column(s) {both} are both input and output")
+        if not self.output_cols:
+            raise TableError("no output column: give output_col")
+        for c in self.input_cols:
+            if c in ("gt", "index"):
+                raise TableError(f"input column {c!r} has a reserved name (x[{c!r}] is set by the dataset)")
+        for c in self.output_cols:
+            if not c.isidentifier():
+                raise TableError(f"output column {c!r} cannot name a task: rename it to a Python identifier")
+        self.converters.check([str(c) for c in df.columns])
+
+        self.columns: Dict[str, Column] = {}
+        self.input_data: Dict[str, Any] = {}
+        self.label_data: Dict[str, Any] = {}
+        tasks = []
+        for role, cols in (("input", self.input_cols), ("output", self.output_cols)):
+            for c in cols:
+                series = df[c]
+                if series.isna().all():
+                    raise TableError(f"{role} column {c!r}: every value is missing")
+                column = self.converters.describe(series, role)
+                self.columns[c] = column
+                values = self.converters.value_converter(column)(series, column)
+                if len(values) != len(df):
+                    raise TableError(f"the value converter of column {c!r} returned {len(values)} values for {len(df)} rows")
+                if role == "input":
+                    self.input_data[c] = values
+                    continue
+                head = self.converters.head_factory(column)(c, self.converters.in_features, column.n_outputs)
+                task = self.converters.task_factory(column)(column, head)
+                self.label_data[c] = task.prepare_labels(values).numpy()  # fails early, naming the task
+                tasks.append(task)
+        super().__init__(tasks)
+
+        self.project_dir = os.fspath(project_dir) if project_dir is not None else None
+        if self.project_dir is not None:
+            os.makedirs(self.project_dir, exist_ok=True)
+        split_path = os.path.join(self.project_dir, SPLIT_FILE) if self.project_dir is not None else None
+        self.splits: Dict[str, np.ndarray] = load_or_make_split(
+            split_path, len(df), split, seed, table_fingerprint(df[self.input_cols]))
+
+    def _names(self, cols: Union[str, Sequence[str]], arg: str) -> List[str]:
+        names = [cols] if isinstance(cols, str) else list(cols)
+        known = set(self.df.columns)
+        for c in names:
+            if c not in known:
+                raise TableError(f"{arg}: unknown column {c!r}{_close(str(c), map(str, known))} "
+                                 f"(columns: {list(self.df.columns)})")
+        if len(set(names)) != len(names):
+            raise TableError(f"{arg} names a column twice: {names}")
+        return names
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{c.name}: {c.kind}" for c in self.columns.values())
+        return f"Project({len(self.df)} rows; {kinds})"
+
+    # Rows, inputs, labels, datasets --------------------------------------------------------------
+    def rows(self, rows: Rows = None) -> np.ndarray:
+        """Row positions: all rows (None), a split ("train", "valid", "test"), or positions/a mask."""
+        n = len(self.df)
+        if rows is None:
+            return np.arange(n)
+        if isinstance(rows, str):
+            if rows not in self.splits:
+                raise KeyError(f"no split {rows!r}; splits: {list(self.splits)}")
+            return self.splits[rows]
+        if isinstance(rows, slice):
+            return np.arange(n)[rows]
+        pos = np.asarray(rows)
+        if pos.dtype == np.bool_:
+            if pos.shape != (n,):
+                raise IndexError(f"a boolean row mask must have shape ({n},), got {pos.shape}")
+            return np.flatnonzero(pos)
+        if pos.dtype.kind not in "iu":
+            raise IndexError(f"rows must be a split name, a slice, integer positions or a boolean mask, got dtype {pos.dtype}")
+        pos = pos.reshape(-1).astype(np.int64)
+        if pos.size and (pos.min() < -n or pos.max() >= n):
+            raise IndexError(f"row positions must lie in [0, {n}); got {int(pos.min())}..{int(pos.max())}")
+        return pos % n if pos.size else pos
+
+    def get_inputs(self, rows: Rows = None) -> Dict[str, Any]:
+        """`{input column: converted values}` of the rows (images stay lazy `ImageFiles`)."""
+        pos = self.rows(rows)
+        return {c: v[pos] for c, v in self.input_data.items()}
+
+    def get_labels(self, rows: Rows = None, flow: Optional[TaskFlow] = None) -> Dict[str, np.ndarray]:
+        """`{task path: labels}` of the rows for every task of `flow` (default: the full flow);
+        a column feeds every path whose last component is its name."""
+        flow = flow if flow is not None else self.get_full_flow()
+        pos = self.rows(rows)
+        labels = {}
+        for path in flow.graph.paths:
+            name = path.rsplit(".", 1)[-1]
+            if name not in self.label_data:
+                raise LabelError(f"task {path!r} of flow {flow.name!r} has no output column {name!r}; "
+                                 f"output columns: {self.output_cols}")
+            labels[path] = self.label_data[name][pos]
+        return labels
+
+    def get_dataset(self, rows: Rows = None, flow: Optional[TaskFlow] = None, **kwargs):
+        """`flow.get_dataset(inputs, labels)` over the rows (a split name, positions, or all);
+        feature names the flow reads that are not input columns are left to the model."""
+        flow = flow if flow is not None else self.get_full_flow()
+        computed = [k[0] for k in flow.graph.input_keys if k and k[0] not in self.input_data]
+        return flow.get_dataset(self.get_inputs(rows), self.get_labels(rows, flow), computed=computed, **kwargs)
+
+    def loaders(self, batch_size: int = 32, flow: Optional[TaskFlow] = None, seed: int = 0,
+                splits: Iterable[str] = ("train", "valid"), **kwargs) -> Dict[str, Any]:
+        """`{split: DataLoader}` (train shuffled with a seeded generator), for `runner.train(loaders=...)`."""
+        import torch
+
+        out = {}
+        for name in splits:
+            ds = self.get_dataset(name, flow, with_index=True)
+            gen = torch.Generator().manual_seed(seed) if name == "train" else None
+            out[name] = ds.loader(batch_size=batch_size, shuffle=name == "train", generator=gen, **kwargs)
+        return out
+
+    # Training --------------------------------------------------------------------------------------
+    def runner(self, model: Optional[nn.Module] = None, runner_name: str = "runner", **kwargs):
+        """A `dnn_cool_catalyst.runners.FlowRunner` for the full flow, logging to `project_dir/runner_name`."""
+        if self.project_dir is None:
+            raise ValueError("project.runner needs a project_dir (its logdir is project_dir/runner_name)")
+        if not runner_name or os.sep in runner_name or runner_name in (".", ".."):
+            raise ValueError(f"runner_name must be a plain directory name, got {runner_name!r}")
+        from .runners import FlowRunner  # Catalyst is imported only when a runner is asked for
+
+        return FlowRunner(self.get_full_flow(), model=model, logdir=os.path.join(self.project_dir, runner_name), **kwargs)
+
+
+__all__ = ["BackboneModel", "ImageFiles", "Project", "SPLITS", "load_or_make_split", "make_split", "table_fingerprint"]

@@ -1,0 +1,307 @@
+"""Project: tasks from a DataFrame, labels by task path, datasets over lazy images, persistent splits, errors."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import dnn_cool_catalyst as dcc
+from dnn_cool_catalyst.project import BackboneModel, make_split
+from dnn_cool_catalyst.story import add_security_flows
+
+NAN = np.nan
+
+
+def _write_images(root, n, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(n):
+        name = f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(root / name)
+        names.append(name)
+    return names
+
+
+def _small_table(tmp_path, n=20):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+    root.mkdir()
+    present = rng.random(n) < 0.7
+    df = pd.DataFrame({
+        "img": _write_images(root, n),
+        "obj_exists": np.where(rng.random(n) < 0.1, NAN, present.astype(float)),
+        "obj_x": np.where(present, rng.integers(0, 30, n).astype(float), NAN),
+        "obj_class": np.where(present, rng.integers(0, 4, n).astype(float), NAN),
+        "tags": np.where(present, rng.choice(["0,2", "", "1", "2,1,0"], n), None),
+    })
+    df.loc[0, "obj_x"] = 30.0  # a known maximum: the scale
+    conv = dcc.Converters(types={"obj_class": "category"}, image_root=str(root), in_features=6)
+    return df, conv
+
+
+def _backbone(features=6):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, features))
+
+
+def _localize(project):
+    @project.add_flow
+    def localize(flow, x, out):
+        out += flow.obj_x(x.features)
+        out += flow.obj_class(x.features)
+        out += flow.tags(x.features)
+        return out
+
+    @project.add_flow
+    def full_flow(flow, x, out):
+        out += flow.obj_exists(x.features)
+        out += flow.localize(x) | out.obj_exists
+        return out
+
+    return project.get_full_flow()
+
+
+def test_tasks_from_columns(tmp_path):
+    df, conv = _small_table(tmp_path)
+    p = dcc.Project(df, "img", ["obj_exists", "obj_x", "obj_class", "tags"], converters=conv,
+                    project_dir=tmp_path / "proj")
+    assert isinstance(p, dcc.Tasks)
+    assert {c: p.columns[c].kind for c in p.columns} == {
+        "img": "image", "obj_exists": "binary", "obj_x": "continuous", "obj_class": "category", "tags": "multilabel"}
+    assert isinstance(p["obj_exists"], dcc.BinaryClassificationTask)
+    assert isinstance(p["obj_x"], dcc.BoundedRegressionTask) and p["obj_x"].scale == 30.0
+    assert isinstance(p["obj_class"], dcc.ClassificationTask)
+    assert p["obj_class"].module.out_features == df["obj_class"].max() + 1
+    assert isinstance(p["tags"], dcc.MultilabelClassificationTask) and p["tags"].module.out_features == 3
+    assert p["obj_exists"].module.in_features == 6
+    # the scale is what decoding multiplies by: labels come back in pixels
+    labels = p.label_data["obj_x"]
+    np.testing.assert_allclose(labels * 30.0, df["obj_x"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(p["obj_x"].decode(torch.from_numpy(labels)).numpy(), df["obj_x"].to_numpy(), rtol=1e-6)
+
+
+def test_labels_keyed_by_path_and_dataset_items(tmp_path):
+    df, conv = _small_table(tmp_path)
+    p = dcc.Project(df, "img", converters=conv, project_dir=tmp_path / "proj")
+    flow = _localize(p)
+    labels = p.get_labels("valid")
+    assert set(labels) == {"obj_exists", "localize.obj_x", "localize.obj_class", "localize.tags"}
+    rows = p.splits["valid"]
+    np.testing.assert_array_equal(labels["localize.obj_class"],
+                                  df["obj_class"].iloc[rows].fillna(-1).to_numpy().astype(np.int64))
+    ds = p.get_dataset("train")
+    assert len(ds) == len(p.splits["train"])
+    x, y = ds[1]
+    assert x["img"].shape == (3, 8, 8) and 0 <= float(x["img"].min()) and float(x["img"].max()) <= 1
+    i = int(p.splits["train"][1])
+    expected = np.asarray(Image.open(tmp_path / "images" / df["img"][i]), dtype=np.float32).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(x["img"].numpy(), expected, rtol=1e-6)
+    assert set(x["gt"]) == {"obj_exists"}
+    torch.testing.assert_close(y["localize.tags"], torch.from_numpy(p.label_data["tags"][i]), equal_nan=True)
+    # a model maps img -> features; loss and gradients flow through the backbone
+    torch.manual_seed(0)
+    model = BackboneModel(_backbone(), flow)
+    xb, yb = next(iter(p.loaders(batch_size=5)["train"]))
+    assert xb["img"].shape == (5, 3, 8, 8) and xb["index"].shape == (5,)
+    out = model(xb)
+    assert set(out["logits"]) == set(flow.graph.paths)
+    loss = flow.get_loss()(out, yb)
+    loss.backward()
+    assert torch.isfinite(loss) and model.backbone[0].weight.grad.abs().sum() > 0
+    assert model.flow.localize.obj_x is p["obj_x"].module
+    model.eval()
+    with torch.no_grad():
+        decoded = model({"img": xb["img"]})["decoded"]
+    assert decoded["localize.obj_x"].min() >= 0 and decoded["localize.obj_x"].max() <= 30.0
+
+
+def test_rows_and_inputs(tmp_path):
+    df = pd.DataFrame({"a": [0.5, -1.0, 2.0, NAN], "b": [1, 0, 1, 1], "t": ["x", "y", "z", "w"],
+                       "y": [0.0, 1.0, NAN, 1.0]})
+    p = dcc.Project(df, ["a", "b"], "y")
+
+    @p.add_flow
+    def f(flow, x, out):
+        out += flow.y(x.a)
+        return out
+
+    inputs = p.get_inputs([2, 0])
+    np.testing.assert_array_equal(inputs["a"], [2.0, 0.5])  # inputs are not scaled
+    assert inputs["a"].dtype == np.float32 and set(inputs) == {"a", "b"}
+    np.testing.assert_array_equal(p.rows(np.array([True, False, False, True])), [0, 3])
+    np.testing.assert_array_equal(p.rows(slice(1, 3)), [1, 2])
+    np.testing.assert_array_equal(p.rows([-1]), [3])
+    with pytest.raises(KeyError, match="no split 'tran'"):
+        p.rows("tran")
+    with pytest.raises(IndexError, match=r"\[0, 4\)"):
+        p.rows([4])
+    ds = p.get_dataset([1, 3])
+    x, y = ds[0]
+    assert float(x["a"]) == -1.0 and float(y["y"]) == 1.0
+    with pytest.raises(ValueError, match="project_dir"):
+        p.runner(None, "r")
+
+
+def test_split_saved_reused_and_checked(tmp_path):
+    df, conv = _small_table(tmp_path)
+    proj = tmp_path / "proj"
+    p = dcc.Project(df, "img", converters=conv, project_dir=proj, split=(0.6, 0.2, 0.2), seed=3)
+    path = proj / "split.json"
+    saved = json.loads(path.read_text())
+    assert saved["num_rows"] == 20 and [len(saved[k]) for k in ("train", "valid", "test")] == [12, 4, 4]
+    assert sorted(saved["train"] + saved["valid"] + saved["test"]) == list(range(20))
+    assert [f for f in os.listdir(proj) if f.endswith(".tmp")] == []
+    # a different seed would give a different split; the saved one is reused as it is
+    assert not np.array_equal(make_split(20, (0.6, 0.2, 0.2), 4)["test"], p.splits["test"])
+    again = dcc.Project(df, "img", converters=conv, project_dir=proj, split=(0.6, 0.2, 0.2), seed=3)
+    for k in ("train", "valid", "test"):
+        np.testing.assert_array_equal(again.splits[k], p.splits[k])
+    with pytest.raises(dcc.TableError, match=r"split\.json.*20 rows.*has 19"):
+        dcc.Project(df.iloc[:19], "img", converters=conv, project_dir=proj, split=(0.6, 0.2, 0.2), seed=3)
+    with pytest.raises(dcc.TableError, match=r"split\.json.*different table"):
+        dcc.Project(df.iloc[::-1].reset_index(drop=True), "img", converters=conv, project_dir=proj,
+                    split=(0.6, 0.2, 0.2), seed=3)
+    with pytest.raises(dcc.TableError, match=r"split\.json.*fractions=\[0\.6, 0\.2, 0\.2\], seed=3"):
+        dcc.Project(df, "img", converters=conv, project_dir=proj)
+    path.write_text("{not json")
+    with pytest.raises(dcc.TableError, match=r"split\.json.*unreadable"):
+        dcc.Project(df, "img", converters=conv, project_dir=proj, split=(0.6, 0.2, 0.2), seed=3)
+
+
+def test_make_split_is_seeded_partition():
+    a, b = make_split(101, (0.7, 0.2, 0.1), seed=5), make_split(101, (0.7, 0.2, 0.1), seed=5)
+    assert [len(a[k]) for k in ("train", "valid", "test")] == [71, 20, 10]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(101))
+    with pytest.raises(ValueError, match="summing to 1"):
+        make_split(10, (0.5, 0.2, 0.2))
+
+
+def test_bad_tables_raise_clear_errors(tmp_path):
+    df, conv = _small_table(tmp_path)
+    with pytest.raises(dcc.TableError, match=r"output_col: unknown column 'obj_clas'.*did you mean 'obj_class'"):
+        dcc.Project(df, "img", ["obj_clas"], converters=conv)
+    with pytest.raises(dcc.TableError, match=r"input_col: unknown column 'image'"):
+        dcc.Project(df, "image", ["obj_x"], converters=conv)
+    bad = df.copy()
+    bad.loc[7, "obj_exists"] = 3.0
+    assert dcc.Project(bad, "img", converters=conv).columns["obj_exists"].kind == "continuous"  # guessed
+    conv.types["obj_exists"] = "binary"
+    with pytest.raises(dcc.TableError, match=r"column 'obj_exists', row 7: 3\.0 is not a binary value"):
+        dcc.Project(bad, "img", converters=conv)
+    bad = df.copy()
+    bad["obj_x"] = NAN
+    with pytest.raises(dcc.TableError, match=r"output column 'obj_x': every value is missing"):
+        dcc.Project(bad, "img", converters=conv)
+    bad = df.copy()
+    bad.loc[4, "img"] = "missing.png"
+    with pytest.raises(dcc.TableError, match=r"column 'img', row 4: image file .*missing\.png' does not exist"):
+        dcc.Project(bad, "img", converters=conv)
+    with pytest.raises(dcc.TableError, match="both input and output"):
+        dcc.Project(df, "img", ["img", "obj_x"], converters=conv)
+    with pytest.raises(dcc.TableError, match="'obj x' cannot name a task"):
+        dcc.Project(df.rename(columns={"obj_x": "obj x"}), "img", converters=conv)
+    with pytest.raises(dcc.TableError, match="column 'img' holds image values and has no default task"):
+        dcc.Project(df, "obj_x", ["img"], converters=dcc.Converters(image_root=conv.image_root))
+    p = dcc.Project(df, "img", ["obj_exists"], converters=conv)
+    p.add_task(dcc.BinaryClassificationTask("extra", nn.Linear(6, 1)))
+
+    @p.add_flow
+    def f(flow, x, out):
+        out += flow.obj_exists(x.features)
+        out += flow.extra(x.features)
+        return out
+
+    with pytest.raises(dcc.LabelError, match="task 'extra' of flow 'f' has no output column 'extra'"):
+        p.get_labels()
+
+
+def test_overrides_per_column_and_kind(tmp_path):
+    df, conv = _small_table(tmp_path)
+    seen = []
+
+    def head(name, in_features, n_outputs):
+        seen.append((name, in_features, n_outputs))
+        return nn.Sequential(nn.Dropout(0.1), nn.Linear(in_features, n_outputs))
+
+    conv.heads = {"category": head}
+    conv.tasks = {"obj_exists": lambda column, module: dcc.BinaryClassificationTask(column.name, module, weight=2.0)}
+    conv.values = {"obj_x": lambda series, column: (series.to_numpy() / 60.0).astype(np.float32)}
+    p = dcc.Project(df, "img", converters=conv)
+    assert seen == [("obj_class", 6, int(df["obj_class"].max()) + 1)]
+    assert isinstance(p["obj_class"].module, nn.Sequential)
+    assert p["obj_exists"].weight == 2.0
+    np.testing.assert_allclose(p.label_data["obj_x"], df["obj_x"].to_numpy() / 60.0, rtol=1e-6)
+    # a converter that produces labels the task rejects fails while the project is built
+    conv.values = {"obj_x": lambda series, column: series.to_numpy(copy=True)}
+    with pytest.raises(dcc.LabelError, match=r"obj_x.*\[0, 1\]"):
+        dcc.Project(df, "img", converters=conv)
+
+
+def _story_table(tmp_path, n=24):
+    """The security story's DataFrame shape, built by hand (pixels, NaN where not annotated)."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "story"
+    root.mkdir()
+    blocked = (rng.random(n) < 0.2).astype(float)
+    door_open = np.where(blocked == 1, NAN, rng.random(n) < 0.6)
+    door_locked = np.where(door_open == 0, rng.random(n) < 0.5, NAN)
+    person = np.where(door_open == 1, rng.random(n) < 0.7, NAN)
+    has = person == 1
+    data = {"img": _write_images(root, n, size=16), "camera_blocked": blocked, "door_open": door_open,
+            "door_locked": door_locked, "person_present": person}
+    for box in ("face", "body"):
+        for part in ("x1", "y1", "w", "h"):
+            data[f"{box}_{part}"] = np.where(has, rng.integers(1, 16, n).astype(float), NAN)
+    data["facial_characteristics"] = np.where(has, rng.choice(["0,2", "", "1", "0,1,2"], n), None)
+    data["shirt_type"] = np.where(has, rng.integers(0, 7, n).astype(float), NAN)
+    data["camera_blocked"][3] = NAN  # unknown parent, known child
+    data["door_open"][3] = 1.0
+    return pd.DataFrame(data), root
+
+
+def test_story_flows_on_a_project(tmp_path):
+    from dnn_cool_catalyst.story import FACIAL_CHARACTERISTICS, SHIRT_TYPES
+
+    df, root = _story_table(tmp_path)
+    conv = dcc.Converters(types={"shirt_type": "category"}, image_root=str(root), in_features=6,
+                          class_names={"shirt_type": SHIRT_TYPES, "facial_characteristics": FACIAL_CHARACTERISTICS},
+                          scales={c: 16.0 for c in df.columns if c[:5] in ("face_", "body_")})
+    p = dcc.Project(df, "img", converters=conv, project_dir=tmp_path / "proj")
+    add_security_flows(p)
+    flow = p.get_full_flow()
+    labels = p.get_labels()
+    assert set(labels) == set(flow.graph.paths)
+    np.testing.assert_allclose(labels["person_regression.face_regression.face_w"] * 16.0, df["face_w"].to_numpy())
+    assert labels["person_regression.body_regression.shirt_type"].dtype == np.int64
+    torch.manual_seed(0)
+    model = BackboneModel(_backbone(6), flow)
+    x, y = p.get_dataset(None)[list(range(len(df)))]
+    out = model(x)
+    loss = flow.get_loss()(out, y)
+    assert torch.isfinite(loss)
+    # the box applies unless a precondition is known to be false (a missing label is UNKNOWN)
+    known_false = (df["camera_blocked"] == 1) | (df["door_open"] == 0) | (df["person_present"] == 0)
+    assert out["mask"]["person_regression.face_regression.face_x1"].tolist() == (~known_false).tolist()
+    assert out["mask"]["person_regression.face_regression.face_x1"][3]  # camera_blocked unknown, door open
+
+
+def test_runner_logdir(tmp_path):
+    runners = pytest.importorskip("dnn_cool_catalyst.runners")
+    if not hasattr(runners, "FlowRunner"):
+        pytest.skip("dnn_cool_catalyst.runners.FlowRunner does not exist yet")
+    df, conv = _small_table(tmp_path)
+    p = dcc.Project(df, "img", converters=conv, project_dir=tmp_path / "proj")
+    flow = _localize(p)
+    model = BackboneModel(_backbone(), flow)
+    runner = p.runner(model, "baseline")
+    assert isinstance(runner, runners.FlowRunner)
+    logdir = tmp_path / "proj" / "baseline"
+    assert os.path.abspath(runner.logdir) == os.path.abspath(logdir)
+    runner.train(loaders=p.loaders(batch_size=8), num_epochs=1)
+    assert (logdir / "checkpoints").is_dir() and (logdir / "tuned_params.json").is_file()
+    with pytest.raises(ValueError, match="plain directory name"):
+        p.runner(model, "../x")
