@@ -18,6 +18,7 @@ from .tasks import (
     MultilabelClassificationTask,
     Task,
 )
+from .tuning import best_threshold, load_tuned, save_tuned, threshold_sweep
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
     "FlowGraph", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask", "MultilabelClassificationTask",
     "Task", "TaskFlow", "Tasks", "__version__",
+    "best_threshold", "load_tuned", "save_tuned", "threshold_sweep",
 ]
 
 _LAZY_SUBPACKAGES = ("callbacks", "runners")  # Catalyst adapters: imported on first access only

@@ -1,0 +1,83 @@
+"""`flow.get_evaluator()`: the per-task evaluation table of a whole prediction set."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Union
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..graph import FlowGraph
+from .decoding import as_tensor, ground_truth_masks, prepare_labels
+from .masks import compute_masks
+from .metrics import FlowMetrics
+
+COLUMNS = ["task_path", "metric_name", "metric_res", "num_samples"]
+MODES = ("gt", "predicted")
+
+
+class FlowEvaluator:
+    """`evaluator(predictions, targets) -> DataFrame[task_path, metric_name, metric_res, num_samples]`,
+    one row per task and metric, in flow order.
+
+    `predictions`: `{path: activated (N, ...)}` (tensors or arrays; the full output mapping of
+    `flow.torch()` is accepted too, its `"activated"` entry is used); they are decoded with the
+    tasks' current (tuned) decoders. `targets`: `{path: labels}` for every task.
+
+    `preconditions` says which samples a task is scored on: `"gt"` (default) the samples of `S_t`,
+    preconditions from the labels (API.md section 4); `"predicted"` the samples whose *decoded*
+    precondition holds and whose label is present (end-to-end quality: a door wrongly seen as
+    closed hides its person tasks). A mapping `{path: bool (N,)}` gives the masks directly.
+    `num_samples` is the number of samples scored (with at least one available label element).
+    """
+
+    def __init__(self, graph: FlowGraph, preconditions: str = "gt"):
+        self.graph = graph
+        self.preconditions = _check_mode(preconditions)
+
+    def __call__(self, predictions: Mapping[str, Any], targets: Mapping[str, Any],
+                 preconditions: Union[None, str, Mapping[str, Any]] = None) -> pd.DataFrame:
+        mode = self.preconditions if preconditions is None else preconditions
+        if isinstance(predictions, Mapping) and isinstance(predictions.get("activated"), Mapping):
+            predictions = predictions["activated"]
+        missing = [p for p in self.graph.paths if p not in predictions]
+        if missing:
+            raise KeyError(f"predictions have no entry for task(s) {missing} of flow {self.graph.name!r}; "
+                           f"they have {sorted(predictions)}")
+        activated = {p: as_tensor(predictions[p], p, "predictions") for p in self.graph.paths}
+        n = activated[self.graph.paths[0]].shape[0]
+        for p, a in activated.items():
+            if a.shape[0] != n:
+                raise ValueError(f"predictions of task {p!r} have {a.shape[0]} samples, "
+                                 f"those of {self.graph.paths[0]!r} {n}")
+        labels = prepare_labels(self.graph, targets, self.graph.paths, n)
+        with torch.no_grad():
+            decoded = {leaf.path: leaf.task.decode(activated[leaf.path]) for leaf in self.graph.leaves}
+            masks = self._masks(mode, labels, decoded, n)
+            metrics = FlowMetrics(self.graph)
+            metrics.update({"logits": {}, "activated": activated, "decoded": decoded, "mask": masks}, labels)
+        values = metrics.compute()
+        counts = metrics.num_samples()
+        rows = [(tm.path, tm.name, values[tm.key], counts[tm.path]) for tm in metrics]
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+    def _masks(self, mode, labels: Dict[str, Tensor], decoded: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
+        if isinstance(mode, Mapping):
+            masks = {}
+            for p in self.graph.paths:
+                if p not in mode:
+                    raise KeyError(f"preconditions (masks) have no entry for task {p!r}; they have {sorted(mode)}")
+                m = as_tensor(mode[p], p, "masks").reshape(-1).bool()
+                if m.shape[0] != n:
+                    raise ValueError(f"mask of task {p!r} has {m.shape[0]} entries for {n} samples")
+                masks[p] = m
+            return masks
+        if _check_mode(mode) == "gt":
+            return ground_truth_masks(self.graph, labels, n, labels)
+        return compute_masks(self.graph, n, torch.device("cpu"), decoded=decoded)
+
+
+def _check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(f"preconditions must be one of {MODES} (or a mapping of masks), got {mode!r}")
+    return mode
