@@ -1,20 +1,32 @@
 """`Project`: tasks, inputs, labels and a persistent train/valid/test split from a pandas DataFrame.
 
-    df = pd.read_csv("labels.csv", keep_default_na=False, na_values=["NaN"])
-    project = Project(df, input_col="img", output_col=[c for c in df.columns if c != "img"],
-                      converters=Converters(image_root="data", class_names={"shirt_type": SHIRT_TYPES},
-                                            types={"shirt_type": "category"}),
-                      project_dir="runs/security")
-    add_security_flows(project)                 # or @project.add_flow, heads read x.features
-    model = BackboneModel(my_cnn, project.get_full_flow(), input_key="img")  # img -> features -> heads
-    runner = project.runner(model, "baseline")  # logs under runs/security/baseline
+The story's quick start (one row per image; labels in pixels, NaN where not annotated)::
+
+    import dnn_cool_catalyst as dcc
+    from dnn_cool_catalyst.story import add_security_flows, SHIRT_TYPES
+
+    df = pd.read_csv("data/labels.csv", keep_default_na=False, na_values=["NaN"])
+    project = dcc.Project(df, input_col="img", output_col=None,        # None: every other column
+                          converters=dcc.Converters(
+                              image_root="data", in_features=256,
+                              types={"shirt_type": "category"},       # a float index with NaN
+                              class_names={"shirt_type": SHIRT_TYPES},
+                              scales={c: 64.0 for c in df if c.startswith(("face_", "body_"))}),
+                          project_dir="runs/security")
+    add_security_flows(project)                  # or @project.add_flow; heads read x.features
+    model = dcc.BackboneModel(cnn, project.get_full_flow())   # cnn: images (N, 3, H, W) -> (N, 256)
+    runner = project.runner(model, "baseline")   # logs in runs/security/baseline
     runner.train(loaders=project.loaders(batch_size=64), num_epochs=10)
 
-Every output column becomes a task named after it (a head of width `Converters.in_features`);
-labels are keyed by task path, a column feeding every path that ends with its name. Input
-columns become inputs named after them: images as a lazy `ImageFiles` sequence, numbers as
-float32 arrays, text as str arrays. A model whose heads read `x.features` computes them from the
-inputs itself (`BackboneModel`), so datasets do not check for `features`.
+Every output column becomes a task named after it, with a head of width `Converters.in_features`.
+Labels are keyed by task path: a column feeds every path whose last component is its name.
+Input columns become inputs named after them: image file names as a lazy `ImageFiles` sequence
+(float (3, H, W) in [0, 1] per item), numbers as float32 arrays, text as str arrays.
+
+Heads that read a feature the table does not hold (`x.features`) get it from the model: the
+model computes it from the inputs and hands it to the flow's module, which is what
+`BackboneModel` does (`backbone(x["img"])` -> `x["features"]`, `x["gt"]` passed through).
+Datasets leave such features to the model instead of failing on them.
 """
 from __future__ import annotations
 
