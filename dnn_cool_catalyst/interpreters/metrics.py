@@ -113,7 +113,9 @@ class FlowMetrics:
             if p not in targets:
                 raise LabelError(f"targets have no labels for task {p!r} of flow {self.graph.name!r}; "
                                  f"they have {sorted(targets)}")
-            avail = task.available(targets[p]).reshape(targets[p].shape[0], -1).any(1)
+            avail = task.available(targets[p])
+            if avail.dim() > 1:  # per element: a sample counts when any of its elements is labelled
+                avail = avail.flatten(1).any(1)
             seen = (avail & masks[p].reshape(-1)).sum().double()
             c = self._counts[p]
             if c.device != seen.device and seen.device.type != "mps":

@@ -1,0 +1,236 @@
+"""Each metric against scikit-learn on random data with masks and missing labels; exact merging."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from dnn_cool_catalyst.metrics import (
+    BinaryConfusionMetric,
+    ConfusionMatrixMetric,
+    ElementAccuracy,
+    MeanAbsoluteError,
+    Perplexity,
+    TokenAccuracy,
+    TopKAccuracy,
+)
+from dnn_cool_catalyst.story import security_labels, security_tasks
+
+
+def _binary_data(rng, n=300):
+    labels = (rng.random(n) < 0.4).astype(np.float32)
+    labels[rng.random(n) < 0.15] = np.nan
+    preds = rng.random(n) < 0.5
+    mask = rng.random(n) < 0.7
+    return torch.from_numpy(preds), torch.from_numpy(labels), torch.from_numpy(mask)
+
+
+def _feed(metric, preds, targets, mask, chunks=3):
+    """Update in uneven chunks, as batches of a loader."""
+    n = targets.shape[0]
+    cuts = sorted({0, n, *np.random.default_rng(0).integers(0, n, chunks - 1).tolist()})
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        metric.update(preds[a:b], targets[a:b], mask[a:b])
+    return metric.compute()
+
+
+SK_BINARY = {
+    "accuracy": skm.accuracy_score,
+    "f1_score": lambda y, p: skm.f1_score(y, p, zero_division=0),
+    "precision": lambda y, p: skm.precision_score(y, p, zero_division=0),
+    "recall": lambda y, p: skm.recall_score(y, p, zero_division=0),
+}
+
+
+@pytest.mark.parametrize("kind", BinaryConfusionMetric.KINDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_metrics_match_sklearn_on_s_t(kind, seed):
+    preds, labels, mask = _binary_data(np.random.default_rng(seed))
+    sel = (mask & ~torch.isnan(labels)).numpy()
+    expected = SK_BINARY[kind](labels.numpy()[sel], preds.numpy()[sel])
+    assert _feed(BinaryConfusionMetric(kind), preds, labels, mask) == pytest.approx(expected, abs=1e-12)
+
+
+def test_binary_metrics_accept_column_predictions():
+    preds, labels, mask = _binary_data(np.random.default_rng(3))
+    a = BinaryConfusionMetric("f1_score")
+    b = BinaryConfusionMetric("f1_score")
+    a.update(preds, labels, mask)
+    b.update(preds.reshape(-1, 1), labels, mask)
+    assert a.compute() == b.compute()
+
+
+@pytest.mark.parametrize("metric", [BinaryConfusionMetric("precision"), TopKAccuracy(1), MeanAbsoluteError(),
+                                    TokenAccuracy(), Perplexity(), ConfusionMatrixMetric("recall", 4)])
+def test_nan_when_nothing_seen(metric):
+    assert math.isnan(metric.compute())
+
+
+def test_nan_when_every_sample_is_masked_out_or_missing():
+    preds, labels, _ = _binary_data(np.random.default_rng(4))
+    m = BinaryConfusionMetric("accuracy")
+    m.update(preds, labels, torch.zeros_like(preds))
+    m.update(preds, torch.full_like(labels, float("nan")), torch.ones_like(preds))
+    assert math.isnan(m.compute())
+
+
+def test_zero_division_follows_sklearn_zero():
+    m = BinaryConfusionMetric("precision")  # no predicted positive among seen samples
+    m.update(torch.zeros(4, dtype=torch.bool), torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.ones(4, dtype=torch.bool))
+    assert m.compute() == 0.0 == skm.precision_score([1, 0, 1, 0], [0, 0, 0, 0], zero_division=0)
+
+
+def _classification_data(rng, n=400, c=7):
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(n, c)) * 2), -1).float()
+    labels = torch.from_numpy(rng.integers(0, c, n))
+    labels[torch.from_numpy(rng.random(n) < 0.1)] = -1
+    mask = torch.from_numpy(rng.random(n) < 0.8)
+    decoded = torch.argsort(probs, -1, descending=True)
+    return probs, decoded, labels, mask
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_top_k_accuracy_matches_sklearn(k):
+    probs, decoded, labels, mask = _classification_data(np.random.default_rng(k))
+    sel = ((labels >= 0) & mask).numpy()
+    expected = skm.top_k_accuracy_score(labels.numpy()[sel], probs.numpy()[sel], k=k, labels=np.arange(7))
+    assert _feed(TopKAccuracy(k), decoded, labels, mask) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ConfusionMatrixMetric.KINDS)
+@pytest.mark.parametrize("num_classes", [7, None])
+def test_macro_classification_metrics_match_sklearn(kind, num_classes):
+    rng = np.random.default_rng(5)
+    probs, decoded, labels, mask = _classification_data(rng, n=120, c=7)
+    labels[labels == 6] = 2  # class 6 never a label: it only counts where it is predicted (sklearn's union)
+    sel = ((labels >= 0) & mask).numpy()
+    y, p = labels.numpy()[sel], decoded[:, 0].numpy()[sel]
+    fn = {"f1_score": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[kind]
+    expected = fn(y, p, average="macro", zero_division=0)
+    assert _feed(ConfusionMatrixMetric(kind, num_classes), decoded, labels, mask) == pytest.approx(expected, abs=1e-12)
+
+
+def test_confusion_matrix_states_merge_across_sizes():
+    probs, decoded, labels, mask = _classification_data(np.random.default_rng(6), n=50, c=4)
+    whole = ConfusionMatrixMetric("f1_score")
+    whole.update(decoded, labels, mask)
+    empty = ConfusionMatrixMetric("f1_score")  # saw nothing: a 0 x 0 matrix
+    part = ConfusionMatrixMetric("f1_score")
+    part.update(decoded[:20], labels[:20], mask[:20])
+    rest = ConfusionMatrixMetric("f1_score")
+    rest.update(decoded[20:], labels[20:], mask[20:])
+    empty.merge(part)
+    empty.merge(rest.states)
+    assert torch.equal(empty.states["matrix"], whole.states["matrix"])
+    assert empty.compute() == whole.compute()
+
+
+def test_multilabel_accuracy_and_micro_f1_match_sklearn_over_available_elements():
+    rng = np.random.default_rng(7)
+    n, c = 200, 5
+    labels = (rng.random((n, c)) < 0.3).astype(np.float32)
+    labels[rng.random((n, c)) < 0.2] = np.nan
+    preds = rng.random((n, c)) < 0.4
+    mask = rng.random(n) < 0.75
+    sel = mask[:, None] & ~np.isnan(labels)
+    t, p, m = torch.from_numpy(labels), torch.from_numpy(preds), torch.from_numpy(mask)
+    assert _feed(ElementAccuracy(), p, t, m) == pytest.approx(skm.accuracy_score(labels[sel], preds[sel]))
+    assert _feed(BinaryConfusionMetric("f1_score"), p, t, m) == pytest.approx(skm.f1_score(labels[sel], preds[sel]))
+    # without missing elements this is scikit-learn's micro average over the label matrix
+    full = mask
+    y_full = np.nan_to_num(labels)
+    mf = BinaryConfusionMetric("f1_score")
+    mf.update(p, torch.from_numpy(y_full), m)
+    assert mf.compute() == pytest.approx(skm.f1_score(y_full[full], preds[full], average="micro"))
+
+
+@pytest.mark.parametrize("scale", [1.0, 64.0])
+def test_mean_absolute_error_matches_sklearn_in_label_and_decoded_units(scale):
+    rng = np.random.default_rng(8)
+    n = 300
+    labels = rng.random(n).astype(np.float32)
+    labels[rng.random(n) < 0.1] = np.nan
+    act = rng.random(n).astype(np.float32)
+    mask = rng.random(n) < 0.6
+    sel = mask & ~np.isnan(labels)
+    expected = skm.mean_absolute_error(labels[sel] * scale, act[sel] * scale)
+    got = _feed(MeanAbsoluteError(scale), torch.from_numpy(act).reshape(-1, 1), torch.from_numpy(labels),
+                torch.from_numpy(mask))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def _mlm_data(rng, n=30, t=9, v=11):
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(n, t, v))), -1)
+    labels = torch.from_numpy(rng.integers(0, v, (n, t)))
+    labels[torch.from_numpy(rng.random((n, t)) < 0.6)] = -100
+    mask = torch.from_numpy(rng.random(n) < 0.7)
+    return probs, labels, mask
+
+
+def test_token_accuracy_and_perplexity_match_sklearn():
+    probs, labels, mask = _mlm_data(np.random.default_rng(9))
+    decoded = torch.topk(probs, 5, -1).indices
+    sel = ((labels != -100) & mask[:, None]).numpy()
+    y = labels.numpy()[sel]
+    p = probs.numpy()[sel]
+    assert _feed(TokenAccuracy(), decoded, labels, mask) == pytest.approx(skm.accuracy_score(y, p.argmax(-1)))
+    expected = math.exp(skm.log_loss(y, p, labels=np.arange(p.shape[-1])))
+    assert _feed(Perplexity(), probs, labels, mask) == pytest.approx(expected, rel=1e-9)
+
+
+def test_perplexity_is_finite_when_a_probability_underflows():
+    probs = torch.zeros(1, 2, 3)
+    probs[..., 0] = 1.0
+    m = Perplexity()
+    m.update(probs, torch.tensor([[1, 0]]), torch.ones(1, dtype=torch.bool))
+    assert math.isfinite(m.compute()) and m.compute() > 1
+
+
+def test_states_merge_exactly_across_uneven_chunks():
+    preds, labels, mask = _binary_data(np.random.default_rng(10), n=101)
+    whole = BinaryConfusionMetric("f1_score")
+    whole.update(preds, labels, mask)
+    merged = BinaryConfusionMetric("f1_score")
+    for a, b in [(0, 1), (1, 50), (50, 50), (50, 101)]:
+        part = BinaryConfusionMetric("f1_score")
+        part.update(preds[a:b], labels[a:b], mask[a:b])
+        merged.merge(part)
+    assert all(torch.equal(merged.states[k], whole.states[k]) for k in whole.states)
+
+
+def test_merge_refuses_states_of_another_metric():
+    with pytest.raises(ValueError, match="states"):
+        BinaryConfusionMetric().merge(TopKAccuracy(1))
+
+
+def _security_outputs(flow, n, seed):
+    torch.manual_seed(seed)
+    x = {"features": torch.randn(n, 8)}
+    labels = {p: flow.tasks[p].prepare_labels(v) for p, v in security_labels(n, seed=seed, missing_rate=0.2).items()}
+    model = flow.torch().eval()
+    with torch.no_grad():
+        x["gt"] = {p: labels[p] for p in flow.graph.condition_paths}
+        out = model(x)
+    return out, labels
+
+
+def test_flow_metrics_merge_equals_one_pass_and_counts_s_t():
+    flow = security_tasks(features=8).get_full_flow()
+    out, labels = _security_outputs(flow, 90, seed=1)
+    whole = flow.get_metrics()
+    whole.update(out, labels)
+    merged = flow.get_metrics()
+    for a, b in [(0, 7), (7, 7), (7, 60), (60, 90)]:
+        part = flow.get_metrics()
+        part.update({k: {p: t[a:b] for p, t in v.items()} for k, v in out.items()},
+                    {p: t[a:b] for p, t in labels.items()})
+        merged.merge(part.states() if a else part)
+    expected, got = whole.compute(), merged.compute()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], nan_ok=True, abs=1e-12), key
+    assert merged.num_samples() == whole.num_samples()
+    for p, count in whole.num_samples().items():
+        avail = flow.tasks[p].available(labels[p]).reshape(90, -1).any(1)
+        assert count == int((avail & out["mask"][p]).sum())
