@@ -45,11 +45,22 @@ def _take(value: Any, index: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _take(v, index) for k, v in value.items()}
     if isinstance(value, Tensor):
+        if isinstance(index, Tensor) and index.dim() == 1:
+            # a batch of rows: index_select is several times faster than advanced indexing
+            return value.index_select(0, index if index.device == value.device else index.to(value.device))
         return value[index]
     if isinstance(index, Tensor):
-        items = [value[int(i)] for i in index]
+        items = [value[i] for i in index.tolist()]
         return torch.stack([torch.as_tensor(v) for v in items]) if items and _stackable(items[0]) else items
     return value[index]
+
+
+def _index_tensor(index: Any) -> Tensor:
+    """Sample indices as an int64 CPU tensor. Lists (what a `BatchSampler` yields) go through
+    numpy, which converts a list of ints several times faster than `torch.as_tensor`."""
+    if isinstance(index, list):
+        return torch.from_numpy(np.asarray(index, dtype=np.int64))
+    return torch.as_tensor(index, dtype=torch.int64).cpu()
 
 
 def _stackable(v: Any) -> bool:
@@ -119,9 +130,12 @@ class FlowDataset(Dataset):
         return self.n
 
     def __getitem__(self, index: Any):
-        """One sample for an int index; a collated batch for a sequence of indices."""
+        """One sample for an int index; a collated batch for a sequence of indices (a list, an
+        array or a 1-D tensor, as a `BatchSampler` gives them: one `index_select` per tensor)."""
         if not isinstance(index, (int, np.integer)):
-            index = torch.as_tensor(index, dtype=torch.int64)
+            index = _index_tensor(index)
+            if index.dim() == 1:
+                return self._batch(index)
         elif not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for a dataset of {self.n} samples")
         x = {k: _take(v, index) for k, v in self.inputs.items()}
@@ -129,6 +143,20 @@ class FlowDataset(Dataset):
         if self.with_index:
             x["index"] = torch.as_tensor(index, dtype=torch.int64) % self.n
         y = {p: t[index] for p, t in self.labels.items()}
+        return x, y
+
+    def _batch(self, index: Tensor):
+        if index.numel():
+            lo, hi = (int(v) for v in torch.aminmax(index))
+            if lo < -self.n or hi >= self.n:
+                raise IndexError(f"indices from {lo} to {hi} out of range for a dataset of {self.n} samples")
+            if lo < 0:
+                index = torch.where(index < 0, index + self.n, index)
+        x = {k: _take(v, index) for k, v in self.inputs.items()}
+        x["gt"] = {p: self.labels[p].index_select(0, index) for p in self.gt_paths}
+        if self.with_index:
+            x["index"] = index % self.n
+        y = {p: t.index_select(0, index) for p, t in self.labels.items()}
         return x, y
 
     def loader(self, batch_size: int = 32, shuffle: bool = False, drop_last: bool = False,

@@ -1,0 +1,110 @@
+"""Cost of getting training batches out of `flow.get_dataset(...)` against plain tensor indexing.
+
+The data: N samples of a `(N, F)` float feature matrix and the labels of the seed's home-security
+story (`dnn_cool_catalyst.story`: 14 tasks, 4 of them preconditions that also go to `X["gt"]`).
+Three ways to get shuffled batches of 256 in the `(X, y)` layout a flow trains on:
+
+- `ds.loader(batch_size=256, shuffle=True)`: whole-batch fetching (one gather per tensor),
+- `DataLoader(ds, batch_size=256, shuffle=True)`: 256 single-sample items collated by torch,
+- plain: a random permutation, then per batch `t[idx]` on the same tensors into dicts, as one
+  would write by hand without a framework (the reference).
+
+Each pass is one epoch over all batches with `num_workers=0` (the fetching cost itself, in the
+main process); passes of the three run interleaved and the script prints the median time per
+batch of each and its ratio to plain indexing.
+
+    python benchmarks/data_pipeline.py
+    python benchmarks/data_pipeline.py --samples 51200 --features 512 --epochs 15
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from dnn_cool_catalyst.story import security_labels, security_tasks
+
+
+def plain_batches(features, labels, gt_keys, batch_size, generator):
+    """The hand-written reference: a permutation and per-batch tensor indexing."""
+    perm = torch.randperm(features.shape[0], generator=generator)
+    for start in range(0, features.shape[0], batch_size):
+        idx = perm[start:start + batch_size]
+        x = {"features": features[idx], "gt": {k: labels[k][idx] for k in gt_keys}}
+        y = {k: v[idx] for k, v in labels.items()}
+        yield x, y
+
+
+def epoch_time(batches) -> tuple[float, int]:
+    """Seconds to exhaust an iterable of batches, and the number of batches."""
+    t0 = time.perf_counter()
+    count = 0
+    for x, y in batches:
+        count += 1
+    return time.perf_counter() - t0, count
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=256 * 20)
+    p.add_argument("--features", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=15, help="timed passes of each way")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes of each way")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    flow = security_tasks(features=args.features).get_full_flow()
+    gen = torch.Generator().manual_seed(args.seed)
+    features = torch.randn(args.samples, args.features, generator=gen)
+    ds = flow.get_dataset({"features": features}, security_labels(args.samples, seed=args.seed))
+
+    # The plain side gets the same tensors, already in their training dtypes (the dataset
+    # converts once at construction; so would a person, outside the loop).
+    labels = {k: v.clone() for k, v in ds.labels.items()}
+    x0, y0 = ds[list(range(4))]
+    gt_keys = list(x0["gt"])  # exactly the precondition tasks, as the dataset gives them
+    x1, y1 = next(plain_batches(features, labels, gt_keys, 4, torch.Generator()))
+    assert sorted(y1) == sorted(y0) and sorted(x1["gt"]) == sorted(x0["gt"]), "plain batches differ in layout"
+
+    bs = args.batch_size
+    ways = {
+        "ds.loader (batched)": lambda g: ds.loader(batch_size=bs, shuffle=True, generator=g),
+        "DataLoader(ds) per-item": lambda g: DataLoader(ds, batch_size=bs, shuffle=True, generator=g),
+        "plain tensor indexing": lambda g: plain_batches(features, labels, gt_keys, bs, g),
+    }
+    # same batches: check that the batched loader yields what indexing gives for its indices
+    xb, yb = next(iter(ds.loader(batch_size=bs, shuffle=False)))
+    torch.testing.assert_close(xb["features"], features[:bs])
+    for k, v in labels.items():
+        torch.testing.assert_close(yb[k], v[:bs], equal_nan=True)
+
+    times = {name: [] for name in ways}
+    n_batches = {}
+    for epoch in range(args.warmup + args.epochs):
+        order = list(ways) if epoch % 2 == 0 else list(reversed(ways))
+        for name in order:
+            g = torch.Generator().manual_seed(args.seed + epoch)
+            seconds, count = epoch_time(ways[name](g))
+            n_batches[name] = count
+            if epoch >= args.warmup:
+                times[name].append(seconds / count)
+
+    print(f"data pipeline: security flow labels, {args.samples} samples x {args.features} features, "
+          f"batch {bs}, num_workers=0, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
+          f"median over {args.epochs} epochs of {n_batches['plain tensor indexing']} batches", flush=True)
+    base = statistics.median(times["plain tensor indexing"])
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"  {name:26s} {m * 1e6:9.1f} us/batch   ratio {m / base:6.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
