@@ -1,0 +1,163 @@
+"""InterpretationCallback against a fake runner: ranks and dataset indices (also under
+shuffling), the CSV, publishers per key and per type, tree explanations."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from dnn_cool_catalyst.callbacks import ImagePublisher, InterpretationCallback, TextPublisher, rank_samples
+from dnn_cool_catalyst.callbacks.interpretation import CSV_COLUMNS
+
+
+def per_sample_losses(flow, ds):
+    x, y = ds[list(range(len(ds)))]
+    with torch.no_grad():
+        return flow.get_per_sample_loss()(flow.torch().eval()(x), y)
+
+
+def test_rank_samples_orders_by_loss_then_index_and_skips_nan():
+    losses = torch.tensor([0.5, math.nan, 0.9, 0.5, 0.1, 0.7])
+    indices = torch.tensor([10, 11, 12, 13, 14, 15])
+    table = rank_samples(losses, indices, k=2)
+    assert table["rank"].tolist() == [1, 2, 4, 5]  # n = 5 samples in S_t
+    assert table["dataset_index"].tolist() == [12, 15, 13, 14]  # equal losses 0.5: index 10 ranks before 13
+    assert table["loss"].tolist() == pytest.approx([0.9, 0.7, 0.5, 0.1])
+    small = rank_samples(torch.tensor([0.2, 0.3]), torch.tensor([1, 0]), k=5)
+    assert small["rank"].tolist() == [1, 2] and small["dataset_index"].tolist() == [0, 1]
+    assert rank_samples(torch.tensor([math.nan]), torch.tensor([3]), k=2).empty
+
+
+def test_csv_has_the_right_samples_under_shuffling(small_flow, small_data, fake_runner_cls, tmp_path):
+    ds = small_flow.get_dataset(*small_data, with_index=True)
+    runner = fake_runner_cls(small_flow, logdir=str(tmp_path))
+    cb = InterpretationCallback(top_k=3, explain=0)
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    table = pd.read_csv(tmp_path / "interpretation_valid.csv")
+    assert tuple(table.columns) == CSV_COLUMNS
+    pd.testing.assert_frame_equal(table, cb.results["valid"], check_dtype=False)
+    reference = per_sample_losses(small_flow, ds)
+    for path in small_flow.graph.paths:
+        rows = table[table["task_path"] == path]
+        losses = reference[path].numpy()
+        in_s = np.flatnonzero(~np.isnan(losses))
+        expected = in_s[np.lexsort((in_s, -losses[in_s]))]  # by loss descending, then index
+        n = len(expected)
+        assert rows["rank"].tolist() == [r for r in range(1, n + 1) if r <= 3 or r > n - 3]
+        assert rows["dataset_index"].tolist() == [int(expected[r - 1]) for r in rows["rank"]]
+        assert rows["loss"].to_numpy() == pytest.approx(losses[rows["dataset_index"].to_numpy()], rel=1e-5)
+
+
+def test_positions_are_used_with_a_warning_without_index(small_flow, small_data, fake_runner_cls):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = InterpretationCallback(top_k=1, explain=0)
+    runner.start([cb])
+    with pytest.warns(UserWarning, match="carry no X\\['index'\\]"):
+        runner.run_loader([cb], "valid", ds.loader(batch_size=50))
+    rows = cb.results["valid"]
+    reference = per_sample_losses(small_flow, ds)["camera_blocked"].numpy()
+    worst = rows[(rows["task_path"] == "camera_blocked") & (rows["rank"] == 1)]["dataset_index"].item()
+    assert worst == int(np.nanargmax(reference))
+
+
+def test_train_loaders_are_not_interpreted_by_default(small_flow, small_data, fake_runner_cls):
+    ds = small_flow.get_dataset(*small_data, with_index=True)
+    runner = fake_runner_cls(small_flow)
+    cb = InterpretationCallback()
+    runner.start([cb])
+    runner.run_loader([cb], "train", ds.loader(batch_size=64))
+    assert cb.results == {} and runner.logger.texts == []
+
+
+class ImageModel(nn.Module):
+    """Computes the features from an image and a caption length, passes gt through."""
+
+    def __init__(self, flow_module):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8))
+        self.flow = flow_module
+
+    def forward(self, x):
+        return self.flow({"features": self.backbone(x["img"].float()), "gt": x.get("gt")})
+
+
+class CountingPublisher:
+    def __init__(self):
+        self.calls = []
+
+    def accepts(self, value):
+        return True
+
+    def publish(self, runner, tag, value):
+        self.calls.append(tag)
+
+
+def test_inputs_are_published_per_type_and_per_key(small_flow, small_data, fake_runner_cls):
+    _, labels = small_data
+    n = len(labels["camera_blocked"])
+    rng = np.random.default_rng(0)
+    inputs = {"img": rng.integers(0, 255, size=(n, 3, 8, 8)).astype(np.uint8),
+              "caption": [f"sample {i}" for i in range(n)],
+              "meta": {"depth": rng.normal(size=(n, 8, 8, 1)).astype(np.float32), "hidden": np.zeros((n, 4))}}
+    ds = small_flow.get_dataset(inputs, labels, with_index=True, computed=["features"])
+    custom = CountingPublisher()
+    runner = fake_runner_cls(small_flow, model=ImageModel(small_flow.torch()))
+    cb = InterpretationCallback(top_k=1, explain=0, publishers={"meta.depth": custom, "caption": None})
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=32, shuffle=True))
+    table = cb.results["valid"]
+    images = {tag: image for _, tag, image in runner.logger.images}
+    row = table[(table["task_path"] == "door_open") & (table["rank"] == 1)].iloc[0]
+    image = images["door_open/worst/1/img"]
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, np.moveaxis(inputs["img"][int(row["dataset_index"])], 0, -1))
+    assert "door_open/best/1/img" in images
+    assert not any("caption" in tag for _, tag, _ in runner.logger.texts)  # skipped by key
+    assert "door_open/worst/1/meta.depth" in custom.calls  # chosen by key
+    assert not any("hidden" in tag for tag in images)  # no publisher accepts a (4,) vector
+    texts = {tag: text for _, tag, text in runner.logger.texts}
+    assert f"| 1 | {int(row['dataset_index'])} |" in texts["door_open/interpretation"]
+
+
+def test_text_inputs_are_published_as_text(small_flow, small_data, fake_runner_cls):
+    feats, labels = small_data
+    n = len(labels["camera_blocked"])
+    inputs = dict(feats, note=[f"note {i}" for i in range(n)])
+    ds = small_flow.get_dataset(inputs, labels, with_index=True)
+    runner = fake_runner_cls(small_flow)
+    cb = InterpretationCallback(top_k=1, explain=0)
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=40))
+    row = cb.results["valid"].query("task_path == 'camera_blocked' and rank == 1").iloc[0]
+    texts = {tag: text for _, tag, text in runner.logger.texts}
+    assert f"note {int(row['dataset_index'])}" in texts["camera_blocked/worst/1/note"]
+
+
+def test_tree_explanations_of_the_first_samples(small_flow, small_data, fake_runner_cls):
+    ds = small_flow.get_dataset(*small_data, with_index=True)
+    runner = fake_runner_cls(small_flow)
+    cb = InterpretationCallback(explain=2)
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=32, shuffle=True))
+    texts = {tag: text for _, tag, text in runner.logger.texts if tag.startswith("explanations/")}
+    assert sorted(texts) == ["explanations/sample_0", "explanations/sample_1"]
+    x, _ = ds[[0]]
+    with torch.no_grad():
+        out = small_flow.torch().eval()({k: v for k, v in x.items() if k != "gt"})
+    tree = small_flow.get_treelib_explainer()(out, ids=[0])[0]
+    assert tree.show(stdout=False, sorting=False) in texts["explanations/sample_0"]
+    assert "camera_blocked" in texts["explanations/sample_0"]
+
+
+def test_publishers_accept_what_they_can_show():
+    image = ImagePublisher()
+    assert image.accepts(np.zeros((3, 16, 16), np.float32)) and image.accepts(torch.zeros(16, 16, 1))
+    assert not image.accepts(np.zeros(256)) and not image.accepts(np.zeros((3, 4, 4))) and not image.accepts("x")
+    hwc = image.to_hwc_uint8(torch.linspace(-1, 1, 16 * 16).reshape(1, 16, 16))
+    assert hwc.shape == (16, 16, 3) and hwc.min() == 0 and hwc.max() == 255
+    assert image.to_hwc_uint8(np.full((8, 8, 3), 0.5, np.float32)).max() == 128
+    assert TextPublisher().accepts("a") and TextPublisher().accepts(b"a") and not TextPublisher().accepts(np.zeros(3))

@@ -1,0 +1,149 @@
+"""FlowMetricsCallback against a fake runner: exact loader-level values, per-batch losses,
+deferred decoding, PR curves, loader selection."""
+import math
+
+import pytest
+import torch
+
+from dnn_cool_catalyst.callbacks import FlowMetricsCallback
+
+
+def whole_loader_reference(flow, ds, train_mode=False):
+    """Metrics and losses computed on the whole dataset as one batch."""
+    model = flow.torch()
+    model.train(train_mode)
+    x, y = ds[list(range(len(ds)))]
+    with torch.no_grad():
+        out = model(x)
+        metrics = flow.get_metrics()
+        metrics.update(out, y)
+        loss = flow.get_loss()
+        terms = loss.terms(out, y)
+    values = dict(metrics.compute())
+    for p, (s, c) in terms.items():
+        values[f"{p}/loss"] = float(s / c) if c > 0 else math.nan
+    values["loss"] = float(loss.combine(terms, loss.weights))
+    return values, metrics.num_samples()
+
+
+def assert_same(actual, expected):
+    assert set(expected) <= set(actual)
+    for key, value in expected.items():
+        if math.isnan(value):
+            assert math.isnan(actual[key]), key
+        else:
+            assert actual[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("loader_key", ["valid", "train"])
+def test_loader_values_equal_one_batch_over_the_whole_loader(small_flow, small_data, fake_runner_cls, loader_key):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    # Batches of unequal size whose masks differ: a mean of batch means would not match.
+    got = runner.run_loader([cb], loader_key, ds.loader(batch_size=50))
+    expected, _ = whole_loader_reference(small_flow, ds, train_mode=loader_key == "train")
+    assert_same(got, expected)
+    assert {f"{p}/loss" for p in small_flow.graph.paths} <= set(got)
+
+
+def test_per_task_losses_of_each_batch(small_flow, small_data, fake_runner_cls):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=40))
+    assert len(runner.batch_history) == 3
+    loss_fn = small_flow.get_loss()
+    x, y = ds[list(range(40, 80))]
+    with torch.no_grad():
+        terms = loss_fn.terms(small_flow.torch().eval()(x), y)
+    second = runner.batch_history[1]
+    for p, (s, c) in terms.items():
+        value = float(second[f"{p}/loss"])
+        assert (math.isnan(value) if c == 0 else value == pytest.approx(float(s / c), rel=1e-6))
+
+
+def test_criterion_without_terms_gives_sample_weighted_loss(small_flow, small_data, fake_runner_cls):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow, with_terms=False)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    got = runner.run_loader([cb], "valid", ds.loader(batch_size=50))
+    sizes = [50, 50, 20]
+    batch_losses = [float(h["loss"]) for h in runner.batch_history]
+    assert got["loss"] == pytest.approx(sum(s * v for s, v in zip(sizes, batch_losses)) / 120)
+    expected, _ = whole_loader_reference(small_flow, ds)
+    assert got["door_open/loss"] == pytest.approx(expected["door_open/loss"], rel=1e-6)
+
+
+class SetThresholdAtLoaderEnd:
+    """Stands in for the tuning callback, which runs just before the metrics at a loader's end."""
+
+    def __init__(self, flow, path, threshold):
+        self.flow, self.path, self.threshold = flow, path, threshold
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda runner: None
+        raise AttributeError(name)
+
+    def on_loader_end(self, runner):
+        self.flow.get_decoder().load_tuned({self.path: {"threshold": self.threshold}})
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_decoded_metrics_use_thresholds_set_at_the_loader_end(small_flow, small_data, fake_runner_cls, deferred):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback(deferred_decoding=deferred)
+    runner.start([cb])
+    before, _ = whole_loader_reference(small_flow, ds)
+    got = runner.run_loader([SetThresholdAtLoaderEnd(small_flow, "camera_blocked", 1.0), cb], "valid",
+                            ds.loader(batch_size=32))
+    after, _ = whole_loader_reference(small_flow, ds)  # now everything is decoded negative
+    assert after["camera_blocked/recall"] == 0.0 < before["camera_blocked/recall"]
+    expected = after if deferred else before
+    for name in ("accuracy", "precision", "recall", "f1_score"):
+        key = f"camera_blocked/{name}"
+        assert (math.isnan(got[key]) and math.isnan(expected[key])) or got[key] == pytest.approx(expected[key]), key
+
+
+def test_pr_curves_per_binary_task_on_loaders_that_do_not_train(small_flow, small_data, fake_runner_cls):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    runner.run_loader([cb], "train", ds.loader(batch_size=32))
+    assert runner.logger.pr_curves == []
+    runner.run_loader([cb], "valid", ds.loader(batch_size=32))
+    _, counts = whole_loader_reference(small_flow, ds)
+    curves = {tag: (labels, scores) for _, tag, labels, scores in runner.logger.pr_curves}
+    binary = ["camera_blocked", "door_open", "door_locked", "person_present"]
+    assert sorted(curves) == sorted(f"{p}/pr_curve" for p in binary)
+    for p in binary:
+        labels, scores = curves[f"{p}/pr_curve"]
+        assert len(labels) == len(scores) == counts[p]  # only samples in S_t
+        assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_only_selected_loaders_are_measured(small_flow, small_data, fake_runner_cls):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback(loaders=["valid"], log_batch_losses=False)
+    runner.start([cb])
+    assert runner.run_loader([cb], "train", ds.loader(batch_size=64)) == {}
+    assert "loss" in runner.run_loader([cb], "valid", ds.loader(batch_size=64))
+    assert all(set(h) == {"loss"} for h in runner.batch_history)
+
+
+def test_missing_batch_layout_is_named(small_flow, fake_runner_cls):
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    runner.loader_key, runner.is_train_loader = "valid", False
+    cb.on_loader_start(runner)
+    runner.batch = {"logits": torch.zeros(2)}
+    with pytest.raises(KeyError, match="FlowMetricsCallback needs runner.batch with 'outputs'"):
+        cb.on_batch_end(runner)

@@ -1,0 +1,210 @@
+"""FlowRunner end to end on CPU: TensorBoard contents, tuning, evaluation, inference order,
+bad input on the first batch, resume, defaults, construction from config data."""
+import json
+import os
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from catalyst import dl
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from dnn_cool_catalyst.callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
+from dnn_cool_catalyst.errors import InputError, LabelError
+from dnn_cool_catalyst.runners import FlowRunner
+from dnn_cool_catalyst.tuning import load_tuned
+
+
+BINARY = ["camera_blocked", "door_open", "door_locked", "person_present"]
+
+
+def events(logdir, run):
+    ea = EventAccumulator(os.path.join(logdir, "tensorboard", run), size_guidance={"tensors": 0, "scalars": 0})
+    ea.Reload()
+    return ea
+
+
+def test_two_epochs_of_training_reach_tensorboard(data, flow_and_model, loaders_for, tmp_path):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    logdir = str(tmp_path / "run")
+    runner.train(loaders=loaders_for(flow, data), num_epochs=2, logdir=logdir, lr=1e-2)
+    valid, train = events(logdir, "valid"), events(logdir, "train")
+    scalars, tensors = set(valid.Tags()["scalars"]), set(valid.Tags()["tensors"])
+    metric_keys = [tm.key for tm in flow.get_metrics()]
+    for run_scalars in (scalars, set(train.Tags()["scalars"])):
+        for key in metric_keys + [f"{p}/loss" for p in flow.graph.paths] + ["loss"]:
+            assert f"{key}/epoch" in run_scalars, key
+    assert [e.step for e in valid.Scalars("door_open/accuracy/epoch")] == [1, 2]
+    assert "camera_blocked/tuned/threshold/epoch" in scalars
+    assert "person_regression.face_regression.facial_characteristics/tuned/threshold/hat/epoch" in scalars
+    for p in BINARY:
+        assert [e.step for e in valid.Tensors(f"{p}/pr_curve")] == [1, 2]
+    assert "explanations/sample_0/text_summary" in tensors
+    assert "door_open/interpretation/text_summary" in tensors
+    assert not any(t.endswith("pr_curve") for t in train.Tags()["tensors"])
+
+    assert valid.Scalars("loss/epoch")[-1].value == pytest.approx(runner.epoch_metrics["valid"]["loss"], rel=1e-6)
+    assert os.path.isfile(os.path.join(logdir, "checkpoints", "runner.best.pth"))
+    assert set(pd.read_csv(os.path.join(logdir, "interpretation_valid.csv"))["task_path"]) == set(flow.graph.paths)
+    # The file written at the last validation equals what tune gives on the same loader now.
+    written = load_tuned(os.path.join(logdir, "tuned_params.json"))
+    assert runner.tune(loaders_for(flow, data)["valid"], save=False) == written
+    assert valid.Scalars("door_open/tuned/threshold/epoch")[-1].value == pytest.approx(written["door_open"]["threshold"])
+
+
+def test_evaluate_is_the_evaluator_on_infer_output(data, flow_and_model, loaders_for, tmp_path):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, logdir=str(tmp_path))
+    loader = loaders_for(flow, data)["train"]
+    table = runner.evaluate(loader)
+    predictions = runner.infer(loader, preconditions="gt")
+    expected = flow.get_evaluator()(predictions["activated"], predictions["targets"], preconditions="gt")
+    pd.testing.assert_frame_equal(table, expected)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "evaluation.csv"), expected, check_dtype=False)
+    predicted = runner.evaluate(loader, preconditions="predicted", save=False)
+    assert (predicted["num_samples"] <= 96).all() and not predicted.equals(table)
+
+
+def test_infer_returns_dataset_order_with_inference_masks(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    shuffled = runner.infer(loaders_for(flow, data, shuffle=True)["train"])
+    ordered = runner.infer(loaders_for(flow, data)["valid"])
+    assert shuffled["index"].tolist() == list(range(96))
+    for part in ("logits", "activated", "decoded", "mask", "targets"):
+        for p in flow.graph.paths:
+            np.testing.assert_allclose(shuffled[part][p], ordered[part][p], rtol=1e-6)
+    # "predicted": door_locked applies where the camera is not blocked and the door is decoded closed
+    expected = ~shuffled["decoded"]["camera_blocked"].reshape(-1) & ~shuffled["decoded"]["door_open"].reshape(-1)
+    np.testing.assert_array_equal(shuffled["mask"]["door_locked"], expected)
+    with_gt = runner.infer(loaders_for(flow, data)["valid"], preconditions="gt")
+    assert not np.array_equal(with_gt["mask"]["door_locked"], shuffled["mask"]["door_locked"])
+
+
+class Dropping(Dataset):
+    """Items of a flow dataset with a key removed; reading past the first two batches fails (the
+    loader prefetches one batch ahead)."""
+
+    def __init__(self, ds, where, key, first_batch=32):
+        self.ds, self.where, self.key, self.first_batch = ds, where, key, first_batch
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i >= self.first_batch:
+            raise RuntimeError("read past the first batch")
+        x, y = self.ds[i]
+        part = x if self.where == "x" else y
+        part.pop(self.key)
+        return x, y
+
+
+@pytest.mark.parametrize("where,key,error,match", [
+    ("y", "door_open", LabelError, r"loader 'train': the first batch has no labels \(y\) for task\(s\) \['door_open'\]"),
+    ("x", "gt", InputError, r"loader 'train': the first batch has no X\['gt'\]"),
+])
+def test_bad_batches_fail_on_the_first_batch_naming_the_key(data, flow_and_model, where, key, error, match):
+    flow, model = flow_and_model()
+    ds = flow.get_dataset(*data, with_index=True, computed=["features"])
+    loader = DataLoader(Dropping(ds, where, key), batch_size=16)
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    with pytest.raises(error, match=match):
+        FlowRunner(flow, model=model).train(loaders={"train": loader}, num_epochs=1)
+    assert forwards == []  # found before the model saw the first batch
+
+
+def test_missing_feature_and_wrong_loader_items_are_named(data, flow_and_model):
+    flow, _ = flow_and_model()
+    raw, labels = data
+    ds = flow.get_dataset({"pixels": raw["raw"]}, labels, computed=["features"])
+    with pytest.raises(InputError, match=r"task 'camera_blocked' reads x.features.*has no key 'features'"):
+        FlowRunner(flow).train(loaders={"train": ds.loader(batch_size=16)}, num_epochs=1)
+    tensors = DataLoader(TensorDataset(torch.zeros(8, 6), torch.zeros(8)), batch_size=4)
+    with pytest.raises(TypeError, match=r"loader 'valid' yielded a list of 2 item\(s\): \(Tensor, Tensor\)"):
+        FlowRunner(flow).train(loaders={"valid": tensors}, num_epochs=1)
+
+
+class StopAt(dl.Callback):
+    """Interrupts a run in the middle of an epoch."""
+
+    def __init__(self, epoch, batch):
+        super().__init__(order=dl.CallbackOrder.External)
+        self.epoch, self.batch = epoch, batch
+
+    def on_batch_end(self, runner):
+        if runner.epoch_step == self.epoch and runner.loader_batch_step == self.batch:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_weights(data, flow_and_model, loaders_for, tmp_path):
+    def run(logdir, callbacks=None, resume=None):
+        flow, model = flow_and_model()
+        runner = FlowRunner(flow, model=model)
+        runner.train(loaders=loaders_for(flow, data), num_epochs=4, logdir=logdir, seed=3, lr=1e-2,
+                     callbacks=callbacks, resume=resume, interpretation=False)
+        return runner, flow
+
+    whole, whole_flow = run(str(tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "cut"), callbacks=[StopAt(epoch=3, batch=2)])
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "runner.storage.json").read_text())["storage"]
+    resumed, resumed_flow = run(str(tmp_path / "cut"), resume=True)
+    assert resumed.epoch_step == 4
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole_flow.get_decoder().params() == resumed_flow.get_decoder().params()
+    assert load_tuned(tmp_path / "whole" / "tuned_params.json") == load_tuned(tmp_path / "cut" / "tuned_params.json")
+
+
+def test_resume_needs_a_checkpoint(data, flow_and_model, loaders_for, tmp_path):
+    flow, model = flow_and_model()
+    with pytest.raises(FileNotFoundError, match="runner.last.pth"):
+        FlowRunner(flow, model=model).train(loaders=loaders_for(flow, data), logdir=str(tmp_path), resume=True)
+
+
+def test_defaults_only_where_none_was_given(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    mine = FlowMetricsCallback(loaders=["valid"])
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, callbacks={"mine": mine}, threshold_tuning=False,
+                 optimizer=partial(torch.optim.SGD, lr=0.1))
+    kinds = [type(c).__name__ for c in runner.callbacks.values()]
+    assert kinds.count("FlowMetricsCallback") == 1 and runner.callbacks["mine"] is mine
+    assert "InterpretationCallback" in kinds and "ThresholdTuningCallback" not in kinds
+    assert not any(isinstance(c, dl.ICheckpointCallback) for c in runner.callbacks.values())  # no logdir
+    assert isinstance(runner.optimizer.optimizer, torch.optim.SGD)  # inside accelerate's wrapper
+    assert "door_open/accuracy" not in runner.epoch_metrics["train"] and "door_open/accuracy" in runner.epoch_metrics["valid"]
+    before = flow.get_decoder().params()
+    metrics = runner.evaluate_loader(loaders_for(flow, data)["valid"])
+    assert metrics["loss"] == pytest.approx(runner.epoch_metrics["valid"]["loss"])
+    assert flow.get_decoder().params() == before  # evaluation tunes nothing
+    assert not any(isinstance(c, (ThresholdTuningCallback, InterpretationCallback)) for c in runner.callbacks.values())
+
+
+def test_constructible_from_config_data():
+    from catalyst.registry import REGISTRY
+
+    built = REGISTRY.get_from_params(**{
+        "runner": {"_target_": "dnn_cool_catalyst.runners.FlowRunner", "flow": "dnn_cool_catalyst.story.security_tasks"},
+        "callbacks": {"interpretation": {"_target_": "dnn_cool_catalyst.callbacks.InterpretationCallback", "top_k": 2,
+                                         "publishers": {"img": {"_target_": "dnn_cool_catalyst.callbacks.ImagePublisher"}}},
+                      "tuning": {"_target_": "dnn_cool_catalyst.callbacks.ThresholdTuningCallback", "metric": "f1"}},
+    })
+    assert isinstance(built["runner"], FlowRunner) and built["runner"].flow.name == "full_flow"
+    assert built["runner"].model is built["runner"].flow.torch()
+    assert built["callbacks"]["interpretation"].top_k == 2 and built["callbacks"]["tuning"].metric == "f1"
+
+
+def test_bad_construction_is_named():
+    with pytest.raises(ImportError, match="no 'nope'"):
+        FlowRunner("dnn_cool_catalyst.story.nope")
+    with pytest.raises(TypeError, match="needs a TaskFlow"):
+        FlowRunner(42)
+    with pytest.raises(NotImplementedError, match="balance_dataparallel_memory"):
+        FlowRunner("dnn_cool_catalyst.story.security_tasks", balance_dataparallel_memory=True)
