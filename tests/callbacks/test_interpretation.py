@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dnn_cool_catalyst.callbacks import ImagePublisher, InterpretationCallback, TextPublisher, rank_samples
+from dnn_cool_catalyst.callbacks import InterpretationCallback, rank_samples
 from dnn_cool_catalyst.callbacks.interpretation import CSV_COLUMNS
 
 
@@ -151,13 +151,3 @@ def test_tree_explanations_of_the_first_samples(small_flow, small_data, fake_run
     tree = small_flow.get_treelib_explainer()(out, ids=[0])[0]
     assert tree.show(stdout=False, sorting=False) in texts["explanations/sample_0"]
     assert "camera_blocked" in texts["explanations/sample_0"]
-
-
-def test_publishers_accept_what_they_can_show():
-    image = ImagePublisher()
-    assert image.accepts(np.zeros((3, 16, 16), np.float32)) and image.accepts(torch.zeros(16, 16, 1))
-    assert not image.accepts(np.zeros(256)) and not image.accepts(np.zeros((3, 4, 4))) and not image.accepts("x")
-    hwc = image.to_hwc_uint8(torch.linspace(-1, 1, 16 * 16).reshape(1, 16, 16))
-    assert hwc.shape == (16, 16, 3) and hwc.min() == 0 and hwc.max() == 255
-    assert image.to_hwc_uint8(np.full((8, 8, 3), 0.5, np.float32)).max() == 128
-    assert TextPublisher().accepts("a") and TextPublisher().accepts(b"a") and not TextPublisher().accepts(np.zeros(3))

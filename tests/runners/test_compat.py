@@ -1,0 +1,76 @@
+"""The Catalyst 22.4 workarounds: each fixes what it says and changes nothing else."""
+import warnings
+
+import pytest
+import torch
+from catalyst.core.misc import check_callbacks
+from torch import nn
+
+from dnn_cool_catalyst.runners.compat import (
+    BackwardCallback,
+    DataParallelEngine,
+    available_engine,
+    batch_fetching_loader,
+    quiet_step_callback_check,
+)
+
+
+def test_batch_fetching_loader_yields_the_same_batches(data, flow_and_model):
+    flow, _ = flow_and_model()
+    ds = flow.get_dataset(*data, with_index=True, computed=["features"])
+    original = ds.loader(batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(1))
+    rebuilt = batch_fetching_loader(ds.loader(batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    assert rebuilt is not original and rebuilt.batch_sampler.batch_size == 10
+    for (xa, ya), (xb, yb) in zip(original, rebuilt, strict=True):
+        assert torch.equal(xa["index"], xb["index"]) and torch.equal(xa["raw"], xb["raw"])
+        assert all(torch.equal(ya[p], yb[p]) or torch.equal(ya[p].isnan(), yb[p].isnan()) for p in ya)
+    plain = torch.utils.data.DataLoader(ds, batch_size=4)
+    assert batch_fetching_loader(plain) is plain
+
+
+def test_rebuilt_loader_can_be_prepared_by_accelerate(data, flow_and_model):
+    flow, _ = flow_and_model()
+    ds = flow.get_dataset(*data, computed=["features"])
+    engine = available_engine(cpu=True)
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'batch_size'"):
+        engine.prepare(ds.loader(batch_size=16))  # the accelerate bug worked around
+    prepared = engine.prepare(batch_fetching_loader(ds.loader(batch_size=16)))
+    assert sum(len(x["raw"]) for x, _ in prepared) == len(ds)
+
+
+def test_data_parallel_engine_prepares_a_model():
+    engine = DataParallelEngine()
+    model = engine.prepare(nn.Linear(3, 2))
+    assert model(torch.zeros(4, 3)).shape == (4, 2)
+
+
+class _Runner:
+    is_train_loader = True
+
+    def __init__(self, model, loss):
+        self.model, self.batch_metrics = model, {"loss": loss}
+        self.engine = available_engine(cpu=True)
+
+
+def test_backward_callback_clips_and_detaches():
+    model = nn.Linear(3, 1)
+    loss = (model(torch.full((8, 3), 100.0)) ** 2).mean()
+    runner = _Runner(model, loss)
+    BackwardCallback(metric_key="loss", grad_clip_fn=nn.utils.clip_grad_norm_, grad_clip_params={"max_norm": 1.0},
+                     log_gradient=True).on_batch_end(runner)
+    norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-4) and float(runner.batch_metrics["gradient/loss/norm"]) > 1.0
+    assert not runner.batch_metrics["loss"].requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        float(runner.batch_metrics["loss"])
+
+
+def test_only_the_three_step_callback_warnings_are_silenced():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_step_callback_check():
+            check_callbacks({}, criterion=object(), optimizer=object())
+            check_callbacks({}, scheduler=object())  # the scheduler one is not silenced
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "ISchedulerCallback" in messages[0]
