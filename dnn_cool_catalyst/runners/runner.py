@@ -23,6 +23,8 @@ from catalyst.core.callback import (
     ISchedulerCallback,
 )
 from catalyst.core.misc import callback_isinstance, sort_callbacks_by_order
+from catalyst.callbacks.misc import TqdmCallback
+from catalyst.loggers.console import ConsoleLogger
 from catalyst.loggers.tensorboard import TensorboardLogger
 from torch import Tensor, nn
 
@@ -32,6 +34,7 @@ from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..errors import InputError, LabelError
 from . import compat
+from .console import FlowConsoleLogger, FlowProgressBar
 from .export import export_model, load_model, unwrap_model
 from .tensorboard import FlowTensorboardLogger
 
@@ -239,8 +242,10 @@ class FlowRunner(dl.Runner):
           (each unless one of its type is given or its flag is false), backward and optimizer
           steps, a scheduler step, and with a `logdir` a runner checkpoint (`<logdir>/checkpoints`)
           keeping the best epoch by `valid_metric` ("loss") on `valid_loader` (the first loader
-          whose name starts with "valid"); Catalyst's progress bar with `verbose=True`;
-        - loggers: a `FlowTensorboardLogger` in `<logdir>/tensorboard` (plus Catalyst's console and CSV);
+          whose name starts with "valid");
+        - loggers: a `FlowTensorboardLogger` in `<logdir>/tensorboard`, a console logger printing
+          one line per task (`FlowConsoleLogger`), Catalyst's CSV logger; with `verbose=True`,
+          Catalyst's progress bar showing the overall batch metrics (`FlowProgressBar`);
         - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
           from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
           total `num_epochs` and fresh loaders.
@@ -330,6 +335,8 @@ class FlowRunner(dl.Runner):
 
     def get_loggers(self) -> Dict[str, Any]:
         loggers = dict(self._loggers or {})
+        if not any(isinstance(lg, ConsoleLogger) for lg in loggers.values()):
+            loggers["_console"] = FlowConsoleLogger()
         if self._logdir is not None and not any(isinstance(lg, TensorboardLogger) for lg in loggers.values()):
             loggers["_tensorboard"] = FlowTensorboardLogger(logdir=os.path.join(self._logdir, "tensorboard"))
         self._loggers = loggers
@@ -358,6 +365,8 @@ class FlowRunner(dl.Runner):
             plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             callbacks["_scheduler"] = (dl.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
                                        if plateau else dl.SchedulerCallback())
+        if self._verbose and not exists(TqdmCallback):
+            callbacks["_verbose"] = FlowProgressBar()
         if self._logdir is not None and not exists(ICheckpointCallback):
             callbacks["_checkpoint"] = dl.CheckpointCallback(
                 logdir=os.path.join(self._logdir, "checkpoints"), loader_key=self._valid_loader,
