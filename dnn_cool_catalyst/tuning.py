@@ -2,7 +2,11 @@
 
 `threshold_sweep(scores, labels)` sorts the scores once and evaluates *every* distinct cut point
 with cumulative counts: O(n log n), vectorised, no loop per candidate. `best_threshold` picks the
-cut that maximises a metric of the confusion counts.
+cut that maximises a metric of the confusion counts. For float32 scores the sort is a single sort
+of int64 keys (the score's order-preserving bits with the label in the lowest bit), and for the
+built-in metrics, which never get worse with one more true positive or true negative, only the
+cuts with a negative just below and a positive just above can win, so only those are scored
+(same result, tie rule included, as scoring all of them; a callable metric is scored at all).
 
 Decision rule and candidates. A sample is predicted positive when `score > threshold` (as the
 `ThresholdDecoder` decodes). With the distinct scores `v_0 < v_1 < ... < v_{m-1}` there are `m + 1`
@@ -70,7 +74,7 @@ def youden(tp, fp, fn, tn) -> np.ndarray:
     return 2 * balanced_accuracy(tp, fp, fn, tn) - 1
 
 
-METRICS: Dict[str, ConfusionMetric] = {
+METRICS: Dict[str, ConfusionMetric] = {  # all non-decreasing in tp and in tn (at fixed class sizes)
     "accuracy": accuracy,
     "f1": f1,
     "f1_score": f1,
@@ -78,6 +82,9 @@ METRICS: Dict[str, ConfusionMetric] = {
     "youden": youden,
     "youden_j": youden,
 }
+
+
+_MONOTONE = frozenset(METRICS.values())
 
 
 def metric_function(metric: Union[str, ConfusionMetric]) -> Tuple[str, ConfusionMetric]:
@@ -96,31 +103,36 @@ def metric_function(metric: Union[str, ConfusionMetric]) -> Tuple[str, Confusion
 
 @dataclass(frozen=True)
 class ThresholdSweep:
-    """Confusion counts at every cut point, ascending. `values` are the distinct scores `(m,)`;
-    cut `j` in `0..m` predicts positive the scores above `values[j - 1]` (all of them for `j = 0`),
-    and `tp, fp, fn, tn` are float64 arrays `(m + 1,)`."""
+    """Confusion counts at candidate cut points, ascending. Candidate `j` predicts negative the
+    `cuts[j]` lowest scores and positive the others (`cuts[0] == 0`: everything positive,
+    `cuts[-1] == n`: everything negative); `tp, fp, fn, tn` are float64 arrays, one entry per
+    candidate. A full sweep has one candidate per distinct score plus one; a pruned sweep keeps only
+    the cuts with a negative just below and a positive just above (and both ends)."""
 
-    values: np.ndarray
+    cuts: np.ndarray
     tp: np.ndarray
     fp: np.ndarray
     fn: np.ndarray
     tn: np.ndarray
+    _sorted: Callable[[int], np.floating]  # the i-th lowest score, in the scores' dtype
 
     def __len__(self) -> int:
         return self.tp.shape[0]
 
     def threshold(self, j: int) -> float:
         """The threshold (a value of the scores' dtype, as a Python float) that makes decision `j`."""
-        v, m = self.values, self.values.shape[0]
-        if not 0 <= j <= m:
-            raise IndexError(f"cut {j} out of range 0..{m}")
-        if j == 0:
-            return float(np.nextafter(v[0], v.dtype.type(-np.inf)))
-        if j == m:
-            return float(v[m - 1])
-        lo, hi = v[j - 1], v[j]
+        if not -len(self) <= j < len(self):
+            raise IndexError(f"cut {j} out of range for {len(self)} candidates")
+        i, n = int(self.cuts[j]), int(self.cuts[-1])
+        if i == 0:
+            first = self._sorted(0)
+            return float(np.nextafter(first, type(first)(-np.inf)))
+        lo = self._sorted(i - 1)
+        if i == n:
+            return float(lo)
+        hi = self._sorted(i)
         with np.errstate(over="ignore", invalid="ignore"):
-            mid = lo + (hi - lo) / v.dtype.type(2)
+            mid = lo + (hi - lo) / type(lo)(2)
         return float(mid) if lo <= mid < hi else float(lo)
 
 
@@ -147,10 +159,56 @@ def _canonical_scores(scores: Any) -> np.ndarray:
     return s
 
 
-def threshold_sweep(scores: Any, labels: Any) -> ThresholdSweep:
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+def _float32_from_key(key: np.int64) -> np.float32:
+    k = np.int32(key >> 1)
+    return (np.array([k ^ ((k >> 31) & _MAGNITUDE)], dtype=np.int32)).view(np.float32)[0]
+
+
+def _sweep_float32(s: np.ndarray, y: np.ndarray, prune: bool):
+    """One sort of int64 keys: the float's order-preserving int32 image, shifted left, and in bit 0
+    1 for a negative, so that in each run of equal scores the positives come first."""
+    i = s.view(np.int32)
+    key = (i ^ ((i >> 31) & _MAGNITUDE)).astype(np.int64)
+    key <<= 1
+    key += ~y
+    key.sort()
+    neg = key & 1
+    if prune:  # a negative followed by a positive: the only cuts a monotone metric needs
+        inner = np.flatnonzero(neg[:-1] > neg[1:]) + 1
+    else:
+        shifted = key >> 1
+        inner = np.flatnonzero(shifted[1:] != shifted[:-1]) + 1
+    neg_below = np.cumsum(neg)[inner - 1]
+    return inner, neg_below, int(neg.sum() if len(neg) else 0), lambda j: _float32_from_key(key[j])
+
+
+def _sweep_sorted(s: np.ndarray, y: np.ndarray, prune: bool):
+    order = np.argsort(s, kind="stable")
+    ss, yy = s[order], y[order].astype(np.int64)
+    n = ss.shape[0]
+    last = np.append(np.flatnonzero(ss[1:] != ss[:-1]), n - 1)  # last index of each run of equal scores
+    cpos = np.cumsum(yy)
+    pos_upto = cpos[last]
+    inner = last[:-1] + 1  # cut after each run but the last
+    neg_below = inner - pos_upto[:-1]
+    if prune and inner.shape[0]:
+        run_pos = np.diff(pos_upto, prepend=0)
+        run_len = np.diff(last, prepend=-1)
+        keep = (run_len[:-1] > run_pos[:-1]) & (run_pos[1:] > 0)
+        inner, neg_below = inner[keep], neg_below[keep]
+    return inner, neg_below, n - int(cpos[-1]), lambda j: ss[j]
+
+
+def threshold_sweep(scores: Any, labels: Any, prune: bool = False) -> ThresholdSweep:
     """Confusion counts of `scores > t` at every distinct cut point (see the module docstring).
 
-    `scores`: finite floats `(n,)`, n >= 1; `labels`: booleans (or 0/1) `(n,)`.
+    `scores`: finite floats `(n,)`, n >= 1; `labels`: booleans (or 0/1) `(n,)`. With `prune=True`
+    only the cuts between a negative (below) and a positive (above) are kept, plus both ends: the
+    best cut of any metric that does not decrease with `tp` and with `tn` (all of `METRICS`) is
+    among them, with the same tie rule.
     """
     s = _canonical_scores(scores)
     y = as_numpy(labels)
@@ -163,38 +221,16 @@ def threshold_sweep(scores: Any, labels: Any) -> ThresholdSweep:
         raise ValueError(f"scores must be finite; {int((~np.isfinite(s)).sum())} of {n} are NaN or infinite")
     y = y.astype(bool, copy=False)
     s = s + s.dtype.type(0)  # -0.0 -> +0.0, so that equal scores have equal sort keys
-    if s.dtype == np.float32:
-        # One sort of int64 keys: the float's order-preserving int32 image, shifted, label in bit 0.
-        i = s.view(np.int32)
-        key = (i ^ ((i >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
-        key <<= 1
-        key |= y
-        key.sort()
-        pos = key & 1
-        key >>= 1
-        change = key[1:] != key[:-1]
-    else:
-        order = np.argsort(s)
-        s_sorted = s[order]
-        pos = y[order].astype(np.int64)
-        change = s_sorted[1:] != s_sorted[:-1]
-    last = np.flatnonzero(change)
-    last = np.append(last, n - 1)  # index of the last sample of each distinct score
-    if s.dtype == np.float32:
-        k = key[last].astype(np.int32)
-        values = (k ^ ((k >> 31) & np.int32(0x7FFFFFFF))).view(np.float32)
-    else:
-        values = s_sorted[last]
-    cpos = np.cumsum(pos)
-    p = int(cpos[-1])
-    fn = np.empty(last.shape[0] + 1, np.float64)
-    fn[0] = 0
-    fn[1:] = cpos[last]
-    below = np.empty_like(fn)
-    below[0] = 0
-    below[1:] = last + 1
-    tn = below - fn
-    return ThresholdSweep(values=values, tp=p - fn, fp=(n - p) - tn, fn=fn, tn=tn)
+    sweep = _sweep_float32 if s.dtype == np.float32 else _sweep_sorted
+    inner, neg_below, negatives, sorted_score = sweep(s, y, prune)
+    k = inner.shape[0] + 2
+    cuts = np.empty(k, np.int64)
+    cuts[0], cuts[1:-1], cuts[-1] = 0, inner, n
+    tn = np.empty(k, np.float64)
+    tn[0], tn[1:-1], tn[-1] = 0, neg_below, negatives
+    fn = cuts - tn
+    positives = n - negatives
+    return ThresholdSweep(cuts=cuts, tp=positives - fn, fp=negatives - tn, fn=fn, tn=tn, _sorted=sorted_score)
 
 
 class Tuned(NamedTuple):
@@ -224,10 +260,14 @@ def best_cut(sweep: ThresholdSweep, metric: Union[str, ConfusionMetric] = "accur
 
 
 def best_threshold(scores: Any, labels: Any, metric: Union[str, ConfusionMetric] = "accuracy") -> Tuned:
-    """The threshold `t` maximising `metric` of the decisions `scores > t`, exactly."""
-    sweep = threshold_sweep(scores, labels)
-    j, value = best_cut(sweep, metric)
-    return Tuned(sweep.threshold(j), value, int(sweep.tp[0] + sweep.fp[0]))
+    """The threshold `t` maximising `metric` of the decisions `scores > t`, exactly.
+
+    The metrics of `METRICS` are monotone (never worse with one more true positive or true
+    negative), so they are evaluated on the pruned sweep; a callable is evaluated at every cut."""
+    name, fn = metric_function(metric)
+    sweep = threshold_sweep(scores, labels, prune=fn in _MONOTONE)
+    j, value = best_cut(sweep, fn)
+    return Tuned(sweep.threshold(j), value, int(sweep.cuts[-1]))
 
 
 def best_thresholds(scores: Any, labels: Any, available: Any,

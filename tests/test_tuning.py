@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from dnn_cool_catalyst import best_threshold, load_tuned, save_tuned, threshold_sweep
-from dnn_cool_catalyst.tuning import METRICS, best_thresholds, metric_function
+from dnn_cool_catalyst.tuning import METRICS, best_cut, best_thresholds, metric_function
 
 
 def _counts(scores, labels, t):
@@ -53,6 +53,9 @@ def test_tuned_threshold_reaches_the_brute_force_best(data, metric):
     if np.isfinite(best):
         assert tuned.score == pytest.approx(best, abs=1e-12)
     assert tuned.num_samples == len(scores)
+    # the pruned sweep picks exactly what the full sweep picks, tie rule included
+    full = threshold_sweep(scores, labels)
+    assert tuned.threshold == full.threshold(best_cut(full, metric)[0])
     # the same decisions through torch (float32 tensors compare in float32, like NumPy)
     dec = (torch.from_numpy(scores) > tuned.threshold).numpy()
     assert np.array_equal(dec, scores > tuned.threshold)

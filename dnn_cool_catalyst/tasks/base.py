@@ -114,7 +114,9 @@ class ThresholdDecoder(Decoder):
                                  "must have one element per sample")
             if not w.any():
                 return {"threshold": self.threshold, "tuned": False, "reason": "no samples in S_t"}
-            r = best_threshold(a[w], y[w] > 0.5, fn)
+            if not w.all():
+                a, y = a[w], y[w]
+            r = best_threshold(a, y > 0.5, fn)
             self.load_tuned({"threshold": r.threshold})
             return {"threshold": r.threshold, "tuned": True, "metric": name, "score": _json_score(r.score),
                     "num_samples": r.num_samples}
@@ -124,14 +126,16 @@ class ThresholdDecoder(Decoder):
         current = list(self.threshold) if isinstance(self.threshold, list) else [self.threshold] * c
         if len(current) != c:
             raise ValueError(f"{len(current)} thresholds for outputs with {c} classes")
-        a, y, w = a.reshape(-1, c), y.reshape(-1, c), w.reshape(-1, c)
+        # one contiguous row per class: cheaper to slice than strided columns
+        a, y, w = (np.ascontiguousarray(v.reshape(-1, c).T) for v in (a, y, w))
         if not w.any():
             return {"threshold": self.threshold, "tuned": False, "reason": "no samples in S_t"}
         thresholds, scores, counts, untuned = [], [], [], []
         for k in range(c):
-            wk = w[:, k]
+            wk = w[k]
             if wk.any():
-                r = best_threshold(a[wk, k], y[wk, k] > 0.5, fn)
+                ak, yk = (a[k], y[k]) if wk.all() else (a[k][wk], y[k][wk])
+                r = best_threshold(ak, yk > 0.5, fn)
                 thresholds.append(r.threshold)
                 scores.append(_json_score(r.score))
                 counts.append(r.num_samples)
