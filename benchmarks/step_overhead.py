@@ -193,7 +193,7 @@ def run(batch_size: int, args, device: torch.device) -> tuple[float, float]:
         idx = torch.arange(b * batch_size, (b + 1) * batch_size)
         x, y = to_device(ds[idx], device)
         flow_batches.append((x, y))
-        plain_batches.append((x["features"], {k: v for k, v in y.items()}))
+        plain_batches.append((x["features"], y))
 
     loss = check_same(flow_net, flow_loss, plain, plain_batches[0], flow_batches[0])
 
