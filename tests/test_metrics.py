@@ -234,3 +234,24 @@ def test_flow_metrics_merge_equals_one_pass_and_counts_s_t():
     for p, count in whole.num_samples().items():
         avail = flow.tasks[p].available(labels[p]).reshape(90, -1).any(1)
         assert count == int((avail & out["mask"][p]).sum())
+
+
+def test_all_reduce_in_a_process_group_keeps_exact_states(tmp_path):
+    import torch.distributed as dist
+
+    flow = security_tasks(features=8).get_full_flow()
+    out, labels = _security_outputs(flow, 40, seed=2)
+    metrics = flow.get_metrics()
+    metrics.update(out, labels)
+    before = {k: v.clone() for k, v in metrics.states().items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        metrics.all_reduce()  # one rank: the sum is the state itself
+        empty = ConfusionMatrixMetric("f1_score")
+        empty.all_reduce()  # a rank that saw nothing still takes part
+    finally:
+        dist.destroy_process_group()
+    after = metrics.states()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k].cpu(), before[k]) for k in before)
+    assert empty.states["matrix"].shape == (0, 0)

@@ -45,21 +45,25 @@ ROOT_ID = "/"
 # Building trees quickly --------------------------------------------------------------------------------------------
 
 
-def _link(tree: Tree, nid: str, tag: str, parent: Optional[str]) -> None:
-    """What `tree.add_node(Node(tag, nid), parent)` does, minus its checks and indirections."""
+def _fill_fast(tree: Tree, entries: Sequence[Tuple[str, str, Optional[str]]]) -> None:
+    """What `tree.add_node(Node(tag, nid), parent)` does for each `(nid, tag, parent)` (parents
+    first), minus its checks and indirections."""
     tid = tree._identifier
-    node = Node(tag, nid)
-    node._predecessor[tid] = parent
-    node._initial_tree_id = tid
-    tree._nodes[nid] = node
-    if parent is None:
-        tree.root = nid
-    else:
-        tree._nodes[parent]._successors.setdefault(tid, []).append(nid)
+    nodes = tree._nodes
+    for nid, tag, parent in entries:
+        node = Node(tag, nid)
+        node._predecessor[tid] = parent
+        node._initial_tree_id = tid
+        nodes[nid] = node
+        if parent is None:
+            tree.root = nid
+        else:
+            nodes[parent]._successors.setdefault(tid, []).append(nid)
 
 
-def _public_add(tree: Tree, nid: str, tag: str, parent: Optional[str]) -> None:
-    tree.add_node(Node(tag, nid), parent=parent)
+def _fill_public(tree: Tree, entries: Sequence[Tuple[str, str, Optional[str]]]) -> None:
+    for nid, tag, parent in entries:
+        tree.add_node(Node(tag, nid), parent=parent)
 
 
 def _same_trees(a: Tree, b: Tree) -> bool:
@@ -77,23 +81,21 @@ def _same_trees(a: Tree, b: Tree) -> bool:
 
 
 def _fast_path_works() -> bool:
-    """Whether `_link` builds the same trees as `Tree.add_node` with the installed treelib."""
+    """Whether `_fill_fast` builds the same trees as `Tree.add_node` with the installed treelib."""
+    entries = [(ROOT_ID, "root", None), ("x", "x tag", ROOT_ID), ("y", "y tag", "x"), ("z", "z tag", ROOT_ID),
+               ("w", "w tag", "x")]
     try:
         trees = []
-        for add in (_public_add, _link):
+        for fill in (_fill_public, _fill_fast):
             t = Tree()
-            add(t, ROOT_ID, "root", None)
-            add(t, "x", "x tag", ROOT_ID)
-            add(t, "y", "y tag", "x")
-            add(t, "z", "z tag", ROOT_ID)
-            add(t, "w", "w tag", "x")
+            fill(t, entries)
             trees.append(t)
         return _same_trees(*trees)
     except Exception:  # any change of treelib's internals: use the public API
         return False
 
 
-_ADD = _link if _fast_path_works() else _public_add
+_FILL = _fill_fast if _fast_path_works() else _fill_public
 
 
 # Formatting one task for a whole batch -------------------------------------------------------------------------------
@@ -281,30 +283,30 @@ class TreeExplainer:
             tags = [self._formatters[i](leaf.path.rsplit(".", 1)[-1], logits.get(leaf.path), activated[leaf.path],
                                         decoded[leaf.path], self.digits, self.max_values)
                     for i, leaf in enumerate(self.graph.leaves)]
-            self._build(trees, range(n) if ids is None else ids, present, items, tags, _ADD)
+            self._build(trees, range(n) if ids is None else ids, present, items, tags, _FILL)
         finally:
             if gc_was_enabled:
                 gc.enable()
         return trees
 
-    def _build(self, trees, names, present, items, tags, add) -> None:
+    def _build(self, trees, names, present, items, tags, fill) -> None:
         fmt = self.root_format
         batch = uuid.uuid4().hex  # tree identifiers: unique, without a uuid per tree (slow)
         for i, name in enumerate(names):
             tree = Tree(identifier=f"{batch}-{i}")
-            add(tree, ROOT_ID, fmt.format(name), None)
             row = present[i]
+            entries = [(ROOT_ID, fmt.format(name), None)]
             for k, (path, tag, leaf, parents) in enumerate(items):
-                if not row[k]:
-                    continue
-                parent = ROOT_ID
-                for c in parents:
-                    if c < 0:
-                        break
-                    if row[c]:
-                        parent = items[c][0]
-                        break
-                add(tree, path, tag if leaf is None else tags[leaf][i], parent)
+                if row[k]:
+                    parent = ROOT_ID
+                    for c in parents:
+                        if c < 0:
+                            break
+                        if row[c]:
+                            parent = items[c][0]
+                            break
+                    entries.append((path, tag if leaf is None else tags[leaf][i], parent))
+            fill(tree, entries)
             trees.append(tree)
 
     def _complete(self, outputs):

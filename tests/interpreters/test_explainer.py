@@ -116,15 +116,15 @@ def test_custom_and_sequence_tasks_are_formatted_generically():
 
 
 def test_fast_builder_is_used_and_builds_the_same_trees_as_add_node():
-    assert ex._ADD is ex._link  # the installed treelib passes the self-check
+    assert ex._FILL is ex._fill_fast  # the installed treelib passes the self-check
     flow, out = _outputs(30)
     explain = flow.get_treelib_explainer()
     fast = explain(out)
     try:
-        ex._ADD = ex._public_add
+        ex._FILL = ex._fill_public
         public = explain(out)
     finally:
-        ex._ADD = ex._link
+        ex._FILL = ex._fill_fast
     for a, b in zip(fast, public):
         assert a.show(stdout=False) == b.show(stdout=False)
         assert a.to_dict(with_data=False) == b.to_dict(with_data=False)
