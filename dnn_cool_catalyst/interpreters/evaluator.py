@@ -40,6 +40,10 @@ class FlowEvaluator:
         mode = self.preconditions if preconditions is None else preconditions
         if isinstance(predictions, Mapping) and isinstance(predictions.get("activated"), Mapping):
             predictions = predictions["activated"]
+        unknown = sorted(set(predictions) - set(self.graph.paths))
+        if unknown:
+            raise KeyError(f"predictions for unknown task path(s) {unknown}; flow {self.graph.name!r} has "
+                           f"{list(self.graph.paths)}")
         missing = [p for p in self.graph.paths if p not in predictions]
         if missing:
             raise KeyError(f"predictions have no entry for task(s) {missing} of flow {self.graph.name!r}; "

@@ -111,6 +111,8 @@ def test_errors_name_what_is_missing():
     labels = security_labels(20, seed=11)
     with pytest.raises(KeyError, match="door_open"):
         flow.get_evaluator()({p: v for p, v in out["activated"].items() if p != "door_open"}, labels)
+    with pytest.raises(KeyError, match="door_opn"):
+        flow.get_evaluator()({**out["activated"], "door_opn": out["activated"]["door_open"]}, labels)
     with pytest.raises(ValueError, match="preconditions must be one of"):
         flow.get_evaluator(preconditions="decoded")
     with pytest.raises(Exception, match="door_locked"):
