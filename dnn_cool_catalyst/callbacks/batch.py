@@ -15,7 +15,7 @@ A runner of your own can feed the callbacks by leaving the same keys.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -75,21 +75,43 @@ class SampleIndexer:
         return torch.arange(self._position - n, self._position, dtype=torch.int64)
 
 
-def detach_cpu(tree: Any) -> Any:
-    """A copy of nested mappings/sequences of tensors, detached and on the CPU."""
-    if isinstance(tree, Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, Mapping):
-        return {k: detach_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(detach_cpu(v) for v in tree)
-    return tree
+class ChunkBuffer:
+    """Tensors of several batches, kept as they are (detached, on their device) and concatenated
+    on `take()`: a callback's per-batch work shrinks to appending references, and its real work
+    runs once per chunk instead of once per batch (dozens of small tensor operations per task
+    cost more than the training step of a small model). `full` once the kept tensors hold
+    `max_elements` elements, so that memory stays bounded (e.g. for vocabulary-sized outputs).
+    """
 
+    def __init__(self, max_elements: int = 2 ** 24):
+        self.max_elements = int(max_elements)
+        self.clear()
 
-def activated_of(outputs: Mapping[str, Any], leaf: Any) -> Tensor:
-    """The activated output of a task: from `outputs["activated"]`, else activated from its logits."""
-    activated: Dict[str, Tensor] = outputs.get("activated") or {}
-    a = activated.get(leaf.path)
-    if a is None:
-        a = leaf.task.activate(outputs["logits"][leaf.path].detach())
-    return a.detach()
+    def clear(self) -> None:
+        self._parts: Dict[str, Dict[str, List[Tensor]]] = {}
+        self.elements = 0
+        self.samples = 0
+
+    def add(self, n: int, parts: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Keep one batch of `n` samples: `parts` is `{name: {key: tensor (n, ...)}}`."""
+        for name, tensors in parts.items():
+            slot = self._parts.setdefault(name, {})
+            for key, t in tensors.items():
+                t = t.detach()
+                slot.setdefault(key, []).append(t)
+                self.elements += t.numel()
+        self.samples += n
+
+    @property
+    def full(self) -> bool:
+        return self.elements >= self.max_elements
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def take(self) -> Dict[str, Dict[str, Tensor]]:
+        """Everything kept, concatenated along the batch dimension; the buffer is emptied."""
+        out = {name: {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in slot.items()}
+               for name, slot in self._parts.items()}
+        self.clear()
+        return out

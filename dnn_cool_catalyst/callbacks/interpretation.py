@@ -12,7 +12,7 @@ import torch
 from catalyst.core.callback import Callback
 from torch import Tensor
 
-from .batch import INDEX, SampleIndexer, batch_parts, batch_size_of
+from .batch import INDEX, ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
 from .common import loader_selected, resolve_flow, resolve_logdir
 from .files import write_csv
 from .metrics import METRICS_ORDER
@@ -28,17 +28,19 @@ def rank_samples(losses: Tensor, indices: Tensor, k: int) -> pd.DataFrame:
     the highest loss and rank `n = |S_t|` the lowest; equal losses are ranked by dataset index.
     The `k` worst are ranks `1..k`, the `k` best ranks `n-k+1..n` (each sample once when they meet).
     """
-    losses = losses.reshape(-1).double()
-    indices = indices.reshape(-1).to(torch.int64)
-    keep = ~torch.isnan(losses)
-    losses, indices = losses[keep], indices[keep]
-    by_index = torch.argsort(indices, stable=True)
-    order = by_index[torch.argsort(-losses[by_index], stable=True)]
-    n = int(order.numel())
-    ranks = sorted(set(range(min(k, n))) | set(range(max(n - k, 0), n)))
-    sel = order[ranks] if ranks else order[:0]
-    return pd.DataFrame({"rank": np.asarray(ranks, dtype=np.int64) + 1, "dataset_index": indices[sel].numpy(),
-                         "loss": losses[sel].numpy()})
+    ranks, index, loss = _ranked(losses, indices, k)
+    return pd.DataFrame({"rank": ranks, "dataset_index": index, "loss": loss})
+
+
+def _ranked(losses: Tensor, indices: Tensor, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    loss = losses.reshape(-1).double().numpy()
+    index = indices.reshape(-1).to(torch.int64).numpy()
+    keep = ~np.isnan(loss)
+    loss, index = loss[keep], index[keep]
+    order = np.lexsort((index, -loss))  # by loss descending, then by index
+    n = order.size
+    ranks = np.union1d(np.arange(min(k, n)), np.arange(max(n - k, 0), n)).astype(np.int64)
+    return ranks + 1, index[order[ranks]], loss[order[ranks]]
 
 
 def _flatten(x: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -49,6 +51,34 @@ def _flatten(x: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
             yield from _flatten(v, f"{prefix}{k}.")
     else:
         yield prefix[:-1], x
+
+
+class _InputReader:
+    """`reader(index)` -> `[(key, value, publisher)]` for the inputs of `dataset[index]` that have a
+    publisher. Once a sample shows that no input has one, no other sample is read."""
+
+    def __init__(self, dataset: Any, choose: Any, warn: Any):
+        self.dataset, self.choose, self.warn = dataset, choose, warn
+        self.cache: Dict[int, List[Tuple[str, Any, Any]]] = {}
+        self.nothing_to_publish = dataset is None or not hasattr(dataset, "__getitem__")
+        if self.nothing_to_publish:
+            warn("the loader's dataset cannot be indexed")
+
+    def __call__(self, index: int) -> List[Tuple[str, Any, Any]]:
+        if self.nothing_to_publish:
+            return []
+        if index not in self.cache:
+            try:
+                item = self.dataset[index]
+            except Exception as e:  # an iterable or otherwise unindexable dataset: publish no inputs
+                self.warn(f"reading dataset[{index}] failed ({type(e).__name__}: {e})")
+                self.nothing_to_publish = True
+                return []
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            found = [(k, v, self.choose(k, v)) for k, v in _flatten(x)]
+            self.cache[index] = [(k, v, p) for k, v, p in found if p is not None]
+            self.nothing_to_publish = not self.cache[index]
+        return self.cache[index]
 
 
 class InterpretationCallback(Callback):
@@ -78,11 +108,13 @@ class InterpretationCallback(Callback):
         default_publishers: publishers chosen by the input's type (default: images, then text).
         explain: how many samples (the lowest dataset indices) to explain as trees; 0 for none.
         logdir: where to write the CSV (default: `runner.logdir`; no file when neither is set).
+        buffer_elements: per-sample losses are computed once per chunk of batches holding about
+            this many elements (the same values, fewer small tensor operations).
     """
 
     def __init__(self, flow: Any = None, top_k: int = 5, loaders: Optional[Sequence[str]] = None,
                  publishers: Optional[Mapping[str, Any]] = None, default_publishers: Optional[Sequence[Any]] = None,
-                 explain: int = 3, logdir: Optional[str] = None):
+                 explain: int = 3, logdir: Optional[str] = None, buffer_elements: int = 2 ** 24):
         super().__init__(order=METRICS_ORDER + 1)
         if top_k < 1:
             raise ValueError(f"InterpretationCallback: top_k must be at least 1, got {top_k}")
@@ -93,6 +125,7 @@ class InterpretationCallback(Callback):
         self.default_publishers = list(default_publishers) if default_publishers is not None else None
         self.explain = int(explain)
         self.logdir = logdir
+        self.buffer_elements = int(buffer_elements)
         self.results: Dict[str, pd.DataFrame] = {}
         self._indexer = SampleIndexer(type(self).__name__)
         self._active = False
@@ -106,10 +139,12 @@ class InterpretationCallback(Callback):
         if self.default_publishers is None:
             self.default_publishers = list(default_publishers())
         self._explainer = None
+        self._buffer = ChunkBuffer(self.buffer_elements)
 
     def on_loader_start(self, runner: Any) -> None:
         self._active = loader_selected(runner, self.loaders, "eval")
         self._indexer.reset()
+        self._buffer.clear()
         self._losses: Dict[str, List[Tensor]] = defaultdict(list)
         self._indices: List[Tensor] = []
         self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
@@ -121,62 +156,63 @@ class InterpretationCallback(Callback):
         inputs, targets, outputs = batch_parts(runner, type(self).__name__)
         n = batch_size_of(targets, inputs)
         index = self._indexer(inputs, n, runner.loader_key)
-        per_sample = self._per_sample(outputs, targets)
+        self._buffer.add(n, {"logits": outputs["logits"], "mask": outputs["mask"], "targets": targets,
+                             "index": {INDEX: index}})
+        if self._buffer.full:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Per-sample losses of the kept batches, and the samples to explain among them."""
+        if not len(self._buffer):
+            return
+        chunk = self._buffer.take()
+        index = chunk["index"][INDEX]
+        per_sample = self._per_sample({"logits": chunk["logits"], "mask": chunk["mask"]}, chunk["targets"])
         for leaf in self._graph.leaves:
-            self._losses[leaf.path].append(per_sample[leaf.path].detach().float().cpu())
+            self._losses[leaf.path].append(per_sample[leaf.path].float().cpu())
         self._indices.append(index)
         if self.explain > 0:
-            rows = torch.nonzero(index < self.explain).reshape(-1)
-            for r in rows.tolist():
-                self._explained.append((int(index[r]), self._sample_outputs(outputs, r)))
-
-    def _sample_outputs(self, outputs: Mapping[str, Any], row: int) -> Dict[str, Dict[str, Tensor]]:
-        sample: Dict[str, Dict[str, Tensor]] = {"logits": {}, "activated": {}}
-        activated = outputs.get("activated") or {}
-        for leaf in self._graph.leaves:
-            z = outputs["logits"][leaf.path][row: row + 1].detach().cpu()
-            a = activated.get(leaf.path)
-            sample["logits"][leaf.path] = z
-            sample["activated"][leaf.path] = leaf.task.activate(z) if a is None else a[row: row + 1].detach().cpu()
-        return sample
+            for r in torch.nonzero(index < self.explain).reshape(-1).tolist():
+                logits = {p: z[r: r + 1].cpu() for p, z in chunk["logits"].items()}
+                activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
+                self._explained.append((int(index[r]), {"logits": logits, "activated": activated}))
 
     def on_loader_end(self, runner: Any) -> None:
-        if not self._active or not self._indices:
+        if not self._active:
+            return
+        self._flush()
+        if not self._indices:
             return
         self._gather_across_processes()
         indices = torch.cat(self._indices)
-        frames = []
-        for leaf in self._graph.leaves:
-            ranked = rank_samples(torch.cat(self._losses[leaf.path]), indices, self.top_k)
-            ranked.insert(0, "task_path", leaf.path)
-            frames.append(ranked)
-        table = pd.concat(frames, ignore_index=True)[list(CSV_COLUMNS)]
+        ranked = {leaf.path: _ranked(torch.cat(self._losses[leaf.path]), indices, self.top_k) for leaf in self._graph.leaves}
+        table = pd.DataFrame({
+            "task_path": np.repeat(np.array(list(ranked), dtype=object), [len(r[0]) for r in ranked.values()]),
+            "rank": np.concatenate([r[0] for r in ranked.values()]),
+            "dataset_index": np.concatenate([r[1] for r in ranked.values()]),
+            "loss": np.concatenate([r[2] for r in ranked.values()])}, columns=list(CSV_COLUMNS))
         self.results[runner.loader_key] = table
         if self._logdir is not None and getattr(getattr(runner, "engine", None), "is_main_process", True):
             write_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), table)
-        self._publish(runner, table)
+        self._publish(runner, ranked)
         if self._explained:
             self._publish_explanations(runner)
         self._losses, self._indices, self._explained = defaultdict(list), [], []
 
     # Publishing ----------------------------------------------------------------------------------
-    def _publish(self, runner: Any, table: pd.DataFrame) -> None:
+    def _publish(self, runner: Any, ranked: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
         dataset = getattr(getattr(runner, "loader", None), "dataset", None)
-        cache: Dict[int, Any] = {}
-        for path, rows in table.groupby("task_path", sort=False):
-            n = int(rows["rank"].max()) if len(rows) else 0
+        inputs = _InputReader(dataset, self._publisher, self._warn_inputs)
+        for path, (ranks, indices, losses) in ranked.items():
+            ranks, indices, losses = ranks.tolist(), indices.tolist(), losses.tolist()
             lines = ["| rank | dataset index | loss |", "|---:|---:|---:|"]
-            lines += [f"| {r} | {i} | {loss:.6g} |" for r, i, loss in rows[["rank", "dataset_index", "loss"]].itertuples(index=False)]
+            lines += [f"| {r} | {i} | {loss:.6g} |" for r, i, loss in zip(ranks, indices, losses)]
             log_text(runner, f"{path}/interpretation", "\n".join(lines))
-            for r, i in rows[["rank", "dataset_index"]].itertuples(index=False):
-                x = self._read_inputs(dataset, int(i), cache)
-                if x is None:
-                    continue
+            n = ranks[-1] if ranks else 0
+            for r, i in zip(ranks, indices):
                 position = f"worst/{r}" if r <= self.top_k else f"best/{n - r + 1}"
-                for key, value in _flatten(x):
-                    publisher = self._publisher(key, value)
-                    if publisher is not None:
-                        publisher.publish(runner, f"{path}/{position}/{key}", value)
+                for key, value, publisher in inputs(int(i)):
+                    publisher.publish(runner, f"{path}/{position}/{key}", value)
 
     def _publisher(self, key: str, value: Any) -> Any:
         if key in self.publishers:
@@ -185,21 +221,6 @@ class InterpretationCallback(Callback):
             if publisher.accepts(value):
                 return publisher
         return None
-
-    def _read_inputs(self, dataset: Any, index: int, cache: Dict[int, Any]) -> Any:
-        if index in cache:
-            return cache[index]
-        x = None
-        if dataset is not None and hasattr(dataset, "__getitem__"):
-            try:
-                item = dataset[index]
-                x = item[0] if isinstance(item, (tuple, list)) else item
-            except Exception as e:  # an iterable or otherwise unindexable dataset: publish no inputs
-                self._warn_inputs(f"reading dataset[{index}] failed ({type(e).__name__}: {e})")
-        else:
-            self._warn_inputs("the loader's dataset cannot be indexed")
-        cache[index] = x
-        return x
 
     def _warn_inputs(self, why: str) -> None:
         if not self._warned_inputs:

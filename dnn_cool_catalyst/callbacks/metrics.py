@@ -9,7 +9,7 @@ import torch
 from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
-from .batch import LOSS_TERMS, activated_of, batch_parts, batch_size_of
+from .batch import LOSS_TERMS, ChunkBuffer, batch_parts, batch_size_of
 from .common import loader_selected, resolve_flow
 from .publishers import log_pr_curve
 
@@ -41,22 +41,28 @@ class FlowMetricsCallback(Callback):
             with the decoder as it is then, so thresholds tuned on that loader apply to its metrics.
         pr_curves: log a precision-recall curve per binary task and loader that does not train, to
             the loggers that have `log_pr_curve` (e.g. `FlowTensorboardLogger`).
+        buffer_elements: metrics are updated once per chunk of batches holding about this many
+            output elements (the result is the same; per-batch updates of many small tasks cost
+            more than a small model's training step).
     """
 
     def __init__(self, flow: Any = None, loaders: Optional[Sequence[str]] = None, log_batch_losses: bool = True,
-                 deferred_decoding: bool = True, pr_curves: bool = True):
+                 deferred_decoding: bool = True, pr_curves: bool = True, buffer_elements: int = 2 ** 24):
         super().__init__(order=METRICS_ORDER)
         self.flow = flow
         self.loaders = list(loaders) if loaders is not None else None
         self.log_batch_losses = log_batch_losses
         self.deferred_decoding = deferred_decoding
         self.pr_curves = pr_curves
+        self.buffer_elements = int(buffer_elements)
         self._active = False
 
     # Setup ---------------------------------------------------------------------------------------
     def on_experiment_start(self, runner: Any) -> None:
         self.flow = resolve_flow(self.flow, runner, type(self).__name__)
         self._leaves = self.flow.graph.leaves
+        self._paths = [leaf.path for leaf in self._leaves]
+        self._loss_keys = [f"{p}/loss" for p in self._paths]
         self._loss = self.flow.get_loss()
         self._weights = self._loss.weights
         self._metrics = self.flow.get_metrics()
@@ -65,81 +71,94 @@ class FlowMetricsCallback(Callback):
             self._by_path[tm.path].append(tm)
         self._tunable = {leaf.path for leaf in self._leaves if leaf.task.decoder.params()}
         self._binary = {leaf.path for leaf in self._leaves if leaf.task.can_condition}
+        self._buffer = ChunkBuffer(self.buffer_elements)
 
     def on_loader_start(self, runner: Any) -> None:
         self._active = loader_selected(runner, self.loaders, "all")
         if not self._active:
             return
         self._metrics.reset()
-        self._sums: Dict[str, Tensor] = {}
-        self._counts: Dict[str, Tensor] = {}
+        self._buffer.clear()
+        self._sums: Optional[Tensor] = None  # per task, in flow order
+        self._counts: Optional[Tensor] = None
         self._user_loss = [0.0, 0]  # sum of batch losses * batch size, samples (criterion without terms)
         evaluating = not runner.is_train_loader
-        self._defer = self.deferred_decoding and evaluating
-        self._keep = {p for p in self._tunable if self._defer} | (self._binary & self._tunable if self.pr_curves and evaluating else set())
+        self._defer = self._tunable if self.deferred_decoding and evaluating else set()
+        self._keep = set(self._defer) | (self._binary & self._tunable if self.pr_curves and evaluating else set())
         self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
 
-    # Per batch -----------------------------------------------------------------------------------
+    # Per batch: losses now, metrics per chunk of batches -------------------------------------------
     @torch.no_grad()
     def on_batch_end(self, runner: Any) -> None:
         if not self._active:
             return
         inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        n = batch_size_of(targets, inputs)
         terms = runner.batch.get(LOSS_TERMS)
         if terms is None:
             terms = self._loss.terms(outputs, targets)
             loss = runner.batch_metrics.get("loss")
             if loss is not None:
-                n = batch_size_of(targets, inputs)
                 self._user_loss[0] += float(loss.detach() if isinstance(loss, Tensor) else loss) * n
                 self._user_loss[1] += n
-        for path, (s, c) in terms.items():
-            s, c = s.detach(), c.detach()
-            self._sums[path] = self._sums[path] + s.double() if path in self._sums else s.double()
-            self._counts[path] = self._counts[path] + c.double() if path in self._counts else c.double()
-            if self.log_batch_losses:
-                runner.batch_metrics[f"{path}/loss"] = torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, math.nan))
-        masks = outputs["mask"]
-        decoded = outputs.get("decoded") or {}
+        sums = torch.stack([terms[p][0].detach() for p in self._paths]).double()
+        counts = torch.stack([terms[p][1].detach() for p in self._paths]).double()
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._counts = counts if self._counts is None else self._counts + counts
+        if self.log_batch_losses:
+            means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan)).float()
+            runner.batch_metrics.update(zip(self._loss_keys, means.unbind()))
+        source = "activated" if outputs.get("activated") else "logits"
+        parts = {source: outputs[source], "targets": targets, "mask": outputs["mask"]}
+        if outputs.get("decoded"):  # decisions as taken now, by the decoders of this batch
+            parts["decoded"] = {p: d for p, d in outputs["decoded"].items() if p not in self._defer}
+        self._buffer.add(n, parts)
+        if self._buffer.full:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Update the metrics with the kept batches (decoded metrics of deferred tasks wait)."""
+        if not len(self._buffer):
+            return
+        chunk = self._buffer.take()
+        activated, logits, decoded = chunk.get("activated"), chunk.get("logits"), chunk.get("decoded") or {}
         for leaf in self._leaves:
             p = leaf.path
-            a = activated_of(outputs, leaf)
+            a = activated[p] if activated is not None else leaf.task.activate(logits[p])
+            y, m = chunk["targets"][p], chunk["mask"][p]
             if p in self._keep:
-                self._kept[p].append((a.cpu(), targets[p].detach().cpu(), masks[p].detach().cpu()))
-            deferred = self._defer and p in self._tunable
-            d = None
+                self._kept[p].append((a.cpu(), y.cpu(), m.cpu()))
+            d = decoded.get(p)
             for tm in self._by_path[p]:
                 if tm.metric.uses == "activated":
-                    tm.metric.update(a, targets[p], masks[p])
-                elif not deferred:
+                    tm.metric.update(a, y, m)
+                elif p not in self._defer:
                     if d is None:
-                        d = decoded.get(p)
-                        d = leaf.task.decode(a) if d is None else d.detach()
-                    tm.metric.update(d, targets[p], masks[p])
+                        d = leaf.task.decode(a)
+                    tm.metric.update(d, y, m)
 
     # Loader end ----------------------------------------------------------------------------------
     @torch.no_grad()
     def on_loader_end(self, runner: Any) -> None:
         if not self._active:
             return
+        self._flush()
         self._reduce_across_processes(runner)
         kept = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in self._kept.items()}
         self._kept = defaultdict(list)
-        if self._defer:
-            for leaf in self._leaves:
-                if leaf.path in self._tunable and leaf.path in kept:
-                    a, y, m = kept[leaf.path]
-                    d = leaf.task.decode(a)
-                    for tm in self._by_path[leaf.path]:
-                        if tm.metric.uses != "activated":
-                            tm.metric.update(d, y, m)
+        for leaf in self._leaves:
+            if leaf.path in self._defer and leaf.path in kept:
+                a, y, m = kept[leaf.path]
+                d = leaf.task.decode(a)  # with the decoder as it is now: thresholds tuned on this loader apply
+                for tm in self._by_path[leaf.path]:
+                    if tm.metric.uses != "activated":
+                        tm.metric.update(d, y, m)
         metrics: Dict[str, float] = {}
-        if self._sums:
+        if self._sums is not None:
             total = 0.0
-            for path, s in self._sums.items():
-                s, c = float(s), float(self._counts[path])
-                total += self._weights.get(path, 1.0) * s / max(c, 1.0)
-                metrics[f"{path}/loss"] = s / c if c > 0 else math.nan
+            for p, s, c in zip(self._paths, self._sums.tolist(), self._counts.tolist()):
+                total += self._weights.get(p, 1.0) * s / max(c, 1.0)
+                metrics[f"{p}/loss"] = s / c if c > 0 else math.nan
             metrics["loss"] = total
         if self._user_loss[1] > 0:  # a criterion of the user's: the loader loss is its sample-weighted mean
             metrics["loss"] = self._user_loss[0] / self._user_loss[1]
@@ -169,12 +188,10 @@ class FlowMetricsCallback(Callback):
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         device = getattr(getattr(runner, "engine", None), "device", None) or torch.device("cpu")
-        paths = sorted(self._sums)
-        if paths:
-            t = torch.stack([torch.stack([self._sums[p], self._counts[p]]) for p in paths]).to(device)
+        if self._sums is not None:
+            t = torch.stack([self._sums, self._counts]).to(device)
             dist.all_reduce(t)
-            for p, (s, c) in zip(paths, t.cpu()):
-                self._sums[p], self._counts[p] = s, c
+            self._sums, self._counts = t[0].cpu(), t[1].cpu()
         for tm in self._metrics:
             for k in sorted(tm.metric.states):
                 v = tm.metric.states[k]

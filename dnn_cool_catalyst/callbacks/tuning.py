@@ -11,7 +11,7 @@ import torch
 from catalyst.core.callback import Callback
 from torch import Tensor
 
-from .batch import activated_of, batch_parts
+from .batch import ChunkBuffer, batch_parts, batch_size_of
 from .common import loader_selected, resolve_flow, resolve_logdir
 from .files import read_json, write_json
 from .metrics import METRICS_ORDER
@@ -58,16 +58,20 @@ class ThresholdTuningCallback(Callback):
         apply: keep the tuned parameters in the decoders.
         loaders: loader keys to tune on (default: every validation loader, `runner.is_valid_loader`).
         logdir: where to write the files (default: `runner.logdir`; no files when neither is set).
+        buffer_elements: batches are kept on their device and moved to the CPU in chunks of about
+            this many elements.
     """
 
     def __init__(self, flow: Any = None, metric: Any = "accuracy", apply: bool = True,
-                 loaders: Optional[Sequence[str]] = None, logdir: Optional[str] = None):
+                 loaders: Optional[Sequence[str]] = None, logdir: Optional[str] = None,
+                 buffer_elements: int = 2 ** 24):
         super().__init__(order=METRICS_ORDER - 1)
         self.flow = flow
         self.metric = metric
         self.apply = apply
         self.loaders = list(loaders) if loaders is not None else None
         self.logdir = logdir
+        self.buffer_elements = int(buffer_elements)
         self.tuned: Dict[str, Dict[str, Any]] = {}
         self._active = False
 
@@ -91,22 +95,37 @@ class ThresholdTuningCallback(Callback):
 
     def on_loader_start(self, runner: Any) -> None:
         self._active = bool(self._leaves) and self._selected(runner)
+        self._buffer = ChunkBuffer(self.buffer_elements)
         self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
 
     @torch.no_grad()
     def on_batch_end(self, runner: Any) -> None:
         if not self._active:
             return
-        _, targets, outputs = batch_parts(runner, type(self).__name__)
-        masks = outputs["mask"]
+        inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        source = "activated" if outputs.get("activated") else "logits"
+        paths = [leaf.path for leaf in self._leaves]
+        self._buffer.add(batch_size_of(targets, inputs), {source: {p: outputs[source][p] for p in paths},
+                                                          "targets": {p: targets[p] for p in paths},
+                                                          "mask": {p: outputs["mask"][p] for p in paths}})
+        if self._buffer.full:
+            self._move_to_cpu()
+
+    def _move_to_cpu(self) -> None:
+        """Keep the buffered batches on the CPU (activated), freeing the device."""
+        if not len(self._buffer):
+            return
+        chunk = self._buffer.take()
         for leaf in self._leaves:
-            self._kept[leaf.path].append((activated_of(outputs, leaf).cpu(), targets[leaf.path].detach().cpu(),
-                                          masks[leaf.path].detach().cpu()))
+            p = leaf.path
+            a = chunk["activated"][p] if "activated" in chunk else leaf.task.activate(chunk["logits"][p])
+            self._kept[p].append((a.cpu(), chunk["targets"][p].cpu(), chunk["mask"][p].cpu()))
 
     @torch.no_grad()
     def on_loader_end(self, runner: Any) -> None:
         if not self._active:
             return
+        self._move_to_cpu()
         self._gather_across_processes()
         if not self._kept:
             return
