@@ -1,7 +1,7 @@
 """`flow.get_evaluator()`: the per-task evaluation table of a whole prediction set."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Union
 
 import pandas as pd
 import torch

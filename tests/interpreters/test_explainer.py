@@ -1,5 +1,4 @@
 """`flow.get_treelib_explainer()`: pruning, nesting, tag format, and the fast tree builder."""
-import numpy as np
 import pytest
 import torch
 from torch import nn
