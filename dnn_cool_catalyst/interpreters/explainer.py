@@ -108,7 +108,7 @@ def _values(row, digits: int, limit: int) -> str:
 
 
 def _rows(x: Optional[np.ndarray], n: int) -> List[list]:
-    if x is None:
+    if x is None or n == 0:
         return [[] for _ in range(n)]
     return x.reshape(n, -1).tolist()
 
