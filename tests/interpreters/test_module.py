@@ -42,3 +42,9 @@ def test_tuned_threshold_changes_module_decoding(security_flow):
         security_flow.get_decoder().load_tuned({"camera_blocked": {"threshold": 1.0}})
         after = module(x)["decoded"]["camera_blocked"]
     assert before.shape == after.shape and not after.any()
+
+
+def test_empty_batch_at_inference(security_flow):
+    with torch.no_grad():
+        out = security_flow.torch().eval()({"features": torch.randn(0, 8)})
+    assert all(m.shape == (0,) for m in out["mask"].values())
