@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .datasets import FACIAL_CHARACTERISTICS, SHIRT_TYPES
 from .dsl import Tasks
 from .tasks import BinaryClassificationTask, BoundedRegressionTask, ClassificationTask, MultilabelClassificationTask
 
 BINARY = ("camera_blocked", "door_open", "door_locked", "person_present")
 FACE_BOX = ("face_x1", "face_y1", "face_w", "face_h")
 BODY_BOX = ("body_x1", "body_y1", "body_w", "body_h")
-FACIAL_CHARACTERISTICS = ("glasses", "beard", "hat")
-SHIRT_TYPES = ("t-shirt", "polo", "hoodie", "sweater", "tank-top", "shirt", "jacket")
 
 
 def security_tasks(features: int = 256, image_size: float = 64.0, feature_key: str = "features") -> Tasks:
