@@ -3,6 +3,7 @@
 Declare tasks, compose them into flows with preconditions, and get the module, the masked loss,
 metrics, decoders, evaluation, explanations and datasets from that one description.
 """
+from . import datasets
 from .converters import Column, Converters, ImageFiles, TableError
 from .dsl import Tasks, TaskFlow
 from .errors import FlowDefinitionError, InputError, LabelError
@@ -27,7 +28,7 @@ __all__ = [
     "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
     "FlowGraph", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask", "MultilabelClassificationTask",
     "Task", "TaskFlow", "Tasks", "__version__",
-    "best_threshold", "load_tuned", "save_tuned", "threshold_sweep",
+    "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep",
 ]
 
 _LAZY_SUBPACKAGES = ("callbacks", "runners")  # Catalyst adapters: imported on first access only

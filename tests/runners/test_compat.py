@@ -74,3 +74,12 @@ def test_only_the_three_step_callback_warnings_are_silenced():
             check_callbacks({}, scheduler=object())  # the scheduler one is not silenced
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "ISchedulerCallback" in messages[0]
+
+
+def test_training_with_the_data_parallel_engine(data, flow_and_model, loaders_for):
+    from dnn_cool_catalyst.runners import FlowRunner
+
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, engine=DataParallelEngine(), interpretation=False)
+    assert runner.epoch_metrics["valid"]["loss"] > 0

@@ -83,6 +83,24 @@ def test_infer_returns_dataset_order_with_inference_masks(data, flow_and_model, 
     np.testing.assert_array_equal(shuffled["mask"]["door_locked"], expected)
     with_gt = runner.infer(loaders_for(flow, data)["valid"], preconditions="gt")
     assert not np.array_equal(with_gt["mask"]["door_locked"], shuffled["mask"]["door_locked"])
+    inputs_only = DataLoader(InputsOnly(flow.get_dataset(*data, computed=["features"])), batch_size=40)
+    unlabelled = runner.infer(inputs_only)
+    assert unlabelled["targets"] is None
+    np.testing.assert_array_equal(unlabelled["decoded"]["door_open"], ordered["decoded"]["door_open"])
+
+
+class InputsOnly(Dataset):
+    """A dataset of inputs without labels (nor ground truth), as at deployment."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, _ = self.ds[i]
+        return {"raw": x["raw"]}
 
 
 class Dropping(Dataset):
