@@ -89,17 +89,31 @@ class ChunkBuffer:
 
     def clear(self) -> None:
         self._parts: Dict[str, Dict[str, List[Tensor]]] = {}
-        self.elements = 0
+        self._per_sample: Optional[float] = None
+        self.elements = 0.0
         self.samples = 0
 
     def add(self, n: int, parts: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Keep one batch of `n` samples: `parts` is `{name: {key: tensor (n, ...)}}`."""
+        per_sample = self._per_sample is None
+        elements = 0
         for name, tensors in parts.items():
-            slot = self._parts.setdefault(name, {})
+            slot = self._parts.get(name)
+            if slot is None:
+                slot = self._parts[name] = {}
             for key, t in tensors.items():
-                t = t.detach()
-                slot.setdefault(key, []).append(t)
-                self.elements += t.numel()
+                if t.requires_grad:
+                    t = t.detach()
+                kept = slot.get(key)
+                if kept is None:
+                    slot[key] = [t]
+                else:
+                    kept.append(t)
+                if per_sample:
+                    elements += t.numel()
+        if per_sample and n > 0:
+            self._per_sample = elements / n  # counted once: outputs have a fixed size per sample
+        self.elements += n * (self._per_sample or 0)
         self.samples += n
 
     @property

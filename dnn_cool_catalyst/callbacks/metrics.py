@@ -79,7 +79,8 @@ class FlowMetricsCallback(Callback):
             return
         self._metrics.reset()
         self._buffer.clear()
-        self._sums: Optional[Tensor] = None  # per task, in flow order
+        self._states: List[Tensor] = []  # per batch: (2, tasks) loss sums and counts, in flow order
+        self._sums: Optional[Tensor] = None
         self._counts: Optional[Tensor] = None
         self._user_loss = [0.0, 0]  # sum of batch losses * batch size, samples (criterion without terms)
         evaluating = not runner.is_train_loader
@@ -101,13 +102,12 @@ class FlowMetricsCallback(Callback):
             if loss is not None:
                 self._user_loss[0] += float(loss.detach() if isinstance(loss, Tensor) else loss) * n
                 self._user_loss[1] += n
-        sums = torch.stack([terms[p][0].detach() for p in self._paths]).double()
-        counts = torch.stack([terms[p][1].detach() for p in self._paths]).double()
-        self._sums = sums if self._sums is None else self._sums + sums
-        self._counts = counts if self._counts is None else self._counts + counts
+        # (2, tasks): sums and counts; a task's batch mean is NaN where its count is 0 (its sum is 0 then)
+        states = torch.stack([torch.stack([terms[p][0] for p in self._paths]),
+                              torch.stack([terms[p][1] for p in self._paths])]).detach()
+        self._states.append(states)
         if self.log_batch_losses:
-            means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan)).float()
-            runner.batch_metrics.update(zip(self._loss_keys, means.unbind()))
+            runner.batch_metrics.update(zip(self._loss_keys, (states[0] / states[1]).unbind()))
         source = "activated" if outputs.get("activated") else "logits"
         parts = {source: outputs[source], "targets": targets, "mask": outputs["mask"]}
         if outputs.get("decoded"):  # decisions as taken now, by the decoders of this batch
@@ -143,6 +143,9 @@ class FlowMetricsCallback(Callback):
         if not self._active:
             return
         self._flush()
+        if self._states:
+            totals = torch.stack(self._states).double().sum(0)
+            self._sums, self._counts = totals[0], totals[1]
         self._reduce_across_processes(runner)
         kept = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in self._kept.items()}
         self._kept = defaultdict(list)
