@@ -154,6 +154,8 @@ class InterpretationCallback(Callback):
         if not self._active:
             return
         inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        if not targets:  # an inference loader without labels: nothing to measure
+            return
         n = batch_size_of(targets, inputs)
         index = self._indexer(inputs, n, runner.loader_key)
         self._buffer.add(n, {"logits": outputs["logits"], "mask": outputs["mask"], "targets": targets,

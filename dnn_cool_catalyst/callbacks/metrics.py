@@ -94,6 +94,8 @@ class FlowMetricsCallback(Callback):
         if not self._active:
             return
         inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        if not targets:  # an inference loader without labels: nothing to measure
+            return
         n = batch_size_of(targets, inputs)
         terms = runner.batch.get(LOSS_TERMS)
         if terms is None:
@@ -140,7 +142,7 @@ class FlowMetricsCallback(Callback):
     # Loader end ----------------------------------------------------------------------------------
     @torch.no_grad()
     def on_loader_end(self, runner: Any) -> None:
-        if not self._active:
+        if not self._active or not (self._states or len(self._buffer)):
             return
         self._flush()
         if self._states:

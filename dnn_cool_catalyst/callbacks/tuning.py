@@ -103,6 +103,8 @@ class ThresholdTuningCallback(Callback):
         if not self._active:
             return
         inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        if not targets:  # an inference loader without labels: nothing to measure
+            return
         source = "activated" if outputs.get("activated") else "logits"
         paths = [leaf.path for leaf in self._leaves]
         self._buffer.add(batch_size_of(targets, inputs), {source: {p: outputs[source][p] for p in paths},

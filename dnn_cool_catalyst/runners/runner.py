@@ -119,8 +119,8 @@ def split_batch(batch: Any, loader_key: Optional[str], allow_inputs_only: bool =
 def check_first_batch(flow: Any, x: Mapping, y: Optional[Mapping], loader_key: Optional[str],
                       reads_inputs: bool) -> None:
     """Errors naming the task or key when a batch cannot feed the flow: labels missing for a task,
-    no ground truth for a precondition task, or (when the model is the flow module itself) a
-    feature the flow reads missing from X."""
+    no ground truth for a precondition task in a labelled batch, or (when the model is the flow
+    module itself) a feature the flow reads missing from X."""
     from ..interpreters.module import read_input
 
     graph = flow.graph
@@ -130,7 +130,7 @@ def check_first_batch(flow: Any, x: Mapping, y: Optional[Mapping], loader_key: O
         if missing:
             raise LabelError(f"{where} has no labels (y) for task(s) {missing} of flow {graph.name!r}; y has {sorted(y)}")
     conditions = graph.condition_paths
-    if conditions:
+    if conditions and y is not None:  # without labels (inference) masks come from the predictions
         gt = x.get("gt")
         if not isinstance(gt, Mapping):
             raise InputError(f"{where} has no X['gt'] (the labels of the precondition tasks {list(conditions)}); "

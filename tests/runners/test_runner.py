@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dnn_cool_catalyst.callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
+from dnn_cool_catalyst.callbacks.batch import OUTPUTS
 from dnn_cool_catalyst.errors import InputError, LabelError
 from dnn_cool_catalyst.runners import FlowRunner
 from dnn_cool_catalyst.tuning import load_tuned
@@ -87,6 +88,17 @@ def test_infer_returns_dataset_order_with_inference_masks(data, flow_and_model, 
     unlabelled = runner.infer(inputs_only)
     assert unlabelled["targets"] is None
     np.testing.assert_array_equal(unlabelled["decoded"]["door_open"], ordered["decoded"]["door_open"])
+
+
+def test_an_inference_loader_without_labels_runs_beside_training(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    loaders = loaders_for(flow, data)
+    loaders["infer"] = DataLoader(InputsOnly(flow.get_dataset(*data, computed=["features"])), batch_size=32)
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders, num_epochs=1)
+    assert "door_open/accuracy" in runner.epoch_metrics["valid"]
+    assert set(runner.epoch_metrics["infer"]) == {"lr", "momentum"}  # no flow metrics without labels
+    assert set(runner.batch[OUTPUTS]["decoded"]) == set(flow.graph.paths)
 
 
 class InputsOnly(Dataset):
