@@ -13,7 +13,7 @@ from catalyst.core.callback import Callback
 from torch import Tensor
 
 from .batch import INDEX, ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
-from .common import loader_selected, resolve_flow, resolve_logdir
+from .common import loader_selected, resolve_callback_flow, resolve_logdir
 from .files import write_csv
 from .metrics import METRICS_ORDER
 from .publishers import default_publishers, log_text
@@ -132,9 +132,9 @@ class InterpretationCallback(Callback):
         self._warned_inputs = False
 
     def on_experiment_start(self, runner: Any) -> None:
-        self.flow = resolve_flow(self.flow, runner, type(self).__name__)
-        self._graph = self.flow.graph
-        self._per_sample = self.flow.get_per_sample_loss()
+        self._flow = resolve_callback_flow(self.flow, runner, type(self).__name__)  # the given flow, else the runner's
+        self._graph = self._flow.graph
+        self._per_sample = self._flow.get_per_sample_loss()
         self._logdir = resolve_logdir(self.logdir, runner)
         if self.default_publishers is None:
             self.default_publishers = list(default_publishers())
@@ -231,7 +231,7 @@ class InterpretationCallback(Callback):
 
     def _publish_explanations(self, runner: Any) -> None:
         if self._explainer is None:
-            self._explainer = self.flow.get_treelib_explainer()
+            self._explainer = self._flow.get_treelib_explainer()
         samples = sorted(self._explained, key=lambda s: s[0])
         # No decoded values nor masks: the explainer decodes with the decoders as they are now
         # (thresholds tuned on this loader included) and takes preconditions from those decisions.

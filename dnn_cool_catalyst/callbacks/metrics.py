@@ -10,7 +10,7 @@ from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
 from .batch import LOSS_TERMS, ChunkBuffer, batch_parts, batch_size_of
-from .common import loader_selected, resolve_flow
+from .common import loader_selected, resolve_callback_flow
 from .publishers import log_pr_curve
 
 #: Runs at `Metric` order; `ThresholdTuningCallback` runs just before it so that, at a loader's
@@ -59,13 +59,13 @@ class FlowMetricsCallback(Callback):
 
     # Setup ---------------------------------------------------------------------------------------
     def on_experiment_start(self, runner: Any) -> None:
-        self.flow = resolve_flow(self.flow, runner, type(self).__name__)
-        self._leaves = self.flow.graph.leaves
+        self._flow = resolve_callback_flow(self.flow, runner, type(self).__name__)  # the given flow, else the runner's
+        self._leaves = self._flow.graph.leaves
         self._paths = [leaf.path for leaf in self._leaves]
         self._loss_keys = [f"{p}/loss" for p in self._paths]
-        self._loss = self.flow.get_loss()
+        self._loss = self._flow.get_loss()
         self._weights = self._loss.weights
-        self._metrics = self.flow.get_metrics()
+        self._metrics = self._flow.get_metrics()
         self._by_path: Dict[str, List[Any]] = defaultdict(list)
         for tm in self._metrics:
             self._by_path[tm.path].append(tm)

@@ -12,7 +12,7 @@ from catalyst.core.callback import Callback
 from torch import Tensor
 
 from .batch import ChunkBuffer, batch_parts, batch_size_of
-from .common import loader_selected, resolve_flow, resolve_logdir
+from .common import loader_selected, resolve_callback_flow, resolve_logdir
 from .files import read_json, write_json
 from .metrics import METRICS_ORDER
 
@@ -76,9 +76,9 @@ class ThresholdTuningCallback(Callback):
         self._active = False
 
     def on_experiment_start(self, runner: Any) -> None:
-        self.flow = resolve_flow(self.flow, runner, type(self).__name__)
-        self._leaves = [leaf for leaf in self.flow.graph.leaves if leaf.task.decoder.params()]
-        self._decoder = self.flow.get_decoder()
+        self._flow = resolve_callback_flow(self.flow, runner, type(self).__name__)  # the given flow, else the runner's
+        self._leaves = [leaf for leaf in self._flow.graph.leaves if leaf.task.decoder.params()]
+        self._decoder = self._flow.get_decoder()
         self._logdir = resolve_logdir(self.logdir, runner)
         self._first_epoch = True
 

@@ -7,7 +7,6 @@ interpreters and `runners.export`.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
 from ..callbacks.batch import INDEX, INPUTS, LOSS_TERMS, OUTPUTS, TARGETS, batch_size_of
+from ..callbacks.common import import_object, resolve_flow
 from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..errors import InputError, LabelError
@@ -43,42 +43,6 @@ EVALUATION_FILE = "evaluation.csv"
 
 
 # Building the runner from objects or dotted paths (YAML) -------------------------------------------
-
-
-def import_object(dotted: str) -> Any:
-    """The object named by `"package.module.attr"` (or `"package.module:attr"`)."""
-    module_name, sep, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{dotted!r} is not a dotted path 'package.module.name'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} of {dotted!r}: {e}") from e
-    try:
-        obj = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise ImportError(f"module {module_name!r} has no {attr!r} (from {dotted!r})") from None
-    return obj
-
-
-def resolve_flow(flow: Any) -> Any:
-    """A `TaskFlow` from a flow, a `Tasks` registry (its full flow), a factory returning either,
-    or the dotted path of any of these."""
-    from ..dsl import Tasks, TaskFlow
-
-    given = flow
-    if isinstance(flow, str):
-        flow = import_object(flow)
-    if callable(flow) and not isinstance(flow, (TaskFlow, Tasks)):
-        flow = flow()
-    if isinstance(flow, Tasks):
-        flow = flow.get_full_flow()
-    if not isinstance(flow, TaskFlow):
-        raise TypeError(f"FlowRunner needs a TaskFlow, a Tasks registry, a factory of one, or its dotted path; "
-                        f"{given!r} gave {type(flow).__name__}")
-    return flow
 
 
 def resolve_model(model: Any, flow: Any) -> nn.Module:

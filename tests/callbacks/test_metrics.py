@@ -148,3 +148,12 @@ def test_missing_batch_layout_is_named(small_flow, fake_runner_cls):
     runner.batch = {"logits": torch.zeros(2)}
     with pytest.raises(KeyError, match="FlowMetricsCallback needs runner.batch with 'outputs'"):
         cb.on_batch_end(runner)
+
+
+def test_the_flow_may_be_given_as_a_dotted_path(fake_runner_cls, small_flow):
+    cb = FlowMetricsCallback(flow="dnn_cool_catalyst.story.security_tasks")
+    runner = fake_runner_cls(small_flow)
+    cb.on_experiment_start(runner)
+    assert cb._flow.name == "full_flow" and cb._flow is not small_flow
+    with pytest.raises(ValueError, match="FlowMetricsCallback: no flow"):
+        FlowMetricsCallback().on_experiment_start(object())

@@ -234,7 +234,7 @@ def test_constructible_from_config_data():
 def test_bad_construction_is_named():
     with pytest.raises(ImportError, match="no 'nope'"):
         FlowRunner("dnn_cool_catalyst.story.nope")
-    with pytest.raises(TypeError, match="needs a TaskFlow"):
+    with pytest.raises(TypeError, match="a flow must be a TaskFlow"):
         FlowRunner(42)
     with pytest.raises(NotImplementedError, match="balance_dataparallel_memory"):
         FlowRunner("dnn_cool_catalyst.story.security_tasks", balance_dataparallel_memory=True)
