@@ -12,7 +12,7 @@ from catalyst.core.callback import Callback
 from torch import Tensor
 
 from .batch import ChunkBuffer, batch_parts, batch_size_of
-from .common import loader_selected, resolve_callback_flow, resolve_logdir
+from .common import resolve_callback_flow, resolve_logdir
 from .files import read_json, write_json
 from .metrics import METRICS_ORDER
 
