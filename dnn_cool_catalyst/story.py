@@ -96,3 +96,17 @@ def security_labels(n: int, seed: int = 0, missing_rate: float = 0.05, image_siz
         else:
             v[drop] = -1
     return labels
+
+
+def security_cnn(features: int = 256) -> nn.Module:
+    """A small conv net for the story's 64x64 RGB images: `(N, 3, H, W)` in [0, 1] -> `(N, features)`.
+
+    Four stride-2 conv blocks (16-32-48-64 channels) and a linear layer; about 0.1M parameters plus
+    `features * 64`, fast enough to train on two CPU cores in a couple of minutes.
+    """
+
+    def block(i: int, o: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(i, o, 3, stride=2, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+
+    return nn.Sequential(block(3, 16), block(16, 32), block(32, 48), block(48, 64),
+                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, features), nn.ReLU())
