@@ -197,7 +197,7 @@ class FlowRunner(dl.Runner):
               cpu: bool = False, fp16: bool = False, ddp: bool = False,
               lr: float = 1e-3, flow_metrics: bool = True, interpretation: bool = True,
               threshold_tuning: bool = True) -> None:
-        """Catalyst's `train`, with defaults added only where none was given:
+        """Catalyst's `train` (every one of its arguments), with defaults added only where none was given:
 
         - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
         - `optimizer`: `AdamW(lr=lr)` when a loader trains; an optimizer may also be a factory
@@ -205,14 +205,18 @@ class FlowRunner(dl.Runner):
         - callbacks: `FlowMetricsCallback`, `InterpretationCallback`, `ThresholdTuningCallback`
           (each unless one of its type is given or its flag is false), backward and optimizer
           steps, a scheduler step, and with a `logdir` a runner checkpoint (`<logdir>/checkpoints`)
-          keeping the best epoch by `valid_metric` ("loss") on `valid_loader` (the first loader
-          whose name starts with "valid");
+          keeping the best epoch by `valid_metric` ("loss", minimised) on `valid_loader` (the first
+          loader whose name starts with "valid", else the first loader);
         - loggers: a `FlowTensorboardLogger` in `<logdir>/tensorboard`, a console logger printing
           one line per task (`FlowConsoleLogger`), Catalyst's CSV logger; with `verbose=True`,
           Catalyst's progress bar showing the overall batch metrics (`FlowProgressBar`);
         - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
           from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
           total `num_epochs` and fresh loaders.
+
+        Extra arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
+        `threshold_tuning` switch the default callbacks off. `evaluate_loader` runs through here
+        without tuning, interpretation, default optimizer or files.
         """
         if not isinstance(loaders, Mapping) or not loaders:
             raise TypeError(f"loaders must be a non-empty mapping name -> DataLoader, got {type(loaders).__name__}")
