@@ -8,6 +8,7 @@ says where the TensorBoard logs are.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -50,6 +51,40 @@ def build_project(df: pd.DataFrame, image_root: str, project_dir: str, features:
     return project
 
 
+@dataclasses.dataclass
+class DemoSettings:
+    """What the demo and `configs/security.yml` are run with (YAML overlays change these fields)."""
+
+    project_dir: str = "demo_project"  # data in <project_dir>/data, logs in <project_dir>/<runner_name>
+    runner_name: str = "demo"
+    n: int = 4000  # generated images (80% train, 10% valid, 10% test)
+    seed: int = 0  # data, split, initialisation and shuffling
+    epochs: int = 16
+    batch_size: int = 64
+    lr: float = 3e-3
+    features: int = 256  # width of the backbone's output, read by every head as x.features
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.project_dir, "data")
+
+    @property
+    def logdir(self) -> str:
+        return os.path.join(self.project_dir, self.runner_name)
+
+
+def story_project(settings: DemoSettings) -> Project:
+    """The story's `Project` for `settings`, generating the data on first use."""
+    df = load_story_table(settings.data_dir, settings.n, settings.seed)
+    return build_project(df, settings.data_dir, settings.project_dir, settings.features)
+
+
+def story_model(project: Project, settings: DemoSettings) -> BackboneModel:
+    """`security_cnn` feeding the project's full flow, initialised from `settings.seed`."""
+    torch.manual_seed(settings.seed)
+    return BackboneModel(security_cnn(settings.features), project.get_full_flow())
+
+
 def quality_report(table: pd.DataFrame) -> list:
     """`[(task_path, metric_name, value, bar, ok)]` for the demo's quality bar."""
     rows = []
@@ -65,37 +100,31 @@ def quality_report(table: pd.DataFrame) -> list:
 
 
 def main(argv=None) -> int:
+    defaults = DemoSettings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4000, help="number of generated images")
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--project-dir", default="demo_project")
+    for field in dataclasses.fields(DemoSettings):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type if callable(field.type) else
+                            type(getattr(defaults, field.name)), default=getattr(defaults, field.name))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    args = vars(parser.parse_args(argv))
+    torch.set_num_threads(args.pop("threads") or os.cpu_count() or 1)
+    settings = DemoSettings(**args)
     start = time.time()
 
-    data_dir = os.path.join(args.project_dir, "data")
-    df = load_story_table(data_dir, args.n, args.seed)
-    print(f"data: {len(df)} images and labels in {data_dir} ({time.time() - start:.1f}s)")
-    project = build_project(df, data_dir, args.project_dir)
+    project = story_project(settings)
+    df = project.df
+    print(f"data: {len(df)} images and labels in {settings.data_dir} ({time.time() - start:.1f}s)")
     flow = project.get_full_flow()
-    torch.manual_seed(args.seed)
-    model = BackboneModel(security_cnn(256), flow)
-    runner = project.runner(model, "demo")
-    loaders = project.loaders(batch_size=args.batch_size, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    runner.train(loaders=loaders, optimizer=optimizer, scheduler=scheduler, num_epochs=args.epochs,
-                 seed=args.seed, load_best_on_end=True)
-    print(f"trained {args.epochs} epochs ({time.time() - start:.0f}s)")
+    model = story_model(project, settings)
+    runner = project.runner(model, settings.runner_name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    runner.train(loaders=project.loaders(batch_size=settings.batch_size, seed=settings.seed), optimizer=optimizer,
+                 scheduler=scheduler, num_epochs=settings.epochs, seed=settings.seed, load_best_on_end=True)
+    print(f"trained {settings.epochs} epochs ({time.time() - start:.0f}s)")
 
-    valid = project.get_dataset("valid", with_index=True).loader(batch_size=256)
-    runner.tune(valid)
-    test = project.get_dataset("test", with_index=True).loader(batch_size=256)
-    table = runner.evaluate(test)
+    runner.tune(project.loader("valid"))
+    table = runner.evaluate(project.loader("test"))
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print("\nEvaluation on the test split (preconditions from the ground truth):")
         print(table.to_string())
@@ -113,9 +142,8 @@ def main(argv=None) -> int:
     failed = [r for r in report if not r[4]]
     print(f"Quality bar: {len(report) - len(failed)}/{len(report)} met"
           + "".join(f"\n  MISSED {p} {m} = {v:.4f} (bar {b})" for p, m, v, b, _ in failed))
-    logdir = os.path.join(args.project_dir, "demo")
-    print(f"\nLogs, checkpoints, tuned_params.json and evaluation.csv: {logdir}\n"
-          f"TensorBoard: .venv/bin/tensorboard --logdir {os.path.join(logdir, 'tensorboard')}  "
+    print(f"\nLogs, checkpoints, tuned_params.json and evaluation.csv: {settings.logdir}\n"
+          f"TensorBoard: .venv/bin/tensorboard --logdir {os.path.join(settings.logdir, 'tensorboard')}  "
           f"(then open http://localhost:6006)\nTotal time: {time.time() - start:.0f}s")
     return 1 if failed else 0
 

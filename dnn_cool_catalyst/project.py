@@ -287,17 +287,21 @@ class Project(Tasks):
         computed = [k[0] for k in flow.graph.input_keys if k and k[0] not in self.input_data]
         return flow.get_dataset(self.get_inputs(rows), self.get_labels(rows, flow), computed=computed, **kwargs)
 
+    def loader(self, rows: Rows = None, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
+               flow: Optional[TaskFlow] = None, **kwargs):
+        """A whole-batch `DataLoader` over the rows (a split name, positions, or all), carrying
+        `X["index"]`; shuffled with a generator seeded by `seed` when `shuffle`."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed) if shuffle else None
+        ds = self.get_dataset(rows, flow, with_index=True)
+        return ds.loader(batch_size=batch_size, shuffle=shuffle, generator=gen, **kwargs)
+
     def loaders(self, batch_size: int = 32, flow: Optional[TaskFlow] = None, seed: int = 0,
                 splits: Iterable[str] = ("train", "valid"), **kwargs) -> Dict[str, Any]:
         """`{split: DataLoader}` (train shuffled with a seeded generator), for `runner.train(loaders=...)`."""
-        import torch
-
-        out = {}
-        for name in splits:
-            ds = self.get_dataset(name, flow, with_index=True)
-            gen = torch.Generator().manual_seed(seed) if name == "train" else None
-            out[name] = ds.loader(batch_size=batch_size, shuffle=name == "train", generator=gen, **kwargs)
-        return out
+        return {name: self.loader(name, batch_size, shuffle=name == "train", seed=seed, flow=flow, **kwargs)
+                for name in splits}
 
     # Training --------------------------------------------------------------------------------------
     def runner(self, model: Optional[nn.Module] = None, runner_name: str = "runner", **kwargs):
