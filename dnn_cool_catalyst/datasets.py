@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import numbers
 import os
-import uuid
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
+
+from .files import write_atomic
 
 __all__ = ["security", "load_images", "SHIRT_TYPES", "FACIAL_CHARACTERISTICS"]
 
@@ -253,27 +254,10 @@ def _draw_sample(rng: np.random.Generator, s: int, canvas: np.ndarray) -> dict:
     return labels
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write ``path`` via a temporary file in the same directory and ``os.replace``."""
-    directory, base = os.path.split(path)
-    # Created with open(..., "xb") rather than mkstemp so the file gets the usual umask permissions.
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _write_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
 
-    _atomic_write(path, lambda fh: Image.fromarray(image, mode="RGB").save(fh, format="PNG"))
+    write_atomic(path, lambda fh: Image.fromarray(image, mode="RGB").save(fh, format="PNG"))
 
 
 def security(
@@ -361,7 +345,7 @@ def security(
         for name, image in zip(df["img"], images):
             _write_png(os.path.join(root, name), image)
         csv_text = df.to_csv(index=False, na_rep="NaN", lineterminator="\n").encode("utf-8")
-        _atomic_write(os.path.join(root, "labels.csv"), lambda fh: fh.write(csv_text))
+        write_atomic(os.path.join(root, "labels.csv"), lambda fh: fh.write(csv_text))
 
     return df, images
 

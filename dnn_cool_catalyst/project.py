@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -43,6 +42,7 @@ from torch import nn
 from .converters import Column, Converters, ImageFiles, TableError, _close
 from .dsl import TaskFlow, Tasks
 from .errors import LabelError
+from .files import write_json
 
 SPLITS = ("train", "valid", "test")
 SPLIT_FILE = "split.json"
@@ -74,21 +74,6 @@ def table_fingerprint(df: pd.DataFrame) -> str:
     return hashlib.sha256(hashed.tobytes() + str(list(df.columns)).encode()).hexdigest()[:16]
 
 
-def _atomic_write_json(path: str, data: Any) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def load_or_make_split(path: Optional[str], n: int, fractions: Sequence[float], seed: int,
                        fingerprint: str) -> Dict[str, np.ndarray]:
     """The split saved at `path` if there is one (checked against the table), else a new one,
@@ -97,7 +82,7 @@ def load_or_make_split(path: Optional[str], n: int, fractions: Sequence[float], 
     if path is None or not os.path.exists(path):
         split = make_split(n, fractions, seed)
         if path is not None:
-            _atomic_write_json(path, {"num_rows": n, "fingerprint": fingerprint, "fractions": fractions, "seed": seed,
+            write_json(path, {"num_rows": n, "fingerprint": fingerprint, "fractions": fractions, "seed": seed,
                                       **{k: v.tolist() for k, v in split.items()}})
         return split
     try:

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Tuple, Union
 
 import numpy as np
+
+from .files import write_json
 
 ConfusionMetric = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -302,23 +303,7 @@ def save_tuned(path: Union[str, os.PathLike], params: Mapping[str, Mapping[str, 
             json.dumps(p, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"save_tuned: params of task {task_path!r} are not plain JSON ({e}): {p!r}") from None
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tuned-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({k: dict(v) for k, v in params.items()}, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_json(path, {k: dict(v) for k, v in params.items()}, fsync=True)
 
 
 def load_tuned(path: Union[str, os.PathLike]) -> Dict[str, Dict[str, Any]]:
