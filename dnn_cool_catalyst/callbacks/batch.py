@@ -10,6 +10,16 @@ After `handle_batch`, `runner.batch` is a dict:
 - `"loss_terms"` (only when the criterion is a `FlowLoss`): `{path: (sum, count)}`, detached; the
   states from which per-task losses over a whole loader are recombined exactly.
 
+With DataParallel memory balancing (`runners.balance`) the replicas reduce before anything is
+gathered, and the batch holds instead of the full outputs:
+
+- `"outputs"`: only `{"mask": {path: (N,)}, "activated": {path: ...}}` for the kept tasks (those
+  with tunable decoders by default);
+- `"metric_states"`: `{key: state}` as `FlowMetrics.states()` of the whole batch (sums, counts);
+- `"per_sample_loss"`: `{path: (N,)}` as `flow.get_per_sample_loss()` gives it (NaN outside `S_t`);
+- `"explain"` (when asked for): `{"index": (k,), "logits": {path: (k, ...)}}`, the logits of the
+  samples whose `X["index"]` is below the interpretation callback's `explain`.
+
 A runner of your own can feed the callbacks by leaving the same keys.
 """
 from __future__ import annotations
@@ -24,6 +34,9 @@ INPUTS = "inputs"
 TARGETS = "targets"
 OUTPUTS = "outputs"
 LOSS_TERMS = "loss_terms"
+METRIC_STATES = "metric_states"
+PER_SAMPLE_LOSS = "per_sample_loss"
+EXPLAIN = "explain"
 INDEX = "index"
 
 

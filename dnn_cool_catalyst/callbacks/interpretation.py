@@ -12,7 +12,7 @@ import torch
 from catalyst.core.callback import Callback
 from torch import Tensor
 
-from .batch import INDEX, ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
+from .batch import EXPLAIN, INDEX, PER_SAMPLE_LOSS, ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
 from .common import loader_selected, resolve_callback_flow, resolve_logdir
 from .files import write_csv
 from .metrics import METRICS_ORDER
@@ -99,6 +99,11 @@ class InterpretationCallback(Callback):
     Dataset indices come from `X["index"]` (`flow.get_dataset(..., with_index=True)`), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
 
+    Batches reduced inside DataParallel replicas (`runners.balance`) bring their per-sample
+    losses (`"per_sample_loss"`) and the logits of the samples to explain (`"explain"`, only with
+    `X["index"]`) instead of full outputs. Under DDP, the losses of all processes are ranked
+    together and only the main process writes the CSV.
+
     Args:
         flow: the `TaskFlow` (default: `runner.flow`).
         top_k: how many worst and best samples per task.
@@ -158,10 +163,26 @@ class InterpretationCallback(Callback):
             return
         n = batch_size_of(targets, inputs)
         index = self._indexer(inputs, n, runner.loader_key)
+        per_sample = runner.batch.get(PER_SAMPLE_LOSS)
+        if per_sample is not None:
+            self._add_reduced(index, per_sample, runner.batch.get(EXPLAIN))
+            return
         self._buffer.add(n, {"logits": outputs["logits"], "mask": outputs["mask"], "targets": targets,
                              "index": {INDEX: index}})
         if self._buffer.full:
             self._flush()
+
+    def _add_reduced(self, index: Tensor, per_sample: Dict[str, Tensor], explain: Any) -> None:
+        """A batch whose per-sample losses were computed inside DataParallel replicas."""
+        for leaf in self._graph.leaves:
+            self._losses[leaf.path].append(per_sample[leaf.path].float().cpu())
+        self._indices.append(index)
+        if self.explain > 0 and explain is not None:
+            ids = explain[INDEX].reshape(-1).cpu()
+            for r in torch.nonzero(ids < self.explain).reshape(-1).tolist():
+                logits = {p: z[r: r + 1].cpu() for p, z in explain["logits"].items()}
+                activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
+                self._explained.append((int(ids[r]), {"logits": logits, "activated": activated}))
 
     def _flush(self) -> None:
         """Per-sample losses of the kept batches, and the samples to explain among them."""
@@ -183,9 +204,9 @@ class InterpretationCallback(Callback):
         if not self._active:
             return
         self._flush()
+        self._gather_across_processes()  # every process takes part, also one without samples
         if not self._indices:
             return
-        self._gather_across_processes()
         indices = torch.cat(self._indices)
         ranked = {leaf.path: _ranked(torch.cat(self._losses[leaf.path]), indices, self.top_k) for leaf in self._graph.leaves}
         table = pd.DataFrame({
@@ -194,11 +215,12 @@ class InterpretationCallback(Callback):
             "dataset_index": np.concatenate([r[1] for r in ranked.values()]),
             "loss": np.concatenate([r[2] for r in ranked.values()])}, columns=list(CSV_COLUMNS))
         self.results[runner.loader_key] = table
-        if self._logdir is not None and getattr(getattr(runner, "engine", None), "is_main_process", True):
-            write_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), table)
-        self._publish(runner, ranked)
-        if self._explained:
-            self._publish_explanations(runner)
+        if getattr(getattr(runner, "engine", None), "is_main_process", True):  # DDP: loggers live on rank 0
+            if self._logdir is not None:
+                write_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), table)
+            self._publish(runner, ranked)
+            if self._explained:
+                self._publish_explanations(runner)
         self._losses, self._indices, self._explained = defaultdict(list), [], []
 
     # Publishing ----------------------------------------------------------------------------------

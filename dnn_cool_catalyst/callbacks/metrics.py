@@ -9,13 +9,16 @@ import torch
 from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
-from .batch import LOSS_TERMS, ChunkBuffer, batch_parts, batch_size_of
+from .batch import LOSS_TERMS, METRIC_STATES, ChunkBuffer, batch_parts, batch_size_of
 from .common import loader_selected, resolve_callback_flow
 from .publishers import log_pr_curve
 
 #: Runs at `Metric` order; `ThresholdTuningCallback` runs just before it so that, at a loader's
 #: end, thresholds tuned on that loader are in place when the deferred decoded metrics are computed.
 METRICS_ORDER = CallbackOrder.Metric
+
+#: With metric states computed inside DataParallel replicas, they are added up every this many batches.
+STATES_PER_MERGE = 64
 
 
 class FlowMetricsCallback(Callback):
@@ -31,6 +34,12 @@ class FlowMetricsCallback(Callback):
 
     so that Catalyst's loggers, checkpoint selection and early stopping can use them. Per batch,
     `runner.batch_metrics` gets `<path>/loss` (`log_batch_losses`).
+
+    Batches whose metric states were computed inside DataParallel replicas (`"metric_states"` in
+    `runner.batch`, see `runners.balance`) are merged as they are; only the decoded metrics of
+    tunable tasks on loaders that do not train are computed here, from the gathered activated
+    outputs. Under DDP, loss terms and metric states are summed over the processes at each
+    loader's end (every process then holds the global values; only rank 0 logs them).
 
     Args:
         flow: the `TaskFlow` (default: `runner.flow`).
@@ -83,6 +92,8 @@ class FlowMetricsCallback(Callback):
         self._sums: Optional[Tensor] = None
         self._counts: Optional[Tensor] = None
         self._user_loss = [0.0, 0]  # sum of batch losses * batch size, samples (criterion without terms)
+        self._pending_states: List[Dict[str, Tensor]] = []  # metric states reduced in DataParallel replicas
+        self._reduced = False
         evaluating = not runner.is_train_loader
         self._defer = self._tunable if self.deferred_decoding and evaluating else set()
         self._keep = set(self._defer) | (self._binary & self._tunable if self.pr_curves and evaluating else set())
@@ -110,6 +121,10 @@ class FlowMetricsCallback(Callback):
         self._states.append(states)
         if self.log_batch_losses:
             runner.batch_metrics.update(zip(self._loss_keys, (states[0] / states[1]).unbind()))
+        reduced = runner.batch.get(METRIC_STATES)
+        if reduced is not None:
+            self._add_reduced(n, reduced, targets, outputs)
+            return
         source = "activated" if outputs.get("activated") else "logits"
         parts = {source: outputs[source], "targets": targets, "mask": outputs["mask"]}
         if outputs.get("decoded"):  # decisions as taken now, by the decoders of this batch
@@ -118,11 +133,48 @@ class FlowMetricsCallback(Callback):
         if self._buffer.full:
             self._flush()
 
+    def _add_reduced(self, n: int, states: Dict[str, Tensor], targets: Dict[str, Tensor], outputs: Dict[str, Any]) -> None:
+        """A batch reduced inside DataParallel replicas: its metric states, and the activated
+        outputs of the tasks whose decoded metrics wait for tuning (or get a PR curve)."""
+        activated = outputs.get("activated") or {}
+        if not self._reduced:  # tasks whose activated outputs were not gathered keep their batch-time metrics
+            self._reduced = True
+            self._defer = {p for p in self._defer if p in activated}
+            self._keep = {p for p in self._keep if p in activated}
+        self._pending_states.append(states)
+        if len(self._pending_states) >= STATES_PER_MERGE:
+            self._merge_states()
+        if self._keep:
+            self._buffer.add(n, {"activated": {p: activated[p] for p in self._keep},
+                                 "targets": {p: targets[p] for p in self._keep},
+                                 "mask": {p: outputs["mask"][p] for p in self._keep}})
+            if self._buffer.full:
+                self._flush()
+
+    def _merge_states(self) -> None:
+        """Add the pending reduced metric states to the metrics (deferred decoded metrics excepted)."""
+        if not self._pending_states:
+            return
+        pending, self._pending_states = self._pending_states, []
+        summed = {k: torch.stack([d[k] for d in pending]).sum(0) for k in pending[0]}
+        for tm in self._metrics:
+            if tm.metric.uses != "activated" and tm.path in self._defer:
+                continue
+            missing = [k for k in tm.metric.states if f"{tm.key}/{k}" not in summed]
+            if missing:
+                raise KeyError(f"FlowMetricsCallback: the reduced metric states have no {tm.key}/{missing[0]}; "
+                               f"they come from a different flow than the callback's {self._flow.name!r}")
+            tm.metric.merge({k: summed[f"{tm.key}/{k}"] for k in tm.metric.states})
+
     def _flush(self) -> None:
         """Update the metrics with the kept batches (decoded metrics of deferred tasks wait)."""
         if not len(self._buffer):
             return
         chunk = self._buffer.take()
+        if self._reduced:  # the metrics came as states; keep what deferred decoding and PR curves need
+            for p, a in chunk["activated"].items():
+                self._kept[p].append((a.cpu(), chunk["targets"][p].cpu(), chunk["mask"][p].cpu()))
+            return
         activated, logits, decoded = chunk.get("activated"), chunk.get("logits"), chunk.get("decoded") or {}
         for leaf in self._leaves:
             p = leaf.path
@@ -145,6 +197,7 @@ class FlowMetricsCallback(Callback):
         if not self._active or not (self._states or len(self._buffer)):
             return
         self._flush()
+        self._merge_states()
         if self._states:
             totals = torch.stack(self._states).double().sum(0)
             self._sums, self._counts = totals[0], totals[1]
@@ -186,23 +239,23 @@ class FlowMetricsCallback(Callback):
     def _reduce_across_processes(self, runner: Any) -> None:
         """Sum the loss terms and metric states of every process (DDP); a no-op in one process.
 
-        Sums and counts are added exactly; kept activated outputs are gathered as objects.
+        Sums and counts are added exactly (`Metric.all_reduce`, which also evens out confusion
+        matrices a process saw fewer classes for); kept activated outputs are gathered as objects.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        device = getattr(getattr(runner, "engine", None), "device", None) or torch.device("cpu")
+        device = _collective_device(runner)
         if self._sums is not None:
             t = torch.stack([self._sums, self._counts]).to(device)
             dist.all_reduce(t)
             self._sums, self._counts = t[0].cpu(), t[1].cpu()
+        user = torch.tensor(self._user_loss, dtype=torch.float64, device=device)
+        dist.all_reduce(user)
+        self._user_loss = [float(user[0]), int(user[1])]
         for tm in self._metrics:
-            for k in sorted(tm.metric.states):
-                v = tm.metric.states[k]
-                t = v.to(device)
-                dist.all_reduce(t)
-                tm.metric.states[k] = t.to(v.device)
+            tm.metric.all_reduce(device)
         if self._keep:
             gathered: List[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, dict(self._kept))
@@ -211,3 +264,13 @@ class FlowMetricsCallback(Callback):
                 for p, chunks in part.items():
                     merged[p].extend(chunks)
             self._kept = merged
+
+
+def _collective_device(runner: Any) -> torch.device:
+    """Where tensors must be for collectives: the CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        device = getattr(getattr(runner, "engine", None), "device", None)
+        return torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

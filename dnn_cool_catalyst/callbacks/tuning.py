@@ -107,6 +107,10 @@ class ThresholdTuningCallback(Callback):
             return
         source = "activated" if outputs.get("activated") else "logits"
         paths = [leaf.path for leaf in self._leaves]
+        missing = [p for p in paths if p not in outputs.get(source, {})]
+        if missing:
+            raise KeyError(f"ThresholdTuningCallback: the batch outputs have no {source!r} for the tunable task(s) "
+                           f"{missing} (with DataParallel memory balancing, keep them in the gathered outputs)")
         self._buffer.add(batch_size_of(targets, inputs), {source: {p: outputs[source][p] for p in paths},
                                                           "targets": {p: targets[p] for p in paths},
                                                           "mask": {p: outputs["mask"][p] for p in paths}})
