@@ -3,10 +3,17 @@
 Flow loss = sum over leaf tasks of `weight_t * sum_{S_t} loss_t / max(|S_t|, 1)`, where `S_t` holds
 the available elements of samples whose precondition is not FALSE. Computed with weights and
 counts (static shapes), so an empty `S_t` adds exactly 0 and gives a zero (not absent) gradient.
+
+Under DistributedDataParallel (a `torch.distributed` process group is initialised), each rank's
+loss is `sum_t weight_t * world_size * sum_t(rank) / max(count_t(all ranks), 1)`: DDP averages the
+gradients over the ranks, and that average is then exactly the gradient of the loss of the global
+batch on one process, however unevenly each task's samples fall on the ranks (a rank without
+samples of a task contributes 0 for it). Every head is in every rank's graph (masked, not
+indexed), so DDP needs no `find_unused_parameters`.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -29,16 +36,55 @@ def _shape_error(path: str, logits: Tensor, labels: Tensor, err: Exception) -> L
                       f"{tuple(labels.shape)} ({err})")
 
 
+def distributed_world_size() -> int:
+    """The number of processes of the initialised default `torch.distributed` group; 1 without one.
+    (`torch.compile(fullgraph=True)` traces it as a constant.)"""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def global_terms(terms: Mapping[str, Tuple[Tensor, Tensor]], world_size: Optional[int] = None,
+                 group: object = None) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """`{path: (world_size * sum, count summed over the ranks)}`: terms that `FlowLoss.combine`
+    turns into a loss whose DDP-averaged gradient is the gradient of the global batch.
+
+    One `all_reduce` of all counts together (no gradient flows through counts); the sums keep
+    their gradient. With one process the terms are returned as they are.
+    """
+    import torch.distributed as dist
+
+    if world_size is None:
+        world_size = distributed_world_size() if group is None else dist.get_world_size(group)
+    if world_size <= 1 or not terms:
+        return dict(terms)
+    paths = list(terms)
+    # float64: counts stay exact whatever the loss dtype (half precision counts only to 2048)
+    counts = torch.stack([terms[p][1].detach().reshape(()).to(torch.float64) for p in paths])
+    dist.all_reduce(counts, group=group)
+    return {p: (terms[p][0] * world_size, counts[i].to(terms[p][1].dtype)) for i, p in enumerate(paths)}
+
+
 class FlowLoss(nn.Module):
     """`loss(outputs, targets) -> scalar`; `outputs` as returned by `flow.torch()`.
 
     `terms(outputs, targets)` gives `{path: (sum, count)}`, the states from which the loss is
-    recombined exactly (across DataParallel replicas or DDP ranks).
+    recombined exactly (across DataParallel replicas or DDP ranks); `from_terms(terms)` is the
+    loss from them.
+
+    `distributed` (default True): when a `torch.distributed` process group is initialised, scale
+    the loss for DDP as the module docstring says (one `all_reduce` of the task counts per call,
+    so every rank must call the loss equally often, as DDP's backward requires anyway). The value
+    on one rank is then that rank's estimate of the global loss (their mean over ranks is exact).
+    `distributed=False` keeps each rank's own masked means.
     """
 
-    def __init__(self, graph: FlowGraph):
+    def __init__(self, graph: FlowGraph, distributed: bool = True):
         super().__init__()
         self.graph = graph
+        self.distributed = bool(distributed)
         self._leaves = tuple((leaf.path, leaf.task) for leaf in graph.leaves)
 
     def terms(self, outputs: Mapping[str, Mapping[str, Tensor]], targets: Mapping[str, Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -71,10 +117,18 @@ class FlowLoss(nn.Module):
     def weights(self) -> Dict[str, float]:
         return {path: float(task.weight) for path, task in self._leaves}
 
+    def from_terms(self, terms: Mapping[str, Tuple[Tensor, Tensor]]) -> Tensor:
+        """The flow loss from `terms(...)` (or terms merged from replicas), scaled for DDP when a
+        process group is initialised and `distributed` is true."""
+        if self.distributed and distributed_world_size() > 1:
+            return self.combine(global_terms(terms), self.weights)
+        return self.combine(terms, self.weights)
+
     def forward(self, outputs, targets, return_terms: bool = False):
-        """The flow loss; with `return_terms=True` also `{path: detached mean loss}` for logging."""
+        """The flow loss; with `return_terms=True` also `{path: detached mean loss}` for logging
+        (this rank's own masked means)."""
         terms = self.terms(outputs, targets)
-        total = self.combine(terms, self.weights)
+        total = self.from_terms(terms)
         if return_terms:
             return total, {p: (s / c.clamp_min(1)).detach() for p, (s, c) in terms.items()}
         return total

@@ -17,7 +17,11 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
   IOptimizerCallback" whenever a criterion or optimizer is set without those callbacks. `FlowRunner`
   computes the loss in `handle_batch` and adds the backward and optimizer callbacks itself where a
   loader trains, so exactly these three messages are silenced while the callbacks are checked.
-- `available_engine`: `catalyst.utils.get_available_engine` with our `DataParallelEngine`.
+- `CheckpointCallback`: under DDP, Catalyst's runner checkpoints are written by every process at
+  once (the same files, not atomically); this one writes them from the main process only, and
+  keeps the same bookkeeping on the others (so `load_best_on_end` finds the best file).
+- `available_engine`: `catalyst.utils.get_available_engine` with our `DataParallelEngine` and
+  `engines.DistributedDataParallelEngine`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 from catalyst import dl
+from catalyst.callbacks.checkpoint import Checkpoint
 from catalyst.core.engine import Engine
 from catalyst.utils.torch import get_available_engine
 from torch.utils.data import BatchSampler, DataLoader, Dataset
@@ -51,10 +56,15 @@ class DataParallelEngine(dl.DataParallelEngine):
 
 
 def available_engine(cpu: bool = False, fp16: bool = False, ddp: bool = False) -> Engine:
-    """The engine Catalyst would choose, with a working `DataParallelEngine` for several GPUs."""
+    """The engine Catalyst would choose, with a working `DataParallelEngine` for several GPUs and
+    our `DistributedDataParallelEngine` (torchrun, free port) for `ddp=True` on several GPUs."""
     engine = get_available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
     if type(engine) is dl.DataParallelEngine:
         return DataParallelEngine(fp16=fp16)
+    if type(engine) is dl.DistributedDataParallelEngine:
+        from .engines import DistributedDataParallelEngine
+
+        return DistributedDataParallelEngine(fp16=fp16)
     return engine
 
 
@@ -72,6 +82,30 @@ class BackwardCallback(dl.BackwardCallback):
             if self._log_gradient:
                 runner.batch_metrics[f"{self._prefix_gradient}/norm"] = norm
         runner.batch_metrics[self.metric_key] = loss.detach()
+
+
+class CheckpointCallback(dl.CheckpointCallback):
+    """Catalyst's checkpointing, with runner checkpoints written by the main process only."""
+
+    def _save(self, runner: Any, obj: Any, logprefix: str) -> str:
+        # mode="model" saves through accelerate, which already writes on the main process only
+        # (after a barrier every process must reach).
+        if self.mode == "model" or _is_main(runner):
+            return super()._save(runner, obj, logprefix)
+        return f"{logprefix}.pth"
+
+    def _handle_epoch(self, runner: Any, score: float) -> None:
+        if self.mode == "model" or _is_main(runner):
+            super()._handle_epoch(runner, score)
+            return
+        logpath = f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}.pth"
+        self._storage.append(Checkpoint(obj=None, logpath=logpath, metric=score))
+        self._storage = sorted(self._storage, key=lambda c: c.metric, reverse=not self._minimize)[: self.topk]
+
+
+def _is_main(runner: Any) -> bool:
+    engine = getattr(runner, "engine", None)
+    return bool(getattr(engine, "is_main_process", True)) if engine is not None else True
 
 
 class _BatchFetch(Dataset):

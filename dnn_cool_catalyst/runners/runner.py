@@ -8,7 +8,10 @@ interpreters and `runners.export`.
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import pandas as pd
@@ -26,19 +29,33 @@ from catalyst.callbacks.misc import TqdmCallback
 from catalyst.loggers.console import ConsoleLogger
 from catalyst.loggers.tensorboard import TensorboardLogger
 from torch import Tensor, nn
+from torch.utils.data import BatchSampler
 
 from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
-from ..callbacks.batch import INDEX, INPUTS, LOSS_TERMS, OUTPUTS, TARGETS, batch_size_of
+from ..callbacks.batch import (
+    EXPLAIN,
+    INDEX,
+    INPUTS,
+    LOSS_TERMS,
+    METRIC_STATES,
+    OUTPUTS,
+    PER_SAMPLE_LOSS,
+    TARGETS,
+    batch_size_of,
+)
 from ..callbacks.common import import_object, resolve_flow
 from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..errors import InputError, LabelError
 from . import compat
+from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar
+from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun
 from .export import export_model, load_model, unwrap_model
 from .tensorboard import FlowTensorboardLogger
 
 LAST_CHECKPOINT = os.path.join("checkpoints", "runner.last.pth")
+BEST_CHECKPOINT = os.path.join("checkpoints", "runner.best.pth")
 EVALUATION_FILE = "evaluation.csv"
 
 
@@ -128,6 +145,65 @@ def _concat(chunks: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
 
+def take_rows(tree: Any, n: int, batch: int) -> Any:
+    """The first `n` samples of a batch of `batch` samples: tensors (and lists) of length `batch`
+    are cut along the first dimension, mappings recursively, anything else kept."""
+    if isinstance(tree, Tensor):
+        return tree[:n] if tree.dim() > 0 and tree.shape[0] == batch else tree
+    if isinstance(tree, Mapping):
+        return {k: take_rows(v, n, batch) for k, v in tree.items()}
+    if isinstance(tree, list) and len(tree) == batch:
+        return tree[:n]
+    return tree
+
+
+# DDP: the duplicated samples with which accelerate evens out the shards ----------------------------
+
+
+@dataclass(frozen=True)
+class PaddingLayout:
+    """Where one process's batches sit in the epoch's stream of samples (accelerate's
+    `BatchSamplerShard` with `even_batches`): the stream is cut into batches of `batch_size` and
+    dealt to the processes in turn (or each batch split among them, `split`); the last ones are
+    completed with samples from the start of the epoch. Positions from `total` on are those copies."""
+
+    world: int
+    rank: int
+    batch_size: int
+    total: int
+    split: bool
+
+    def real_rows(self, step: int, n: int) -> int:
+        """How many of the `n` samples of this process's batch number `step` (from 0) are not copies
+        (the copies come last in a batch)."""
+        if self.split:
+            start = step * self.batch_size + self.rank * (self.batch_size // self.world)
+        else:
+            start = (step * self.world + self.rank) * self.batch_size
+        return max(0, min(n, self.total - start))
+
+
+def ddp_padding_layout(loader: Any) -> Optional[PaddingLayout]:
+    """The `PaddingLayout` of a loader prepared by accelerate for several processes, when it pads
+    (even batches, no `drop_last`) over a standard `BatchSampler`; None otherwise."""
+    try:
+        from accelerate.data_loader import BatchSamplerShard
+    except ImportError:  # pragma: no cover - accelerate is a dependency of Catalyst
+        return None
+    shard = getattr(loader, "batch_sampler", None)
+    if not isinstance(shard, BatchSamplerShard) or shard.num_processes <= 1 or not shard.even_batches or shard.drop_last:
+        return None
+    inner = shard.batch_sampler
+    if not isinstance(inner, BatchSampler) or not inner.batch_size or inner.drop_last:
+        return None
+    try:
+        total = len(inner.sampler)
+    except TypeError:
+        return None
+    return PaddingLayout(world=shard.num_processes, rank=shard.process_index, batch_size=int(inner.batch_size),
+                         total=int(total), split=bool(shard.split_batches))
+
+
 # The runner ---------------------------------------------------------------------------------------
 
 
@@ -144,9 +220,21 @@ class FlowRunner(dl.Runner):
     in `runner.batch_metrics["loss"]`. The first batch of each loader is checked: a loader that does
     not yield `(X, y)`, labels missing for a task or a missing key fail there, naming it.
 
-    `balance_dataparallel_memory=True` (reduce losses and metrics inside DataParallel replicas) is
-    not available yet: losses go through `FlowLoss.terms` and metrics through their sum/count
-    states precisely so that it can be added in `forward_flow` and the engine.
+    Several devices:
+
+    - `balance_dataparallel_memory=True`: DataParallel over all GPUs with the loss terms, metric
+      states and per-sample losses reduced inside each replica (`BalancedDataParallelEngine`,
+      `runners.balance`); only small tensors reach the first GPU, and losses and metrics are
+      exactly those of the whole batch. Also used when the engine given is a
+      `BalancedDataParallelEngine`.
+    - DDP (`engines.DistributedDataParallelEngine`, or Catalyst's): the flow loss scales itself
+      so that DDP's averaged gradients are those of the global batch; loader metrics sum their
+      states over the processes; tuning and interpretation run on the outputs of all processes;
+      only the main process writes files. The copies of samples with which accelerate evens out
+      the shards are dropped from each batch (`drop_ddp_padding`), so that training, metrics and
+      tuning see every sample exactly once. When the engine spawned the processes, `train`
+      loads the trained weights (`runner.best.pth` with `load_best_on_end`, else `runner.last.pth`)
+      and the tuned parameters back from the logdir into this process's model and flow.
 
     Example::
 
@@ -159,12 +247,13 @@ class FlowRunner(dl.Runner):
     """
 
     def __init__(self, flow: Any, model: Any = None, engine: Any = None, logdir: Optional[str] = None,
-                 balance_dataparallel_memory: bool = False):
+                 balance_dataparallel_memory: bool = False, drop_ddp_padding: bool = True):
         flow = resolve_flow(flow)
         super().__init__(model=resolve_model(model, flow), engine=engine)
-        if balance_dataparallel_memory:
-            raise NotImplementedError("balance_dataparallel_memory=True is not available yet (DataParallel memory "
-                                      "balancing is its own issue); train without it")
+        self.balance_dataparallel_memory = bool(balance_dataparallel_memory)
+        self.drop_ddp_padding = bool(drop_ddp_padding)
+        self._padding: Optional[PaddingLayout] = None
+        self._loader_step = 0
         self.flow = flow
         self.flow_loss = flow.get_loss()
         self._kept_criterion: Any = self.flow_loss
@@ -241,8 +330,7 @@ class FlowRunner(dl.Runner):
         if minimize_valid_metric is None:
             minimize_valid_metric = True
         self._resume_path = self._resume_checkpoint(resume, logdir, callbacks)
-        if engine is None and self.engine is None:
-            engine = compat.available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
+        engine = self._choose_engine(engine, cpu=cpu, fp16=fp16, ddp=ddp)
         super().train(loaders=loaders, model=model, engine=engine, criterion=self._kept_criterion,
                       optimizer=optimizer, scheduler=scheduler, callbacks=callbacks, loggers=loggers, seed=seed,
                       hparams=hparams, num_epochs=num_epochs, logdir=logdir, resume=self._resume_path,
@@ -250,6 +338,67 @@ class FlowRunner(dl.Runner):
                       minimize_valid_metric=minimize_valid_metric, verbose=verbose, timeit=timeit, check=check,
                       overfit=overfit, profile=profile, load_best_on_end=load_best_on_end, cpu=cpu, fp16=fp16,
                       ddp=ddp)
+        if self._ran_in_spawned_workers():
+            self._restore_from_logdir(load_best_on_end)
+
+    def _choose_engine(self, engine: Any, cpu: bool, fp16: bool, ddp: bool) -> Any:
+        chosen = engine if engine is not None else self.engine
+        if self.balance_dataparallel_memory:
+            if chosen is None:
+                chosen = BalancedDataParallelEngine(flow=self.flow, **({"fp16": True} if fp16 else {}))
+            elif isinstance(chosen, dl.DistributedDataParallelEngine):
+                raise ValueError("balance_dataparallel_memory=True is for DataParallel (one process, several GPUs); "
+                                 "under DistributedDataParallel each process reduces its own batch already: "
+                                 "drop the flag")
+            elif not isinstance(chosen, BalancedDataParallelEngine):
+                raise ValueError(f"balance_dataparallel_memory=True needs a BalancedDataParallelEngine (or no engine: "
+                                 f"FlowRunner makes one); got {type(chosen).__name__}")
+        elif chosen is None:
+            chosen = compat.available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
+        if isinstance(chosen, BalancedDataParallelEngine):
+            if chosen.flow is None:
+                chosen.flow = self.flow
+            if not hasattr(self._kept_criterion, "terms"):
+                raise ValueError(f"DataParallel memory balancing reduces the flow loss inside the replicas; it cannot "
+                                 f"use the criterion {type(self._kept_criterion).__name__} (no .terms): leave "
+                                 f"criterion=None")
+        return chosen
+
+    def _ran_in_spawned_workers(self) -> bool:
+        """Whether the last run happened in worker processes spawned by a DDP engine (this process
+        is their parent and holds neither the trained weights nor the metrics)."""
+        import torch.distributed as dist
+
+        engine = self.engine
+        if not isinstance(engine, dl.DistributedDataParallelEngine) or launched_by_torchrun():
+            return False
+        if dist.is_available() and dist.is_initialized():
+            return False
+        return bool(getattr(engine, "spawned", True))
+
+    def _restore_from_logdir(self, load_best_on_end: bool) -> None:
+        """Load what the DDP workers left in the logdir: weights and tuned decoder parameters."""
+        if self._logdir is None:
+            warnings.warn("FlowRunner: training ran in spawned DDP workers and there is no logdir to read the "
+                          "trained weights back from: the model in this process is untrained. Give a logdir.",
+                          stacklevel=3)
+            return
+        path = os.path.join(self._logdir, BEST_CHECKPOINT if load_best_on_end else LAST_CHECKPOINT)
+        if not os.path.isfile(path):
+            warnings.warn(f"FlowRunner: training ran in spawned DDP workers but there is no checkpoint {path!r} "
+                          f"(a CheckpointCallback of your own?): the model in this process is untrained", stacklevel=3)
+            return
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(f"cannot read the weights trained by the DDP workers back from {path!r} with "
+                               f"weights_only=True (a scheduler or optimizer state holding other objects?): {e}") from e
+        unwrap_model(self.model).load_state_dict(checkpoint["model_state_dict"])
+        tuned = os.path.join(self._logdir, TUNED_PARAMS_FILE)
+        if os.path.isfile(tuned):
+            from ..tuning import load_tuned
+
+            self.flow.get_decoder().load_tuned(load_tuned(tuned))
 
     @staticmethod
     def _resume_checkpoint(resume: Any, logdir: Optional[str], callbacks: Any) -> Optional[str]:
@@ -336,7 +485,7 @@ class FlowRunner(dl.Runner):
         if self._verbose and not exists(TqdmCallback):
             callbacks["_verbose"] = FlowProgressBar()
         if self._logdir is not None and not exists(ICheckpointCallback):
-            callbacks["_checkpoint"] = dl.CheckpointCallback(
+            callbacks["_checkpoint"] = compat.CheckpointCallback(
                 logdir=os.path.join(self._logdir, "checkpoints"), loader_key=self._valid_loader,
                 metric_key=self._valid_metric, minimize=self._minimize_valid_metric, mode="runner",
                 resume_runner=self._resume_path, load_best_on_end=self._load_best_on_end)
@@ -348,9 +497,29 @@ class FlowRunner(dl.Runner):
         with compat.quiet_step_callback_check():
             super()._setup_callbacks()
 
+    def on_experiment_start(self, runner: Any) -> None:
+        super().on_experiment_start(runner)
+        if isinstance(self.model, BalancedDataParallel):
+            # the replicas keep the logits of the samples the interpretation callbacks explain
+            explain = [getattr(c, "explain", 0) for c in self.callbacks.values()
+                       if callback_isinstance(c, InterpretationCallback)]
+            self.model.reducer.explain = max([self.model.reducer.explain, *explain])
+
+    def on_loader_start(self, runner: Any) -> None:
+        super().on_loader_start(runner)
+        self._padding = ddp_padding_layout(self.loader) if self.drop_ddp_padding else None
+        self._loader_step = 0
+
     def on_batch_start(self, runner: Any) -> None:
         # Catalyst takes len(batch[0]) as the batch size, which is the number of keys of X here.
         x, y = split_batch(self.batch, self.loader_key, allow_inputs_only=self.is_infer_loader)
+        if self._padding is not None:
+            n = batch_size_of(y, x) if y is not None else _inputs_batch_size(x)
+            real = self._padding.real_rows(self._loader_step, n)
+            if real < n:  # the copies with which accelerate evened out the shards: every sample counts once
+                x, y = take_rows(x, real, n), (take_rows(y, real, n) if y is not None else None)
+                self.batch = (x, y) if y is not None else x
+        self._loader_step += 1
         if self.loader_batch_step == 0:
             check_first_batch(self.flow, x, y, self.loader_key, reads_inputs=self._model_is_flow_module())
         self.batch_size = batch_size_of(y, x) if y is not None else _inputs_batch_size(x)
@@ -366,23 +535,38 @@ class FlowRunner(dl.Runner):
 
     def handle_batch(self, batch: Any) -> None:
         x, y = split_batch(batch, self.loader_key, allow_inputs_only=self.is_infer_loader)
-        outputs, terms = self.forward_flow(x, y)
+        outputs, parts = self.forward_flow(x, y)
         self.batch = {INPUTS: x, TARGETS: y if y is not None else {}, OUTPUTS: outputs}
         if y is None:
             return
         criterion = self.criterion if self.criterion is not None else self._kept_criterion
+        terms = parts
+        if isinstance(parts, Mapping) and LOSS_TERMS in parts:  # reduced inside the model (balanced replicas)
+            terms = parts[LOSS_TERMS]
+            for key in (METRIC_STATES, PER_SAMPLE_LOSS, EXPLAIN):
+                if key in parts:
+                    self.batch[key] = parts[key]
         if terms is None and hasattr(criterion, "terms") and hasattr(criterion, "combine"):
             terms = criterion.terms(outputs, y)
         if terms is not None:
-            loss = criterion.combine(terms, criterion.weights)
+            # FlowLoss.from_terms scales for DDP when a process group is initialised
+            loss = (criterion.from_terms(terms) if hasattr(criterion, "from_terms")
+                    else criterion.combine(terms, criterion.weights))
             self.batch[LOSS_TERMS] = {p: (s.detach(), c.detach()) for p, (s, c) in terms.items()}
         else:
             loss = criterion(outputs, y)
         self.batch_metrics["loss"] = loss
 
     def forward_flow(self, x: Mapping[str, Any], y: Optional[Mapping[str, Tensor]]) -> Tuple[Mapping[str, Any], Any]:
-        """The model's outputs for `x`, and the loss terms if the model computed them itself (the
-        seam for reducing inside DataParallel replicas); None lets the criterion compute them."""
+        """`(outputs, parts)` for the batch: the model's outputs for `x`, and what the model
+        computed itself: None (the criterion computes the loss terms from the outputs), the loss
+        terms `{path: (sum, count)}`, or a mapping with `"loss_terms"` and any of
+        `"metric_states"`, `"per_sample_loss"`, `"explain"` (see `callbacks.batch`), as a
+        `BalancedDataParallel` model returns them (its outputs then hold only masks and the
+        activated outputs of the kept tasks)."""
+        if y is not None and isinstance(self.model, BalancedDataParallel):
+            reduced = self.model(x, y)
+            return reduced[OUTPUTS], reduced
         return self.model(x), None
 
     @torch.no_grad()
@@ -462,7 +646,7 @@ class FlowRunner(dl.Runner):
     def tune(self, loader: Any, metric: Any = "accuracy", apply: bool = True, save: bool = True) -> Dict[str, Dict[str, Any]]:
         """Tune every tunable decoder on `loader` (samples in `S_t`, from `X["gt"]`) for `metric`;
         returns `{path: params}`. `apply` keeps them in the decoders; `save` writes
-        `tuned_params.json` into the logdir (when there is one)."""
+        `tuned_params.json` into the logdir (when there is one; under torchrun, rank 0 only)."""
         result = self._predict_with_targets(loader, "tune")
         decoder = self.flow.get_decoder()
         before = decoder.params()
@@ -470,7 +654,7 @@ class FlowRunner(dl.Runner):
         tuned = decoder.tune({p: result["activated"][p] for p in paths}, {p: result["targets"][p] for p in paths},
                              masks={p: result["mask"][p] for p in paths}, metric=metric)
         decoder.load_tuned(tuned if apply else before)
-        if save and self._logdir is not None:
+        if save and self._logdir is not None and is_main_process():
             from ..tuning import save_tuned
 
             save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), tuned)
@@ -479,10 +663,11 @@ class FlowRunner(dl.Runner):
     def evaluate(self, loader: Any, preconditions: str = "gt", save: bool = True) -> pd.DataFrame:
         """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res,
         num_samples`; `flow.get_evaluator()` on activated predictions); also written as
-        `evaluation.csv` into the logdir when there is one and `save` is true."""
+        `evaluation.csv` into the logdir when there is one and `save` is true (under torchrun,
+        rank 0 only)."""
         result = self._predict_with_targets(loader, "evaluate")
         table = self.flow.get_evaluator()(result["activated"], result["targets"], preconditions=preconditions)
-        if save and self._logdir is not None:
+        if save and self._logdir is not None and is_main_process():
             write_csv(os.path.join(self._logdir, EVALUATION_FILE), table)
         return table
 

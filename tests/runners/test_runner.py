@@ -236,5 +236,6 @@ def test_bad_construction_is_named():
         FlowRunner("dnn_cool_catalyst.story.nope")
     with pytest.raises(TypeError, match="a flow must be a TaskFlow"):
         FlowRunner(42)
-    with pytest.raises(NotImplementedError, match="balance_dataparallel_memory"):
-        FlowRunner("dnn_cool_catalyst.story.security_tasks", balance_dataparallel_memory=True)
+    runner = FlowRunner("dnn_cool_catalyst.story.security_tasks", balance_dataparallel_memory=True)
+    with pytest.raises(ValueError, match="needs a BalancedDataParallelEngine"):
+        runner.train(loaders={"train": []}, engine=dl.CPUEngine())
