@@ -10,7 +10,11 @@
     processes per torchrun process), and joins torchrun's rendezvous (`MASTER_ADDR`/`MASTER_PORT`);
   * `port=None` (default) takes a free port when it spawns, so two runs on one machine do not
     collide (`MASTER_PORT`, when set, wins, as in Catalyst);
-  * the backend defaults to NCCL with CUDA and gloo without (Catalyst's always asks for NCCL).
+  * the backend defaults to NCCL with CUDA and gloo without (Catalyst's always asks for NCCL);
+  * each worker gets its own copy of the model's CPU tensors (`unshare_tensors`): the runner
+    reaches the workers through `torch.multiprocessing`, which puts CPU tensors in shared memory,
+    so on the CPU every process's optimizer stepped the same weights (with 2 workers, two updates
+    per step). On GPUs the model is copied to each device anyway.
 
   The parent process of a spawned run gets back nothing (the runner was pickled into the
   workers); `FlowRunner.train` reads the trained weights and tuned parameters back from the logdir.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+from itertools import chain
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
@@ -49,6 +54,16 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address if address not in ("localhost", "") else "127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def unshare_tensors(module: nn.Module) -> nn.Module:
+    """Give `module` its own copy of every parameter and buffer in shared CPU memory (in place;
+    the parameter objects, which an optimizer may already hold, stay the same)."""
+    with torch.no_grad():
+        for t in chain(module.parameters(), module.buffers()):
+            if t.device.type == "cpu" and t.is_shared():
+                t.data = t.data.clone()
+    return module
 
 
 def is_main_process() -> bool:
@@ -151,3 +166,7 @@ class DistributedDataParallelEngine(dl.DistributedDataParallelEngine):
             kwargs["backend"] = default_backend()
         dist.init_process_group(**kwargs)
         Engine.__init__(self, *self._args, **self._kwargs)
+
+    def prepare_model(self, model: nn.Module, device_placement: Any = None, evaluation_mode: bool = False):
+        return super().prepare_model(unshare_tensors(model), device_placement=device_placement,
+                                     evaluation_mode=evaluation_mode)

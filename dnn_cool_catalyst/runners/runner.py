@@ -50,7 +50,7 @@ from ..errors import InputError, LabelError
 from . import compat
 from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar
-from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun
+from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun, unshare_tensors
 from .export import export_model, load_model, unwrap_model
 from .tensorboard import FlowTensorboardLogger
 
@@ -432,6 +432,14 @@ class FlowRunner(dl.Runner):
     # Catalyst's hooks -----------------------------------------------------------------------------
     def get_loaders(self) -> "OrderedDict[str, Any]":
         return OrderedDict((k, compat.batch_fetching_loader(v)) for k, v in self._loaders.items())
+
+    def get_model(self) -> Any:
+        model = super().get_model()
+        if isinstance(model, nn.Module) and isinstance(self.engine, dl.DistributedDataParallelEngine):
+            # A spawned worker received the model through torch.multiprocessing (shared CPU memory):
+            # without its own copy, every worker's optimizer would step the same weights.
+            unshare_tensors(model)
+        return model
 
     def get_criterion(self) -> Any:
         return self._kept_criterion
