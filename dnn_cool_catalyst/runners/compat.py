@@ -19,7 +19,15 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
   loader trains, so exactly these three messages are silenced while the callbacks are checked.
 - `CheckpointCallback`: under DDP, Catalyst's runner checkpoints are written by every process at
   once (the same files, not atomically); this one writes them from the main process only, and
-  keeps the same bookkeeping on the others (so `load_best_on_end` finds the best file).
+  keeps the same bookkeeping on the others (so `load_best_on_end` finds the best file). Catalyst
+  also saves the unwrapped model but loads `load_best_on_end` / `resume_runner` checkpoints into
+  the wrapped one (`DistributedDataParallel`, `DataParallel`: "Missing key(s) module...."); this
+  one loads into the unwrapped model.
+- `allow_generators_across_processes`: a `torch.Generator` (e.g. the seeded generator of a
+  shuffling loader's `RandomSampler`) cannot be sent through `torch.multiprocessing` to spawned
+  DDP workers: the child fails with "unable to resize file <filename not specified> to the right
+  size" (its state tensor goes through shared memory). Registers, with multiprocessing's own
+  `ForkingPickler.register`, a reduction that sends the device, seed and state as bytes.
 - `available_engine`: `catalyst.utils.get_available_engine` with our `DataParallelEngine` and
   `engines.DistributedDataParallelEngine`.
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Iterator
 
 import torch
@@ -94,6 +103,15 @@ class CheckpointCallback(dl.CheckpointCallback):
             return super()._save(runner, obj, logprefix)
         return f"{logprefix}.pth"
 
+    def _load(self, runner: Any, resume_logpath: Any = None, resume_model: Any = None, resume_runner: Any = None) -> None:
+        wrapped = runner.model
+        if isinstance(wrapped, torch.nn.Module):
+            runner.model = _unwrap(wrapped)
+        try:
+            super()._load(runner, resume_logpath=resume_logpath, resume_model=resume_model, resume_runner=resume_runner)
+        finally:
+            runner.model = wrapped
+
     def _handle_epoch(self, runner: Any, score: float) -> None:
         if self.mode == "model" or _is_main(runner):
             super()._handle_epoch(runner, score)
@@ -101,6 +119,12 @@ class CheckpointCallback(dl.CheckpointCallback):
         logpath = f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}.pth"
         self._storage.append(Checkpoint(obj=None, logpath=logpath, metric=score))
         self._storage = sorted(self._storage, key=lambda c: c.metric, reverse=not self._minimize)[: self.topk]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
 
 
 def _is_main(runner: Any) -> bool:
@@ -135,6 +159,22 @@ def batch_fetching_loader(loader: Any) -> Any:
         kwargs["prefetch_factor"] = loader.prefetch_factor
         kwargs["multiprocessing_context"] = loader.multiprocessing_context
     return DataLoader(_BatchFetch(loader.dataset), batch_sampler=loader.sampler, **kwargs)
+
+
+def _rebuild_generator(device: str, seed: int, state: bytes) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator
+
+
+def _reduce_generator(generator: torch.Generator) -> Any:
+    return _rebuild_generator, (str(generator.device), generator.initial_seed(), generator.get_state().cpu().numpy().tobytes())
+
+
+def allow_generators_across_processes() -> None:
+    """Let `torch.Generator`s (their seed and state) reach spawned processes (idempotent)."""
+    ForkingPickler.register(torch.Generator, _reduce_generator)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@
   * `port=None` (default) takes a free port when it spawns, so two runs on one machine do not
     collide (`MASTER_PORT`, when set, wins, as in Catalyst);
   * the backend defaults to NCCL with CUDA and gloo without (Catalyst's always asks for NCCL);
+  * loaders with a seeded `torch.Generator` (shuffling) can be sent to the workers
+    (`compat.allow_generators_across_processes`);
   * each worker gets its own copy of the model's CPU tensors (`unshare_tensors`): the runner
     reaches the workers through `torch.multiprocessing`, which puts CPU tensors in shared memory,
     so on the CPU every process's optimizer stepped the same weights (with 2 workers, two updates
@@ -34,7 +36,7 @@ from catalyst.core.engine import Engine
 from torch import nn
 
 from .balance import BalancedDataParallel
-from .compat import DataParallelEngine
+from .compat import DataParallelEngine, allow_generators_across_processes
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -149,6 +151,7 @@ class DistributedDataParallelEngine(dl.DistributedDataParallelEngine):
             return fn(int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
         if self._pick_port:
             self._port = free_port(self._address)
+        allow_generators_across_processes()  # seeded shuffling loaders go to the workers too
         result = mp.spawn(fn, args=(self._world_size,), nprocs=self._num_local_workers, join=True)
         self.spawned = True
         return result
