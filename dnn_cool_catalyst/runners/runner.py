@@ -592,6 +592,9 @@ class FlowRunner(dl.Runner):
         model = self.model
         if model is None:
             raise ValueError("FlowRunner has no model")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # each process predicts alone (after training under torchrun the process group is gone)
+            model = model.module
         was_training = model.training
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -3,8 +3,8 @@ gradients are the global batch's, and FlowRunner on Catalyst's DDP engine trains
 tunes exactly as one process on the whole batch.
 
 The plain-PyTorch check runs this file as a script in a subprocess (its worker function must be
-importable by the spawned processes); the FlowRunner check spawns from the test process (everything
-the runner holds comes from the package).
+importable by the spawned processes), and so does the torchrun check (under torchrun); the
+FlowRunner check spawns from the test process (everything the runner holds comes from the package).
 """
 import json
 import os
@@ -83,7 +83,7 @@ def _spawn_gradient_workers(out_dir):
 
 
 def test_ddp_averaged_gradients_equal_the_global_batch(tmp_path):
-    script = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300,
+    script = subprocess.run([sys.executable, __file__, "grads", str(tmp_path)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert script.returncode == 0, script.stdout[-2000:] + script.stderr[-3000:]
     flow = _flow()
@@ -216,5 +216,34 @@ def test_flow_runner_ddp_equals_one_process_on_the_global_batch(tmp_path):
     assert not stray
 
 
-if __name__ == "__main__":  # the subprocess of test_ddp_averaged_gradients_equal_the_global_batch
-    _spawn_gradient_workers(sys.argv[1])
+def _torchrun_worker(logdir):
+    """One process of `torchrun --nproc-per-node 2 test_ddp.py torchrun <logdir>`."""
+    from dnn_cool_catalyst.runners import DistributedDataParallelEngine, FlowRunner
+
+    flow, loaders = _security(BATCH)
+    runner = FlowRunner(flow)
+    engine = DistributedDataParallelEngine()
+    runner.train(loaders=loaders, engine=engine, num_epochs=1, logdir=logdir)
+    assert not engine.spawned and not dist.is_initialized()  # ran here; the group is gone after training
+    runner.tune(loaders["valid"])
+    runner.evaluate(loaders["valid"])
+    with open(os.path.join(logdir, f"done_{os.environ['RANK']}.txt"), "w") as fh:
+        fh.write(str(float(next(runner.model.parameters()).sum())))
+
+
+def test_torchrun_processes_train_together_and_rank0_writes(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    script = subprocess.run([torchrun, "--nproc-per-node", "2", __file__, "torchrun", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert script.returncode == 0, script.stdout[-2000:] + script.stderr[-3000:]
+    done = [(tmp_path / f"done_{rank}.txt").read_text() for rank in (0, 1)]
+    assert done[0] == done[1]  # the same trained weights in both processes (one training, not two)
+    for name in ("tuned_params.json", "evaluation.csv", "interpretation_valid.csv", "checkpoints/runner.last.pth"):
+        assert (tmp_path / name).is_file(), name
+
+
+if __name__ == "__main__":  # subprocesses of the tests above
+    if sys.argv[1] == "torchrun":
+        _torchrun_worker(sys.argv[2])
+    else:
+        _spawn_gradient_workers(sys.argv[2])
