@@ -234,7 +234,8 @@ class FlowRunner(dl.Runner):
       the shards are dropped from each batch (`drop_ddp_padding`), so that training, metrics and
       tuning see every sample exactly once. When the engine spawned the processes, `train`
       loads the trained weights (`runner.best.pth` with `load_best_on_end`, else `runner.last.pth`)
-      and the tuned parameters back from the logdir into this process's model and flow.
+      and the tuned parameters back from the logdir into this process's model and flow (the
+      loader metrics are in `<logdir>/csv_logger` and TensorBoard; `epoch_metrics` stays empty).
 
     Example::
 
@@ -331,6 +332,8 @@ class FlowRunner(dl.Runner):
             minimize_valid_metric = True
         self._resume_path = self._resume_checkpoint(resume, logdir, callbacks)
         engine = self._choose_engine(engine, cpu=cpu, fp16=fp16, ddp=ddp)
+        if isinstance(engine, dl.DistributedDataParallelEngine):
+            compat.allow_generators_across_processes()  # also for Catalyst's own engine
         super().train(loaders=loaders, model=model, engine=engine, criterion=self._kept_criterion,
                       optimizer=optimizer, scheduler=scheduler, callbacks=callbacks, loggers=loggers, seed=seed,
                       hparams=hparams, num_epochs=num_epochs, logdir=logdir, resume=self._resume_path,
