@@ -8,8 +8,9 @@
   * under `torchrun` (the environment has `RANK`, `WORLD_SIZE`, `LOCAL_RANK`) it runs in the
     process torchrun started instead of spawning more (Catalyst's spawns `num_node_workers`
     processes per torchrun process), and joins torchrun's rendezvous (`MASTER_ADDR`/`MASTER_PORT`);
-  * `port=None` (default) takes a free port when it spawns, so two runs on one machine do not
-    collide (`MASTER_PORT`, when set, wins, as in Catalyst);
+  * `port=None` (default) takes a free port when it spawns all the processes on this machine, so
+    two runs on one machine do not collide (`MASTER_PORT`, when set, wins, as in Catalyst; with
+    processes on other machines the port is Catalyst's 2112 unless given);
   * the backend defaults to NCCL with CUDA and gloo without (Catalyst's always asks for NCCL);
   * loaders with a seeded `torch.Generator` (shuffling) can be sent to the workers
     (`compat.allow_generators_across_processes`);
@@ -122,7 +123,7 @@ class DistributedDataParallelEngine(dl.DistributedDataParallelEngine):
 
     Args:
         address, port: where rank 0 listens (spawned runs; `MASTER_ADDR`/`MASTER_PORT` win);
-            `port=None` picks a free port.
+            `port=None` picks a free port when all processes are on this machine.
         world_size, workers_dist_rank, num_node_workers: as Catalyst's engine.
         process_group_kwargs: for `torch.distributed.init_process_group` (the backend defaults to
             NCCL with CUDA, gloo otherwise).
@@ -134,10 +135,11 @@ class DistributedDataParallelEngine(dl.DistributedDataParallelEngine):
                  process_group_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any):
         if num_node_workers is None:
             num_node_workers = torch.cuda.device_count() or 2
-        super().__init__(*args, address=address, port=port if port is not None else 0, world_size=world_size,
+        one_machine = workers_dist_rank == 0 and world_size in (None, num_node_workers)
+        super().__init__(*args, address=address, port=port if port is not None else 2112, world_size=world_size,
                          workers_dist_rank=workers_dist_rank, num_node_workers=num_node_workers,
                          process_group_kwargs=process_group_kwargs, **kwargs)
-        self._pick_port = port is None and "MASTER_PORT" not in os.environ
+        self._pick_port = port is None and "MASTER_PORT" not in os.environ and one_machine
         self.spawned = False
 
     @property
