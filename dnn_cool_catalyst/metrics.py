@@ -24,11 +24,17 @@ Conventions (checked against scikit-learn in the tests):
 
 States are float64 (exact counts up to 2**53) and live on the device of the first update, so that
 accumulating on a GPU never synchronises; `compute()` synchronises once.
+
+Metrics that count the same thing declare it with an equal `state_key` (a binary task's accuracy,
+precision, recall and F1 all count one confusion matrix; the two mean absolute errors of a
+regression task one sum of errors). A collection of one task's metrics (`FlowMetrics`) then
+updates one of them and lets the others read its states (`share_states`), so that the counting is
+done once; used on its own, every metric keeps its own states as before.
 """
 from __future__ import annotations
 
 import abc
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Hashable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -48,9 +54,26 @@ class Metric(abc.ABC):
     def initial_states(self) -> States:
         """Zero states (float64 tensors on the CPU)."""
 
+    @property
+    def state_key(self) -> Optional[Hashable]:
+        """What `update` counts, or None (the default) for states of its own: metrics with equal
+        keys (and equal `uses`) fill equal states from the same predictions and differ only in
+        `compute`, so that one of them can count for all (`share_states`)."""
+        return None
+
+    def share_states(self, owner: "Metric") -> None:
+        """Read `owner`'s states from now on: the same dict, so `owner.update`, `merge`,
+        `all_reduce` and `reset` show here too. Only the owner may then be updated, merged or
+        reduced (doing it for each sharing metric would count everything once per metric)."""
+        if self.state_key is None or owner.state_key != self.state_key or owner.uses != self.uses:
+            raise ValueError(f"{type(self).__name__} (state key {self.state_key!r}) cannot share the states of "
+                             f"{type(owner).__name__} (state key {owner.state_key!r})")
+        self.states = owner.states
+
     def reset(self) -> None:
-        """Forget everything seen so far."""
-        self.states = self.initial_states()
+        """Forget everything seen so far (in place, so that metrics sharing the states see it)."""
+        self.states.clear()
+        self.states.update(self.initial_states())
 
     @abc.abstractmethod
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
@@ -144,6 +167,7 @@ def binary_counts(preds: Tensor, targets: Tensor, mask: Tensor) -> Dict[str, Ten
 def binary_scores(tp, fp, fn, tn, kind: str):
     """accuracy / precision / recall / f1_score from confusion counts (numbers or float64
     tensors), with this module's zero-division convention."""
+    tp, fp, fn, tn = (_float(v) if isinstance(v, Tensor) else v for v in (tp, fp, fn, tn))
     n = tp + fp + fn + tn
     if kind == "accuracy":
         num, den = tp + tn, n
@@ -155,7 +179,9 @@ def binary_scores(tp, fp, fn, tn, kind: str):
         num, den = 2 * tp, 2 * tp + fp + fn
     else:
         raise ValueError(f"unknown binary metric {kind!r}")
-    return _ratio(torch.as_tensor(num), torch.as_tensor(den), torch.as_tensor(n))
+    if n <= 0:
+        return float("nan")
+    return num / den if den > 0 else 0.0
 
 
 class BinaryConfusionMetric(Metric):
@@ -175,6 +201,10 @@ class BinaryConfusionMetric(Metric):
 
     def initial_states(self) -> States:
         return _zeros("tp", "fp", "fn", "tn")
+
+    @property
+    def state_key(self) -> Hashable:
+        return "binary_confusion"
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
         self._add(**binary_counts(preds, targets, mask))
@@ -205,6 +235,10 @@ class TopKAccuracy(Metric):
 
     def initial_states(self) -> States:
         return _zeros("correct", "count")
+
+    @property
+    def state_key(self) -> Hashable:
+        return ("top_k_accuracy", self.k)
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
         t = targets.reshape(-1).long()
@@ -267,6 +301,10 @@ class ConfusionMatrixMetric(Metric):
         c = self.num_classes or 0
         return {"matrix": torch.zeros((c, c), dtype=torch.float64)}
 
+    @property
+    def state_key(self) -> Hashable:
+        return ("confusion_matrix", self.num_classes)
+
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
         c = self.states["matrix"].shape[0]
         if c == 0:
@@ -322,6 +360,10 @@ class MeanAbsoluteError(Metric):
 
     def initial_states(self) -> States:
         return _zeros("abs_sum", "count")
+
+    @property
+    def state_key(self) -> Hashable:
+        return "absolute_error"  # `scale` only enters `compute`
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
         t = targets.reshape(-1)

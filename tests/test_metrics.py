@@ -255,3 +255,30 @@ def test_all_reduce_in_a_process_group_keeps_exact_states(tmp_path):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k].cpu(), before[k]) for k in before)
     assert empty.states["matrix"].shape == (0, 0)
+
+
+def test_metrics_with_one_state_key_count_once_for_all():
+    preds, labels, mask = _binary_data(np.random.default_rng(4))
+    owner, member = BinaryConfusionMetric("precision"), BinaryConfusionMetric("recall")
+    member.share_states(owner)
+    owner.update(preds, labels, mask)
+    alone = BinaryConfusionMetric("recall")
+    alone.update(preds, labels, mask)
+    assert member.compute() == alone.compute() and member.states is owner.states
+    owner.reset()  # in place: the member sees it
+    assert math.isnan(member.compute())
+    scores = torch.rand(50, dtype=torch.float64)
+    targets, everyone = torch.rand(50), torch.ones(50, dtype=torch.bool)
+    unscaled, scaled = MeanAbsoluteError(1.0), MeanAbsoluteError(4.0)  # the scale only enters compute
+    scaled.share_states(unscaled)
+    unscaled.update(scores, targets, everyone)
+    assert scaled.compute() == pytest.approx(4 * unscaled.compute(), rel=1e-12)
+
+
+def test_metrics_counting_different_things_refuse_to_share():
+    with pytest.raises(ValueError, match="cannot share"):
+        TopKAccuracy(3).share_states(TopKAccuracy(1))
+    with pytest.raises(ValueError, match="cannot share"):
+        ConfusionMatrixMetric("f1_score").share_states(BinaryConfusionMetric("f1_score"))
+    with pytest.raises(ValueError, match="cannot share"):
+        Perplexity().share_states(Perplexity())  # no state key: states of its own

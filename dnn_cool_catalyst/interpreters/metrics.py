@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,6 +26,48 @@ class TaskMetric:
         return f"{self.path}/{self.name}"
 
 
+@dataclass(frozen=True)
+class StateGroup:
+    """Metrics of one task that count the same states (equal `Metric.state_key`; a metric whose
+    key is None is a group of its own). `members[0]`, the owner, holds the states and is the only
+    one updated, merged and reduced; every member computes from them."""
+
+    path: str
+    members: Tuple[TaskMetric, ...]
+
+    @property
+    def owner(self) -> TaskMetric:
+        return self.members[0]
+
+    @property
+    def uses(self) -> str:
+        """"activated" or "decoded": the predictions `update` takes."""
+        return self.owner.metric.uses
+
+    @property
+    def key(self) -> str:
+        """`<path>/<metric>` of the owner: the prefix of the group's states in `FlowMetrics.states()`."""
+        return self.owner.key
+
+    def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
+        """Add one batch to the group's states (once for all its members)."""
+        self.owner.metric.update(preds, targets, mask)
+
+
+def group_metrics(metrics: List[TaskMetric]) -> List[StateGroup]:
+    """The `StateGroup`s of a list of task metrics, in order of their first member; members after
+    the first of a group are linked to its states (`Metric.share_states`)."""
+    groups: Dict[Any, List[TaskMetric]] = {}
+    for i, tm in enumerate(metrics):
+        key = tm.metric.state_key
+        ident = (tm.path, tm.metric.uses, key) if key is not None else i
+        groups.setdefault(ident, []).append(tm)
+    for members in groups.values():
+        for tm in members[1:]:
+            tm.metric.share_states(members[0].metric)
+    return [StateGroup(members[0].path, tuple(members)) for members in groups.values()]
+
+
 class FlowMetrics:
     """All default metrics of a flow. `update(outputs, targets)` takes the module's outputs
     (activated/decoded are computed from logits when absent, as in training mode) and the masks in
@@ -35,13 +77,22 @@ class FlowMetrics:
     Everything accumulated is sums and counts: `states()` exports them as one flat dict of
     tensors, `merge(other)` adds another instance's (or such a dict: DataParallel replicas, chunks
     of a batch), `all_reduce()` sums them over the ranks of `torch.distributed`; the merged result
-    is exactly that of one instance that saw all the data."""
+    is exactly that of one instance that saw all the data.
+
+    Metrics of a task that count the same states (`Metric.state_key`: a binary task's accuracy,
+    precision, recall and F1) share them: `groups` lists each set once, and `update`, `merge`,
+    `all_reduce` and `reset` touch each shared state once. To update metrics yourself, update the
+    groups (`StateGroup.update`), not each metric of `metrics`."""
 
     def __init__(self, graph: FlowGraph):
         self.graph = graph
         self.metrics: List[TaskMetric] = [
             TaskMetric(leaf.path, name, m, leaf.task) for leaf in graph.leaves for name, m in leaf.task.create_metrics()
         ]
+        self.groups: List[StateGroup] = group_metrics(self.metrics)
+        self.groups_by_path: Dict[str, List[StateGroup]] = {leaf.path: [] for leaf in graph.leaves}
+        for g in self.groups:
+            self.groups_by_path[g.path].append(g)
         self._counts: Dict[str, Tensor] = {}
         self.reset()
 
@@ -52,16 +103,19 @@ class FlowMetrics:
         return len(self.metrics)
 
     def reset(self) -> None:
-        for tm in self.metrics:
-            tm.metric.reset()
-        self._counts = {leaf.path: torch.zeros((), dtype=torch.float64) for leaf in self.graph.leaves}
+        for g in self.groups:
+            g.owner.metric.reset()
+        zero = torch.zeros((), dtype=torch.float64)  # states are replaced, never changed in place
+        self._counts = {leaf.path: zero for leaf in self.graph.leaves}
 
     def states(self) -> Dict[str, Tensor]:
-        """All states, flat: `"<path>/<metric>/<state>"` and `"<path>/num_samples"` -> tensor."""
+        """All states, flat: `"<path>/<metric>/<state>"` and `"<path>/num_samples"` -> tensor.
+        States shared by several metrics appear once, under the first of them (`StateGroup.key`)."""
         out = {f"{p}/num_samples": c for p, c in self._counts.items()}
-        for tm in self.metrics:
-            for k, v in tm.metric.states.items():
-                out[f"{tm.key}/{k}"] = v
+        for g in self.groups:
+            key = g.key
+            for k, v in g.owner.metric.states.items():
+                out[f"{key}/{k}"] = v
         return out
 
     def merge(self, other: Union["FlowMetrics", Mapping[str, Tensor]]) -> None:
@@ -74,25 +128,41 @@ class FlowMetrics:
         for p in self._counts:
             v = states[f"{p}/num_samples"]
             self._counts[p] = self._counts[p] + v.to(self._counts[p].device, torch.float64)
-        for tm in self.metrics:
-            tm.metric.merge({k: states[f"{tm.key}/{k}"] for k in tm.metric.states})
+        for g in self.groups:
+            g.owner.metric.merge({k: states[f"{g.key}/{k}"] for k in g.owner.metric.states})
 
     def all_reduce(self, device: Optional[torch.device] = None) -> None:
         """Sum all states over the processes of an initialised `torch.distributed` group (no-op
-        otherwise); every rank then computes the global metrics."""
+        otherwise); every rank then computes the global metrics.
+
+        The sample counts and the states of every metric that reduces as `Metric.all_reduce` does
+        go in one collective (concatenated in flow order, the same on every rank); metrics with a
+        reduction of their own (a confusion matrix a rank saw fewer classes for) use it."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        from ..metrics import _reduce_device
+        from ..metrics import Metric, _reduce_device
 
         dev = _reduce_device(device)
-        for p in sorted(self._counts):
-            t = self._counts[p].to(dev).clone() if dev is not None else self._counts[p].clone()
-            dist.all_reduce(t)
-            self._counts[p] = t
-        for tm in self.metrics:
-            tm.metric.all_reduce(dev)
+        slots: List[Tuple[Dict[str, Tensor], str]] = [(self._counts, p) for p in self._counts]
+        for g in self.groups:
+            metric = g.owner.metric
+            if type(metric).all_reduce is Metric.all_reduce:
+                slots += [(metric.states, k) for k in sorted(metric.states)]
+            else:
+                metric.all_reduce(dev)
+        if not slots:
+            return
+        values = [d[k] for d, k in slots]
+        target = dev if dev is not None else values[0].device
+        flat = torch.cat([v.detach().reshape(-1).to(target, torch.float64) for v in values])
+        dist.all_reduce(flat)
+        offset = 0
+        for (d, k), v in zip(slots, values):
+            n = v.numel()
+            d[k] = flat[offset:offset + n].reshape(v.shape).to(dev if dev is not None else v.device, v.dtype)
+            offset += n
 
     @torch.no_grad()
     def update(self, outputs: Mapping[str, Mapping[str, Tensor]], targets: Mapping[str, Tensor],
@@ -121,9 +191,9 @@ class FlowMetrics:
             if c.device != seen.device and seen.device.type != "mps":
                 c = c.to(seen.device)
             self._counts[p] = c + seen.to(c.device)
-        for tm in self.metrics:
-            preds = cache_a[tm.path] if tm.metric.uses == "activated" else cache_d[tm.path]
-            tm.metric.update(preds, targets[tm.path], masks[tm.path])
+        for g in self.groups:
+            preds = cache_a[g.path] if g.uses == "activated" else cache_d[g.path]
+            g.update(preds, targets[g.path], masks[g.path])
 
     def num_samples(self) -> Dict[str, int]:
         return {p: int(c) for p, c in self._counts.items()}
