@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import dnn_cool_catalyst as dcc
+from dnn_cool_catalyst.interpreters.loss import FlowLoss
 
 
 def _flow(weight=1.0):
@@ -75,6 +76,19 @@ def test_weight_scales_the_task_term():
     assert loss3.item() == pytest.approx(loss1.item() + 2 * terms["value"].item(), rel=1e-6)
 
 
+def test_combine_is_the_weighted_sum_of_masked_means():
+    g = torch.Generator().manual_seed(3)
+    terms = {p: (torch.rand((), generator=g, dtype=torch.float64) * 5, torch.tensor(float(c), dtype=torch.float64))
+             for p, c in zip("abcd", (3, 0, 1, 7))}
+    weights = {"a": 1.0, "b": 2.0, "c": 0.5, "d": 1.0}
+    expected = sum(weights[p] * float(s) / max(float(c), 1.0) for p, (s, c) in terms.items())
+    got = FlowLoss.combine(terms, weights)
+    assert got.shape == () and float(got) == pytest.approx(expected, rel=1e-12)
+    half = {"a": (torch.tensor(1.0, dtype=torch.float16), torch.tensor(2.0, dtype=torch.float16)),
+            "b": (torch.tensor(3.0), torch.tensor(4.0))}  # mixed precision: promoted, as adding them would
+    assert float(FlowLoss.combine(half, {"a": 1.0, "b": 1.0})) == pytest.approx(0.5 + 0.75)
+
+
 def test_missing_target_and_bad_shape_name_the_task():
     flow = _flow()
     x, y = _batch([1.0] * 6)
@@ -99,6 +113,10 @@ def test_per_sample_loss_nan_outside_mask_and_overall_ignores_it():
     assert math.isnan(ps["kind"][0]) and not math.isnan(ps["kind"][1])
     expected = sum(torch.nan_to_num(ps[p]) for p in flow.graph.paths)
     torch.testing.assert_close(ps["overall"], expected)
+    alone = flow.get_per_sample_loss()(out, y, overall=False)
+    assert "overall" not in alone and set(alone) == set(flow.graph.paths)
+    for p in flow.graph.paths:
+        torch.testing.assert_close(alone[p].detach(), ps[p], equal_nan=True)
 
 
 def test_torch_compile_fullgraph_matches_eager(security_flow, security_data):
