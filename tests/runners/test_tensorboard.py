@@ -1,9 +1,14 @@
-"""FlowTensorboardLogger writes text and PR curves that TensorBoard reads back per loader."""
+"""FlowTensorboardLogger writes text and PR curves that TensorBoard reads back per loader, the same
+events tensorboardX writes, with checksums computed in one pass."""
+import os
+
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util.tensor_util import make_ndarray
 
 from dnn_cool_catalyst.runners import FlowTensorboardLogger
+from dnn_cool_catalyst.runners.tensorboard import masked_crc32c, pr_curve_data
 
 
 class _Runner:
@@ -26,3 +31,66 @@ def test_text_and_pr_curves_per_loader_and_epoch(tmp_path):
     assert curve[0, 0] == 3 and curve[1, 0] == 1  # true positives and false positives at the lowest threshold
     (text,) = ea.Tensors("explanations/sample_0/text_summary")
     assert b"tree" in text.tensor_proto.string_val[0]
+
+
+def _events(directory):
+    """The events of the one event file in `directory` (checksums verified by TensorBoard's reader),
+    without their wall time."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboardX.proto.event_pb2 import Event
+
+    (name,) = [f for f in os.listdir(directory) if f.startswith("events.out.tfevents.")]
+    out = []
+    for raw in RawEventFileLoader(os.path.join(directory, name)).Load():
+        event = Event.FromString(raw)
+        event.ClearField("wall_time")
+        out.append(event.SerializeToString())
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # tensorboardX on the NaN score
+def test_the_same_events_as_tensorboardx_writes(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    rng = np.random.default_rng(0)
+    labels, scores = rng.random(500) > 0.5, rng.random(500)
+    scores[:3] = [np.nan, 0.0, 1.0]
+    metrics = {f"task_{i}/metric_{j}": float(rng.random()) for i in range(12) for j in range(4)}
+    logger = FlowTensorboardLogger(logdir=str(tmp_path / "flow"))
+    runner = _Runner()
+    logger.log_metrics(metrics, scope="loader", runner=type("R", (), {"loader_key": "valid", "epoch_step": 3})())
+    logger.log_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", runner=runner)  # > 1 KiB
+    logger.log_pr_curve("door_open/pr_curve", labels=labels, scores=scores, runner=runner)
+    logger.flush_log()  # everything is on disk at a flush, before close
+    written = _events(tmp_path / "flow" / "valid")
+    logger.close_log()
+
+    reference = SummaryWriter(str(tmp_path / "tbx"))
+    for key, value in metrics.items():
+        reference.add_scalar(f"{key}/epoch", value, 3)
+    reference.add_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", global_step=3)
+    reference.add_pr_curve("door_open/pr_curve", labels, np.clip(scores, 0, 1), global_step=3)
+    reference.close()
+    assert written == _events(tmp_path / "tbx")
+    assert len(written) == 1 + len(metrics) + 2
+
+
+def test_vectorised_checksums_match_tensorboardx():
+    from tensorboardX.record_writer import masked_crc32c as reference
+
+    rng = np.random.default_rng(1)
+    lengths = [0, 1, 3, 4, 5, 8, 42, 1023, 1024, 1025, 2048, 3000, 9000]
+    messages = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths] + [b"\x00" * 2000, b"\xff" * 1500]
+    assert masked_crc32c(messages) == [reference(m) for m in messages]
+
+
+def test_pr_curve_data_is_tensorboardx_curve():
+    from tensorboardX.summary import compute_curve
+
+    rng = np.random.default_rng(2)
+    for n, thresholds in ((0, 127), (7, 2), (3000, 127), (70000, 50)):
+        labels, scores = rng.random(n) > 0.3, rng.random(n)
+        np.testing.assert_array_equal(pr_curve_data(labels, scores, thresholds),
+                                      compute_curve(labels, scores, num_thresholds=thresholds))
+    with_nan = np.array([0.2, np.nan, 0.9])
+    np.testing.assert_array_equal(pr_curve_data([1, 0, 1], with_nan), pr_curve_data([1, 1], [0.2, 0.9]))
