@@ -90,10 +90,12 @@ class SampleIndexer:
 
 class ChunkBuffer:
     """Tensors of several batches, kept as they are (detached, on their device) and concatenated
-    on `take()`: a callback's per-batch work shrinks to appending references, and its real work
+    on `take()`: a callback's per-batch work shrinks to keeping references, and its real work
     runs once per chunk instead of once per batch (dozens of small tensor operations per task
     cost more than the training step of a small model). `full` once the kept tensors hold
     `max_elements` elements, so that memory stays bounded (e.g. for vocabulary-sized outputs).
+
+    Every batch must bring the same names and keys (rows of different keys must line up).
     """
 
     def __init__(self, max_elements: int = 2 ** 24):
@@ -101,31 +103,18 @@ class ChunkBuffer:
         self.clear()
 
     def clear(self) -> None:
-        self._parts: Dict[str, Dict[str, List[Tensor]]] = {}
+        self._batches: List[Dict[str, Dict[str, Tensor]]] = []
         self._per_sample: Optional[float] = None
         self.elements = 0.0
         self.samples = 0
 
     def add(self, n: int, parts: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Keep one batch of `n` samples: `parts` is `{name: {key: tensor (n, ...)}}`."""
-        per_sample = self._per_sample is None
-        elements = 0
-        for name, tensors in parts.items():
-            slot = self._parts.get(name)
-            if slot is None:
-                slot = self._parts[name] = {}
-            for key, t in tensors.items():
-                if t.requires_grad:
-                    t = t.detach()
-                kept = slot.get(key)
-                if kept is None:
-                    slot[key] = [t]
-                else:
-                    kept.append(t)
-                if per_sample:
-                    elements += t.numel()
-        if per_sample and n > 0:
-            self._per_sample = elements / n  # counted once: outputs have a fixed size per sample
+        kept = {name: {k: t.detach() if t.requires_grad else t for k, t in tensors.items()}
+                for name, tensors in parts.items()}
+        self._batches.append(kept)
+        if self._per_sample is None and n > 0:  # counted once: outputs have a fixed size per sample
+            self._per_sample = sum(t.numel() for tensors in kept.values() for t in tensors.values()) / n
         self.elements += n * (self._per_sample or 0)
         self.samples += n
 
@@ -138,7 +127,16 @@ class ChunkBuffer:
 
     def take(self) -> Dict[str, Dict[str, Tensor]]:
         """Everything kept, concatenated along the batch dimension; the buffer is emptied."""
-        out = {name: {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in slot.items()}
-               for name, slot in self._parts.items()}
+        batches = self._batches
         self.clear()
-        return out
+        if not batches:
+            return {}
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        try:
+            return {name: {k: torch.cat([b[name][k] for b in batches]) for k in slot} for name, slot in first.items()}
+        except KeyError as e:
+            have = [sorted((name, k) for name, slot in b.items() for k in slot) for b in (first, batches[-1])]
+            raise KeyError(f"ChunkBuffer: the kept batches differ in their parts ({e.args[0]!r} is missing from one); "
+                           f"first batch {have[0][:6]}, last batch {have[1][:6]}") from None

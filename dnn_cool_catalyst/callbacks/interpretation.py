@@ -1,6 +1,9 @@
 """`InterpretationCallback`: the best and worst samples of each task by per-sample loss."""
 from __future__ import annotations
 
+import csv
+import io
+import itertools
 import os
 import warnings
 from collections import defaultdict
@@ -14,7 +17,7 @@ from torch import Tensor
 
 from .batch import EXPLAIN, INDEX, PER_SAMPLE_LOSS, ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
 from .common import loader_selected, resolve_callback_flow, resolve_logdir
-from .files import write_csv
+from .files import write_atomic
 from .metrics import METRICS_ORDER
 from .publishers import default_publishers, log_text
 
@@ -36,11 +39,35 @@ def _ranked(losses: Tensor, indices: Tensor, k: int) -> Tuple[np.ndarray, np.nda
     loss = losses.reshape(-1).double().numpy()
     index = indices.reshape(-1).to(torch.int64).numpy()
     keep = ~np.isnan(loss)
-    loss, index = loss[keep], index[keep]
-    order = np.lexsort((index, -loss))  # by loss descending, then by index
-    n = order.size
-    ranks = np.union1d(np.arange(min(k, n)), np.arange(max(n - k, 0), n)).astype(np.int64)
-    return ranks + 1, index[order[ranks]], loss[order[ranks]]
+    if not keep.all():
+        loss, index = loss[keep], index[keep]
+    n = loss.size
+    if n <= 4 * k:
+        order = np.lexsort((index, -loss))  # by loss descending, then by index
+        ranks = np.union1d(np.arange(min(k, n)), np.arange(max(n - k, 0), n)).astype(np.int64)
+        return ranks + 1, index[order[ranks]], loss[order[ranks]]
+    # Only the samples that can be among the k highest or k lowest losses are sorted: those at
+    # least as high as the k-th highest (ties included) and at most as low as the k-th lowest.
+    bounds = np.partition(loss, (k - 1, n - k))
+    worst = np.flatnonzero(loss >= bounds[n - k])
+    best = np.flatnonzero(loss <= bounds[k - 1])
+    worst = worst[np.lexsort((index[worst], -loss[worst]))][:k]
+    best = best[np.lexsort((index[best], -loss[best]))][-k:]
+    chosen = np.concatenate([worst, best])
+    ranks = np.concatenate([np.arange(1, k + 1), np.arange(n - k + 1, n + 1)]).astype(np.int64)
+    return ranks, index[chosen], loss[chosen]
+
+
+def _write_ranked_csv(path: str, ranked: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """The ranked samples as `write_csv` writes their table (the same bytes as pandas' `to_csv`,
+    which costs more than the ranking itself), atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for task_path, (ranks, indices, losses) in ranked.items():
+        writer.writerows(zip(itertools.repeat(task_path), ranks.tolist(), indices.tolist(), losses.tolist()))
+    data = buf.getvalue().encode("utf-8")
+    write_atomic(path, lambda fh: fh.write(data))
 
 
 def _flatten(x: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -154,8 +181,7 @@ class InterpretationCallback(Callback):
         self._indices: List[Tensor] = []
         self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
 
-    @torch.no_grad()
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
         if not self._active:
             return
         inputs, targets, outputs = batch_parts(runner, type(self).__name__)
@@ -172,6 +198,7 @@ class InterpretationCallback(Callback):
         if self._buffer.full:
             self._flush()
 
+    @torch.no_grad()
     def _add_reduced(self, index: Tensor, per_sample: Dict[str, Tensor], explain: Any) -> None:
         """A batch whose per-sample losses were computed inside DataParallel replicas."""
         for leaf in self._graph.leaves:
@@ -184,13 +211,14 @@ class InterpretationCallback(Callback):
                 activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
                 self._explained.append((int(ids[r]), {"logits": logits, "activated": activated}))
 
+    @torch.no_grad()
     def _flush(self) -> None:
         """Per-sample losses of the kept batches, and the samples to explain among them."""
         if not len(self._buffer):
             return
         chunk = self._buffer.take()
         index = chunk["index"][INDEX]
-        per_sample = self._per_sample({"logits": chunk["logits"], "mask": chunk["mask"]}, chunk["targets"])
+        per_sample = self._per_sample({"logits": chunk["logits"], "mask": chunk["mask"]}, chunk["targets"], overall=False)
         for leaf in self._graph.leaves:
             self._losses[leaf.path].append(per_sample[leaf.path].float().cpu())
         self._indices.append(index)
@@ -217,7 +245,7 @@ class InterpretationCallback(Callback):
         self.results[runner.loader_key] = table
         if getattr(getattr(runner, "engine", None), "is_main_process", True):  # DDP: loggers live on rank 0
             if self._logdir is not None:
-                write_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), table)
+                _write_ranked_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), ranked)
             self._publish(runner, ranked)
             if self._explained:
                 self._publish_explanations(runner)

@@ -75,9 +75,7 @@ class FlowMetricsCallback(Callback):
         self._loss = self._flow.get_loss()
         self._weights = self._loss.weights
         self._metrics = self._flow.get_metrics()
-        self._by_path: Dict[str, List[Any]] = defaultdict(list)
-        for tm in self._metrics:
-            self._by_path[tm.path].append(tm)
+        self._groups = self._metrics.groups_by_path  # metrics counting the same states are updated once
         self._tunable = {leaf.path for leaf in self._leaves if leaf.task.decoder.params()}
         self._binary = {leaf.path for leaf in self._leaves if leaf.task.can_condition}
         self._buffer = ChunkBuffer(self.buffer_elements)
@@ -88,7 +86,7 @@ class FlowMetricsCallback(Callback):
             return
         self._metrics.reset()
         self._buffer.clear()
-        self._states: List[Tensor] = []  # per batch: (2, tasks) loss sums and counts, in flow order
+        self._states: List[Tensor] = []  # per batch: (tasks, 2) loss sums and counts, in flow order
         self._sums: Optional[Tensor] = None
         self._counts: Optional[Tensor] = None
         self._user_loss = [0.0, 0]  # sum of batch losses * batch size, samples (criterion without terms)
@@ -100,7 +98,9 @@ class FlowMetricsCallback(Callback):
         self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
 
     # Per batch: losses now, metrics per chunk of batches -------------------------------------------
-    @torch.no_grad()
+    # No `torch.no_grad()` around the per-batch handler: switching the grad mode off and on costs
+    # more than the rest of it in a training loop, and nothing here records a graph (loss terms
+    # come detached, kept tensors are detached, the rest runs under no_grad where it computes).
     def on_batch_end(self, runner: Any) -> None:
         if not self._active:
             return
@@ -110,17 +110,21 @@ class FlowMetricsCallback(Callback):
         n = batch_size_of(targets, inputs)
         terms = runner.batch.get(LOSS_TERMS)
         if terms is None:
-            terms = self._loss.terms(outputs, targets)
+            with torch.no_grad():
+                terms = self._loss.terms(outputs, targets)
             loss = runner.batch_metrics.get("loss")
             if loss is not None:
                 self._user_loss[0] += float(loss.detach() if isinstance(loss, Tensor) else loss) * n
                 self._user_loss[1] += n
-        # (2, tasks): sums and counts; a task's batch mean is NaN where its count is 0 (its sum is 0 then)
-        states = torch.stack([torch.stack([terms[p][0] for p in self._paths]),
-                              torch.stack([terms[p][1] for p in self._paths])]).detach()
+        # (tasks, 2): sums and counts; a task's batch mean is NaN where its count is 0 (its sum is 0 then)
+        states = torch.stack([t for p in self._paths for t in terms[p]]).detach().view(len(self._paths), 2)
         self._states.append(states)
         if self.log_batch_losses:
-            runner.batch_metrics.update(zip(self._loss_keys, (states[0] / states[1]).unbind()))
+            means = states[:, 0] / states[:, 1]
+            # on the CPU as numbers (one conversion instead of a tensor per task); elsewhere as
+            # tensors, so that a GPU is not waited for at every batch
+            runner.batch_metrics.update(zip(self._loss_keys, means.tolist() if means.device.type == "cpu"
+                                            else means.unbind()))
         reduced = runner.batch.get(METRIC_STATES)
         if reduced is not None:
             self._add_reduced(n, reduced, targets, outputs)
@@ -151,21 +155,24 @@ class FlowMetricsCallback(Callback):
             if self._buffer.full:
                 self._flush()
 
+    @torch.no_grad()
     def _merge_states(self) -> None:
         """Add the pending reduced metric states to the metrics (deferred decoded metrics excepted)."""
         if not self._pending_states:
             return
         pending, self._pending_states = self._pending_states, []
         summed = {k: torch.stack([d[k] for d in pending]).sum(0) for k in pending[0]}
-        for tm in self._metrics:
-            if tm.metric.uses != "activated" and tm.path in self._defer:
+        for g in self._metrics.groups:
+            if g.uses != "activated" and g.path in self._defer:
                 continue
-            missing = [k for k in tm.metric.states if f"{tm.key}/{k}" not in summed]
+            metric = g.owner.metric
+            missing = [k for k in metric.states if f"{g.key}/{k}" not in summed]
             if missing:
-                raise KeyError(f"FlowMetricsCallback: the reduced metric states have no {tm.key}/{missing[0]}; "
+                raise KeyError(f"FlowMetricsCallback: the reduced metric states have no {g.key}/{missing[0]}; "
                                f"they come from a different flow than the callback's {self._flow.name!r}")
-            tm.metric.merge({k: summed[f"{tm.key}/{k}"] for k in tm.metric.states})
+            metric.merge({k: summed[f"{g.key}/{k}"] for k in metric.states})
 
+    @torch.no_grad()
     def _flush(self) -> None:
         """Update the metrics with the kept batches (decoded metrics of deferred tasks wait)."""
         if not len(self._buffer):
@@ -183,13 +190,13 @@ class FlowMetricsCallback(Callback):
             if p in self._keep:
                 self._kept[p].append((a.cpu(), y.cpu(), m.cpu()))
             d = decoded.get(p)
-            for tm in self._by_path[p]:
-                if tm.metric.uses == "activated":
-                    tm.metric.update(a, y, m)
+            for g in self._groups[p]:
+                if g.uses == "activated":
+                    g.update(a, y, m)
                 elif p not in self._defer:
                     if d is None:
                         d = leaf.task.decode(a)
-                    tm.metric.update(d, y, m)
+                    g.update(d, y, m)
 
     # Loader end ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,7 +207,7 @@ class FlowMetricsCallback(Callback):
         self._merge_states()
         if self._states:
             totals = torch.stack(self._states).double().sum(0)
-            self._sums, self._counts = totals[0], totals[1]
+            self._sums, self._counts = totals[:, 0], totals[:, 1]
         self._reduce_across_processes(runner)
         kept = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in self._kept.items()}
         self._kept = defaultdict(list)
@@ -208,9 +215,9 @@ class FlowMetricsCallback(Callback):
             if leaf.path in self._defer and leaf.path in kept:
                 a, y, m = kept[leaf.path]
                 d = leaf.task.decode(a)  # with the decoder as it is now: thresholds tuned on this loader apply
-                for tm in self._by_path[leaf.path]:
-                    if tm.metric.uses != "activated":
-                        tm.metric.update(d, y, m)
+                for g in self._groups[leaf.path]:
+                    if g.uses != "activated":
+                        g.update(d, y, m)
         metrics: Dict[str, float] = {}
         if self._sums is not None:
             total = 0.0
@@ -254,8 +261,7 @@ class FlowMetricsCallback(Callback):
         user = torch.tensor(self._user_loss, dtype=torch.float64, device=device)
         dist.all_reduce(user)
         self._user_loss = [float(user[0]), int(user[1])]
-        for tm in self._metrics:
-            tm.metric.all_reduce(device)
+        self._metrics.all_reduce(device)  # each shared state once; one collective for the scalar states
         if self._keep:
             gathered: List[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, dict(self._kept))

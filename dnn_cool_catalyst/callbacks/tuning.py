@@ -81,6 +81,7 @@ class ThresholdTuningCallback(Callback):
         self._decoder = self._flow.get_decoder()
         self._logdir = resolve_logdir(self.logdir, runner)
         self._first_epoch = True
+        self._history: Optional[Dict[str, Any]] = None  # the history file's content, read once per experiment
 
     def on_epoch_start(self, runner: Any) -> None:
         if self._first_epoch:
@@ -98,8 +99,7 @@ class ThresholdTuningCallback(Callback):
         self._buffer = ChunkBuffer(self.buffer_elements)
         self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
 
-    @torch.no_grad()
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
         if not self._active:
             return
         inputs, targets, outputs = batch_parts(runner, type(self).__name__)
@@ -117,6 +117,7 @@ class ThresholdTuningCallback(Callback):
         if self._buffer.full:
             self._move_to_cpu()
 
+    @torch.no_grad()
     def _move_to_cpu(self) -> None:
         """Keep the buffered batches on the CPU (activated), freeing the device."""
         if not len(self._buffer):
@@ -158,9 +159,10 @@ class ThresholdTuningCallback(Callback):
 
         save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), self.tuned)
         history_path = os.path.join(self._logdir, HISTORY_FILE)
-        history = read_json(history_path) if os.path.exists(history_path) else {}
-        history[str(runner.epoch_step)] = self.tuned
-        write_json(history_path, history)
+        if self._history is None:  # a resumed run adds to the history it left
+            self._history = read_json(history_path) if os.path.exists(history_path) else {}
+        self._history[str(runner.epoch_step)] = self.tuned
+        write_json(history_path, self._history)
 
     def _restore(self, epoch: int) -> None:
         path = os.path.join(self._logdir, HISTORY_FILE) if self._logdir else None

@@ -30,6 +30,22 @@ def test_rank_samples_orders_by_loss_then_index_and_skips_nan():
     assert rank_samples(torch.tensor([math.nan]), torch.tensor([3]), k=2).empty
 
 
+def test_ranking_equals_a_full_sort_with_ties_and_missing_losses():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n, k = int(torch.randint(0, 120, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+        losses = torch.randint(0, 4, (n,), generator=g).double() if trial % 2 else torch.rand(n, generator=g)
+        losses[torch.rand(n, generator=g) < 0.3] = math.nan
+        indices = torch.randperm(n, generator=g) * 7
+        keep = ~torch.isnan(losses)
+        loss, index = losses[keep].double().numpy(), indices[keep].numpy()
+        order = np.lexsort((index, -loss))
+        ranks = [r for r in range(1, len(order) + 1) if r <= k or r > len(order) - k]
+        table = rank_samples(losses, indices, k)
+        assert table["rank"].tolist() == ranks, (n, k)
+        assert table["dataset_index"].tolist() == [int(index[order[r - 1]]) for r in ranks]
+
+
 def test_csv_has_the_right_samples_under_shuffling(small_flow, small_data, fake_runner_cls, tmp_path):
     ds = small_flow.get_dataset(*small_data, with_index=True)
     runner = fake_runner_cls(small_flow, logdir=str(tmp_path))
@@ -39,6 +55,8 @@ def test_csv_has_the_right_samples_under_shuffling(small_flow, small_data, fake_
     table = pd.read_csv(tmp_path / "interpretation_valid.csv")
     assert tuple(table.columns) == CSV_COLUMNS
     pd.testing.assert_frame_equal(table, cb.results["valid"], check_dtype=False)
+    assert (tmp_path / "interpretation_valid.csv").read_text() == cb.results["valid"].to_csv(index=False,
+                                                                                               lineterminator="\n")
     reference = per_sample_losses(small_flow, ds)
     for path in small_flow.graph.paths:
         rows = table[table["task_path"] == path]

@@ -1,0 +1,28 @@
+"""ChunkBuffer: batches kept as references, concatenated in order, detached; mismatched batches named."""
+import pytest
+import torch
+
+from dnn_cool_catalyst.callbacks.batch import ChunkBuffer
+
+
+def test_chunks_concatenate_in_order_detached_and_bounded():
+    buffer = ChunkBuffer(max_elements=30)
+    w = torch.ones(3, requires_grad=True)
+    for i in range(3):
+        logits = torch.full((2, 3), float(i)) * w  # part of a graph, as training logits are
+        buffer.add(2, {"logits": {"a": logits}, "targets": {"a": torch.tensor([i, i])}})
+    assert len(buffer) == 6 and buffer.elements == 24 and not buffer.full  # 8 elements per batch
+    buffer.add(2, {"logits": {"a": torch.zeros(2, 3)}, "targets": {"a": torch.full((2,), 3)}})
+    assert buffer.full
+    chunk = buffer.take()
+    assert len(buffer) == 0 and buffer.elements == 0 and buffer.take() == {}
+    assert chunk["targets"]["a"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert chunk["logits"]["a"].shape == (8, 3) and not chunk["logits"]["a"].requires_grad
+
+
+def test_batches_with_other_parts_are_refused_by_name():
+    buffer = ChunkBuffer()
+    buffer.add(2, {"logits": {"a": torch.zeros(2), "b": torch.zeros(2)}})
+    buffer.add(2, {"logits": {"a": torch.zeros(2)}})
+    with pytest.raises(KeyError, match="differ in their parts.*'b'"):
+        buffer.take()
