@@ -8,7 +8,9 @@ After `handle_batch`, `runner.batch` is a dict:
 - `"outputs"`: the model's outputs `{"logits", "mask", ...}` (`"activated"` and `"decoded"` are
   present outside training mode),
 - `"loss_terms"` (only when the criterion is a `FlowLoss`): `{path: (sum, count)}`, detached; the
-  states from which per-task losses over a whole loader are recombined exactly.
+  states from which per-task losses over a whole loader are recombined exactly. `FlowRunner`
+  leaves a `StackedLossTerms`: that mapping over one `(tasks, 2)` tensor, which the callbacks
+  read without stacking the terms again.
 
 With DataParallel memory balancing (`runners.balance`) the replicas reduce before anything is
 gathered, and the batch holds instead of the full outputs:
@@ -25,7 +27,7 @@ A runner of your own can feed the callbacks by leaving the same keys.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +40,30 @@ METRIC_STATES = "metric_states"
 PER_SAMPLE_LOSS = "per_sample_loss"
 EXPLAIN = "explain"
 INDEX = "index"
+
+
+class StackedLossTerms(Mapping):
+    """`{path: (sum, count)}` read from one detached `(tasks, 2)` tensor `stacked` (rows in the
+    order of `paths`, as `interpreters.loss.stack_terms` builds it); the pairs are views made on
+    access, so that a runner leaves the terms of every batch at the cost of one `detach`."""
+
+    def __init__(self, paths: Sequence[str], stacked: Tensor):
+        self.paths = tuple(paths)
+        if stacked.shape != (len(self.paths), 2):
+            raise ValueError(f"StackedLossTerms: {len(self.paths)} paths need a ({len(self.paths)}, 2) tensor, "
+                             f"got {tuple(stacked.shape)}")
+        self.stacked = stacked
+        self._rows = {p: i for i, p in enumerate(self.paths)}
+
+    def __getitem__(self, path: str) -> Tuple[Tensor, Tensor]:
+        i = self._rows[path]
+        return self.stacked[i, 0], self.stacked[i, 1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 def batch_parts(runner: Any, who: str) -> Tuple[Mapping[str, Any], Mapping[str, Tensor], Mapping[str, Any]]:

@@ -9,7 +9,7 @@ import torch
 from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
-from .batch import LOSS_TERMS, METRIC_STATES, ChunkBuffer, batch_parts, batch_size_of
+from .batch import LOSS_TERMS, METRIC_STATES, ChunkBuffer, StackedLossTerms, batch_parts, batch_size_of
 from .common import loader_selected, resolve_callback_flow
 from .publishers import log_pr_curve
 
@@ -71,6 +71,7 @@ class FlowMetricsCallback(Callback):
         self._flow = resolve_callback_flow(self.flow, runner, type(self).__name__)  # the given flow, else the runner's
         self._leaves = self._flow.graph.leaves
         self._paths = [leaf.path for leaf in self._leaves]
+        self._paths_tuple = tuple(self._paths)
         self._loss_keys = [f"{p}/loss" for p in self._paths]
         self._loss = self._flow.get_loss()
         self._weights = self._loss.weights
@@ -117,7 +118,10 @@ class FlowMetricsCallback(Callback):
                 self._user_loss[0] += float(loss.detach() if isinstance(loss, Tensor) else loss) * n
                 self._user_loss[1] += n
         # (tasks, 2): sums and counts; a task's batch mean is NaN where its count is 0 (its sum is 0 then)
-        states = torch.stack([t for p in self._paths for t in terms[p]]).detach().view(len(self._paths), 2)
+        if isinstance(terms, StackedLossTerms) and terms.paths == self._paths_tuple:
+            states = terms.stacked  # FlowRunner's, already stacked in flow order
+        else:
+            states = torch.stack([t for p in self._paths for t in terms[p]]).detach().view(len(self._paths), 2)
         self._states.append(states)
         if self.log_batch_losses:
             means = states[:, 0] / states[:, 1]

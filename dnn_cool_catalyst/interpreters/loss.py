@@ -13,7 +13,7 @@ indexed), so DDP needs no `find_unused_parameters`.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -67,12 +67,18 @@ def global_terms(terms: Mapping[str, Tuple[Tensor, Tensor]], world_size: Optiona
     return {p: (terms[p][0] * world_size, counts[i].to(terms[p][1].dtype)) for i, p in enumerate(paths)}
 
 
+def stack_terms(terms: Mapping[str, Tuple[Tensor, Tensor]]) -> Tensor:
+    """`(tasks, 2)`: each task's `(sum, count)` as a row, in the order of `terms` (one `torch.stack`,
+    through which the sums keep their gradient; dtypes are promoted to a common one)."""
+    return torch.stack([t for pair in terms.values() for t in pair]).reshape(len(terms), 2)
+
+
 class FlowLoss(nn.Module):
     """`loss(outputs, targets) -> scalar`; `outputs` as returned by `flow.torch()`.
 
     `terms(outputs, targets)` gives `{path: (sum, count)}`, the states from which the loss is
     recombined exactly (across DataParallel replicas or DDP ranks); `from_terms(terms)` is the
-    loss from them.
+    loss from them, `from_stacked(stack_terms(terms), paths)` the same from the stacked rows.
 
     `distributed` (default True): when a `torch.distributed` process group is initialised, scale
     the loss for DDP as the module docstring says (one `all_reduce` of the task counts per call,
@@ -105,17 +111,19 @@ class FlowLoss(nn.Module):
     def combine(terms: Mapping[str, Tuple[Tensor, Tensor]], weights: Mapping[str, float]) -> Tensor:
         """`sum_t weight_t * sum_t / max(count_t, 1)`.
 
-        Computed on the stacked sums and counts (a handful of tensor operations and autograd nodes
-        instead of three or four per task); sums of different dtypes are promoted to a common one."""
+        Computed on the stacked sums and counts (`combine_stacked`: a handful of tensor operations
+        and autograd nodes instead of three or four per task)."""
         if not terms:
             return None
-        sums = torch.stack([s for s, _ in terms.values()])
-        counts = torch.stack([c for _, c in terms.values()])
-        means = sums / counts.clamp_min(1)
-        w = [float(weights[p]) for p in terms]
+        return FlowLoss.combine_stacked(stack_terms(terms), [weights[p] for p in terms])
+
+    @staticmethod
+    def combine_stacked(stacked: Tensor, weights: Sequence[float]) -> Tensor:
+        """`combine` on `stack_terms(terms)`, with the tasks' weights in the same order."""
+        means = stacked[:, 0] / stacked[:, 1].clamp_min(1)
+        w = [float(v) for v in weights]
         if any(v != 1.0 for v in w):  # skip the multiplication (and its backward) in the common case
-            shape = (len(w),) + (1,) * (means.dim() - 1)
-            means = means * torch.tensor(w, dtype=means.dtype, device=means.device).reshape(shape)
+            means = means * torch.tensor(w, dtype=means.dtype, device=means.device)
         return means.sum()
 
     @property
@@ -128,6 +136,19 @@ class FlowLoss(nn.Module):
         if self.distributed and distributed_world_size() > 1:
             return self.combine(global_terms(terms), self.weights)
         return self.combine(terms, self.weights)
+
+    def from_stacked(self, stacked: Tensor, paths: Sequence[str]) -> Tensor:
+        """`from_terms` on `stack_terms(terms)` (rows in the order of `paths`), with the same DDP
+        scaling: the sums times the number of processes over the counts summed over them."""
+        weights = self.weights
+        if self.distributed and distributed_world_size() > 1:
+            import torch.distributed as dist
+
+            world = distributed_world_size()
+            counts = stacked[:, 1].detach().to(torch.float64)  # exact whatever the loss dtype
+            dist.all_reduce(counts)
+            stacked = torch.stack([stacked[:, 0] * world, counts.to(stacked.dtype)], dim=1)
+        return self.combine_stacked(stacked, [weights[p] for p in paths])
 
     def forward(self, outputs, targets, return_terms: bool = False):
         """The flow loss; with `return_terms=True` also `{path: detached mean loss}` for logging

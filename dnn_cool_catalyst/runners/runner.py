@@ -41,12 +41,14 @@ from ..callbacks.batch import (
     OUTPUTS,
     PER_SAMPLE_LOSS,
     TARGETS,
+    StackedLossTerms,
     batch_size_of,
 )
 from ..callbacks.common import import_object, resolve_flow
 from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..errors import InputError, LabelError
+from ..interpreters.loss import stack_terms
 from . import compat
 from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar
@@ -559,8 +561,13 @@ class FlowRunner(dl.Runner):
                     self.batch[key] = parts[key]
         if terms is None and hasattr(criterion, "terms") and hasattr(criterion, "combine"):
             terms = criterion.terms(outputs, y)
-        if terms is not None:
-            # FlowLoss.from_terms scales for DDP when a process group is initialised
+        if terms is not None and hasattr(criterion, "from_stacked"):
+            # one stack for the loss and the callbacks; FlowLoss scales for DDP under a process group
+            paths = tuple(terms)
+            stacked = stack_terms(terms)
+            loss = criterion.from_stacked(stacked, paths)
+            self.batch[LOSS_TERMS] = StackedLossTerms(paths, stacked.detach())
+        elif terms is not None:
             loss = (criterion.from_terms(terms) if hasattr(criterion, "from_terms")
                     else criterion.combine(terms, criterion.weights))
             self.batch[LOSS_TERMS] = {p: (s.detach(), c.detach()) for p, (s, c) in terms.items()}

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dnn_cool_catalyst.callbacks.batch import INPUTS, LOSS_TERMS, OUTPUTS, TARGETS
+from dnn_cool_catalyst.callbacks.batch import INPUTS, LOSS_TERMS, OUTPUTS, TARGETS, StackedLossTerms
+from dnn_cool_catalyst.interpreters.loss import stack_terms
 from dnn_cool_catalyst.story import security_labels, security_tasks
 
 
@@ -79,7 +80,9 @@ class FakeRunner:
                 outputs = self.model(x)
                 self.batch = {INPUTS: x, TARGETS: y, OUTPUTS: outputs}
                 terms = loss_fn.terms(outputs, y)
-                if self.with_terms:
+                if self.with_terms == "stacked":  # as FlowRunner leaves them
+                    self.batch[LOSS_TERMS] = StackedLossTerms(tuple(terms), stack_terms(terms).detach())
+                elif self.with_terms:
                     self.batch[LOSS_TERMS] = {p: (s.detach(), c.detach()) for p, (s, c) in terms.items()}
                 self.batch_metrics["loss"] = loss_fn.combine(terms, loss_fn.weights).detach()
                 for cb in callbacks:

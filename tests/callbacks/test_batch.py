@@ -1,8 +1,9 @@
-"""ChunkBuffer: batches kept as references, concatenated in order, detached; mismatched batches named."""
+"""ChunkBuffer: batches kept as references, concatenated in order, detached; mismatched batches named.
+StackedLossTerms: the runner's loss terms as a mapping over one tensor."""
 import pytest
 import torch
 
-from dnn_cool_catalyst.callbacks.batch import ChunkBuffer
+from dnn_cool_catalyst.callbacks.batch import ChunkBuffer, StackedLossTerms
 
 
 def test_chunks_concatenate_in_order_detached_and_bounded():
@@ -26,3 +27,14 @@ def test_batches_with_other_parts_are_refused_by_name():
     buffer.add(2, {"logits": {"a": torch.zeros(2)}})
     with pytest.raises(KeyError, match="differ in their parts.*'b'"):
         buffer.take()
+
+
+def test_stacked_loss_terms_read_rows_as_pairs():
+    stacked = torch.tensor([[1.5, 3.0], [0.0, 0.0], [2.0, 4.0]])
+    terms = StackedLossTerms(("a", "b.c", "d"), stacked)
+    assert list(terms) == ["a", "b.c", "d"] and len(terms) == 3 and "b.c" in terms and "x" not in terms
+    s, c = terms["d"]
+    assert float(s) == 2.0 and float(c) == 4.0
+    assert {p: (float(s), float(c)) for p, (s, c) in terms.items()} == {"a": (1.5, 3.0), "b.c": (0.0, 0.0), "d": (2.0, 4.0)}
+    with pytest.raises(ValueError, match=r"\(3, 2\)"):
+        StackedLossTerms(("a", "b", "c"), torch.zeros(2, 2))

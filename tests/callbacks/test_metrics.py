@@ -35,11 +35,12 @@ def assert_same(actual, expected):
             assert actual[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
-@pytest.mark.parametrize("loader_key,buffer_elements", [("valid", 2 ** 24), ("train", 2 ** 24), ("valid", 1)])
+@pytest.mark.parametrize("loader_key,buffer_elements,terms", [("valid", 2 ** 24, True), ("train", 2 ** 24, True),
+                                                               ("valid", 1, True), ("train", 2 ** 24, "stacked")])
 def test_loader_values_equal_one_batch_over_the_whole_loader(small_flow, small_data, fake_runner_cls, loader_key,
-                                                             buffer_elements):
+                                                             buffer_elements, terms):
     ds = small_flow.get_dataset(*small_data)
-    runner = fake_runner_cls(small_flow)
+    runner = fake_runner_cls(small_flow, with_terms=terms)  # terms as a dict, or stacked as FlowRunner leaves them
     cb = FlowMetricsCallback(buffer_elements=buffer_elements)  # 1: metrics updated after every batch
     runner.start([cb])
     # Batches of unequal size whose masks differ: a mean of batch means would not match.

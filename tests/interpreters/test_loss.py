@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dnn_cool_catalyst as dcc
-from dnn_cool_catalyst.interpreters.loss import FlowLoss
+from dnn_cool_catalyst.interpreters.loss import FlowLoss, stack_terms
 
 
 def _flow(weight=1.0):
@@ -87,6 +87,17 @@ def test_combine_is_the_weighted_sum_of_masked_means():
     half = {"a": (torch.tensor(1.0, dtype=torch.float16), torch.tensor(2.0, dtype=torch.float16)),
             "b": (torch.tensor(3.0), torch.tensor(4.0))}  # mixed precision: promoted, as adding them would
     assert float(FlowLoss.combine(half, {"a": 1.0, "b": 1.0})) == pytest.approx(0.5 + 0.75)
+
+
+def test_from_stacked_equals_from_terms(security_flow, security_data):
+    inputs, labels = security_data
+    x, y = security_flow.get_dataset(inputs, labels)[list(range(40))]
+    security_flow.tasks["door_open"].weight = 2.5
+    loss_fn = security_flow.get_loss()
+    terms = loss_fn.terms(security_flow.torch().train()(x), y)
+    stacked = stack_terms(terms)
+    assert stacked.shape == (len(terms), 2)
+    torch.testing.assert_close(loss_fn.from_stacked(stacked, list(terms)), loss_fn.from_terms(terms), rtol=1e-6, atol=0)
 
 
 def test_missing_target_and_bad_shape_name_the_task():
