@@ -1,6 +1,7 @@
 """`ThresholdTuningCallback`: tune the decoders at the end of each validation loader."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .batch import ChunkBuffer, batch_parts, batch_size_of
 from .common import resolve_callback_flow, resolve_logdir
-from .files import read_json, write_json
+from .files import read_json, write_atomic
 from .metrics import METRICS_ORDER
 
 TUNED_PARAMS_FILE = "tuned_params.json"
@@ -35,6 +36,27 @@ def numeric_params(path: str, params: Mapping[str, Any], class_names: Optional[S
                     name = class_names[i] if class_names is not None and i < len(class_names) else str(i)
                     out[f"{path}/tuned/{key}/{name}"] = float(v)
     return out
+
+
+class HistoryFile:
+    """`{epoch: tuned params}` as `write_json` writes it (indented), each epoch's entry encoded once:
+    Python's indenting JSON encoder is pure Python, and re-encoding the whole history at every
+    epoch would make a long training's epochs slower and slower."""
+
+    def __init__(self, entries: Mapping[str, Any]):
+        self._entries: Dict[str, str] = {}
+        for key, value in entries.items():
+            self[key] = value
+
+    def __setitem__(self, epoch: str, params: Any) -> None:
+        text = json.dumps(params, indent=2, allow_nan=False)  # NaN and infinities are refused, as by write_json
+        self._entries[str(epoch)] = json.dumps(str(epoch)) + ": " + text.replace("\n", "\n  ")
+
+    def dumps(self) -> str:
+        """The text of `json.dumps(history, indent=2)`, and a final newline."""
+        if not self._entries:
+            return "{}\n"
+        return "{\n  " + ",\n  ".join(self._entries.values()) + "\n}\n"
 
 
 class ThresholdTuningCallback(Callback):
@@ -81,7 +103,7 @@ class ThresholdTuningCallback(Callback):
         self._decoder = self._flow.get_decoder()
         self._logdir = resolve_logdir(self.logdir, runner)
         self._first_epoch = True
-        self._history: Optional[Dict[str, Any]] = None  # the history file's content, read once per experiment
+        self._history: Optional[HistoryFile] = None  # the history file's content, read once per experiment
 
     def on_epoch_start(self, runner: Any) -> None:
         if self._first_epoch:
@@ -160,9 +182,9 @@ class ThresholdTuningCallback(Callback):
         save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), self.tuned)
         history_path = os.path.join(self._logdir, HISTORY_FILE)
         if self._history is None:  # a resumed run adds to the history it left
-            self._history = read_json(history_path) if os.path.exists(history_path) else {}
+            self._history = HistoryFile(read_json(history_path) if os.path.exists(history_path) else {})
         self._history[str(runner.epoch_step)] = self.tuned
-        write_json(history_path, self._history)
+        write_atomic(history_path, lambda fh: fh.write(self._history.dumps().encode("utf-8")))
 
     def _restore(self, epoch: int) -> None:
         path = os.path.join(self._logdir, HISTORY_FILE) if self._logdir else None

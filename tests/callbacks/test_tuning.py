@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dnn_cool_catalyst.callbacks import ThresholdTuningCallback
-from dnn_cool_catalyst.callbacks.tuning import HISTORY_FILE, TUNED_PARAMS_FILE, numeric_params
+from dnn_cool_catalyst.callbacks.tuning import HISTORY_FILE, TUNED_PARAMS_FILE, HistoryFile, numeric_params
 from dnn_cool_catalyst.tuning import load_tuned
 
 TUNABLE = ["camera_blocked", "door_open", "door_locked", "person_present",
@@ -98,3 +98,21 @@ def test_numeric_params_flattens_lists_and_skips_reports():
     assert numeric_params("p", params, ["a", "b"]) == {
         "p/tuned/threshold/a": 0.1, "p/tuned/threshold/b": 0.2, "p/tuned/score/a": 0.9,
         "p/tuned/score/b": pytest.approx(math.nan, nan_ok=True)}
+
+
+def test_history_is_written_as_write_json_writes_it_and_refuses_nan(small_flow, small_data, fake_runner_cls, tmp_path):
+    ds = small_flow.get_dataset(*small_data)
+    (tmp_path / HISTORY_FILE).write_text(json.dumps({"0": {"door_open": {"threshold": 0.25}}}))  # left by an earlier run
+    runner = fake_runner_cls(small_flow, logdir=str(tmp_path))
+    cb = ThresholdTuningCallback()
+    runner.start([cb])
+    tuned = []
+    for _ in range(3):
+        runner.epoch([cb], {"valid": ds.loader(batch_size=64)})
+        tuned.append(cb.tuned)
+    text = (tmp_path / HISTORY_FILE).read_text()
+    expected = {"0": {"door_open": {"threshold": 0.25}}, "1": tuned[0], "2": tuned[1], "3": tuned[2]}
+    assert text == json.dumps(expected, indent=2) + "\n"
+    history = HistoryFile({})
+    with pytest.raises(ValueError):
+        history["1"] = {"door_open": {"threshold": math.nan}}
