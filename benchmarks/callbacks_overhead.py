@@ -8,21 +8,24 @@ Configurations, all `FlowRunner.train` with the same model, data, seed and a Ten
 
 - `none`: no flow callbacks (`flow_metrics=False, interpretation=False, threshold_tuning=False`);
 - `metrics`, `interpretation`, `tuning`: one callback each;
-- `all`: the three together (the default of `FlowRunner.train`).
+- `all`: the three together (the default of `FlowRunner.train`);
+- `plain`, for scale: the same epochs as a hand-written PyTorch loop (the flow module and loss,
+  AdamW; no Catalyst, no metrics, no logger).
 
-Each run trains `--epochs` epochs; an epoch is timed from `on_epoch_start` to `on_epoch_end` in
-CPU time of the process (`--clock wall` for the wall clock; with one thread they agree on an idle
-machine, and CPU time is much less disturbed by other processes on a shared one), the
-first epoch is left out (warm-up). Over `--reps` runs (the order of the configurations rotates
-between repetitions) the script prints each configuration's fastest and median epoch, the
-fastest epoch's ratio to `none`'s, and the time spent inside the flow callbacks' own event
-handlers per epoch (measured around each handler), relative to `none`'s median epoch: the
-direct cost, far less disturbed by other load than a difference of two epoch times. For scale, the
-same epoch is also timed as a hand-written PyTorch loop (the flow module and loss, AdamW, no
-Catalyst, no metrics): `plain`.
+The speed of a shared machine drifts by 10-40% over seconds, so the configurations take turns
+epoch by epoch: each trains in a thread of its own, and only one thread runs at a time (the others
+wait at their epoch boundaries); the order of the turns rotates every round. An epoch is timed
+from its start to the start of the next one (so the loggers' flush at its end is included) in CPU
+time of its thread (`--clock wall` for the wall clock), and the first epoch of each training is
+left out (warm-up). Over `--reps` trainings of `--epochs` epochs per configuration, the script
+prints each configuration's fastest and median epoch, the fastest epoch's ratio to `none`'s (the
+figure of the goal), the median over rounds of the ratio of its epoch to `none`'s epoch of the
+same round (seconds apart, so they ran at about the same speed of the machine), and the time
+spent inside the flow callbacks' own event handlers per epoch (measured around each handler)
+relative to `none`'s median epoch: the direct cost.
 
-    python benchmarks/callbacks_overhead.py                 # 1 thread, defaults below
-    python benchmarks/callbacks_overhead.py --threads 2 --reps 5 --train 16384
+    python benchmarks/callbacks_overhead.py                 # 1 thread, defaults below, about 2-3 minutes
+    python benchmarks/callbacks_overhead.py --threads 2 --reps 3 --train 16384
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ import contextlib
 import io
 import statistics
 import tempfile
+import threading
 import time
 import warnings
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +49,7 @@ from dnn_cool_catalyst.runners import FlowRunner, FlowTensorboardLogger
 from dnn_cool_catalyst.story import security_labels, security_tasks
 
 CONFIGS = ("none", "metrics", "interpretation", "tuning", "all")
-CLOCK = time.process_time  # CPU time of this process: on a shared machine, less noisy than the wall clock
+CLOCK: Callable[[], float] = time.thread_time  # CPU time of the calling thread
 
 
 class Backbone(nn.Module):
@@ -58,17 +62,64 @@ class Backbone(nn.Module):
         return self.flow({"features": self.backbone(x["raw"]), "gt": x.get("gt")})
 
 
+class Turns:
+    """One participant runs at a time, in rounds; the order of the turns rotates every round."""
+
+    def __init__(self, names: Sequence[str]):
+        self._cond = threading.Condition()
+        self._active = list(names)
+        self._round = list(names)
+        self._shift = 0
+        self._aborted = False
+
+    def wait(self, name: str) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._aborted or (bool(self._round) and self._round[0] == name))
+            if self._aborted:
+                raise RuntimeError("another configuration failed")
+
+    def abort(self) -> None:
+        """Release every waiting participant (with an error): one of them failed."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def done(self, name: str, finished: bool = False) -> None:
+        with self._cond:
+            assert self._round[0] == name
+            self._round.pop(0)
+            if finished:
+                self._active.remove(name)
+            if not self._round and self._active:
+                self._shift += 1
+                k = self._shift % len(self._active)
+                self._round = self._active[k:] + self._active[:k]
+            self._cond.notify_all()
+
+
 class EpochTimer(dl.Callback):
-    def __init__(self):
+    """Times each epoch from its start to the next one's (or the end of the experiment), and hands
+    the turn to the next configuration between epochs."""
+
+    def __init__(self, name: str, turns: Turns):
         super().__init__(order=dl.CallbackOrder.Internal)
+        self.name, self.turns = name, turns
         self.times: List[float] = []
-        self._start = 0.0
+        self._start: Optional[float] = None
+
+    def _stop(self) -> None:
+        if self._start is not None:
+            self.times.append(CLOCK() - self._start)
 
     def on_epoch_start(self, runner):
+        if self._start is not None:  # not the first epoch: the previous one ends here
+            self._stop()
+            self.turns.done(self.name)
+            self.turns.wait(self.name)
         self._start = CLOCK()
 
-    def on_epoch_end(self, runner):
-        self.times.append(CLOCK() - self._start)
+    def on_experiment_end(self, runner):
+        self._stop()  # after the last epoch's logging and flush
 
 
 class Timed(dl.CallbackWrapper):
@@ -117,10 +168,12 @@ def loaders(flow, data, args):
     return {"train": tr.loader(batch_size=args.batch, shuffle=True), "valid": va.loader(batch_size=args.batch)}
 
 
-def run_catalyst(config: str, data, args) -> Tuple[List[float], List[float]]:
-    """Epoch times, and the time spent inside the flow callbacks' handlers in each epoch."""
+def run_catalyst(config: str, data, args, turns: Turns, out: Dict[str, list]) -> None:
+    """One training of `config`, taking turns; appends its epoch times and the time spent inside
+    the flow callbacks' handlers in each epoch to `out` (the first epoch left out)."""
+    turns.wait(config)
     flow, model = build(args)
-    timer = EpochTimer()
+    timer = EpochTimer(config, turns)
     with tempfile.TemporaryDirectory() as logdir:
         timed = []
         if config in ("metrics", "all"):
@@ -129,23 +182,27 @@ def run_catalyst(config: str, data, args) -> Tuple[List[float], List[float]]:
             timed.append(Timed(InterpretationCallback(logdir=logdir)))
         if config in ("tuning", "all"):
             timed.append(Timed(ThresholdTuningCallback(logdir=logdir)))
-        callbacks = [timer] + timed
         runner = FlowRunner(flow, model=model)
-        with contextlib.redirect_stdout(io.StringIO()):
-            runner.train(loaders=loaders(flow, data, args), num_epochs=args.epochs, seed=0, callbacks=callbacks,
-                         loggers={"tensorboard": FlowTensorboardLogger(logdir=logdir)},
-                         flow_metrics=False, interpretation=False, threshold_tuning=False)
+        runner.train(loaders=loaders(flow, data, args), num_epochs=args.epochs, seed=0, callbacks=[timer] + timed,
+                     loggers={"tensorboard": FlowTensorboardLogger(logdir=logdir)},
+                     flow_metrics=False, interpretation=False, threshold_tuning=False)
     inside = [sum(t.per_epoch[e] for t in timed) for e in range(len(timer.times))]
-    return timer.times[1:], inside[1:]
+    out["epochs"] += timer.times[1:]
+    out["inside"] += inside[1:]
+    turns.done(config, finished=True)
 
 
-def run_plain(data, args) -> List[float]:
+def run_plain(data, args, turns: Turns, out: Dict[str, list]) -> None:
     """The same epochs as a bare PyTorch loop: forward, flow loss, backward, AdamW; valid forward + loss."""
+    turns.wait("plain")
     flow, model = build(args)
     loss_fn = flow.get_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
     for epoch in range(args.epochs):
+        if epoch:
+            turns.done("plain")
+            turns.wait("plain")
         torch.manual_seed(epoch)
         ld = loaders(flow, data, args)
         start = CLOCK()
@@ -160,7 +217,33 @@ def run_plain(data, args) -> List[float]:
             for x, y in ld["valid"]:
                 loss_fn(model(x), y)
         times.append(CLOCK() - start)
-    return times[1:]
+    out["epochs"] += times[1:]
+    turns.done("plain", finished=True)
+
+
+def run_all(data, args, order: Sequence[str]) -> Dict[str, Dict[str, list]]:
+    """One training per configuration (and the plain loop), in threads that take turns."""
+    results = {name: {"epochs": [], "inside": []} for name in order}
+    turns = Turns(order)
+    errors: List[BaseException] = []
+
+    def guarded(target, *a):
+        try:
+            target(*a)
+        except BaseException as e:  # noqa: BLE001 - reported in the main thread
+            errors.append(e)
+            turns.abort()
+
+    threads = [threading.Thread(target=guarded, args=(run_plain, data, args, turns, results[name])) if name == "plain"
+               else threading.Thread(target=guarded, args=(run_catalyst, name, data, args, turns, results[name]))
+               for name in order]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"a configuration failed: {errors[0]!r}") from errors[0]
+    return results
 
 
 def main() -> None:
@@ -170,39 +253,45 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--raw", type=int, default=64)
     parser.add_argument("--features", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=13, help="epochs per training (the first is left out)")
+    parser.add_argument("--reps", type=int, default=3, help="trainings per configuration")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = parser.parse_args()
     global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     data = make_data(args)
-    epochs: Dict[str, List[float]] = {c: [] for c in CONFIGS + ("plain",)}
+    epochs: Dict[str, List[float]] = {c: [] for c in ("plain",) + CONFIGS}
     inside: Dict[str, List[float]] = {c: [] for c in CONFIGS}
-    order = list(CONFIGS)
+    order = ["plain", *CONFIGS]
     for rep in range(args.reps):
-        for config in order:
-            times, spent = run_catalyst(config, data, args)
-            epochs[config] += times
-            inside[config] += spent
-        epochs["plain"] += run_plain(data, args)
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = run_all(data, args, order)
+        for name, r in results.items():
+            epochs[name] += r["epochs"]
+            if name in inside:
+                inside[name] += r["inside"]
         order = order[1:] + order[:1]
     base_min, base_median = min(epochs["none"]), statistics.median(epochs["none"])
     print(f"security flow (16 tasks), {args.train} train + {args.valid} valid samples, batch {args.batch}, "
           f"backbone {args.raw}->{args.features}, {args.threads} thread(s), {args.reps} runs x {args.epochs - 1} timed "
-          f"epochs, {args.clock} time")
-    print(f"{'configuration':<16}{'epoch min':>11}{'median':>9}{'min/none':>10}{'in callbacks':>14}{'/ none':>8}")
+          f"epochs per configuration, taking turns epoch by epoch, {args.clock} time")
+    print(f"{'configuration':<16}{'epoch min':>11}{'median':>9}{'min/none':>10}{'paired':>8}{'in callbacks':>14}"
+          f"{'/ none':>8}")
+    paired = {}
     for config in ("plain",) + CONFIGS:
         lo, mid = min(epochs[config]), statistics.median(epochs[config])
+        # epochs of the same training round, rep by rep (each list is in the order they ran)
+        paired[config] = statistics.median(a / b for a, b in zip(epochs[config], epochs["none"]))
         spent = statistics.median(inside[config]) if config in inside else float("nan")
-        print(f"{config:<16}{lo:>11.3f}{mid:>9.3f}{lo / base_min:>10.3f}{spent:>14.3f}{spent / base_median:>8.3f}")
+        print(f"{config:<16}{lo:>11.3f}{mid:>9.3f}{lo / base_min:>10.3f}{paired[config]:>8.3f}{spent:>14.3f}"
+              f"{spent / base_median:>8.3f}")
     direct = statistics.median(inside["all"]) / base_median
     whole = min(epochs["all"]) / base_min - 1
     print(f"all three callbacks: {100 * direct:.1f}% of an epoch spent inside them, {100 * whole:.1f}% longer fastest "
-          f"epoch (goal: at most 15%)")
+          f"epoch (goal: at most 15%), {100 * (paired['all'] - 1):.1f}% longer epoch paired by round (median)")
 
 
 if __name__ == "__main__":

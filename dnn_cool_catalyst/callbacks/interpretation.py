@@ -223,10 +223,14 @@ class InterpretationCallback(Callback):
             self._losses[leaf.path].append(per_sample[leaf.path].float().cpu())
         self._indices.append(index)
         if self.explain > 0:
-            for r in torch.nonzero(index < self.explain).reshape(-1).tolist():
-                logits = {p: z[r: r + 1].cpu() for p, z in chunk["logits"].items()}
+            rows = torch.nonzero(index < self.explain).reshape(-1)
+            if rows.numel():  # the few samples to explain, activated together
+                logits = {p: z[rows].cpu() for p, z in chunk["logits"].items()}
                 activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
-                self._explained.append((int(index[r]), {"logits": logits, "activated": activated}))
+                for i, r in enumerate(rows.tolist()):
+                    self._explained.append((int(index[r]), {part: {p: t[i: i + 1] for p, t in values.items()}
+                                                            for part, values in (("logits", logits),
+                                                                                 ("activated", activated))}))
 
     def on_loader_end(self, runner: Any) -> None:
         if not self._active:

@@ -240,12 +240,12 @@ class FlowMetricsCallback(Callback):
         for leaf in self._leaves:
             if leaf.path not in self._binary or leaf.path not in kept:
                 continue
-            a, y, m = kept[leaf.path]
+            a, y, m = kept[leaf.path]  # on the CPU: selected in numpy, cheaper than tensor indexing
             a, y = a.reshape(a.shape[0], -1)[:, 0], y.reshape(y.shape[0], -1)[:, 0]
-            sel = m.reshape(-1) & leaf.task.available(y).reshape(-1)
-            if bool(sel.any()):
-                log_pr_curve(runner, f"{leaf.path}/pr_curve", labels=(y[sel] > 0.5).numpy(),
-                             scores=a[sel].double().numpy())
+            sel = (m.reshape(-1) & leaf.task.available(y).reshape(-1)).numpy()
+            if sel.any():
+                log_pr_curve(runner, f"{leaf.path}/pr_curve", labels=y.double().numpy()[sel] > 0.5,
+                             scores=a.double().numpy()[sel])
 
     def _reduce_across_processes(self, runner: Any) -> None:
         """Sum the loss terms and metric states of every process (DDP); a no-op in one process.
