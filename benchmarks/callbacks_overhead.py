@@ -24,7 +24,7 @@ same round (seconds apart, so they ran at about the same speed of the machine), 
 spent inside the flow callbacks' own event handlers per epoch (measured around each handler)
 relative to `none`'s median epoch: the direct cost.
 
-    python benchmarks/callbacks_overhead.py                 # 1 thread, defaults below, about 2-3 minutes
+    python benchmarks/callbacks_overhead.py                 # 1 thread, defaults below, about 3-4 minutes
     python benchmarks/callbacks_overhead.py --threads 2 --reps 3 --train 16384
 """
 from __future__ import annotations
