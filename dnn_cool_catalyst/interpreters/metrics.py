@@ -37,6 +37,7 @@ class StateGroup:
 
     @property
     def owner(self) -> TaskMetric:
+        """The member that holds the states: the group's first metric."""
         return self.members[0]
 
     @property

@@ -162,6 +162,7 @@ class EventFile:
         self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def get_logdir(self) -> str:
+        """The directory of the event file."""
         return self._logdir
 
     def add_event(self, event: Event) -> None:
@@ -188,6 +189,7 @@ class EventFile:
             self._last_write = time.monotonic()
 
     def close(self) -> None:
+        """Write what is pending, sync the file to disk and close it (later events are dropped)."""
         if self._closed:
             return
         self.flush()

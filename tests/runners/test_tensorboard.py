@@ -94,3 +94,17 @@ def test_pr_curve_data_is_tensorboardx_curve():
                                       compute_curve(labels, scores, num_thresholds=thresholds))
     with_nan = np.array([0.2, np.nan, 0.9])
     np.testing.assert_array_equal(pr_curve_data([1, 0, 1], with_nan), pr_curve_data([1, 1], [0.2, 0.9]))
+
+
+def test_pending_events_are_written_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tensorboardX.proto.event_pb2 import Event\n"
+            "from dnn_cool_catalyst.runners.tensorboard import EventFile\n"
+            "EventFile(sys.argv[1]).add_event(Event(step=7))  # never flushed nor closed\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (name,) = os.listdir(tmp_path)
+    assert [e.step for e in EventFileLoader(str(tmp_path / name)).Load()] == [0, 7]
