@@ -27,6 +27,7 @@ A runner of your own can feed the callbacks by leaving the same keys.
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -74,6 +75,20 @@ def batch_parts(runner: Any, who: str) -> Tuple[Mapping[str, Any], Mapping[str, 
         raise KeyError(f"{who} needs runner.batch with {OUTPUTS!r} and {TARGETS!r} as FlowRunner.handle_batch "
                        f"leaves them (see dnn_cool_catalyst.callbacks.batch); runner.batch has {have}")
     return batch.get(INPUTS) or {}, batch[TARGETS], batch[OUTPUTS]
+
+
+def gather_kept(kept: Mapping[str, list]) -> Dict[str, list]:
+    """`{path: [chunks]}` of every rank of the initialised process group, concatenated in rank
+    order (`all_gather_object`: every rank must call it, also with nothing kept)."""
+    import torch.distributed as dist
+
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(kept))
+    merged: Dict[str, list] = defaultdict(list)
+    for part in gathered:
+        for p, chunks in part.items():
+            merged[p].extend(chunks)
+    return merged
 
 
 def batch_size_of(targets: Mapping[str, Tensor], inputs: Optional[Mapping[str, Any]] = None) -> int:

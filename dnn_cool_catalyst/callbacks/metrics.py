@@ -9,7 +9,7 @@ import torch
 from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
-from .batch import LOSS_TERMS, METRIC_STATES, ChunkBuffer, StackedLossTerms, batch_parts, batch_size_of
+from .batch import LOSS_TERMS, gather_kept, METRIC_STATES, ChunkBuffer, StackedLossTerms, batch_parts, batch_size_of
 from .common import loader_selected, resolve_callback_flow
 from .publishers import log_pr_curve
 
@@ -267,13 +267,7 @@ class FlowMetricsCallback(Callback):
         self._user_loss = [float(user[0]), int(user[1])]
         self._metrics.all_reduce(device)  # each shared state once; one collective for the scalar states
         if self._keep:
-            gathered: List[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, dict(self._kept))
-            merged: Dict[str, list] = defaultdict(list)
-            for part in gathered:
-                for p, chunks in part.items():
-                    merged[p].extend(chunks)
-            self._kept = merged
+            self._kept = gather_kept(self._kept)
 
 
 def _collective_device(runner: Any) -> torch.device:

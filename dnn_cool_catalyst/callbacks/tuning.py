@@ -12,7 +12,7 @@ import torch
 from catalyst.core.callback import Callback
 from torch import Tensor
 
-from .batch import ChunkBuffer, batch_parts, batch_size_of
+from .batch import ChunkBuffer, gather_kept, batch_parts, batch_size_of
 from .common import resolve_callback_flow, resolve_logdir
 from .files import read_json, write_atomic
 from .metrics import METRICS_ORDER
@@ -206,13 +206,7 @@ class ThresholdTuningCallback(Callback):
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        gathered: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, dict(self._kept))
-        merged: Dict[str, list] = defaultdict(list)
-        for part in gathered:
-            for p, chunks in part.items():
-                merged[p].extend(chunks)
-        self._kept = merged
+        self._kept = gather_kept(self._kept)
 
 
 def _is_main_process(runner: Any) -> bool:
