@@ -144,7 +144,11 @@ class _Out:
             raise FlowDefinitionError(f"flow {self._flow!r}: `out += ...` takes flow.<task>(x...), got {type(entry).__name__}")
         names = [e.name for e in self._entries]
         if entry.name in names:
-            raise FlowDefinitionError(f"flow {self._flow!r}: task {entry.name!r} is added twice")
+            kind = "flow" if isinstance(entry.target, TaskFlow) else "task"
+            raise FlowDefinitionError(
+                f"flow {self._flow!r}: {kind} {entry.name!r} is added twice; both would share its "
+                f"head{'s' if kind == 'flow' else ''} and decoder{'s' if kind == 'flow' else ''}. Add it once, or, "
+                f"to predict it twice, use two {kind}s with different names")
         if entry.added:
             raise FlowDefinitionError(f"flow {self._flow!r}: the same call to {entry.name!r} is added twice")
         entry.added = True
@@ -346,5 +350,38 @@ class Tasks:
             for lit in e.conditions:
                 if order[lit.path] >= i:  # `out.b` resolved before b was added is caught in _Out; this catches self-reference
                     raise FlowDefinitionError(f"flow {name!r}: {e.name} | {lit} refers to a task not added before it")
-        return build_graph(name, [(e.name, e.target, e.key, e.conditions,
-                                   e.target.graph if isinstance(e.target, TaskFlow) else None) for e in entries])
+        graph = build_graph(name, [(e.name, e.target, e.key, e.conditions,
+                                    e.target.graph if isinstance(e.target, TaskFlow) else None) for e in entries])
+        _check_single_paths(graph)
+        return graph
+
+
+def _check_single_paths(graph: FlowGraph) -> None:
+    """Each task (and flow) object at one path only: at two paths, e.g. added directly and again
+    inside a sub-flow, it would run one head and one decoder for both, so tuning would report one
+    threshold per path and decoding apply whichever was loaded last."""
+    seen: Dict[int, str] = {}
+
+    def walk(nodes) -> None:
+        for node in nodes:
+            first = seen.setdefault(id(node.task), node.path)
+            if first != node.path:
+                raise FlowDefinitionError(_twice_message(graph.name, node, first))
+            if node.is_flow:
+                walk(node.children)
+
+    walk(graph.nodes)
+
+
+def _twice_message(flow: str, node, first: str) -> str:
+    if not node.is_flow:
+        return (f"flow {flow!r}: task {node.name!r} is used twice, as {first!r} and {node.path!r}; both would "
+                f"share one head and one decoder (one threshold, tuned for one path and applied to both). "
+                f"Use two tasks with different names, one per place (e.g. {node.name}_a and {node.name}_b), or "
+                f"use it once")
+    leaves = [leaf.path for leaf in node.task.graph.leaves]
+    shown = ", ".join(f"{p!r} at {first + '.' + p!r} and {node.path + '.' + p!r}" for p in leaves[:3])
+    more = f" and {len(leaves) - 3} more" if len(leaves) > 3 else ""
+    return (f"flow {flow!r}: flow {node.name!r} is used twice, as {first!r} and {node.path!r}, so its tasks would "
+            f"each share one head and one decoder at two paths: {shown}{more}. Use flows over tasks with "
+            f"different names, one per place, or use it once")

@@ -124,6 +124,102 @@ def test_task_added_twice():
     _expect(_tasks(), bad, "'bad'", "'door_open'", "twice")
 
 
+def test_task_added_directly_and_inside_a_sub_flow():
+    tasks = _tasks()
+
+    @tasks.add_flow
+    def person_flow(flow, x, out):
+        out += flow.person_present(x.features)
+        out += flow.door_open(x.features) | out.person_present
+        return out
+
+    def full_flow(flow, x, out):
+        out += flow.door_open(x.features)
+        out += flow.person_flow(x)
+        return out
+
+    _expect(tasks, full_flow, "'full_flow'", "'door_open'", "'person_flow.door_open'", "different names")
+    assert "full_flow" not in tasks  # nothing registered
+
+
+def test_same_task_in_two_sub_flows():
+    tasks = _tasks()
+
+    @tasks.add_flow
+    def left(flow, x, out):
+        out += flow.door_open(x.features)
+        return out
+
+    @tasks.add_flow
+    def right(flow, x, out):
+        out += flow.camera_blocked(x.features)
+        out += flow.door_open(x.features) | ~out.camera_blocked
+        return out
+
+    def full_flow(flow, x, out):
+        out += flow.left(x.a)
+        out += flow.right(x.b)
+        return out
+
+    _expect(tasks, full_flow, "'door_open'", "'left.door_open'", "'right.door_open'", "different names")
+
+
+def test_sub_flow_added_twice_under_one_parent():
+    tasks = _tasks()
+
+    @tasks.add_flow
+    def person_flow(flow, x, out):
+        out += flow.person_present(x.features)
+        return out
+
+    def full_flow(flow, x, out):
+        out += flow.person_flow(x.left)
+        out += flow.person_flow(x.right)
+        return out
+
+    _expect(tasks, full_flow, "'full_flow'", "'person_flow'", "twice", "different names")
+
+
+def test_flow_nested_in_two_parents_of_the_full_flow():
+    tasks = _tasks()
+
+    @tasks.add_flow
+    def person_flow(flow, x, out):
+        out += flow.person_present(x.features)
+        out += flow.face_x1(x.face) | out.person_present
+        return out
+
+    @tasks.add_flow
+    def front(flow, x, out):
+        out += flow.camera_blocked(x.features)
+        out += flow.person_flow(x) | ~out.camera_blocked
+        return out
+
+    @tasks.add_flow
+    def back(flow, x, out):
+        out += flow.person_flow(x)
+        return out
+
+    def full_flow(flow, x, out):
+        out += flow.front(x.front)
+        out += flow.back(x.back)
+        return out
+
+    msg = _expect(tasks, full_flow, "'person_flow'", "'front.person_flow'", "'back.person_flow'",
+                  "'person_present'", "different names")
+    assert "front.person_flow.person_present" in msg and "back.person_flow.person_present" in msg
+    # each parent alone is fine, and so is the flow beside a task it does not contain
+    assert front.graph.paths == ("camera_blocked", "person_flow.person_present", "person_flow.face_x1")
+
+    @tasks.add_flow
+    def fine(flow, x, out):
+        out += flow.door_open(x.features)
+        out += flow.front(x)
+        return out
+
+    assert len(set(map(id, (leaf.task for leaf in fine.graph.leaves)))) == len(fine.graph.leaves)
+
+
 def test_non_binary_condition():
     def bad(flow, x, out):
         out += flow.shirt(x.features)
