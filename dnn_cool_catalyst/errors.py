@@ -14,3 +14,8 @@ class InputError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class TunedParamsError(ValueError):
+    """Tuned decoder parameters (a file or a mapping) do not fit the flow: an unknown task path, a
+    threshold that is not a finite number, the wrong number of thresholds."""

@@ -34,12 +34,15 @@ per cut point, returning an array of scores (higher is better): `"accuracy"` (de
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
+from .errors import TunedParamsError
 from .files import write_json
 
 ConfusionMetric = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -308,15 +311,115 @@ def save_tuned(path: Union[str, os.PathLike], params: Mapping[str, Mapping[str, 
 
 def load_tuned(path: Union[str, os.PathLike]) -> Dict[str, Dict[str, Any]]:
     """Read parameters written by `save_tuned`: `{task path: params}`; apply them with
-    `flow.get_decoder().load_tuned(params)`."""
+    `flow.get_decoder().load_tuned(params, source=path)`, which checks them against the flow's tasks.
+
+    What can be checked without the flow is checked here, with errors (`TunedParamsError`) naming
+    the file and the task: every entry is an object; a `threshold` is a finite number or a non-empty
+    list of finite numbers; no value anywhere is NaN or infinite. Python's `json` reads the
+    non-standard literals `NaN`, `Infinity` and `-Infinity` (and `1e400` as infinity); `save_tuned`
+    never writes them, and a NaN threshold would decode every sample as false, `-Infinity` every
+    sample as true, so they are refused."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, parse_constant=_JsonConstant)
     except FileNotFoundError:
         raise FileNotFoundError(f"no tuned parameters file {path!r}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError(f"{path!r} must hold a JSON object mapping task paths to objects of parameters")
+    if not isinstance(data, dict):
+        raise TunedParamsError(f"{path!r} must hold a JSON object mapping task paths to objects of parameters, "
+                               f"got {_describe(data)}")
+    for task_path, params in data.items():
+        where = f"tuned parameters of task {task_path!r} in {path!r}"
+        if not isinstance(params, dict):
+            raise TunedParamsError(f"{where} must be an object such as {{\"threshold\": 0.5}}, got {_describe(params)}")
+        for key, value in params.items():
+            try:
+                if key == "threshold":
+                    check_threshold(value)
+                else:
+                    _check_finite(value, key)
+            except ValueError as e:
+                raise TunedParamsError(f"{where}: {e}; {FIX_TUNED}") from None
     return data
+
+
+FIX_TUNED = "tune again (runner.tune or decoder.tune) or correct the value"
+
+
+class _JsonConstant(str):
+    """`NaN`, `Infinity` or `-Infinity` as read by `json.load(parse_constant=...)`: kept as text so
+    that the error can name the task and key that hold it."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    """A value as the JSON it came from, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, np.bool_)):
+        return f"{str(bool(value)).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"the string {value!r} (write numbers without quotes)"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}" if value else "an empty list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return repr(value) if _is_number(value) else type(value).__name__
+
+
+def _finite(value: Any, what: str) -> float:
+    """`value` (a number or a `_JsonConstant`) as a finite float, or a `ValueError`."""
+    if isinstance(value, _JsonConstant):
+        f = float(value)
+    else:
+        try:
+            f = float(value)
+        except OverflowError:  # an int beyond float's range
+            f = math.inf
+    if not math.isfinite(f):
+        got = value if isinstance(value, _JsonConstant) else repr(value)
+        why = ("a threshold of NaN or Infinity decodes every sample as false, -Infinity every sample as true"
+               if what.startswith("threshold") else "standard JSON has no NaN or infinities; save_tuned never writes them")
+        raise ValueError(f"{what} must be a finite number, got {got} ({why})")
+    return f
+
+
+def _number(value: Any, what: str) -> float:
+    if not (_is_number(value) or isinstance(value, _JsonConstant)):
+        raise ValueError(f"{what} must be a number, got {_describe(value)}")
+    return _finite(value, what)
+
+
+def _check_finite(value: Any, what: str) -> None:
+    """No NaN or infinity in `value` (numbers, lists and objects of them, strings, null)."""
+    if _is_number(value) or isinstance(value, _JsonConstant):
+        _finite(value, what)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{what}[{i}]")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(v, f"{what}.{k}")
+
+
+def check_threshold(value: Any, per_class: bool = True, classes: Optional[int] = None) -> Union[float, List[float]]:
+    """`value` as `ThresholdDecoder` keeps it: a finite number (a float) or, with `per_class`, a
+    non-empty list of finite numbers, one per class (`classes` of them when given). Raises
+    `ValueError` saying what is wrong; callers add the task and file."""
+    if _is_number(value) or isinstance(value, _JsonConstant):
+        return _finite(value, "threshold")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not per_class:
+        want = ("one number or a list of numbers (one per class)" if per_class
+                else "one number (this decoder has one threshold, not one per class)")
+        raise ValueError(f"threshold must be {want}, got {_describe(value)}")
+    if not value or (classes is not None and len(value) != classes):
+        count = f"{classes}" if classes is not None else "one or more"
+        raise ValueError(f"threshold must be one number or a list of {count} (one per class), got {_describe(value)}")
+    return [_number(v, f"threshold[{i}]") for i, v in enumerate(value)]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from dnn_cool_catalyst import best_threshold, load_tuned, save_tuned, threshold_sweep
+from dnn_cool_catalyst import TunedParamsError, best_threshold, load_tuned, save_tuned, threshold_sweep
 from dnn_cool_catalyst.tuning import METRICS, best_cut, best_thresholds, metric_function
 
 
@@ -216,3 +216,40 @@ def test_load_errors_name_the_file(tmp_path):
     wrong.write_text("[0.5]")
     with pytest.raises(ValueError, match="wrong.json"):
         load_tuned(wrong)
+
+
+# Every bad value the issue lists (and neighbours of them), as the JSON text of a threshold.
+BAD_THRESHOLDS = {
+    "NaN": "NaN",
+    "-Infinity": "-Infinity",
+    "Infinity": "Infinity",
+    "overflowing number": "1e400",
+    "string": '"0.7"',
+    "null": "null",
+    "boolean": "true",
+    "empty list": "[]",
+    "NaN in a list": "[0.5, NaN]",
+    "nested list": "[[0.5]]",
+}
+
+
+@pytest.mark.parametrize("text", BAD_THRESHOLDS.values(), ids=BAD_THRESHOLDS.keys())
+def test_load_refuses_thresholds_that_are_not_finite_numbers(tmp_path, text):
+    path = tmp_path / "tuned.json"
+    path.write_text('{"camera_blocked": {"threshold": 0.5},\n "door_open": {"threshold": %s, "tuned": true}}' % text)
+    with pytest.raises(TunedParamsError, match=r"task 'door_open' in '.*tuned\.json'.*threshold") as info:
+        load_tuned(path)
+    assert "camera_blocked" not in str(info.value)
+
+
+def test_load_refuses_nan_and_infinity_anywhere_and_entries_that_are_not_objects(tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_text('{"door_open": {"threshold": 0.5, "score": NaN}}')
+    with pytest.raises(TunedParamsError, match=r"task 'door_open' in '.*tuned\.json'.*score.*NaN"):
+        load_tuned(path)
+    path.write_text('{"door_open": null}')
+    with pytest.raises(TunedParamsError, match=r"task 'door_open' in '.*tuned\.json'.*null"):
+        load_tuned(path)
+    path.write_text('{"door_open": {"threshold": 0.25}, "a.b.facial": {"threshold": [0.1, 1, 0.5], "score": null}}')
+    assert load_tuned(path) == {"door_open": {"threshold": 0.25},
+                                "a.b.facial": {"threshold": [0.1, 1, 0.5], "score": None}}
