@@ -17,11 +17,18 @@ from .graph import FlowGraph, InputKey, Literal, build_graph
 from .tasks.base import ITask
 
 
-def _close(name: str, known: Iterable[str]) -> str:
+def _close(name: str, known: Iterable[str], limit: int = 30) -> str:
+    """`"; did you mean 'a'? (known: a, b, ...)"`: the close matches of `name` (for dotted task
+    paths, else those whose last part is close to its last part), then the known names (the first
+    `limit`, "and N more")."""
     known = sorted(set(known))
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    if not close:  # `shirt_type` for `person_flow.body.shirt_type`
+        tails = difflib.get_close_matches(name.rsplit(".", 1)[-1], {k.rsplit(".", 1)[-1] for k in known}, cutoff=0.6)
+        close = [k for k in known if k.rsplit(".", 1)[-1] in tails][:3]
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return f"{hint} (known: {', '.join(known) if known else 'none'})"
+    listed = ", ".join(known[:limit]) + (f" and {len(known) - limit} more" if len(known) > limit else "")
+    return f"{hint} (known: {listed or 'none'})"
 
 
 class _Condition:

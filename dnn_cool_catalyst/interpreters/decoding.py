@@ -1,15 +1,18 @@
 """`flow.get_activation()` and `flow.get_decoder()`: per-task functions applied by path."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LabelError
+from ..dsl import _close
+from ..errors import LabelError, TunedParamsError
 from ..functional import expand_mask
 from ..graph import FlowGraph
+from ..tuning import FIX_TUNED
 from .masks import compute_masks
 
 Metric = Union[str, Callable]
@@ -42,14 +45,31 @@ class FlowDecoder:
         """Current parameters of every task decoder that has some, `{path: params}` (JSON values)."""
         return {leaf.path: leaf.task.decoder.params() for leaf in self.graph.leaves if leaf.task.decoder.params()}
 
-    def load_tuned(self, params: Mapping[str, Mapping[str, Any]]) -> None:
-        """Apply `{path: params}`; unknown paths are an error naming them."""
-        unknown = sorted(set(params) - set(self.graph.paths))
-        if unknown:
-            raise KeyError(f"tuned parameters for unknown task path(s) {unknown}; flow {self.graph.name!r} has {list(self.graph.paths)}")
-        for leaf in self.graph.leaves:
-            if leaf.path in params:
+    def load_tuned(self, params: Mapping[str, Mapping[str, Any]], source: Optional[str] = None) -> None:
+        """Apply `{path: params}` (as `tune`, `params` or `dcc.load_tuned(file)` give them), all or
+        nothing: an unknown path, or parameters a task's decoder refuses (a threshold that is not a
+        finite number, a list for a binary task, the wrong number of per-class thresholds), raise
+        `TunedParamsError` naming the task path and `source` (the file they came from, when given),
+        and leave every decoder as it was."""
+        where = f" in {os.fspath(source)!r}" if source is not None else ""
+        if not isinstance(params, Mapping):
+            raise TunedParamsError(f"tuned parameters{where} must map task paths to parameters, got {type(params).__name__}")
+        for p in params:
+            if p not in self.graph.paths:
+                raise TunedParamsError(f"tuned parameters for unknown task path {p!r}{where}: flow {self.graph.name!r} "
+                                       f"has no such task{_close(str(p), self.graph.paths)}")
+            if not isinstance(params[p], Mapping):
+                raise TunedParamsError(f"tuned parameters of task {p!r}{where} must be a mapping such as "
+                                       f"{{'threshold': 0.5}}, got {type(params[p]).__name__}")
+        leaves = [leaf for leaf in self.graph.leaves if leaf.path in params]
+        before = {leaf.path: leaf.task.decoder.params() for leaf in leaves}
+        for leaf in leaves:
+            try:
                 leaf.task.decoder.load_tuned(dict(params[leaf.path]))
+            except (TypeError, ValueError) as e:
+                for done in leaves:  # all or nothing: the entries applied so far are undone
+                    done.task.decoder.load_tuned(before[done.path])
+                raise TunedParamsError(f"tuned parameters of task {leaf.path!r}{where}: {e}; {FIX_TUNED}") from None
 
     def tune(self, predictions: Mapping[str, Any], targets: Mapping[str, Any],
              masks: Optional[Mapping[str, Any]] = None,

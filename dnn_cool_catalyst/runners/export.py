@@ -91,18 +91,29 @@ def check_compatible(manifest: Dict[str, Any], flow: Any) -> None:
 def load_model(directory: str | os.PathLike, flow: Any, model: nn.Module,
                map_location: Any = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
     """Load weights (`weights_only=True`) into `model` and tuned parameters into `flow`'s decoders;
-    returns `(model, manifest)`."""
+    returns `(model, manifest)`.
+
+    The tuned parameters are checked first (`TunedParamsError` naming the task and the file, e.g.
+    a NaN threshold or an unknown task path), before the model is touched; when the weights then do
+    not fit, the decoders get their previous parameters back."""
     from ..tuning import load_tuned
 
     directory = os.fspath(directory)
     manifest = read_manifest(directory)
     check_compatible(manifest, flow)
-    state = torch.load(os.path.join(directory, WEIGHTS_FILE), map_location=map_location, weights_only=True)
-    target = unwrap_model(model)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{os.path.join(directory, WEIGHTS_FILE)} does not fit {type(target).__name__} "
-                         f"(exported from {manifest.get('model')}): missing keys {list(missing)[:10]}, "
-                         f"unexpected keys {list(unexpected)[:10]}")
-    flow.get_decoder().load_tuned(load_tuned(os.path.join(directory, TUNED_FILE)))
+    tuned_path = os.path.join(directory, TUNED_FILE)
+    decoder = flow.get_decoder()
+    before = decoder.params()
+    decoder.load_tuned(load_tuned(tuned_path), source=tuned_path)  # all or nothing
+    try:
+        state = torch.load(os.path.join(directory, WEIGHTS_FILE), map_location=map_location, weights_only=True)
+        target = unwrap_model(model)
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{os.path.join(directory, WEIGHTS_FILE)} does not fit {type(target).__name__} "
+                             f"(exported from {manifest.get('model')}): missing keys {list(missing)[:10]}, "
+                             f"unexpected keys {list(unexpected)[:10]}")
+    except BaseException:
+        decoder.load_tuned(before)
+        raise
     return model, manifest

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LabelError
+from ..tuning import check_threshold
 
 JSON = Any
 
@@ -60,10 +61,18 @@ TUNING_INFO_KEYS = frozenset({"tuned", "reason", "metric", "score", "num_samples
 
 
 class ThresholdDecoder(Decoder):
-    """`activated > threshold`; one threshold, or one per class (last dimension) once tuned."""
+    """`activated > threshold`; one threshold, or one per class (last dimension) once tuned.
 
-    def __init__(self, threshold: float | Sequence[float] = 0.5):
-        self.threshold: float | List[float] = _json_threshold(threshold)
+    Thresholds are finite numbers (`tuning.check_threshold`): `per_class=False` allows only one
+    (a binary task), `classes` fixes the length of a per-class list (a multilabel task with class
+    names); a bad value is refused by the constructor and by `load_tuned`, leaving the decoder as
+    it was.
+    """
+
+    def __init__(self, threshold: float | Sequence[float] = 0.5, per_class: bool = True,
+                 classes: Optional[int] = None):
+        self.per_class, self.classes = per_class, classes
+        self.threshold: float | List[float] = check_threshold(threshold, per_class, classes)
         self._cache: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
 
     def decode(self, activated: Tensor) -> Tensor:
@@ -87,7 +96,7 @@ class ThresholdDecoder(Decoder):
         if unknown:
             raise ValueError(f"ThresholdDecoder takes only 'threshold', got {sorted(unknown)}")
         if "threshold" in params:
-            self.threshold = _json_threshold(params["threshold"])
+            self.threshold = check_threshold(params["threshold"], self.per_class, self.classes)
             self._cache.clear()
 
     def tune(self, activated: Tensor, labels: Tensor, available: Tensor, metric: Any = "accuracy") -> Dict[str, JSON]:
@@ -149,24 +158,16 @@ class ThresholdDecoder(Decoder):
                 "untuned_classes": untuned}
 
     def __getstate__(self):  # cached device tensors are not part of the state
-        return {"threshold": self.threshold}
+        return {"threshold": self.threshold, "per_class": self.per_class, "classes": self.classes}
 
     def __setstate__(self, state):
         self.threshold = state["threshold"]
+        self.per_class, self.classes = state.get("per_class", True), state.get("classes")
         self._cache = {}
 
 
 def _json_score(value: float) -> Optional[float]:
     return None if math.isnan(value) or math.isinf(value) else float(value)
-
-
-def _json_threshold(value) -> float | List[float]:
-    if isinstance(value, (int, float)):
-        return float(value)
-    values = [float(v) for v in value]
-    if not values:
-        raise ValueError("an empty list of thresholds")
-    return values
 
 
 class SortDecoder(Decoder):

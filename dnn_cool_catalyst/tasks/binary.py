@@ -36,7 +36,7 @@ class BinaryClassificationTask(Task):
             module=module,
             loss=_bce_elementwise,
             activation=torch.sigmoid,
-            decoder=ThresholdDecoder(threshold),
+            decoder=ThresholdDecoder(threshold, per_class=False),
             metrics=[(k, BinaryConfusionMetric(k)) for k in BinaryConfusionMetric.KINDS],
             available_func=_nan_available,
             missing=math.nan,

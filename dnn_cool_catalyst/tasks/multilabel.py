@@ -34,7 +34,7 @@ class MultilabelClassificationTask(Task):
             module=module,
             loss=_bce_elementwise,
             activation=torch.sigmoid,
-            decoder=ThresholdDecoder(0.5),
+            decoder=ThresholdDecoder(0.5, classes=len(self.class_names) if self.class_names is not None else None),
             metrics=[("accuracy", ElementAccuracy()), ("f1_score", BinaryConfusionMetric("f1_score"))],
             available_func=_nan_available,
             missing=math.nan,

@@ -158,3 +158,57 @@ def test_errors_name_the_task():
         decoder.tune(preds, labels, metric="auc")
     with pytest.raises(ValueError, match="takes only 'threshold'"):
         decoder.load_tuned({"door_open": {"thresh": 0.3}})
+
+
+BAD_THRESHOLDS = {  # the values the issue lists, and neighbours of them, as Python values
+    "NaN": float("nan"), "-inf": float("-inf"), "inf": float("inf"), "string": "0.7", "None": None,
+    "boolean": True, "empty list": [], "NaN in a list": [0.5, float("nan")], "nested list": [[0.5]],
+}
+
+
+@pytest.mark.parametrize("value", BAD_THRESHOLDS.values(), ids=BAD_THRESHOLDS.keys())
+@pytest.mark.parametrize("path", ["door_open", FACIAL])
+def test_load_tuned_refuses_bad_thresholds_and_applies_nothing(path, value):
+    flow = security_tasks(features=8).get_full_flow()
+    decoder = flow.get_decoder()
+    before = decoder.params()
+    with pytest.raises(dcc.TunedParamsError, match=rf"task '{path}'.*threshold"):
+        decoder.load_tuned({"camera_blocked": {"threshold": 0.75}, path: {"threshold": value}})
+    assert decoder.params() == before  # the good entry before the bad one is not applied either
+
+
+def test_load_tuned_checks_the_number_of_thresholds():
+    flow = security_tasks(features=8).get_full_flow()
+    decoder = flow.get_decoder()
+    classes = len(flow.tasks[FACIAL].class_names)
+    with pytest.raises(dcc.TunedParamsError, match=r"task 'door_open'.*one number.*list of 2"):
+        decoder.load_tuned({"door_open": {"threshold": [0.3, 0.6]}})
+    with pytest.raises(dcc.TunedParamsError, match=rf"task '{FACIAL}'.*{classes}.*list of 2"):
+        decoder.load_tuned({FACIAL: {"threshold": [0.3, 0.6]}})
+    with pytest.raises(dcc.TunedParamsError, match="door_open.*in 'saved.json'"):
+        decoder.load_tuned({"door_open": {"threshold": "0.7"}}, source="saved.json")
+    decoder.load_tuned({"door_open": {"threshold": 1}, FACIAL: {"threshold": [0.25] * classes}})
+    assert decoder.params()["door_open"] == {"threshold": 1.0}
+    assert decoder.params()[FACIAL] == {"threshold": [0.25] * classes}
+    decoder.load_tuned({FACIAL: {"threshold": 0.5}})  # one threshold for every class, as before tuning
+    assert decoder.params()[FACIAL] == {"threshold": 0.5}
+    with pytest.raises(ValueError, match="finite"):
+        dcc.BinaryClassificationTask("b", nn.Linear(2, 1), threshold=float("nan"))
+
+
+def test_load_tuned_names_an_unknown_path_with_a_close_match():
+    decoder = security_tasks(features=8).get_full_flow().get_decoder()
+    with pytest.raises(dcc.TunedParamsError, match=r"'door_opn' in 'saved.json'.*did you mean 'door_open'.*known"):
+        decoder.load_tuned({"door_opn": {"threshold": 0.5}}, source="saved.json")
+    with pytest.raises(dcc.TunedParamsError, match=r"task 'door_open'.*must be a mapping.*NoneType"):
+        decoder.load_tuned({"door_open": None})
+
+
+def test_threshold_rules_survive_pickling():
+    import pickle
+
+    flow = pickle.loads(pickle.dumps(security_tasks(features=8).get_full_flow()))  # as DDP workers get it
+    with pytest.raises(dcc.TunedParamsError, match="door_open.*one number"):
+        flow.get_decoder().load_tuned({"door_open": {"threshold": [0.5]}})
+    with pytest.raises(dcc.TunedParamsError, match="facial_characteristics.*list of 3"):
+        flow.get_decoder().load_tuned({FACIAL: {"threshold": [0.5]}})

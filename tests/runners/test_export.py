@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dnn_cool_catalyst import TunedParamsError
 from dnn_cool_catalyst.runners import FlowRunner, read_manifest
 from dnn_cool_catalyst.runners.export import FORMAT
 from dnn_cool_catalyst.story import security_tasks
@@ -58,3 +59,42 @@ def test_what_does_not_fit_is_named(flow_and_model, tmp_path):
         FlowRunner.load(tmp_path, security_tasks(features=8).get_full_flow())  # no backbone
     with pytest.raises(FileNotFoundError, match="not an exported flow model"):
         FlowRunner.load(tmp_path / "nowhere", flow)
+
+
+@pytest.mark.parametrize("text", ["NaN", "-Infinity", '"0.7"', "null", "[0.5, 0.5]"],
+                         ids=["NaN", "-Infinity", "string", "null", "list for a binary task"])
+def test_load_refuses_bad_tuned_params_naming_task_and_file(flow_and_model, tmp_path, text):
+    flow, model = flow_and_model()
+    FlowRunner(flow, model=model).export(tmp_path)
+    tuned_file = tmp_path / "tuned_params.json"
+    tuned = json.loads(tuned_file.read_text())
+    tuned_file.write_text(json.dumps(tuned).replace('"door_open": {"threshold": 0.5}',
+                                                    '"door_open": {"threshold": %s}' % text))
+    fresh_flow, fresh_model = flow_and_model(seed=1)
+    weights = {k: v.clone() for k, v in fresh_model.state_dict().items()}
+    with pytest.raises(TunedParamsError, match=r"task 'door_open' in '.*tuned_params\.json'.*threshold"):
+        FlowRunner.load(tmp_path, fresh_flow, model=fresh_model)
+    assert fresh_flow.get_decoder().params() == flow.get_decoder().params()  # nothing applied
+    assert all(torch.equal(v, weights[k]) for k, v in fresh_model.state_dict().items())  # the model untouched
+
+
+def test_load_names_an_unknown_task_path_in_the_tuned_file(flow_and_model, tmp_path):
+    flow, model = flow_and_model()
+    FlowRunner(flow, model=model).export(tmp_path)
+    tuned_file = tmp_path / "tuned_params.json"
+    tuned = json.loads(tuned_file.read_text())
+    tuned["door_opn"] = tuned.pop("door_open")
+    tuned_file.write_text(json.dumps(tuned))
+    fresh_flow, fresh_model = flow_and_model(seed=1)
+    with pytest.raises(TunedParamsError, match=r"'door_opn' in '.*tuned_params\.json'.*did you mean 'door_open'"):
+        FlowRunner.load(tmp_path, fresh_flow, model=fresh_model)
+
+
+def test_tuned_params_are_restored_when_the_weights_do_not_fit(flow_and_model, tmp_path):
+    flow, model = flow_and_model()
+    flow.get_decoder().load_tuned({"door_open": {"threshold": 0.25}})
+    FlowRunner(flow, model=model).export(tmp_path)
+    other = security_tasks(features=8).get_full_flow()  # no backbone: the weights do not fit
+    with pytest.raises(ValueError, match="missing keys"):
+        FlowRunner.load(tmp_path, other)
+    assert other.get_decoder().params()["door_open"] == {"threshold": 0.5}
