@@ -306,6 +306,11 @@ def save_tuned(path: Union[str, os.PathLike], params: Mapping[str, Mapping[str, 
             json.dumps(p, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"save_tuned: params of task {task_path!r} are not plain JSON ({e}): {p!r}") from None
+        if "threshold" in p:  # what load_tuned would refuse is not written
+            try:
+                check_threshold(p["threshold"])
+            except ValueError as e:
+                raise TunedParamsError(f"save_tuned: params of task {task_path!r}: {e}") from None
     write_json(path, {k: dict(v) for k, v in params.items()}, fsync=True)
 
 
@@ -354,13 +359,16 @@ class _JsonConstant(str):
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A number, or one of JSON's non-standard NaN/Infinity literals (refused later as not finite)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)) or isinstance(value, _JsonConstant)
 
 
 def _describe(value: Any) -> str:
     """A value as the JSON it came from, for error messages."""
     if value is None:
         return "null"
+    if isinstance(value, _JsonConstant):
+        return str(value)
     if isinstance(value, (bool, np.bool_)):
         return f"{str(bool(value)).lower()} (a boolean)"
     if isinstance(value, str):
@@ -374,30 +382,28 @@ def _describe(value: Any) -> str:
 
 def _finite(value: Any, what: str) -> float:
     """`value` (a number or a `_JsonConstant`) as a finite float, or a `ValueError`."""
-    if isinstance(value, _JsonConstant):
+    got = value if isinstance(value, _JsonConstant) else repr(value)
+    try:
         f = float(value)
-    else:
-        try:
-            f = float(value)
-        except OverflowError:  # an int beyond float's range
-            f = math.inf
+    except OverflowError:  # an int beyond float's range
+        f, got = math.inf, "a number beyond float's range"
     if not math.isfinite(f):
-        got = value if isinstance(value, _JsonConstant) else repr(value)
         why = ("a threshold of NaN or Infinity decodes every sample as false, -Infinity every sample as true"
-               if what.startswith("threshold") else "standard JSON has no NaN or infinities; save_tuned never writes them")
+               if what.startswith("threshold") else
+               "standard JSON has no NaN or infinities; save_tuned never writes them")
         raise ValueError(f"{what} must be a finite number, got {got} ({why})")
     return f
 
 
 def _number(value: Any, what: str) -> float:
-    if not (_is_number(value) or isinstance(value, _JsonConstant)):
+    if not _is_number(value):
         raise ValueError(f"{what} must be a number, got {_describe(value)}")
     return _finite(value, what)
 
 
 def _check_finite(value: Any, what: str) -> None:
     """No NaN or infinity in `value` (numbers, lists and objects of them, strings, null)."""
-    if _is_number(value) or isinstance(value, _JsonConstant):
+    if _is_number(value):
         _finite(value, what)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
@@ -411,7 +417,7 @@ def check_threshold(value: Any, per_class: bool = True, classes: Optional[int] =
     """`value` as `ThresholdDecoder` keeps it: a finite number (a float) or, with `per_class`, a
     non-empty list of finite numbers, one per class (`classes` of them when given). Raises
     `ValueError` saying what is wrong; callers add the task and file."""
-    if _is_number(value) or isinstance(value, _JsonConstant):
+    if _is_number(value):
         return _finite(value, "threshold")
     if isinstance(value, np.ndarray):
         value = value.tolist()

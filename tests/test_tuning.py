@@ -201,6 +201,8 @@ def test_save_refuses_what_is_not_plain_json_and_keeps_the_old_file(tmp_path):
         save_tuned(path, {"u": {"threshold": np.float32(0.5)}})
     with pytest.raises(TypeError):
         save_tuned(path, {"t": 0.5})
+    with pytest.raises(TunedParamsError, match="task 'v'.*string '0.7'"):
+        save_tuned(path, {"v": {"threshold": "0.7"}})
     assert load_tuned(path) == {"t": {"threshold": 0.5}}
     assert os.listdir(tmp_path) == ["tuned.json"]
 
