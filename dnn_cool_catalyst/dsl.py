@@ -18,8 +18,8 @@ from .tasks.base import ITask
 
 
 def _close(name: str, known: Iterable[str], limit: int = 30) -> str:
-    """`"; did you mean 'a'? (known: a, b, ...)"`: the close matches of `name` (for dotted task
-    paths, else those whose last part is close to its last part), then the known names (the first
+    """`"; did you mean 'a'? (known: a, b, ...)"`: the close matches of `name` (when there are none,
+    the names whose last dotted part is close to its last part), then the known names (the first
     `limit`, "and N more")."""
     known = sorted(set(known))
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
