@@ -14,3 +14,8 @@ class InputError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class HeadError(RuntimeError):
+    """A task's head failed on its input (most often a feature of another width than the head
+    takes); names the task, the feature it read and both shapes. A `RuntimeError`, as torch's own."""
