@@ -6,7 +6,7 @@ metrics, decoders, evaluation, explanations and datasets from that one descripti
 from . import datasets
 from .converters import Column, Converters, ImageFiles, TableError
 from .dsl import Tasks, TaskFlow
-from .errors import FlowDefinitionError, InputError, LabelError, TunedParamsError
+from .errors import FlowDefinitionError, HeadError, InputError, LabelError, TunedParamsError
 from .graph import FlowGraph
 from .project import BackboneModel, Project
 from .tasks import (
@@ -26,8 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackboneModel", "Column", "Converters", "ImageFiles", "Project", "TableError",
     "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
-    "FlowGraph", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask", "MultilabelClassificationTask",
-    "Task", "TaskFlow", "Tasks", "TunedParamsError", "__version__",
+    "FlowGraph", "HeadError", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask",
+    "MultilabelClassificationTask", "Task", "TaskFlow", "Tasks", "TunedParamsError", "__version__",
     "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep",
 ]
 

@@ -36,8 +36,9 @@ def load_story_table(root: str, n: int, seed: int) -> pd.DataFrame:
     return pd.read_csv(labels, keep_default_na=False, na_values=["NaN"])
 
 
-def build_project(df: pd.DataFrame, image_root: str, project_dir: str, features: int = 256) -> Project:
-    """The story's project: one task per annotated column, images read lazily from `image_root`."""
+def build_project(df: pd.DataFrame, image_root: str, project_dir: str, features: int = 256, seed: int = 0) -> Project:
+    """The story's project: one task per annotated column, images read lazily from `image_root`;
+    `seed` draws the split and initialises the heads."""
     project = Project(
         df, input_col="img",
         converters=Converters(
@@ -46,7 +47,7 @@ def build_project(df: pd.DataFrame, image_root: str, project_dir: str, features:
             class_names={"shirt_type": list(datasets.SHIRT_TYPES),
                          "facial_characteristics": list(datasets.FACIAL_CHARACTERISTICS)},
             scales={c: 64.0 for c in FACE_BOX + BODY_BOX}),
-        project_dir=project_dir)
+        project_dir=project_dir, seed=seed)
     add_security_flows(project)
     return project
 
@@ -76,7 +77,7 @@ class DemoSettings:
 def story_project(settings: DemoSettings) -> Project:
     """The story's `Project` for `settings`, generating the data on first use."""
     df = load_story_table(settings.data_dir, settings.n, settings.seed)
-    return build_project(df, settings.data_dir, settings.project_dir, settings.features)
+    return build_project(df, settings.data_dir, settings.project_dir, settings.features, settings.seed)
 
 
 def story_model(project: Project, settings: DemoSettings) -> BackboneModel:

@@ -19,3 +19,8 @@ class InputError(KeyError):
 class TunedParamsError(ValueError):
     """Tuned decoder parameters (a file or a mapping) do not fit the flow: an unknown task path, a
     threshold that is not a finite number, the wrong number of thresholds."""
+
+
+class HeadError(RuntimeError):
+    """A task's head failed on its input (most often a feature of another width than the head
+    takes); names the task, the feature it read and both shapes. A `RuntimeError`, as torch's own."""

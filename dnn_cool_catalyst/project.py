@@ -33,10 +33,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from .converters import Column, Converters, ImageFiles, TableError, _close
@@ -109,6 +111,15 @@ def load_or_make_split(path: Optional[str], n: int, fractions: Sequence[float], 
     return split
 
 
+def seeded_head(factory: Any, name: str, n_in: int, n_out: int, seed: int) -> nn.Module:
+    """`factory(name, n_in, n_out)` initialised from `seed` and the column's name, whatever the
+    global random state: the same project gives the same heads in any session, and adding a column
+    leaves the other heads as they were. The global generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode("utf-8")))
+        return factory(name, n_in, n_out)
+
+
 # The model helper -------------------------------------------------------------------------------
 
 class BackboneModel(nn.Module):
@@ -144,7 +155,8 @@ class Project(Tasks):
     `output_col`: the label columns (None: every other column), each a task named after it;
     `converters`: overrides of guessed kinds, conversions, tasks and heads (`Converters`);
     `project_dir`: where the split (`split.json`) and runner logdirs live (None: split in memory,
-    no runner); `split`: (train, valid, test) fractions; `seed`: the split's seed.
+    no runner); `split`: (train, valid, test) fractions; `seed`: the split's seed and the heads'
+    initialisation (`seeded_head`: independent of the global random state).
     A saved split is reused; one made for another table, or other fractions, is an error.
     """
 
@@ -194,7 +206,8 @@ class Project(Tasks):
                 if role == "input":
                     self.input_data[c] = values
                     continue
-                head = self.converters.head_factory(column)(c, self.converters.in_features, column.n_outputs)
+                head = seeded_head(self.converters.head_factory(column), c, self.converters.in_features,
+                                   column.n_outputs, seed)
                 task = self.converters.task_factory(column)(column, head)
                 self.label_data[c] = task.prepare_labels(values).numpy()  # fails early, naming the task
                 tasks.append(task)

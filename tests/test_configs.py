@@ -30,4 +30,46 @@ def test_config_runs_end_to_end(overlay, tmp_path):
     table = pd.read_csv(logdir / "evaluation.csv")
     assert list(table.columns) == ["task_path", "metric_name", "metric_res", "num_samples"]
     assert "person_regression.body_regression.shirt_type" in set(table.task_path)
+    if overlay is None:  # reproducible: a second run gives the same table to the last digit
+        (tmp_path / "again").mkdir()
+        again = _catalyst_run(*configs, cwd=tmp_path / "again")
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert (tmp_path / "again" / "smoke_project" / "config_run" / "evaluation.csv").read_text() == \
+            (logdir / "evaluation.csv").read_text()
 
+
+
+def test_every_setting_reaches_the_run(tmp_path):
+    import dataclasses
+    import json
+
+    import torch
+
+    from dnn_cool_catalyst.demo import DemoSettings
+
+    changed = {"project_dir": "other_project", "runner_name": "other_run", "n": 48, "seed": 3, "epochs": 2,
+               "batch_size": 8, "lr": 0.01, "features": 12}
+    assert set(changed) == {f.name for f in dataclasses.fields(DemoSettings)}, "a new setting needs a check here"
+    overlay = tmp_path / "every_setting.yml"
+    overlay.write_text("settings:\n" + "".join(f"  {k}: {v}\n" for k, v in changed.items()))
+    result = _catalyst_run(BASE, CONFIGS / "engine_cpu.yml", overlay, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logdir = tmp_path / "other_project" / "other_run"                                  # project_dir, runner_name
+    split = json.loads((tmp_path / "other_project" / "split.json").read_text())
+    assert split["num_rows"] == 48 and split["seed"] == 3                              # n, seed
+    assert len(pd.read_csv(logdir / "csv_logger" / "train.csv")) == 2                   # epochs
+    state = torch.load(logdir / "checkpoints" / "runner.last.pth", weights_only=True)
+    train_rows = len(split["train"])
+    assert state["epoch_step"] == 2
+    steps_per_epoch = -(-train_rows // 8) + -(-len(split["valid"]) // 8)               # batch_size
+    assert state["batch_step"] == 2 * steps_per_epoch, (state["batch_step"], steps_per_epoch)
+    assert state["optimizer_state_dict"]["param_groups"][0]["initial_lr"] == 0.01      # lr
+    assert state["model_state_dict"]["flow.camera_blocked.weight"].shape == (1, 12)    # features
+
+
+def test_an_unknown_setting_is_an_error(tmp_path):
+    overlay = tmp_path / "typo.yml"
+    overlay.write_text("settings:\n  lrr: 0.1\n")
+    result = _catalyst_run(BASE, SMOKE, overlay, cwd=tmp_path)
+    assert result.returncode != 0 and "lrr" in result.stderr
+    assert not (tmp_path / "smoke_project" / "config_run").exists()

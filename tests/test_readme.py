@@ -3,19 +3,32 @@ import os
 import pathlib
 import re
 
+import pandas as pd
+import torch
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+def _quick_start(block, directory, monkeypatch):
+    directory.mkdir()
+    monkeypatch.chdir(directory)  # the quick start writes quickstart/ in the working directory
+    story: dict = {}
+    exec(compile(block, f"{README} (quick start)", "exec"), story)
+    return story
+
+
 def test_readme_blocks_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the quick start writes quickstart/ in the working directory
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2, "README lost a python block"
-    story: dict = {}
-    exec(compile(blocks[0], f"{README} (quick start)", "exec"), story)
+    story = _quick_start(blocks[0], tmp_path / "first", monkeypatch)
     table = story["runner"].evaluate(story["project"].loader("test"))
     assert {"camera_blocked", "person_regression.body_regression.shirt_type"} <= set(table.task_path)
-    assert (tmp_path / "quickstart" / "first_run" / "tensorboard").is_dir()
-    assert (tmp_path / "quickstart" / "first_run" / "tuned_params.json").is_file()
+    assert (tmp_path / "first" / "quickstart" / "first_run" / "tensorboard").is_dir()
+    assert (tmp_path / "first" / "quickstart" / "first_run" / "tuned_params.json").is_file()
+    # reproducible: the same table to the last digit in a second session (global random state moved on)
+    torch.rand(1000)
+    again = _quick_start(blocks[0], tmp_path / "second", monkeypatch)
+    pd.testing.assert_frame_equal(again["runner"].evaluate(again["project"].loader("test")), table, check_exact=True)
     plain: dict = {}
     exec(compile(blocks[1], f"{README} (plain loop)", "exec"), plain)
     assert set(plain["pred"]) == {"logits", "activated", "decoded", "mask"}

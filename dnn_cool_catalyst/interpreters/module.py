@@ -5,7 +5,7 @@ from typing import Any, Dict, Mapping
 
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import HeadError, InputError
 from ..graph import FlowGraph, InputKey
 from .masks import compute_masks
 
@@ -21,6 +21,35 @@ def read_input(x: Any, key: InputKey, path: str) -> Any:
             where = "x" + "".join(f"[{p!r}]" for p in key[:i])
             raise InputError(f"task {path!r} reads x.{'.'.join(key)}, but {where} has no key {k!r} (has {have})") from None
     return value
+
+
+def _expected_width(head: nn.Module) -> Any:
+    """The input width of a head's first layer that declares one (`in_features`, `in_channels`,
+    `normalized_shape`), or None."""
+    for module in head.modules():
+        for attr in ("in_features", "in_channels"):
+            width = getattr(module, attr, None)
+            if isinstance(width, int):
+                return width
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, tuple) and len(shape) == 1:
+            return shape[0]
+    return None
+
+
+def head_error(path: str, key: InputKey, head: nn.Module, value: Any, err: Exception) -> HeadError:
+    """The error for a head that failed on its input: the task, the feature and both widths."""
+    feature = "x." + ".".join(key)
+    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+    expected = _expected_width(head)
+    width = value.shape[-1] if isinstance(value, Tensor) and value.dim() > 0 else None
+    if expected is not None and width is not None and expected != width:
+        hint = (f": the head takes {expected} input features, {feature} has {width} (shape {shape}). Make the "
+                f"head's input width {width} (e.g. nn.Linear({width}, ...); in a Project, Converters(in_features={width})) "
+                f"or feed it a feature of width {expected}")
+    else:
+        hint = f" of shape {shape}"
+    return HeadError(f"task {path!r}: its head {type(head).__name__} failed on {feature}{hint} ({err})")
 
 
 class FlowModule(nn.Module):
@@ -46,7 +75,11 @@ class FlowModule(nn.Module):
             head = self
             for name in route:
                 head = head._modules[name]
-            logits[path] = head(read_input(x, key, path))
+            value = read_input(x, key, path)
+            try:
+                logits[path] = head(value)
+            except RuntimeError as e:
+                raise head_error(path, key, head, value, e) from e
         gt = x.get("gt") if isinstance(x, Mapping) else None
         out: Dict[str, Dict[str, Tensor]] = {"logits": logits}
         decoded = None

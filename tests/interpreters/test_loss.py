@@ -142,4 +142,5 @@ def test_torch_compile_fullgraph_matches_eager(security_flow, security_data):
 
     eager = step(x, y)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, y)
+    # the traced graph may fuse or reorder reductions: rounding of a float32 loss of order 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

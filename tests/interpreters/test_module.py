@@ -48,3 +48,25 @@ def test_empty_batch_at_inference(security_flow):
     with torch.no_grad():
         out = security_flow.torch().eval()({"features": torch.randn(0, 8)})
     assert all(m.shape == (0,) for m in out["mask"].values())
+
+
+def test_a_head_of_the_wrong_width_names_task_feature_and_widths(security_flow):
+    with pytest.raises(dcc.HeadError, match=r"task 'camera_blocked'.*takes 8 input features, x.features has 16 "
+                                            r"\(shape \(2, 16\)\).*nn.Linear\(16"):
+        security_flow.torch()({"features": torch.randn(2, 16)})
+
+
+def test_a_head_failing_otherwise_still_names_task_and_shape():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", Broken())])
+
+    @tasks.add_flow
+    def flow(flow, x, out):
+        out += flow.gate(x.f)
+        return out
+
+    with pytest.raises(RuntimeError, match=r"task 'gate': its head Broken failed on x.f of shape \(3, 2\) \(boom\)"):
+        tasks.get_full_flow().torch()({"f": torch.zeros(3, 2)})

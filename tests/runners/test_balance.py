@@ -102,8 +102,12 @@ def _grads(module):
 
 
 def _assert_metrics_equal(a, b):
+    """Metrics of the whole batch against those merged from replicas (chunks of the batch): the
+    states are sums and counts; float32 sums over other chunkings round differently (relative
+    error below n x 2^-24 ~ 1e-6 for these few dozen samples), counts of decisions are exact as
+    long as no decision is within rounding of flipping (asserted where chunks are compared)."""
     for k, v in a.items():
-        assert math.isnan(v) == math.isnan(b[k]) and (math.isnan(v) or v == pytest.approx(b[k], rel=1e-6, abs=1e-9)), k
+        assert math.isnan(v) == math.isnan(b[k]) and (math.isnan(v) or v == pytest.approx(b[k], rel=1e-5, abs=1e-7)), k
 
 
 GATES = {
@@ -115,7 +119,7 @@ GATES = {
 
 
 @pytest.mark.parametrize("case", list(GATES))
-def test_replicas_merge_to_the_whole_batch(case):
+def test_replicas_merge_to_the_whole_batch(case, assert_clear_decisions):
     gate, devices = GATES[case]
     flow = _flow()
     module = flow.torch().train()
@@ -130,24 +134,29 @@ def test_replicas_merge_to_the_whole_batch(case):
     assert len(chunks) == math.ceil(len(gate) / math.ceil(len(gate) / devices))
     merged = merge_replicas(gather_like([reducer(module, xi, yi) for xi, yi in chunks]))
     merged_loss = FlowLoss.combine(merged[LOSS_TERMS], flow.get_loss().weights)
-    torch.testing.assert_close(merged_loss, loss)
+    # Chunks of the batch against the whole: matmuls and sums round differently per chunking
+    # (~1e-8 on these unit-scale values); gradients are sums over up to 13 samples of O(1) terms,
+    # so rtol 1e-5 with atol 1e-6 for entries that cancel to near zero.
+    assert_clear_decisions(flow, flow.get_activation()(out["logits"]))
+    torch.testing.assert_close(merged_loss, loss, rtol=1e-5, atol=1e-6)
     merged_loss.backward()
     for k, g in _grads(module).items():
-        torch.testing.assert_close(g, expected_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+        torch.testing.assert_close(g, expected_grads[k], rtol=1e-5, atol=1e-6, msg=k)
 
     replica_metrics = flow.get_metrics()
     replica_metrics.merge(merged[METRIC_STATES])
     _assert_metrics_equal(metrics.compute(), replica_metrics.compute())
     assert replica_metrics.num_samples() == metrics.num_samples()
 
-    for p, v in per_sample.items():  # in batch order, NaN outside S_t
-        torch.testing.assert_close(merged[PER_SAMPLE_LOSS][p], v.detach(), equal_nan=True)
+    for p, v in per_sample.items():  # in batch order, NaN outside S_t (rounding as above)
+        torch.testing.assert_close(merged[PER_SAMPLE_LOSS][p], v.detach(), equal_nan=True, rtol=1e-5, atol=1e-6)
     for p, m in out["mask"].items():
         assert torch.equal(merged[OUTPUTS]["mask"][p], m)
     assert set(merged[OUTPUTS]["activated"]) == {"gate", "tags"}  # the tunable tasks, small
-    torch.testing.assert_close(merged[OUTPUTS]["activated"]["tags"], torch.sigmoid(out["logits"]["tags"]).detach())
+    torch.testing.assert_close(merged[OUTPUTS]["activated"]["tags"], torch.sigmoid(out["logits"]["tags"]).detach(),
+                               rtol=1e-5, atol=1e-6)
     assert merged[EXPLAIN]["index"].tolist() == [0, 1, 2]
-    torch.testing.assert_close(merged[EXPLAIN]["logits"]["mlm"], out["logits"]["mlm"][:3].detach())
+    torch.testing.assert_close(merged[EXPLAIN]["logits"]["mlm"], out["logits"]["mlm"][:3].detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_only_small_tensors_are_gathered():
@@ -179,6 +188,7 @@ def test_balanced_data_parallel_in_place_equals_the_module_and_its_loss():
     x, y = _batch([1, 0, 1, 1, 0, 1])
     model = BalancedDataParallel(module, flow, device_ids=[])
     reduced = model(x, y)
+    # no GPUs: the module runs in place on the whole batch, the same operations as the plain call
     torch.testing.assert_close(reduced["loss"], flow.get_loss()(module(x), y))
     assert reduced["loss"].requires_grad
     plain = model(x)  # without labels: the module's outputs, as nn.DataParallel
@@ -232,6 +242,9 @@ def security_features():
 
 
 def test_balanced_runner_trains_and_measures_as_the_plain_one(tmp_path, security_features):
+    # On a CPU-only machine the balanced model runs in place on whole batches (no replicas): the same
+    # batches and the same operations as the plain run, so weights, tables and files are compared
+    # exactly (default tolerances for floats); a rounding difference here would be a real change.
     plain, plain_texts = _train(False, tmp_path, security_features)
     balanced, balanced_texts = _train(True, tmp_path, security_features)
     assert isinstance(balanced.model, BalancedDataParallel) and balanced.model.reducer.explain == 3
@@ -263,7 +276,9 @@ def test_two_gpus_reduce_to_the_whole_batch():
     module.zero_grad()
     model = BalancedDataParallel(module, flow, device_ids=[0, 1], explain=2)
     reduced = model(x, y)
-    torch.testing.assert_close(reduced["loss"], loss)
+    # two GPUs against one: chunked matmuls round differently, and GPU kernels (TF32 off by default
+    # for matmuls in torch >= 1.12) differ from each other by ~1e-7 relative
+    torch.testing.assert_close(reduced["loss"], loss, rtol=1e-5, atol=1e-6)
     reduced["loss"].backward()
     for k, g in _grads(module).items():
         torch.testing.assert_close(g, expected_grads[k], rtol=1e-4, atol=1e-6, msg=k)
