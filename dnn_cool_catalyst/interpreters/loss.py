@@ -1,8 +1,17 @@
 """`flow.get_loss()` and `flow.get_per_sample_loss()`: masked multi-task losses.
 
 Flow loss = sum over leaf tasks of `weight_t * sum_{S_t} loss_t / max(|S_t|, 1)`, where `S_t` holds
-the available elements of samples whose precondition is not FALSE. Computed with weights and
-counts (static shapes), so an empty `S_t` adds exactly 0 and gives a zero (not absent) gradient.
+the available elements of samples whose precondition is not FALSE. Computed as sums selected
+with `torch.where` and counts (static shapes), so an empty `S_t` adds exactly 0 and gives a zero
+(not absent) gradient, and no value outside `S_t` (an infinite logit, a NaN element loss) reaches
+the loss or the gradient of the logits. Sums and counts are float32 (float64 for float64 logits)
+whatever the logits' dtype: half precision neither overflows nor miscounts.
+
+Labels that index the logits (classes, tokens; `ITask.label_bound`) are checked against the
+logits' width before the element loss runs: on the CPU at every batch, on an accelerator at the
+first batch of each task (a `LabelError` naming the task path, the label, its position and the
+width); on later batches there, without a host sync, an out-of-range label makes its task's term
+NaN (the loss is then not finite; `FlowLoss.check_labels` names the label).
 
 Under DistributedDataParallel (a `torch.distributed` process group is initialised), each rank's
 loss is `sum_t weight_t * world_size * sum_t(rank) / max(count_t(all ranks), 1)`: DDP averages the
@@ -22,6 +31,7 @@ from torch import Tensor, nn
 from ..errors import LabelError
 from ..functional import expand_mask, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
+from ..tasks.base import label_position
 
 
 def _labels(targets: Mapping[str, Tensor], path: str, graph: FlowGraph) -> Tensor:
@@ -53,8 +63,7 @@ def check_label_bounds(path: str, labels: Tensor, bound: int) -> None:
     if hi < bound:
         return
     bad = labels >= bound
-    pos = tuple(int(v) for v in bad.nonzero()[0])
-    where = f"sample {pos[0]}" if len(pos) == 1 else f"[{', '.join(map(str, pos))}]"
+    pos, where = label_position(bad)
     n = int(bad.sum())
     more = f"; {n - 1} more label(s) >= {bound}, the largest {hi}" if n > 1 else ""
     raise LabelError(f"task {path!r}: label {int(labels[pos])} at {where} is out of range for logits of width "

@@ -380,22 +380,27 @@ def check_vector_labels(t: Tensor, name: str) -> Tensor:
     return t
 
 
+
+def label_position(bad: Tensor) -> Tuple[Tuple[int, ...], str]:
+    """The first true position of `bad` (labels' shape) as an index tuple, and in words:
+    "sample 3" for one label per sample, "[3, 7]" for labels per element."""
+    pos = tuple(int(v) for v in bad.nonzero()[0])
+    return pos, (f"sample {pos[0]}" if len(pos) == 1 else f"[{', '.join(map(str, pos))}]")
+
+
 # float64 represents every whole number up to 2**53 exactly; beyond, a "class index" cannot be one
 _LARGEST_EXACT_INDEX = 2.0 ** 53
 
 
-def check_index_floats(t: Tensor, missing: Tensor, name: str, what: str) -> None:
-    """Float labels that are to become int64 indices: each (where `missing` is false) must be a
-    finite whole number of at most 2**53 in magnitude, checked *before* the cast (which turns inf
-    or 1e20 into -9223372036854775808). Raises `LabelError` naming the task, value and position."""
-    present = ~missing
-    bad = present & ~(torch.isfinite(t) & (t == t.round()) & (t.abs() <= _LARGEST_EXACT_INDEX))
+def check_index_floats(t: Tensor, missing: Tensor, name: str, kind: str, missing_hint: str) -> None:
+    """Float labels that are to become int64 indices (`kind`: "class", "token"): each one where
+    `missing` is false must be a finite whole number of magnitude at most 2**53, checked *before*
+    the cast (which turns inf or 1e20 into -9223372036854775808). Raises `LabelError` naming the
+    task, the value and its position."""
+    bad = ~missing & ~(torch.isfinite(t) & (t == t.round()) & (t.abs() <= _LARGEST_EXACT_INDEX))
     if bad.any():
-        pos = tuple(int(v) for v in bad.nonzero()[0])
-        where = f"sample {pos[0]}" if len(pos) == 1 else f"[{', '.join(map(str, pos))}]"
-        value = float(t[pos])
+        pos, where = label_position(bad)
         n = int(bad.sum())
         more = f" ({n - 1} more such label(s))" if n > 1 else ""
-        raise LabelError(f"task {name!r}: {what} {value!r} at {where} is not a {what.split()[0]} index "
-                         f"(a finite whole number below 2**53){more}; fix the labels (missing: "
-                         f"{'NaN or -1' if what == 'class label' else '-100'})")
+        raise LabelError(f"task {name!r}: {kind} label {float(t[pos])!r} at {where} is not a {kind} index (a finite "
+                         f"whole number of magnitude at most 2**53){more}; fix the labels (missing: {missing_hint})")

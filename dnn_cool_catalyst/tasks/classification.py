@@ -59,7 +59,7 @@ class ClassificationTask(Task):
         t = check_vector_labels(raw_labels(values, self.name), self.name)
         if t.is_floating_point():
             nan = torch.isnan(t)
-            check_index_floats(t, nan, self.name, "class label")
+            check_index_floats(t, nan, self.name, "class", missing_hint="NaN or -1")
             t = torch.where(nan, torch.full_like(t, -1), t)
         t = t.to(torch.int64)
         n = len(self.class_names) if self.class_names is not None else None

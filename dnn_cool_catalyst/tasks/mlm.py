@@ -55,7 +55,7 @@ class MaskedLanguageModelingTask(Task):
     def prepare_labels(self, values: Any) -> Tensor:
         t = raw_labels(values, self.name)
         if t.is_floating_point():
-            check_index_floats(t, torch.zeros_like(t, dtype=torch.bool), self.name, "token id")
+            check_index_floats(t, torch.zeros_like(t, dtype=torch.bool), self.name, "token", missing_hint="-100")
         t = t.to(torch.int64)
         if t.dim() != 2:
             raise LabelError(f"task {self.name!r}: token labels must have shape (N, T), got {tuple(t.shape)}")

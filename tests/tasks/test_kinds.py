@@ -110,6 +110,6 @@ def test_float_class_labels_are_checked_before_the_int64_cast(value):
     shown = repr(float(value))
     with pytest.raises(dcc.LabelError, match=rf"'c': class label {re.escape(shown)} at sample 2 .*2\*\*53"):
         k["classification"][0].prepare_labels(np.array([0.0, np.nan, value, 1.0]))
-    with pytest.raises(dcc.LabelError, match=rf"'t': token id {re.escape(shown)} at \[1, 0\]"):
+    with pytest.raises(dcc.LabelError, match=rf"'t': token label {re.escape(shown)} at \[1, 0\]"):
         k["mlm"][0].prepare_labels(np.array([[1.0, -100.0], [value, 2.0]]))
     assert k["mlm"][0].prepare_labels(np.array([[1.0, -100.0]])).tolist() == [[1, -100]]
