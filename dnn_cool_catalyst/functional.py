@@ -1,7 +1,14 @@
-"""Pure tensor functions behind the interpreters: masked reductions with static shapes."""
+"""Pure tensor functions behind the interpreters: masked reductions with static shapes.
+
+Elements outside `S_t` are *selected away* (`torch.where`), never multiplied by a 0 weight: a
+non-finite value there (an overflowing logit, a NaN element loss of an excluded sample) must not
+reach the loss (`NaN * 0` is NaN). Sums and counts are accumulated in at least float32
+(`accumulation_dtype`), so half-precision logits neither overflow the sums (65504 is fp16's
+largest number) nor round the counts (fp16 counts exactly only to 2048, bfloat16 to 256).
+"""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
 from torch import Tensor
@@ -14,14 +21,30 @@ def expand_mask(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
 
 
-def masked_sum_count(elem_loss: Tensor, available: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-    """Sum of `elem_loss` over available elements of masked samples, and their count.
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which losses of `dtype` are summed and counted: float32 for half precision
+    (float16, bfloat16) and for integer dtypes, the dtype itself when it is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
-    No boolean indexing: every element takes part with weight 0 or 1, so shapes are static and
-    the gradient of excluded elements is exactly zero (never NaN: `elem_loss` must be finite).
+
+def selected_sum_count(elem_loss: Tensor, selected: Tensor) -> Tuple[Tensor, Tensor]:
+    """Sum of `elem_loss` where `selected` (element shape) holds, and the number of such elements,
+    both in `accumulation_dtype(elem_loss.dtype)`. Unselected values never enter the sum (whatever
+    they are, NaN and inf included) and get a gradient of exactly 0."""
+    acc = accumulation_dtype(elem_loss.dtype)
+    s = torch.where(selected, elem_loss.to(acc), 0.0).sum()
+    return s, selected.sum(dtype=acc)
+
+
+def masked_sum_count(elem_loss: Tensor, available: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """Sum of `elem_loss` over available elements of masked samples, and their count
+    (`selected_sum_count` on `available & mask`).
+
+    No boolean indexing: shapes are static. Values outside the selection never reach the sum and
+    their gradient is exactly zero; for the gradient of the *logits* to be zero (not NaN) where the
+    logits themselves are not finite, compute `elem_loss` on `where_selected(...)` inputs.
     """
-    w = (available & expand_mask(mask, available)).to(elem_loss.dtype)
-    return (elem_loss * w).sum(), w.sum()
+    return selected_sum_count(elem_loss, available & expand_mask(mask, available))
 
 
 def masked_mean(elem_loss: Tensor, available: Tensor, mask: Tensor) -> Tensor:
@@ -30,6 +53,26 @@ def masked_mean(elem_loss: Tensor, available: Tensor, mask: Tensor) -> Tensor:
     return s / c.clamp_min(1)
 
 
+def where_selected(values: Tensor, selected: Tensor, mask: Tensor, fill: Any) -> Tensor:
+    """`values` (logits or labels of a task) with `fill` wherever their element is not selected.
+
+    `selected` has the element shape `(N, ...)`; `values` may carry trailing dimensions (class or
+    vocabulary logits `(N, C)`, `(N, T, V)`) or be a reshaped view of it (`(N, 1)` logits of
+    `(N,)` elements). Values of any other shape are filled per sample, where `mask` `(N,)` is false.
+    Used on the logits before an element loss: its backward at an excluded non-finite logit or
+    label (softmax of an infinite logit: NaN) would be multiplied into the gradient (`NaN * 0` is
+    NaN); the backward of this `where` drops it, and the loss sees `fill` there instead.
+    """
+    if values.shape[: selected.dim()] == selected.shape:
+        keep = selected.reshape(*selected.shape, *([1] * (values.dim() - selected.dim())))
+    elif values.numel() == selected.numel():
+        keep = selected.reshape(values.shape)
+    else:
+        keep = expand_mask(mask, values)
+    return torch.where(keep, values, fill)
+
+
 def per_sample_masked(per_sample: Tensor, mask: Tensor) -> Tensor:
     """Per-sample values with NaN where the precondition mask is false."""
     return torch.where(mask, per_sample, torch.full_like(per_sample, float("nan")))
+

@@ -406,9 +406,11 @@ class Perplexity(Metric):
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
         w = (targets != -100) & expand_to(mask, targets)
-        p = preds.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        # clamped into the vocabulary: a token id beyond it is the flow loss's error to report,
+        # never a device-side assert here
+        p = preds.gather(-1, targets.clamp(0, preds.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
         tiny = torch.finfo(p.dtype).tiny
-        nll = -torch.log(p.clamp_min(tiny)).double()
+        nll = -torch.log(p.clamp_min(tiny).double())  # the log in float64: half precision would round it
         self._add(nll_sum=torch.where(w, nll, torch.zeros((), dtype=torch.float64, device=nll.device)).sum(),
                   count=w.sum())
 

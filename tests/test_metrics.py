@@ -282,3 +282,29 @@ def test_metrics_counting_different_things_refuse_to_share():
         ConfusionMatrixMetric("f1_score").share_states(BinaryConfusionMetric("f1_score"))
     with pytest.raises(ValueError, match="cannot share"):
         Perplexity().share_states(Perplexity())  # no state key: states of its own
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_token_metrics_accumulate_in_float64(dtype):
+    """16,384 masked tokens with half-precision probabilities: exact counts and the perplexity of
+    exactly those (rounded) probabilities; the log is taken in float64, so only the order of a
+    float64 summation differs from the reference (rel 1e-9 is far above that, far below a half ulp)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(16, 1024, 50, generator=g), -1).to(dtype)
+    labels = torch.randint(0, 50, (16, 1024), generator=g)
+    mask = torch.ones(16, dtype=torch.bool)
+    ppl, acc = Perplexity(), TokenAccuracy()
+    ppl.update(probs, labels, mask)
+    acc.update(torch.topk(probs.float(), 1, -1).indices, labels, mask)
+    assert all(v.dtype == torch.float64 for m in (ppl, acc) for v in m.states.values())
+    assert ppl.states["count"].item() == acc.states["count"].item() == 16384
+    p = probs.double().gather(-1, labels.unsqueeze(-1))
+    assert ppl.compute() == pytest.approx(math.exp(-p.log().mean().item()), rel=1e-9)
+
+
+def test_perplexity_of_a_token_id_beyond_the_vocabulary_does_not_index_out_of_range():
+    """The flow loss reports such a label (naming the task); the metric must not crash first
+    (on CUDA an out-of-range gather is a device-side assert)."""
+    m = Perplexity()
+    m.update(torch.full((1, 2, 3), 1 / 3), torch.tensor([[1, 3]]), torch.ones(1, dtype=torch.bool))
+    assert math.isfinite(m.compute())

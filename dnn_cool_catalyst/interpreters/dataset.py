@@ -116,7 +116,13 @@ class FlowDataset(Dataset):
             raise LabelError(f"labels for unknown task path(s) {extra}; flow {graph.name!r} has {list(graph.paths)}")
         self.labels: Dict[str, Tensor] = {}
         for leaf in graph.leaves:
-            t = leaf.task.prepare_labels(labels[leaf.path])
+            try:
+                t = leaf.task.prepare_labels(labels[leaf.path])
+            except LabelError as e:
+                if leaf.path == leaf.task.name:
+                    raise
+                # the task names itself; in a sub-flow the path tells which labels are meant
+                raise LabelError(f"labels of task path {leaf.path!r}: {e}") from None
             if n is None:
                 n = t.shape[0]
             if t.shape[0] != n:

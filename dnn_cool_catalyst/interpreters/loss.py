@@ -1,8 +1,17 @@
 """`flow.get_loss()` and `flow.get_per_sample_loss()`: masked multi-task losses.
 
 Flow loss = sum over leaf tasks of `weight_t * sum_{S_t} loss_t / max(|S_t|, 1)`, where `S_t` holds
-the available elements of samples whose precondition is not FALSE. Computed with weights and
-counts (static shapes), so an empty `S_t` adds exactly 0 and gives a zero (not absent) gradient.
+the available elements of samples whose precondition is not FALSE. Computed as sums selected
+with `torch.where` and counts (static shapes), so an empty `S_t` adds exactly 0 and gives a zero
+(not absent) gradient, and no value outside `S_t` (an infinite logit, a NaN element loss) reaches
+the loss or the gradient of the logits. Sums and counts are float32 (float64 for float64 logits)
+whatever the logits' dtype: half precision neither overflows nor miscounts.
+
+Labels that index the logits (classes, tokens; `ITask.label_bound`) are checked against the
+logits' width before the element loss runs: on the CPU at every batch, on an accelerator at the
+first batch of each task (a `LabelError` naming the task path, the label, its position and the
+width); on later batches there, without a host sync, an out-of-range label makes its task's term
+NaN (the loss is then not finite; `FlowLoss.check_labels` names the label).
 
 Under DistributedDataParallel (a `torch.distributed` process group is initialised), each rank's
 loss is `sum_t weight_t * world_size * sum_t(rank) / max(count_t(all ranks), 1)`: DDP averages the
@@ -13,14 +22,16 @@ indexed), so DDP needs no `find_unused_parameters`.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import LabelError
-from ..functional import masked_sum_count, per_sample_masked
+from ..functional import expand_mask, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
+from ..tasks.base import label_position
 
 
 def _labels(targets: Mapping[str, Tensor], path: str, graph: FlowGraph) -> Tensor:
@@ -34,6 +45,30 @@ def _labels(targets: Mapping[str, Tensor], path: str, graph: FlowGraph) -> Tenso
 def _shape_error(path: str, logits: Tensor, labels: Tensor, err: Exception) -> LabelError:
     return LabelError(f"task {path!r}: logits of shape {tuple(logits.shape)} do not fit labels of shape "
                       f"{tuple(labels.shape)} ({err})")
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing (no data-dependent Python branches then)."""
+    fn = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3; torch._dynamo's before
+    if fn is None:
+        from torch._dynamo import is_compiling as fn
+    return bool(fn())
+
+
+def check_label_bounds(path: str, labels: Tensor, bound: int) -> None:
+    """`LabelError` naming the task path, the first offending label and its position, and the
+    logits' width, if a label of a class-index task is `>= bound` (one reduction; the position is
+    looked up only on error). Synchronises with the labels' device."""
+    hi = int(labels.amax())
+    if hi < bound:
+        return
+    bad = labels >= bound
+    pos, where = label_position(bad)
+    n = int(bad.sum())
+    more = f"; {n - 1} more label(s) >= {bound}, the largest {hi}" if n > 1 else ""
+    raise LabelError(f"task {path!r}: label {int(labels[pos])} at {where} is out of range for logits of width "
+                     f"{bound} (valid: 0 to {bound - 1}){more}. Give the task's head at least {hi + 1} outputs "
+                     "(or pass class_names), or fix the labels")
 
 
 def distributed_world_size() -> int:
@@ -92,20 +127,60 @@ class FlowLoss(nn.Module):
         self.graph = graph
         self.distributed = bool(distributed)
         self._leaves = tuple((leaf.path, leaf.task) for leaf in graph.leaves)
+        self._bounds_checked: set = set()  # paths whose labels were checked synchronously once
 
     def terms(self, outputs: Mapping[str, Mapping[str, Tensor]], targets: Mapping[str, Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """`{path: (sum, count)}` of each task's element losses over `S_t`, in at least float32.
+
+        Logits and labels outside `S_t` never reach the sums, whatever they are (inf, NaN), and
+        the gradient of those logits is exactly 0. Class-index labels are checked against the
+        logits' width first (`check_label_bounds`)."""
         logits, masks = outputs["logits"], outputs["mask"]
         result = {}
         for path, task in self._leaves:
             y = _labels(targets, path, self.graph)
             z = logits[path]
+            bad_index = self._label_bound_guard(path, task, z, y)
             try:
-                elem = task.elementwise_loss(z, y)
                 avail = task.available(y)
-                result[path] = masked_sum_count(elem, avail, masks[path])
+                mask = masks[path]
+                selected = avail & expand_mask(mask, avail)
+                if z.requires_grad:
+                    # the backward of an element loss at an excluded non-finite logit (or label) is
+                    # NaN, and NaN * 0 is NaN: this `where`'s backward drops it (and its forward
+                    # gives the loss finite logits there)
+                    z = where_selected(z, selected, mask, 0.0)
+                s, c = selected_sum_count(task.elementwise_loss(z, y), selected)
             except (RuntimeError, ValueError) as e:
                 raise _shape_error(path, z, y, e) from e
+            if bad_index is not None:  # an out-of-range label makes the term NaN, never a silent clamp
+                s = torch.where(bad_index, math.nan, s)
+            result[path] = (s, c)
         return result
+
+    def _label_bound_guard(self, path: str, task: Any, z: Tensor, y: Tensor) -> Optional[Tensor]:
+        """Check the labels of a class-index task against the logits' width: at once (an error)
+        for CPU labels and for the first batch of each task; afterwards, on an accelerator, without
+        waiting for it: a boolean tensor that poisons the task's term (NaN) when a label is out of
+        range, so that the non-finite loss stops training (one `amax` per batch, no host sync)."""
+        bound = task.label_bound(z)
+        if bound is None or y.numel() == 0:
+            return None
+        if not _compiling() and (y.device.type == "cpu" or path not in self._bounds_checked):
+            check_label_bounds(path, y, bound)
+            self._bounds_checked.add(path)
+            return None
+        return y.amax() >= bound
+
+    def check_labels(self, outputs: Mapping[str, Mapping[str, Tensor]], targets: Mapping[str, Tensor]) -> None:
+        """Raise `LabelError` (naming the task, label and position) if a class-index label does
+        not fit its task's logits; synchronises with the device. For diagnosing a batch whose
+        loss is not finite."""
+        for path, task in self._leaves:
+            y, z = _labels(targets, path, self.graph), outputs["logits"][path]
+            bound = task.label_bound(z)
+            if bound is not None and y.numel():
+                check_label_bounds(path, y, bound)
 
     @staticmethod
     def combine(terms: Mapping[str, Tuple[Tensor, Tensor]], weights: Mapping[str, float]) -> Tensor:
@@ -185,7 +260,8 @@ class FlowPerSampleLoss:
                 raise _shape_error(path, z, y, e) from e
             result[path] = ps
             if overall:
-                term = float(task.weight) * torch.nan_to_num(ps, nan=0.0)
+                # NaN (outside S_t, or no available element) counts 0; an infinite loss stays infinite
+                term = float(task.weight) * torch.where(torch.isnan(ps), 0.0, ps)
                 total = term if total is None else total + term
         if overall:
             result["overall"] = total

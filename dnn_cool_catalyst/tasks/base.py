@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LabelError
+from ..functional import accumulation_dtype
 from ..tuning import check_threshold
 
 JSON = Any
@@ -231,6 +232,13 @@ class ITask(abc.ABC):
         """Fresh metric objects `(name, metric)` for this task."""
         return []
 
+    def label_bound(self, logits: Tensor) -> Optional[int]:
+        """For labels that index the last dimension of the logits (class indices, token ids): the
+        size of that dimension, which every label must stay below (the flow loss checks it before
+        the loss runs: an out-of-range index is a device-side assert on CUDA); None (the default)
+        for labels of any other kind."""
+        return None
+
     def condition(self, values: Tensor, from_labels: bool) -> Tuple[Tensor, Tensor]:
         """For condition tasks: `(known, value)` boolean `(N,)` from labels or decoded outputs."""
         raise TypeError(f"task {self.name!r} cannot be used as a condition")
@@ -246,12 +254,15 @@ class ITask(abc.ABC):
         """Mean loss over each sample's available elements, `(N,)`, NaN where none is available."""
         loss = self.elementwise_loss(logits, labels)
         avail = self.available(labels)
+        # in at least float32 (the tokens of one sample can overflow a float16 sum), and selected
+        # with `where`, so that a non-finite loss of a missing element never reaches the mean
+        loss = loss.to(accumulation_dtype(loss.dtype))
         if loss.dim() == 1:
-            return torch.where(avail, loss, torch.full_like(loss, math.nan))
-        w = avail.to(loss.dtype).flatten(1)
-        count = w.sum(1)
-        s = (loss.flatten(1) * w).sum(1)
-        return torch.where(count > 0, s / count.clamp_min(1), torch.full_like(s, math.nan))
+            return torch.where(avail, loss, math.nan)
+        keep = avail.flatten(1)
+        count = keep.sum(1, dtype=loss.dtype)
+        s = torch.where(keep, loss.flatten(1), 0.0).sum(1)
+        return torch.where(count > 0, s / count.clamp_min(1), math.nan)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -368,3 +379,29 @@ def check_vector_labels(t: Tensor, name: str) -> Tensor:
     if t.dim() != 1:
         raise LabelError(f"task {name!r}: labels must have shape (N,) or (N, 1), got {tuple(t.shape)}")
     return t
+
+
+
+def label_position(bad: Tensor) -> Tuple[Tuple[int, ...], str]:
+    """The first true position of `bad` (labels' shape) as an index tuple, and in words:
+    "sample 3" for one label per sample, "[3, 7]" for labels per element."""
+    pos = tuple(int(v) for v in bad.nonzero()[0])
+    return pos, (f"sample {pos[0]}" if len(pos) == 1 else f"[{', '.join(map(str, pos))}]")
+
+
+# float64 represents every whole number up to 2**53 exactly; beyond, a "class index" cannot be one
+_LARGEST_EXACT_INDEX = 2.0 ** 53
+
+
+def check_index_floats(t: Tensor, missing: Tensor, name: str, kind: str, missing_hint: str) -> None:
+    """Float labels that are to become int64 indices (`kind`: "class", "token"): each one where
+    `missing` is false must be a finite whole number of magnitude at most 2**53, checked *before*
+    the cast (which turns inf or 1e20 into -9223372036854775808). Raises `LabelError` naming the
+    task, the value and its position."""
+    bad = ~missing & ~(torch.isfinite(t) & (t == t.round()) & (t.abs() <= _LARGEST_EXACT_INDEX))
+    if bad.any():
+        pos, where = label_position(bad)
+        n = int(bad.sum())
+        more = f" ({n - 1} more such label(s))" if n > 1 else ""
+        raise LabelError(f"task {name!r}: {kind} label {float(t[pos])!r} at {where} is not a {kind} index (a finite "
+                         f"whole number of magnitude at most 2**53){more}; fix the labels (missing: {missing_hint})")

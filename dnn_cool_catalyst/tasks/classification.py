@@ -9,11 +9,13 @@ from torch import Tensor, nn
 
 from ..errors import LabelError
 from ..metrics import ConfusionMatrixMetric, TopKAccuracy
-from .base import SortDecoder, Task, check_vector_labels, raw_labels
+from .base import SortDecoder, Task, check_index_floats, check_vector_labels, raw_labels
 
 
 def _ce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    # clamped into [0, C): missing labels (-1) get a finite loss, and an index beyond the logits
+    # never reaches cross_entropy (a device-side assert on CUDA; the flow loss reports it)
+    return F.cross_entropy(logits, labels.clamp(0, logits.shape[-1] - 1), reduction="none")
 
 
 def _index_available(labels: Tensor) -> Tensor:
@@ -50,12 +52,14 @@ class ClassificationTask(Task):
             weight=weight,
         )
 
+    def label_bound(self, logits: Tensor) -> Optional[int]:
+        return logits.shape[-1]
+
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(raw_labels(values, self.name), self.name)
         if t.is_floating_point():
             nan = torch.isnan(t)
-            if (t[~nan] != t[~nan].round()).any():
-                raise LabelError(f"task {self.name!r}: class labels must be whole numbers")
+            check_index_floats(t, nan, self.name, "class", missing_hint="NaN or -1")
             t = torch.where(nan, torch.full_like(t, -1), t)
         t = t.to(torch.int64)
         n = len(self.class_names) if self.class_names is not None else None

@@ -1,7 +1,7 @@
 """Masked language modeling: softmax over the vocabulary, top token ids, cross entropy per masked token."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -9,14 +9,16 @@ from torch import Tensor, nn
 
 from ..errors import LabelError
 from ..metrics import Perplexity, TokenAccuracy
-from .base import SortDecoder, Task, raw_labels
+from .base import SortDecoder, Task, check_index_floats, raw_labels
 
 IGNORE = -100
 
 
 def _ce_per_token(logits: Tensor, labels: Tensor) -> Tensor:
     v = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1).clamp_min(0), reduction="none").reshape(labels.shape)
+    # clamped into [0, V): see `classification._ce_elementwise`
+    return F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1).clamp(0, v - 1),
+                           reduction="none").reshape(labels.shape)
 
 
 def _token_available(labels: Tensor) -> Tensor:
@@ -47,10 +49,13 @@ class MaskedLanguageModelingTask(Task):
             weight=weight,
         )
 
+    def label_bound(self, logits: Tensor) -> Optional[int]:
+        return logits.shape[-1]
+
     def prepare_labels(self, values: Any) -> Tensor:
         t = raw_labels(values, self.name)
-        if t.is_floating_point() and (t != t.round()).any():
-            raise LabelError(f"task {self.name!r}: token ids must be whole numbers")
+        if t.is_floating_point():
+            check_index_floats(t, torch.zeros_like(t, dtype=torch.bool), self.name, "token", missing_hint="-100")
         t = t.to(torch.int64)
         if t.dim() != 2:
             raise LabelError(f"task {self.name!r}: token labels must have shape (N, T), got {tuple(t.shape)}")

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 import dnn_cool_catalyst as dcc
@@ -65,3 +66,22 @@ def test_torch_tensors_and_numpy_accepted(security_flow, security_data):
     ds = security_flow.get_dataset({"features": torch.from_numpy(inputs["features"])},
                                    {k: torch.from_numpy(np.asarray(v)) for k, v in labels.items()})
     assert ds[0][1]["person_regression.body_regression.shirt_type"].dtype == torch.int64
+
+
+def test_float_class_label_error_names_the_task_path_value_and_row():
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(2, 1)), dcc.ClassificationTask("kind", nn.Linear(2, 3))])
+
+    @tasks.add_flow
+    def inner(flow, x, out):
+        out += flow.kind(x.f)
+        return out
+
+    @tasks.add_flow
+    def outer(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.inner(x) | out.gate
+        return out
+
+    labels = {"gate": np.ones(3, dtype=np.float32), "inner.kind": np.array([0.0, 1.0, np.inf])}
+    with pytest.raises(dcc.LabelError, match=r"'inner\.kind'.*class label inf at sample 2"):
+        outer.get_dataset({"f": np.zeros((3, 2), dtype=np.float32)}, labels)

@@ -144,3 +144,176 @@ def test_torch_compile_fullgraph_matches_eager(security_flow, security_data):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, y)
     # the traced graph may fuse or reorder reductions: rounding of a float32 loss of order 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def _leaf_outputs(out, **replace):
+    """Outputs whose logits are fresh leaves (to read their gradient), some rows replaced."""
+    logits = {}
+    for path, z in out["logits"].items():
+        z = z.detach().clone()
+        for row, value in replace.get(path, []):
+            z[row] = value
+        logits[path] = z.requires_grad_()
+    return {"logits": logits, "mask": out["mask"]}
+
+
+def test_non_finite_logits_outside_s_t_leave_loss_and_gradients_alone():
+    """An overflowing logit of a sample outside S_t once made the flow loss NaN (NaN * 0 = NaN)."""
+    torch.manual_seed(0)
+    flow = _flow()
+    x, y = _batch([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    y["tags"][4, 1] = float("nan")  # a missing element inside S_t: its logit is outside too
+    with torch.no_grad():
+        out = flow.torch().train()(x)
+    inf, nan = float("inf"), float("nan")
+    bad = {"value": [(1, inf), (3, nan)], "tags": [(5, -inf), ((4, 1), nan)], "kind": [(0, inf), (2, nan)]}
+    results = []
+    for replace in ({}, bad):
+        outputs = _leaf_outputs(out, **replace)
+        loss = flow.get_loss()(outputs, y)
+        loss.backward()
+        results.append((loss.detach(), {p: z.grad for p, z in outputs["logits"].items()}))
+    (clean, clean_grads), (loss, grads) = results
+    assert torch.isfinite(loss) and torch.equal(loss, clean)
+    for path, g in grads.items():
+        assert torch.equal(g, clean_grads[path]), path
+    assert not grads["value"][[1, 3]].any() and not grads["kind"][[0, 2]].any() and grads["tags"][4, 1] == 0
+
+
+def test_custom_task_non_finite_outside_s_t_never_reaches_loss_or_gradient():
+    """A NaN logit and an infinite label outside S_t (a NaN or infinite element loss, whose
+    backward is NaN there): the loss is that of S_t and the excluded logits' gradient is 0."""
+    task = dcc.Task(name="depth", module=nn.Linear(3, 1),
+                    loss=lambda z, y: (z.squeeze(-1) - torch.nan_to_num(y, nan=0.0, posinf=math.inf)) ** 2)
+    gate = dcc.BinaryClassificationTask("gate", nn.Linear(3, 1))
+    tasks = dcc.Tasks([gate, task])
+
+    @tasks.add_flow
+    def f(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.depth(x.f) | out.gate
+        return out
+
+    g = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    y = {"gate": g, "depth": torch.tensor([1.0, math.inf, 2.0, 3.0])}
+    z = torch.tensor([[0.5], [0.1], [-0.5], [math.nan]], requires_grad=True)
+    outputs = {"logits": {"gate": torch.zeros(4, 1), "depth": z}, "mask": {"gate": torch.ones(4, dtype=torch.bool),
+                                                                           "depth": g.bool()}}
+    loss = f.get_loss()(outputs, y)
+    loss.backward()
+    expected = math.log(2) + ((0.5 - 1.0) ** 2 + (-0.5 - 2.0) ** 2) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert z.grad[[1, 3]].tolist() == [[0.0], [0.0]] and torch.isfinite(z.grad).all()
+
+
+def _mlm_flow(vocab):
+    tasks = dcc.Tasks([dcc.MaskedLanguageModelingTask("tokens", nn.Linear(4, vocab))])
+
+    @tasks.add_flow
+    def lm(flow, x, out):
+        out += flow.tokens(x.f)
+        return out
+
+    return lm
+
+
+@pytest.mark.parametrize("dtype,rtol", [
+    # the element losses are rounded to the logits' dtype once (relative error <= 2**-11 for
+    # float16, 2**-8 for bfloat16) after a log-softmax that CPU kernels compute in float32; the
+    # mean of values each within that relative error is within it too: 2 such roundings of margin
+    (torch.float16, 2.0 ** -10),
+    (torch.bfloat16, 2.0 ** -7),
+])
+def test_half_precision_logits_sum_and_count_in_float32(dtype, rtol):
+    """A language model with 16,384 labelled tokens under model.half(): the sum of the token losses
+    (about 116,000) overflowed float16 (largest 65,504) and the loss was inf."""
+    vocab, n, t = 1200, 16, 1024
+    flow = _mlm_flow(vocab)
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(n, t, vocab, generator=g) * 0.1).to(dtype)  # rounded once: both losses see these
+    labels = torch.randint(0, vocab, (n, t), generator=g)
+    masks = {"tokens": torch.ones(n, dtype=torch.bool)}
+    loss_fn = flow.get_loss()
+    for y in (labels, torch.where(torch.arange(n * t).reshape(n, t) == 5, -100, labels)):  # 16384, 16383 tokens
+        (s, c), = loss_fn.terms({"logits": {"tokens": z}, "mask": masks}, {"tokens": y}).values()
+        assert s.dtype == c.dtype == torch.float32
+        assert c.item() == (y != -100).sum().item()  # exact: float16 counts exactly only to 2048
+        half = loss_fn({"logits": {"tokens": z}, "mask": masks}, {"tokens": y})
+        full = loss_fn({"logits": {"tokens": z.float()}, "mask": masks}, {"tokens": y})
+        assert torch.isfinite(half) and full.item() == pytest.approx(7.09, abs=0.01)
+        assert half.item() == pytest.approx(full.item(), rel=rtol)
+    ps = flow.get_per_sample_loss()({"logits": {"tokens": z}, "mask": masks}, {"tokens": labels})
+    assert ps["tokens"].dtype == torch.float32 and torch.isfinite(ps["tokens"]).all()
+
+
+def _nested_kind_flow(width):
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)), dcc.ClassificationTask("kind", nn.Linear(3, width))])
+
+    @tasks.add_flow
+    def inner(flow, x, out):
+        out += flow.kind(x.f)
+        return out
+
+    @tasks.add_flow
+    def outer(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.inner(x) | out.gate
+        return out
+
+    return outer
+
+
+def test_class_index_beyond_the_logits_names_path_index_position_and_width():
+    """Without class_names the dataset cannot know the number of classes; cross entropy said only
+    "IndexError: Target 7 is out of bounds" (on CUDA: a device-side assert)."""
+    flow = _nested_kind_flow(width=4)
+    x = {"f": torch.randn(5, 3), "gt": {"gate": torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])}}
+    y = {"gate": x["gt"]["gate"], "inner.kind": torch.tensor([0, 3, 7, -1, 9])}
+    out = flow.torch().train()(x)
+    # the label of a sample outside S_t (sample 1's gate is 0) counts too: it is a data error all the same
+    msg = r"'inner\.kind': label 7 at sample 2 is out of range for logits of width 4 \(valid: 0 to 3\); 1 more .* 9.*at least 10"
+    for _ in range(2):  # every batch on the CPU, not only the first
+        with pytest.raises(dcc.LabelError, match=msg):
+            flow.get_loss()(out, y)
+    with pytest.raises(dcc.LabelError, match=msg):
+        flow.get_loss().check_labels(out, y)
+    y["inner.kind"] = torch.tensor([0, 3, 2, -1, 1])
+    assert torch.isfinite(flow.get_loss()(out, y))
+
+
+def test_token_id_beyond_the_vocabulary_names_path_and_position():
+    flow = _mlm_flow(vocab=10)
+    z = torch.randn(2, 3, 10)
+    y = torch.tensor([[1, -100, 2], [3, 10, -100]])
+    with pytest.raises(dcc.LabelError, match=r"'tokens': label 10 at \[1, 1\] is out of range for logits of width 10"):
+        flow.get_loss()({"logits": {"tokens": z}, "mask": {"tokens": torch.ones(2, dtype=torch.bool)}}, {"tokens": y})
+
+
+def test_out_of_range_class_index_under_torch_compile_makes_the_loss_nan():
+    """Where no Python check can run (a compiled graph; on an accelerator after the first batch),
+    the guard needs no host sync: the task's term is NaN, never a silently clamped label."""
+    flow = _mlm_flow(vocab=10)
+    loss_fn = flow.get_loss()
+    masks = {"tokens": torch.ones(2, dtype=torch.bool)}
+    step = torch.compile(lambda z, y: loss_fn({"logits": {"tokens": z}, "mask": masks}, {"tokens": y}),
+                         fullgraph=True, backend="aot_eager")
+    z = torch.randn(2, 3, 10)
+    assert torch.isfinite(step(z, torch.tensor([[1, -100, 2], [3, 9, -100]])))
+    assert torch.isnan(step(z, torch.tensor([[1, -100, 2], [3, 10, -100]])))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_out_of_range_class_index_on_cuda_first_batch_error_then_nan_without_device_assert():
+    flow = _nested_kind_flow(width=4)
+    module = flow.torch().cuda().train()
+    loss_fn = flow.get_loss()
+    x = {"f": torch.randn(3, 3, device="cuda"), "gt": {"gate": torch.ones(3, device="cuda")}}
+    good = {"gate": x["gt"]["gate"], "inner.kind": torch.tensor([0, 3, 1], device="cuda")}
+    bad = {"gate": x["gt"]["gate"], "inner.kind": torch.tensor([0, 7, 1], device="cuda")}
+    with pytest.raises(dcc.LabelError, match=r"'inner\.kind': label 7 at sample 1 .* width 4"):
+        loss_fn(module(x), bad)  # the first batch: checked at once
+    assert torch.isfinite(loss_fn(module(x), good))
+    assert torch.isnan(loss_fn(module(x), bad))  # later: no host sync, no device assert, a NaN term
+    torch.cuda.synchronize()
+    with pytest.raises(dcc.LabelError, match="label 7"):
+        loss_fn.check_labels(module(x), bad)

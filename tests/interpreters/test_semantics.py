@@ -245,3 +245,64 @@ def test_negation_never_turns_inapplicable_into_true():
     out = full_flow.torch().train()({"f": torch.randn(5, 2), "gt": gt})
     assert out["mask"]["door_open"].tolist() == [False, True, True, True, True]
     assert out["mask"]["door_locked"].tolist() == [False, True, False, True, True]
+
+
+def _outside_s_t(kind, mask, y):
+    """Boolean over the logits' shape: the logits of elements outside S_t (precondition false or
+    label missing). Classification rows and MLM token rows are one element each."""
+    n = mask.shape[0]
+    if kind == "classification":
+        return (~(mask & (y >= 0))).reshape(n, 1).expand(n, 3)
+    if kind == "mlm":
+        return (~(mask.reshape(n, 1) & (y != -100))).reshape(n, T, 1).expand(n, T, V)
+    if kind == "multilabel":
+        return ~(mask.reshape(n, 1) & ~torch.isnan(y))
+    return (~(mask & ~torch.isnan(y))).reshape(n, 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), depth=st.integers(1, 3), missing=st.sampled_from([0.0, 0.3, 1.0]),
+       n=st.integers(1, 10),
+       junk=st.lists(st.sampled_from([math.inf, -math.inf, math.nan, 1e30, -1e30]), min_size=1, max_size=5))
+def test_non_finite_values_outside_s_t_change_neither_loss_nor_gradients(seed, depth, missing, n, junk):
+    """Arbitrary non-finite logits (and float labels) of elements outside S_t leave the flow loss,
+    the per-sample losses and the gradient w.r.t. every logit as they are: those outside S_t get
+    exactly 0, never NaN. Equal to the last bit: the same values are summed in the same shapes."""
+    rng = np.random.default_rng(seed)
+    spec = make_spec(rng, depth, iter(range(1000)))
+    torch.manual_seed(seed % 1000)
+    flow = build_flow(spec)
+    kinds = {path: kind for path, _, kind in leaves_of(spec)}
+    labels = {path: random_labels(rng, kind, n, missing) for path, kind in kinds.items()}
+    x, y = flow.get_dataset({"features": rng.normal(size=(n, F_DIM)).astype(np.float32)}, labels)[list(range(n))]
+    with torch.no_grad():
+        out = flow.torch().train()(x)
+    junk_values = torch.tensor(junk)
+
+    def loss_and_grads(corrupt):
+        logits, targets = {}, dict(y)
+        for path, z in out["logits"].items():
+            z = z.detach().clone()
+            if corrupt:
+                outside = _outside_s_t(kinds[path], out["mask"][path], y[path])
+                fill = junk_values[torch.arange(z.numel()) % len(junk)].reshape(z.shape)
+                z = torch.where(outside, fill, z)
+                if y[path].is_floating_point():  # labels of samples outside the precondition
+                    m = out["mask"][path].reshape(-1, *([1] * (y[path].dim() - 1)))
+                    targets[path] = torch.where(m, y[path], fill.reshape(-1)[: y[path].numel()].reshape(y[path].shape))
+            logits[path] = z.requires_grad_()
+        outputs = {"logits": logits, "mask": out["mask"]}
+        loss = flow.get_loss()(outputs, targets)
+        loss.backward()
+        ps = flow.get_per_sample_loss()(outputs, targets)
+        return loss.detach(), {p: z.grad for p, z in logits.items()}, {p: v.detach() for p, v in ps.items()}
+
+    clean_loss, clean_grads, clean_ps = loss_and_grads(False)
+    loss, grads, ps = loss_and_grads(True)
+    assert torch.isfinite(clean_loss) and torch.equal(loss, clean_loss)
+    for path in grads:
+        outside = _outside_s_t(kinds[path], out["mask"][path], y[path])
+        assert torch.equal(grads[path], clean_grads[path]), path
+        assert not grads[path][outside].any(), path
+    for path in ps:
+        torch.testing.assert_close(ps[path], clean_ps[path], rtol=0, atol=0, equal_nan=True)

@@ -1,5 +1,6 @@
 """Every task kind: labels and missing markers, loss finiteness, activation and decoding."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -100,3 +101,15 @@ def test_custom_task_from_functions():
     z = out["logits"]["depth"].detach().squeeze(-1)
     expected = ((z[[0, 2, 3]] - torch.tensor([1.0, 2.0, 3.0])) ** 2).mean()
     torch.testing.assert_close(f.get_loss()(out, y).detach(), expected)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, 1e20, -1e20, 2.0 ** 60])
+def test_float_class_labels_are_checked_before_the_int64_cast(value):
+    """+inf or 1e20 was reported as "class index -9223372036854775808" (the int64 cast's garbage)."""
+    k = _kinds()
+    shown = repr(float(value))
+    with pytest.raises(dcc.LabelError, match=rf"'c': class label {re.escape(shown)} at sample 2 .*2\*\*53"):
+        k["classification"][0].prepare_labels(np.array([0.0, np.nan, value, 1.0]))
+    with pytest.raises(dcc.LabelError, match=rf"'t': token label {re.escape(shown)} at \[1, 0\]"):
+        k["mlm"][0].prepare_labels(np.array([[1.0, -100.0], [value, 2.0]]))
+    assert k["mlm"][0].prepare_labels(np.array([[1.0, -100.0]])).tolist() == [[1, -100]]
