@@ -14,3 +14,7 @@ class InputError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A batch's loss is NaN or infinite: names the loader, the batch, the tasks and the inputs."""
