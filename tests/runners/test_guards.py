@@ -93,6 +93,64 @@ def test_nonfinite_mode_is_checked():
         NonFiniteLossGuard("ignore")
 
 
+
+def _features_flow(n, bad_rows=(), drop=slice(0, 0)):
+    """A flow whose heads read `features` directly (everything from the package: picklable for
+    DDP workers), and its dataset with NaN in `bad_rows` and the rows `drop` left out."""
+    from dnn_cool_catalyst.story import security_labels, security_tasks
+
+    torch.manual_seed(0)
+    flow = security_tasks(features=8).get_full_flow()
+    features = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    features[list(bad_rows), 3] = np.nan
+    labels = security_labels(n, seed=1, missing_rate=0.1)
+    keep = np.setdiff1d(np.arange(n), np.arange(n)[drop])
+    return flow, flow.get_dataset({"features": features[keep]}, {p: np.asarray(v)[keep] for p, v in labels.items()},
+                                  with_index=True)
+
+
+def test_skip_mode_under_ddp_skips_the_batch_in_every_process(tmp_path):
+    """Rank 1's first batch holds a NaN: both processes skip that step (else rank 0 would wait in
+    DDP's gradient all-reduce for ever), and the result is the one-process run without that
+    global batch."""
+    from datetime import timedelta
+
+    from catalyst import dl
+
+    from dnn_cool_catalyst.runners import DistributedDataParallelEngine
+
+    # 64 samples, batches of 8 dealt to 2 processes in turn: rank 1's first batch is rows 8-15
+    flow, ds = _features_flow(64, bad_rows=[12])
+    ddp = FlowRunner(flow)
+    engine = DistributedDataParallelEngine(num_node_workers=2, process_group_kwargs={
+        "backend": "gloo", "timeout": timedelta(seconds=120)})  # a hang becomes an error
+    ddp.train(loaders={"train": ds.loader(batch_size=8)}, engine=engine, num_epochs=1, logdir=str(tmp_path / "ddp"),
+              nonfinite="skip", threshold_tuning=False, interpretation=False)
+    assert engine.spawned
+    logged = np.genfromtxt(tmp_path / "ddp" / "csv_logger" / "train.csv", delimiter=",", names=True)
+    assert float(logged[NONFINITE_METRIC]) == 1.0  # rank 0 logs the step it skipped for rank 1
+
+    # one process, global batches of 16 without rows 0-15 (the skipped global batch)
+    one_flow, one_ds = _features_flow(64, drop=slice(0, 16))
+    one = FlowRunner(one_flow)
+    one.train(loaders={"train": one_ds.loader(batch_size=16)}, engine=dl.CPUEngine(), num_epochs=1,
+              threshold_tuning=False, interpretation=False)
+    for (name, a), b in zip(ddp.model.named_parameters(), one.model.parameters()):
+        # DDP sums the gradients of two processes, one process sums the batch in another order:
+        # float32 rounding of a few steps, as in test_ddp.py
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_error_comes_one_batch_late_naming_the_bad_batch(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    with pytest.raises(NonFiniteLossError, match=r"batch 2 of loader 'train'.*X\['raw'\].*one batch late"):
+        FlowRunner(flow, model=model).train(loaders=loaders_for(flow, with_nan(data), shuffle=False), num_epochs=1)
+    assert len(forwards) == 3
+
+
 class FakeRunner:
     """What the guard reads of a runner after `handle_batch`."""
 
