@@ -27,7 +27,7 @@ import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from catalyst import dl
@@ -182,6 +182,10 @@ def _describe(seen: _Seen, runner: Any, lagged: bool) -> str:
     indices), infinite labels, and with finite inputs the model's non-finite parameters."""
     loss = seen.loss.detach().float().reshape(-1)[:1].item() if isinstance(seen.loss, Tensor) else float(seen.loss)
     where = f"batch {seen.batch} of loader {seen.loader!r} (epoch {seen.epoch})"
+    if _distributed_world() > 1:  # batches are counted in each process
+        import torch.distributed as dist
+
+        where = f"{where[:-1]}, process {dist.get_rank()})"
     if seen.others:
         return f"the loss of {where} was not finite in another process (the batch is skipped in every process)"
     text = f"the loss of {where} is not finite (loss {loss})"
@@ -356,6 +360,7 @@ class RunGuards:
         return self.nonfinite.before(event, runner)
 
     def after(self, event: str, runner: Any) -> None:
+        """Called after Catalyst ran `event`."""
         self.valid_metric.after(event, runner)
 
 

@@ -4,7 +4,6 @@ of `train` trains with a logdir, and an empty loader is named."""
 import math
 import os
 import re
-import warnings
 
 import numpy as np
 import pytest
