@@ -24,3 +24,7 @@ class TunedParamsError(ValueError):
 class HeadError(RuntimeError):
     """A task's head failed on its input (most often a feature of another width than the head
     takes); names the task, the feature it read and both shapes. A `RuntimeError`, as torch's own."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A batch's loss is NaN or infinite: names the loader, the batch, the tasks and the inputs."""

@@ -54,6 +54,7 @@ from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar
 from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun, unshare_tensors
 from .export import export_model, load_model, unwrap_model
+from .guards import LoaderLossCallback, RunGuards, require_batches
 from .tensorboard import FlowTensorboardLogger
 
 LAST_CHECKPOINT = os.path.join("checkpoints", "runner.last.pth")
@@ -265,6 +266,7 @@ class FlowRunner(dl.Runner):
         self._lr = 1e-3
         self._default_callbacks = {"flow_metrics": True, "interpretation": True, "threshold_tuning": True}
         self._resume_path: Optional[str] = None
+        self._guards = RunGuards()
 
     # Where things are -----------------------------------------------------------------------------
     @property
@@ -288,7 +290,8 @@ class FlowRunner(dl.Runner):
               check: bool = False, overfit: bool = False, profile: bool = False, load_best_on_end: bool = False,
               cpu: bool = False, fp16: bool = False, ddp: bool = False,
               lr: float = 1e-3, flow_metrics: bool = True, interpretation: bool = True,
-              threshold_tuning: bool = True) -> None:
+              threshold_tuning: bool = True,
+              nonfinite: str = "raise") -> None:
         """Catalyst's `train` (every one of its arguments), with defaults added only where none was given:
 
         - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
@@ -307,8 +310,14 @@ class FlowRunner(dl.Runner):
           total `num_epochs` and fresh loaders.
 
         Extra arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
-        `threshold_tuning` switch the default callbacks off. `evaluate_loader` runs through here
-        without tuning, interpretation, default optimizer or files.
+        `threshold_tuning` switch the default callbacks off (without `FlowMetricsCallback` the loader
+        `loss` is the batch-size-weighted mean of the batch losses). `nonfinite`: "raise" (default)
+        stops at the first batch whose loss is NaN or infinite, naming the loader, batch, tasks and
+        inputs; "skip" leaves such batches out (no backward pass, optimizer step or metrics),
+        counts them in the loader metric `nonfinite_batches` and warns (see `runners.guards`).
+        `valid_metric` is checked before the first batch against the metrics the callbacks produce
+        (when all callbacks are known; else when the loader ends). `evaluate_loader` runs through
+        here without tuning, interpretation, default optimizer or files.
         """
         if not isinstance(loaders, Mapping) or not loaders:
             raise TypeError(f"loaders must be a non-empty mapping name -> DataLoader, got {type(loaders).__name__}")
@@ -328,6 +337,7 @@ class FlowRunner(dl.Runner):
             valid_loader = next((k for k in loaders if str(k).startswith("valid")), next(iter(loaders)))
         elif valid_loader not in loaders:
             raise KeyError(f"valid_loader {valid_loader!r} is not one of the loaders {list(loaders)}")
+        self._guards = RunGuards(nonfinite, valid_loader, valid_metric)  # valid_metric as given (None: the default)
         if valid_metric is None:
             valid_metric = "loss"
         if minimize_valid_metric is None:
@@ -481,6 +491,8 @@ class FlowRunner(dl.Runner):
         flags = self._default_callbacks
         if flags["flow_metrics"] and not exists(FlowMetricsCallback):
             callbacks["_flow_metrics"] = FlowMetricsCallback()
+        if not exists(FlowMetricsCallback) and not exists(LoaderLossCallback):  # a loader loss for the checkpoint
+            callbacks["_loader_loss"] = LoaderLossCallback()
         if flags["interpretation"] and not exists(InterpretationCallback):
             callbacks["_interpretation"] = InterpretationCallback()
         if flags["threshold_tuning"] and not exists(ThresholdTuningCallback):
@@ -509,6 +521,14 @@ class FlowRunner(dl.Runner):
         # The loss is computed in handle_batch and the step callbacks are added above.
         with compat.quiet_step_callback_check():
             super()._setup_callbacks()
+
+    def _run_event(self, event: str) -> None:
+        # Catalyst 22.4 (IRunner._run_loader) runs a batch as on_batch_start, handle_batch,
+        # on_batch_end: the guards look at the loss before any callback, so that a skipped batch
+        # reaches none (no backward pass, optimizer step or metrics). Tested in test_guards.py.
+        if self._guards.before(event, self):
+            super()._run_event(event)
+            self._guards.after(event, self)
 
     def on_experiment_start(self, runner: Any) -> None:
         super().on_experiment_start(runner)
@@ -597,6 +617,10 @@ class FlowRunner(dl.Runner):
     @torch.no_grad()
     def predict(self, loader: Any, preconditions: str = "predicted") -> Dict[str, Any]:
         """Like `infer`, with torch tensors on the CPU instead of numpy arrays."""
+        return self._predict(loader, preconditions, "predict")
+
+    @torch.no_grad()
+    def _predict(self, loader: Any, preconditions: str, what: str) -> Dict[str, Any]:
         if preconditions not in ("predicted", "gt"):
             raise ValueError(f"preconditions must be 'predicted' or 'gt', got {preconditions!r}")
         model = self.model
@@ -633,6 +657,7 @@ class FlowRunner(dl.Runner):
         finally:
             model.train(was_training)
         result: Dict[str, Any] = {k: _concat(v) for k, v in parts.items()}
+        require_batches(result, what)
         result["targets"] = _concat(targets) if targets else None
         n = next(iter(result["logits"].values())).shape[0] if result["logits"] else 0
         index = torch.cat(indices) if indices else torch.arange(n)
@@ -653,7 +678,7 @@ class FlowRunner(dl.Runner):
         `preconditions="predicted"` (default) computes masks from the decoded predictions, as at
         inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`.
         """
-        result = self.predict(loader, preconditions)
+        result = self._predict(loader, preconditions, "infer")
         out: Dict[str, Any] = {}
         for key, value in result.items():
             if isinstance(value, Mapping):
@@ -693,7 +718,7 @@ class FlowRunner(dl.Runner):
         return table
 
     def _predict_with_targets(self, loader: Any, what: str) -> Dict[str, Any]:
-        result = self.predict(loader, preconditions="gt")
+        result = self._predict(loader, "gt", what)
         if result["targets"] is None:
             raise TypeError(f"{what} needs labels: the loader must yield (X, y) pairs")
         return result
