@@ -14,3 +14,7 @@ class InputError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is empty, truncated, malformed, or holds objects that loading would run."""

@@ -8,7 +8,6 @@ interpreters and `runners.export`.
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..errors import InputError, LabelError
 from ..interpreters.loss import stack_terms
-from . import compat
+from . import checkpoints, compat
 from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar
 from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun, unshare_tensors
@@ -304,7 +303,9 @@ class FlowRunner(dl.Runner):
           Catalyst's progress bar showing the overall batch metrics (`FlowProgressBar`);
         - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
           from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
-          total `num_epochs` and fresh loaders.
+          total `num_epochs` and fresh loaders. The best-so-far bookkeeping continues (`runner.best.pth`
+          changes only when an epoch beats every earlier one);
+        - `load_best_on_end`: the best epoch's weights and the decoder parameters (thresholds) it had.
 
         Extra arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
         `threshold_tuning` switch the default callbacks off. `evaluate_loader` runs through here
@@ -393,12 +394,10 @@ class FlowRunner(dl.Runner):
             warnings.warn(f"FlowRunner: training ran in spawned DDP workers but there is no checkpoint {path!r} "
                           f"(a CheckpointCallback of your own?): the model in this process is untrained", stacklevel=3)
             return
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise RuntimeError(f"cannot read the weights trained by the DDP workers back from {path!r} with "
-                               f"weights_only=True (a scheduler or optimizer state holding other objects?): {e}") from e
+        checkpoint = checkpoints.load_checkpoint(path)
         unwrap_model(self.model).load_state_dict(checkpoint["model_state_dict"])
+        if checkpoints.restore_decoder_params(self.flow, checkpoint, path):  # the thresholds of that epoch
+            return
         tuned = os.path.join(self._logdir, TUNED_PARAMS_FILE)
         if os.path.isfile(tuned):
             from ..tuning import load_tuned
