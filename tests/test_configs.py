@@ -31,3 +31,12 @@ def test_config_runs_end_to_end(overlay, tmp_path):
     assert list(table.columns) == ["task_path", "metric_name", "metric_res", "num_samples"]
     assert "person_regression.body_regression.shirt_type" in set(table.task_path)
 
+
+
+def test_a_config_runs_twice_in_a_row(tmp_path):
+    """The base config passes `overwrite: true`: a second run replaces the first in the logdir."""
+    for _ in range(2):
+        result = _catalyst_run(BASE, SMOKE, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logdir = tmp_path / "smoke_project" / "config_run"
+    assert pd.read_csv(logdir / "csv_logger" / "valid.csv")["step"].tolist() == [1]

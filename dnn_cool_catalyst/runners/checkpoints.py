@@ -1,4 +1,4 @@
-"""Runner checkpoints that survive interruptions, resumes and untrusted files.
+"""Runner checkpoints and logdirs that survive interruptions, resumes and untrusted files.
 
 - `save_checkpoint`: `torch.save` into a temporary file beside the final name, fsync, `os.replace`
   (`files.write_atomic`): a kill or a full disk mid-write leaves the previous file as it was.
@@ -9,6 +9,8 @@
   parameters in effect travel inside each runner checkpoint as plain values (`STORAGE_KEY`,
   `DECODER_KEY`), so a resumed run continues them and loading the best epoch restores its
   thresholds with its weights.
+- `claim_logdir`: a logdir holding a run's files is only reused by `resume` (continue it) or
+  `overwrite` (remove that run's files first); two runs never mix in one logdir.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import math
 import os
 import pickle
 import re
+import shutil
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
+from ..callbacks.tuning import HISTORY_FILE, TUNED_PARAMS_FILE
 from ..errors import CheckpointError
 from ..files import write_atomic
 
@@ -28,6 +32,10 @@ from ..files import write_atomic
 STORAGE_KEY = "checkpoint_storage"
 #: Inside a runner checkpoint: the flow's decoder parameters (thresholds) in effect, as a JSON string.
 DECODER_KEY = "decoder_params_json"
+
+#: What a run leaves in its logdir (the runner's defaults); anything else there is not touched.
+RUN_ENTRIES = ("checkpoints", "csv_logger", "tensorboard", TUNED_PARAMS_FILE, HISTORY_FILE, "evaluation.csv")
+RUN_PATTERNS = (re.compile(r"interpretation_.+\.csv"),)
 
 
 # Files ------------------------------------------------------------------------------------------
@@ -131,5 +139,53 @@ def restore_decoder_params(flow: Any, checkpoint: Mapping[str, Any], path: str) 
     return True
 
 
-__all__ = ["DECODER_KEY", "STORAGE_KEY", "best_first", "decoder_params_json", "load_checkpoint",
-           "restore_decoder_params", "save_checkpoint", "storage_entries", "storage_from", "storage_json"]
+# Logdirs ----------------------------------------------------------------------------------------
+
+
+def run_files(logdir: str | os.PathLike) -> List[str]:
+    """The entries of `logdir` that a run left (`RUN_ENTRIES`, `interpretation_*.csv`); empty
+    directories do not count."""
+    logdir = os.fspath(logdir)
+    if not os.path.isdir(logdir):
+        return []
+    found = []
+    for name in sorted(os.listdir(logdir)):
+        full = os.path.join(logdir, name)
+        if name in RUN_ENTRIES or any(p.fullmatch(name) for p in RUN_PATTERNS):
+            if os.path.isdir(full) and not os.path.islink(full):
+                if any(files for _, _, files in os.walk(full)):
+                    found.append(name)
+            else:
+                found.append(name)
+    return found
+
+
+def claim_logdir(logdir: str | os.PathLike, resume: Any, overwrite: bool) -> None:
+    """Make `logdir` ready for a run: a logdir holding another run's files is an error unless the
+    run resumes (`resume`) or `overwrite` is true (those files are removed; nothing else is)."""
+    logdir = os.fspath(logdir)
+    resuming = resume is not None and resume is not False
+    if resuming and overwrite:
+        raise ValueError(f"train(resume=..., overwrite=True) into {logdir!r}: resume continues the run in the logdir, "
+                         f"overwrite removes it first; choose one")
+    if resuming:
+        return
+    found = run_files(logdir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+        raise FileExistsError(f"logdir {logdir!r} already holds a run ({shown}); a new run there would mix with it. "
+                              f"Pass resume=True to continue that run, overwrite=True to remove its files and start "
+                              f"again, or give another logdir")
+    for name in found:
+        full = os.path.join(logdir, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.remove(full)
+
+
+__all__ = ["DECODER_KEY", "RUN_ENTRIES", "STORAGE_KEY", "best_first", "claim_logdir", "decoder_params_json",
+           "load_checkpoint", "restore_decoder_params", "run_files", "save_checkpoint", "storage_entries",
+           "storage_from", "storage_json"]

@@ -25,6 +25,8 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
   resumed run. This one writes atomically from the main process only, loads with
   `weights_only=True` into the unwrapped model, and keeps the bookkeeping and the decoder
   parameters inside each runner checkpoint (see `runners.checkpoints`).
+- `CSVLogger`: Catalyst's writes a second header row into `<loader>.csv` when a run resumes; this
+  one keeps one header and the earlier epochs' rows.
 - `allow_generators_across_processes`: a `torch.Generator` (e.g. the seeded generator of a
   shuffling loader's `RandomSampler`) cannot be sent through `torch.multiprocessing` to spawned
   DDP workers: the child fails with "unable to resize file <filename not specified> to the right
@@ -36,6 +38,7 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import warnings
 from multiprocessing.reduction import ForkingPickler
@@ -49,7 +52,7 @@ from catalyst.utils import pack_checkpoint, unpack_checkpoint
 from catalyst.utils.torch import get_available_engine
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from ..files import write_json
+from ..files import write_atomic, write_json
 from . import checkpoints
 
 STEP_CALLBACK_WARNINGS = (
@@ -202,6 +205,48 @@ class CheckpointCallback(dl.CheckpointCallback):
         self._handle_epoch(runner=runner, score=score)
         if self.save_best and self._storage[0].obj is not None:  # this epoch is the best so far
             self._save(runner, self._storage[0].obj, f"{self.logdir}/{self.mode}.best")
+
+
+class CSVLogger(dl.CSVLogger):
+    """Catalyst's CSV logger (`<logdir>/<loader>.csv`, one row per epoch), resumable.
+
+    Catalyst's opens the file for appending and writes a header whenever a logger starts, so a
+    resumed run adds a second header row (pandas then reads every column as strings). This one
+    keeps the rows of the epochs before the run's first epoch (dropping later rows, which the run
+    writes again, and a row cut by an interruption) and writes one header, the union of the old and
+    new columns (a metric missing from a row is left empty). Only the public `log_metrics` is
+    replaced; files, `log_hparams`, `flush_log` and `close_log` are Catalyst's.
+    """
+
+    def __init__(self, logdir: str, use_logdir_postfix: bool = False):
+        super().__init__(logdir=logdir, use_logdir_postfix=use_logdir_postfix)
+        self._columns: dict = {}
+
+    def log_metrics(self, metrics: Any, scope: str, runner: Any) -> None:
+        if scope != "epoch":
+            return
+        for loader_key, values in metrics.items():
+            if loader_key not in self.loggers:
+                self._open(loader_key, sorted(values), runner.epoch_step)
+            columns = self._columns[loader_key]
+            row = [str(runner.epoch_step)] + ["" if values.get(c) is None else str(values[c]) for c in columns[1:]]
+            self.loggers[loader_key].write(",".join(row) + "\n")
+
+    def _open(self, loader_key: str, names: list, first_epoch: int) -> None:
+        path = os.path.join(self.logdir, f"{loader_key}.csv")
+        header, rows = ["step"], []
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            with open(path, newline="", encoding="utf-8") as fh:
+                lines = list(csv.reader(fh))
+            header = lines[0] if lines and lines[0] and lines[0][0] == "step" else ["step"]
+            for line in lines[1:]:
+                if len(line) == len(header) and line[0].isdigit() and int(line[0]) < first_epoch:
+                    rows.append(dict(zip(header, line)))
+        columns = ["step"] + sorted(set(header[1:]) | set(names))
+        text = ",".join(columns) + "\n" + "".join(",".join(r.get(c, "") for c in columns) + "\n" for r in rows)
+        write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+        self._columns[loader_key] = columns
+        self.loggers[loader_key] = open(path, "a", encoding="utf-8")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

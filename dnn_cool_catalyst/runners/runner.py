@@ -26,6 +26,7 @@ from catalyst.core.callback import (
 from catalyst.core.misc import callback_isinstance, sort_callbacks_by_order
 from catalyst.callbacks.misc import TqdmCallback
 from catalyst.loggers.console import ConsoleLogger
+from catalyst.loggers.csv import CSVLogger
 from catalyst.loggers.tensorboard import TensorboardLogger
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler
@@ -287,7 +288,7 @@ class FlowRunner(dl.Runner):
               check: bool = False, overfit: bool = False, profile: bool = False, load_best_on_end: bool = False,
               cpu: bool = False, fp16: bool = False, ddp: bool = False,
               lr: float = 1e-3, flow_metrics: bool = True, interpretation: bool = True,
-              threshold_tuning: bool = True) -> None:
+              threshold_tuning: bool = True, overwrite: bool = False) -> None:
         """Catalyst's `train` (every one of its arguments), with defaults added only where none was given:
 
         - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
@@ -304,7 +305,9 @@ class FlowRunner(dl.Runner):
         - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
           from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
           total `num_epochs` and fresh loaders. The best-so-far bookkeeping continues (`runner.best.pth`
-          changes only when an epoch beats every earlier one);
+          changes only when an epoch beats every earlier one) and the CSV logs keep one header;
+        - a `logdir` that holds a run's files (checkpoints, logs, tuned parameters) is an error unless
+          `resume` continues that run or `overwrite=True` removes those files first (two runs never mix);
         - `load_best_on_end`: the best epoch's weights and the decoder parameters (thresholds) it had.
 
         Extra arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
@@ -333,6 +336,8 @@ class FlowRunner(dl.Runner):
             valid_metric = "loss"
         if minimize_valid_metric is None:
             minimize_valid_metric = True
+        if logdir is not None and not self._evaluating and is_main_process():
+            checkpoints.claim_logdir(logdir, resume=resume, overwrite=overwrite)
         self._resume_path = self._resume_checkpoint(resume, logdir, callbacks)
         engine = self._choose_engine(engine, cpu=cpu, fp16=fp16, ddp=ddp)
         if isinstance(engine, dl.DistributedDataParallelEngine):
@@ -466,6 +471,8 @@ class FlowRunner(dl.Runner):
         loggers = dict(self._loggers or {})
         if not any(isinstance(lg, ConsoleLogger) for lg in loggers.values()):
             loggers["_console"] = FlowConsoleLogger()
+        if self._logdir is not None and not any(isinstance(lg, CSVLogger) for lg in loggers.values()):
+            loggers["_csv"] = compat.CSVLogger(logdir=self._logdir, use_logdir_postfix=True)  # one header on resume
         if self._logdir is not None and not any(isinstance(lg, TensorboardLogger) for lg in loggers.values()):
             loggers["_tensorboard"] = FlowTensorboardLogger(logdir=os.path.join(self._logdir, "tensorboard"))
         self._loggers = loggers

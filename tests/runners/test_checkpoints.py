@@ -1,10 +1,13 @@
-"""Checkpoints: atomic writes, safe loads, best-so-far across resumes, the best epoch's thresholds
-(`runners.checkpoints`, `compat.CheckpointCallback`)."""
+"""Checkpoints and logdirs: atomic writes, safe loads, best-so-far across resumes, the best epoch's
+thresholds, one run per logdir, one CSV header (`runners.checkpoints`, `compat.CheckpointCallback`,
+`compat.CSVLogger`)."""
 import hashlib
 import inspect
 import json
 import os
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from catalyst import dl
@@ -181,6 +184,45 @@ def test_load_best_on_end_restores_the_thresholds_of_the_best_epoch(data, flow_a
     assert _same_state(model2.state_dict(), runner.model.state_dict())
 
 
+# One run per logdir, one CSV header --------------------------------------------------------------
+
+
+def test_a_new_run_into_a_used_logdir_is_refused_unless_overwritten(data, flow_and_model, loaders_for, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    _train(flow_and_model, loaders_for, data, tmp_path, 3, callbacks=[ScriptedValidLoss()])
+    with pytest.raises(FileExistsError, match="resume=True.*overwrite=True") as e:
+        _train(flow_and_model, loaders_for, data, tmp_path, 1)
+    assert str(tmp_path) in str(e.value)
+    with pytest.raises(ValueError, match="choose one"):
+        _train(flow_and_model, loaders_for, data, tmp_path, 4, resume=True, overwrite=True)
+    _train(flow_and_model, loaders_for, data, tmp_path, 1, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["runner.0001.pth", "runner.best.pth", "runner.last.pth",
+                                                             "runner.storage.json"]
+    assert list(json.loads((tmp_path / "tuned_params_history.json").read_text())) == ["1"]
+    assert pd.read_csv(tmp_path / "csv_logger" / "valid.csv")["step"].tolist() == [1]
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's files are removed
+
+
+def test_a_resumed_run_keeps_one_csv_header_and_one_history_entry_per_epoch(data, flow_and_model, loaders_for, tmp_path):
+    _train(flow_and_model, loaders_for, data, tmp_path, 2)
+    _train(flow_and_model, loaders_for, data, tmp_path, 3, resume=True)
+    for loader in ("train", "valid"):
+        table = pd.read_csv(tmp_path / "csv_logger" / f"{loader}.csv")
+        assert table["step"].tolist() == [1, 2, 3]
+        assert pd.api.types.is_float_dtype(table["loss"])
+    assert list(json.loads((tmp_path / "tuned_params_history.json").read_text())) == ["1", "2", "3"]
+
+
+def test_csv_logger_keeps_earlier_epochs_and_drops_a_cut_row(tmp_path):
+    (tmp_path / "valid.csv").write_text("step,a,b\n1,0.1,0.2\n2,0.3,0.4\n3,0.5,0.6\n4,0.7")
+    logger = compat.CSVLogger(logdir=str(tmp_path))
+    logger.log_metrics({"valid": {"a": 1.5, "c": 2.5}}, scope="epoch", runner=SimpleNamespace(epoch_step=3))
+    logger.close_log()
+    table = pd.read_csv(tmp_path / "valid.csv")
+    assert list(table.columns) == ["step", "a", "b", "c"] and table["step"].tolist() == [1, 2, 3]
+    assert table["a"].tolist() == [0.1, 0.3, 1.5] and pd.isna(table["b"].iloc[2]) and pd.isna(table["c"].iloc[0])
+
+
 # The Catalyst 22.4 code the overrides replace (DESIGN.md principle 11) ---------------------------
 
 
@@ -195,6 +237,10 @@ CATALYST_SOURCES = {
     (dl.CheckpointCallback, "on_experiment_start"): "3414831799e1ad58",
     (dl.CheckpointCallback, "on_epoch_end_best"): "a99f1274c2604689",
     (dl.CheckpointCallback, "on_experiment_end"): "93c3258bc486539b",
+    # `compat.CSVLogger` replaces `log_metrics` and uses the file handles in `loggers`.
+    (dl.CSVLogger, "__init__"): "3401123a10f04925",
+    (dl.CSVLogger, "log_metrics"): "3d4daf3325c9d5d8",
+    (dl.CSVLogger, "close_log"): "2c575e2f6e7140ad",
 }
 
 
