@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     runner.train(loaders=project.loaders(batch_size=settings.batch_size, seed=settings.seed), optimizer=optimizer,
-                 scheduler=scheduler, num_epochs=settings.epochs, seed=settings.seed, load_best_on_end=True)
+                 scheduler=scheduler, num_epochs=settings.epochs, seed=settings.seed, load_best_on_end=True,
+                 overwrite=True)  # each demo run starts afresh in settings.logdir
     print(f"trained {settings.epochs} epochs ({time.time() - start:.0f}s)")
 
     runner.tune(project.loader("valid"))

@@ -28,3 +28,7 @@ class HeadError(RuntimeError):
 
 class NonFiniteLossError(FloatingPointError):
     """A batch's loss is NaN or infinite: names the loader, the batch, the tasks and the inputs."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is empty, truncated, malformed, or holds objects that loading would run."""

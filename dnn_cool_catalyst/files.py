@@ -15,7 +15,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fs
     """Call `write(fh)` on a temporary binary file beside `path`, then move it onto `path`.
 
     The temporary file is created with `open(..., "xb")` (the usual umask permissions, unlike
-    `mkstemp`'s 0600) under a name unique to this process; `fsync=True` flushes it to disk first.
+    `mkstemp`'s 0600) under a name unique to this process; `fsync=True` flushes it to disk first and the directory
+    entry after the move (so that the new file, not an empty one, is there after a power loss).
     """
     path = os.fspath(path)
     directory, base = os.path.split(path)
@@ -28,6 +29,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fs
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if fsync:
+            _fsync_directory(directory or ".")
     except BaseException:
         try:
             os.unlink(tmp)
@@ -35,6 +38,20 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fs
             pass
         raise
     return path
+
+
+def _fsync_directory(directory: str) -> None:
+    """Flush the directory entry of a renamed file (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any, fsync: bool = False) -> str:

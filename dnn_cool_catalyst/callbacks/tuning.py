@@ -181,8 +181,9 @@ class ThresholdTuningCallback(Callback):
 
         save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), self.tuned)
         history_path = os.path.join(self._logdir, HISTORY_FILE)
-        if self._history is None:  # a resumed run adds to the history it left
-            self._history = HistoryFile(read_json(history_path) if os.path.exists(history_path) else {})
+        if self._history is None:  # a resumed run adds to the epochs before it (later ones it writes again)
+            old = read_json(history_path) if os.path.exists(history_path) else {}
+            self._history = HistoryFile({e: v for e, v in old.items() if str(e).isdigit() and int(e) < runner.epoch_step})
         self._history[str(runner.epoch_step)] = self.tuned
         write_atomic(history_path, lambda fh: fh.write(self._history.dumps().encode("utf-8")))
 

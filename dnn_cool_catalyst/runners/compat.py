@@ -17,12 +17,16 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
   IOptimizerCallback" whenever a criterion or optimizer is set without those callbacks. `FlowRunner`
   computes the loss in `handle_batch` and adds the backward and optimizer callbacks itself where a
   loader trains, so exactly these three messages are silenced while the callbacks are checked.
-- `CheckpointCallback`: under DDP, Catalyst's runner checkpoints are written by every process at
-  once (the same files, not atomically); this one writes them from the main process only, and
-  keeps the same bookkeeping on the others (so `load_best_on_end` finds the best file). Catalyst
-  also saves the unwrapped model but loads `load_best_on_end` / `resume_runner` checkpoints into
-  the wrapped one (`DistributedDataParallel`, `DataParallel`: "Missing key(s) module...."); this
-  one loads into the unwrapped model.
+- `CheckpointCallback`: Catalyst writes checkpoints with `torch.save` straight onto the final path
+  (a kill or a full disk leaves a truncated `runner.last.pth`), from every DDP process at once, and
+  rewrites `runner.best.pth` at every epoch from the live model; it loads them with `torch.load`
+  without `weights_only` (unsafe before torch 2.6) into the wrapped model (`DistributedDataParallel`,
+  `DataParallel`: "Missing key(s) module...."), and starts its best-so-far bookkeeping empty on a
+  resumed run. This one writes atomically from the main process only, loads with
+  `weights_only=True` into the unwrapped model, and keeps the bookkeeping and the decoder
+  parameters inside each runner checkpoint (see `runners.checkpoints`).
+- `CSVLogger`: Catalyst's writes a second header row into `<loader>.csv` when a run resumes; this
+  one keeps one header and the earlier epochs' rows.
 - `allow_generators_across_processes`: a `torch.Generator` (e.g. the seeded generator of a
   shuffling loader's `RandomSampler`) cannot be sent through `torch.multiprocessing` to spawned
   DDP workers: the child fails with "unable to resize file <filename not specified> to the right
@@ -34,6 +38,8 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
 from __future__ import annotations
 
 import contextlib
+import csv
+import os
 import warnings
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Iterator
@@ -42,8 +48,12 @@ import torch
 from catalyst import dl
 from catalyst.callbacks.checkpoint import Checkpoint
 from catalyst.core.engine import Engine
+from catalyst.utils import pack_checkpoint, unpack_checkpoint
 from catalyst.utils.torch import get_available_engine
 from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+from ..files import write_atomic, write_json
+from . import checkpoints
 
 STEP_CALLBACK_WARNINGS = (
     r"No ``ICriterionCallback/CriterionCallback`` were found",
@@ -94,31 +104,149 @@ class BackwardCallback(dl.BackwardCallback):
 
 
 class CheckpointCallback(dl.CheckpointCallback):
-    """Catalyst's checkpointing, with runner checkpoints written by the main process only."""
+    """Catalyst's checkpointing (same arguments, same files), made safe to interrupt and to resume.
+
+    - Every file is written atomically (`checkpoints.save_checkpoint`), by the main process only
+      (under DDP Catalyst has every process write the same files); the other processes keep the
+      same bookkeeping, so that `load_best_on_end` finds the best file.
+    - Checkpoints are loaded with `weights_only=True` (`checkpoints.load_checkpoint`), into the
+      unwrapped model (Catalyst loads into the `DistributedDataParallel` / `DataParallel` wrapper:
+      "Missing key(s) module....").
+    - A runner checkpoint carries the kept checkpoints with their metrics and the flow's decoder
+      parameters: `resume_runner` continues the best-so-far bookkeeping (Catalyst starts it empty),
+      and loading a checkpoint (resume, `load_best_on_end`) restores that epoch's thresholds.
+    - `<mode>.best.pth` is written only when the epoch is the best so far (Catalyst rewrites it at
+      every epoch from the live model, so it held the last epoch's weights).
+
+    Catalyst 22.4 has no public seam for any of this: `_save`, `_load` and `_handle_epoch` and the
+    public `on_epoch_end_best` are replaced (not extended); `on_experiment_start` (empties
+    `_storage`, then `_load(runner, resume_runner=..., resume_model=...)`) and `on_experiment_end`
+    (`_load(runner, resume_logpath=_storage[0].logpath)`) are Catalyst's.
+    `tests/runners/test_checkpoints.py::test_catalyst_checkpoint_callback_is_the_one_overridden`
+    fails when these methods change.
+    """
 
     def _save(self, runner: Any, obj: Any, logprefix: str) -> str:
-        # mode="model" saves through accelerate, which already writes on the main process only
-        # (after a barrier every process must reach).
-        if self.mode == "model" or _is_main(runner):
-            return super()._save(runner, obj, logprefix)
-        return f"{logprefix}.pth"
+        logpath = f"{logprefix}.pth"
+        if self.mode == "model" and isinstance(obj, torch.nn.Module):
+            runner.engine.wait_for_everyone()  # as Catalyst: every process reaches it
+            obj = _unwrap(runner.engine.unwrap_model(obj)).state_dict()
+        elif self.mode == "model":
+            obj = pack_checkpoint(model=obj)
+        else:
+            obj = pack_checkpoint(**obj)
+        if _is_main(runner):
+            checkpoints.save_checkpoint(obj, logpath)
+        return logpath
 
     def _load(self, runner: Any, resume_logpath: Any = None, resume_model: Any = None, resume_runner: Any = None) -> None:
-        wrapped = runner.model
-        if isinstance(wrapped, torch.nn.Module):
-            runner.model = _unwrap(wrapped)
-        try:
-            super()._load(runner, resume_logpath=resume_logpath, resume_model=resume_model, resume_runner=resume_runner)
-        finally:
-            runner.model = wrapped
+        model = _unwrap(runner.model) if isinstance(runner.model, torch.nn.Module) else runner.model
+        flow = getattr(runner, "flow", None)
+        if resume_logpath is not None:
+            runner.engine.wait_for_everyone()
+            checkpoint = checkpoints.load_checkpoint(resume_logpath)
+            state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+            model.load_state_dict(state)
+            checkpoints.restore_decoder_params(flow, checkpoint, resume_logpath)
+        if resume_runner is not None:
+            runner.engine.wait_for_everyone()
+            checkpoint = checkpoints.load_checkpoint(resume_runner)
+            unpack_checkpoint(checkpoint=checkpoint, model=model, criterion=runner.criterion,
+                              optimizer=runner.optimizer, scheduler=runner.scheduler)
+            runner.epoch_step = checkpoint["epoch_step"]
+            runner.batch_step = checkpoint["batch_step"]
+            runner.sample_step = checkpoint["sample_step"]
+            checkpoints.restore_decoder_params(flow, checkpoint, resume_runner)
+            kept = checkpoints.storage_from(checkpoint, self.logdir, resume_runner)
+            if kept is not None:
+                self._storage = [Checkpoint(obj=None, logpath=p, metric=m) for p, m in kept if os.path.isfile(p)]
+        if resume_model is not None:
+            runner.engine.wait_for_everyone()
+            checkpoint = checkpoints.load_checkpoint(resume_model)
+            model.load_state_dict(checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict)
+                                  else checkpoint)
 
     def _handle_epoch(self, runner: Any, score: float) -> None:
-        if self.mode == "model" or _is_main(runner):
-            super()._handle_epoch(runner, score)
+        if self.mode == "model":
+            obj: Any = runner.model
+        else:
+            obj = dict(model=runner.model, criterion=runner.criterion, optimizer=runner.optimizer,
+                       scheduler=runner.scheduler, epoch_step=runner.epoch_step, batch_step=runner.batch_step,
+                       sample_step=runner.sample_step)
+        # Only this epoch's entry holds the live objects: an older entry saved from them would
+        # hold this epoch's weights.
+        current = Checkpoint(obj=obj, logpath=f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}.pth",
+                             metric=float(score))
+        ranked = checkpoints.best_first([c._replace(obj=None) for c in self._storage] + [current], self._minimize)
+        self._storage, dropped = ranked[: self.topk], ranked[self.topk:]
+        if self.mode == "runner":
+            obj[checkpoints.STORAGE_KEY] = checkpoints.storage_entries(self._storage)
+            decoder = checkpoints.decoder_params_json(runner)
+            if decoder is not None:
+                obj[checkpoints.DECODER_KEY] = decoder
+        # An epoch outside the top k is not written (Catalyst wrote it, then removed it).
+        if any(c is current for c in self._storage):
+            self._save(runner, obj, f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}")
+        if self.save_last:
+            self._save(runner, obj, f"{self.logdir}/{self.mode}.last")
+        if not _is_main(runner):
             return
-        logpath = f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}.pth"
-        self._storage.append(Checkpoint(obj=None, logpath=logpath, metric=score))
-        self._storage = sorted(self._storage, key=lambda c: c.metric, reverse=not self._minimize)[: self.topk]
+        for old in dropped:
+            if old is not current and os.path.isfile(old.logpath):
+                os.remove(old.logpath)
+        stats = checkpoints.storage_json(self._storage, logdir=str(self.logdir), topk=self.topk,
+                                         loader_key=self.loader_key, metric_key=self.metric_key,
+                                         minimize=self._minimize)
+        write_json(f"{self.logdir}/{self.mode}.storage.json", stats, fsync=True)
+
+    def on_epoch_end_best(self, runner: Any) -> None:
+        score = (runner.epoch_metrics[self.loader_key][self.metric_key] if self.loader_key is not None
+                 else runner.epoch_metrics[self.metric_key])
+        self._handle_epoch(runner=runner, score=score)
+        if self.save_best and self._storage[0].obj is not None:  # this epoch is the best so far
+            self._save(runner, self._storage[0].obj, f"{self.logdir}/{self.mode}.best")
+
+
+class CSVLogger(dl.CSVLogger):
+    """Catalyst's CSV logger (`<logdir>/<loader>.csv`, one row per epoch), resumable.
+
+    Catalyst's opens the file for appending and writes a header whenever a logger starts, so a
+    resumed run adds a second header row (pandas then reads every column as strings). This one
+    keeps the rows of the epochs before the run's first epoch (dropping later rows, which the run
+    writes again, and a row cut by an interruption) and writes one header, the union of the old and
+    new columns (a metric missing from a row is left empty). Only the public `log_metrics` is
+    replaced; files, `log_hparams`, `flush_log` and `close_log` are Catalyst's.
+    """
+
+    def __init__(self, logdir: str, use_logdir_postfix: bool = False):
+        super().__init__(logdir=logdir, use_logdir_postfix=use_logdir_postfix)
+        self._columns: dict = {}
+
+    def log_metrics(self, metrics: Any, scope: str, runner: Any) -> None:
+        if scope != "epoch":
+            return
+        for loader_key, values in metrics.items():
+            if loader_key not in self.loggers:
+                self._open(loader_key, sorted(values), runner.epoch_step)
+            columns = self._columns[loader_key]
+            row = [str(runner.epoch_step)] + ["" if values.get(c) is None else str(values[c]) for c in columns[1:]]
+            self.loggers[loader_key].write(",".join(row) + "\n")
+
+    def _open(self, loader_key: str, names: list, first_epoch: int) -> None:
+        path = os.path.join(self.logdir, f"{loader_key}.csv")
+        header, rows = ["step"], []
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            with open(path, newline="", encoding="utf-8") as fh:
+                lines = list(csv.reader(fh))
+            header = lines[0] if lines and lines[0] and lines[0][0] == "step" else ["step"]
+            for line in lines[1:]:
+                if len(line) == len(header) and line[0].isdigit() and int(line[0]) < first_epoch:
+                    rows.append(dict(zip(header, line)))
+        columns = ["step"] + sorted(set(header[1:]) | set(names))
+        text = ",".join(columns) + "\n" + "".join(",".join(r.get(c, "") for c in columns) + "\n" for r in rows)
+        write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+        self._columns[loader_key] = columns
+        self.loggers[loader_key] = open(path, "a", encoding="utf-8")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

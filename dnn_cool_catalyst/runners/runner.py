@@ -8,7 +8,6 @@ interpreters and `runners.export`.
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from catalyst.core.callback import (
 from catalyst.core.misc import callback_isinstance, sort_callbacks_by_order
 from catalyst.callbacks.misc import TqdmCallback
 from catalyst.loggers.console import ConsoleLogger
+from catalyst.loggers.csv import CSVLogger
 from catalyst.loggers.tensorboard import TensorboardLogger
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler
@@ -49,7 +49,7 @@ from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..errors import InputError, LabelError
 from ..interpreters.loss import stack_terms
-from . import compat
+from . import checkpoints, compat
 from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar
 from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun, unshare_tensors
@@ -290,8 +290,7 @@ class FlowRunner(dl.Runner):
               check: bool = False, overfit: bool = False, profile: bool = False, load_best_on_end: bool = False,
               cpu: bool = False, fp16: bool = False, ddp: bool = False,
               lr: float = 1e-3, flow_metrics: bool = True, interpretation: bool = True,
-              threshold_tuning: bool = True,
-              nonfinite: str = "raise") -> None:
+              threshold_tuning: bool = True, nonfinite: str = "raise", overwrite: bool = False) -> None:
         """Catalyst's `train` (every one of its arguments), with defaults added only where none was given:
 
         - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
@@ -307,7 +306,11 @@ class FlowRunner(dl.Runner):
           Catalyst's progress bar showing the overall batch metrics (`FlowProgressBar`);
         - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
           from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
-          total `num_epochs` and fresh loaders.
+          total `num_epochs` and fresh loaders. The best-so-far bookkeeping continues (`runner.best.pth`
+          changes only when an epoch beats every earlier one) and the CSV logs keep one header;
+        - a `logdir` that holds a run's files (checkpoints, logs, tuned parameters) is an error unless
+          `resume` continues that run or `overwrite=True` removes those files first (two runs never mix);
+        - `load_best_on_end`: the best epoch's weights and the decoder parameters (thresholds) it had.
 
         Extra arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
         `threshold_tuning` switch the default callbacks off (without `FlowMetricsCallback` the loader
@@ -316,8 +319,8 @@ class FlowRunner(dl.Runner):
         inputs; "skip" leaves such batches out (no backward pass, optimizer step or metrics),
         counts them in the loader metric `nonfinite_batches` and warns (see `runners.guards`).
         `valid_metric` is checked before the first batch against the metrics the callbacks produce
-        (when all callbacks are known; else when the loader ends). `evaluate_loader` runs through
-        here without tuning, interpretation, default optimizer or files.
+        (when all callbacks are known; else when the loader ends). `overwrite`: see `logdir` above.
+        `evaluate_loader` runs through here without tuning, interpretation, default optimizer or files.
         """
         if not isinstance(loaders, Mapping) or not loaders:
             raise TypeError(f"loaders must be a non-empty mapping name -> DataLoader, got {type(loaders).__name__}")
@@ -342,6 +345,8 @@ class FlowRunner(dl.Runner):
             valid_metric = "loss"
         if minimize_valid_metric is None:
             minimize_valid_metric = True
+        if logdir is not None and not self._evaluating and is_main_process():
+            checkpoints.claim_logdir(logdir, resume=resume, overwrite=overwrite)
         self._resume_path = self._resume_checkpoint(resume, logdir, callbacks)
         engine = self._choose_engine(engine, cpu=cpu, fp16=fp16, ddp=ddp)
         if isinstance(engine, dl.DistributedDataParallelEngine):
@@ -403,12 +408,10 @@ class FlowRunner(dl.Runner):
             warnings.warn(f"FlowRunner: training ran in spawned DDP workers but there is no checkpoint {path!r} "
                           f"(a CheckpointCallback of your own?): the model in this process is untrained", stacklevel=3)
             return
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise RuntimeError(f"cannot read the weights trained by the DDP workers back from {path!r} with "
-                               f"weights_only=True (a scheduler or optimizer state holding other objects?): {e}") from e
+        checkpoint = checkpoints.load_checkpoint(path)
         unwrap_model(self.model).load_state_dict(checkpoint["model_state_dict"])
+        if checkpoints.restore_decoder_params(self.flow, checkpoint, path):  # the thresholds of that epoch
+            return
         tuned = os.path.join(self._logdir, TUNED_PARAMS_FILE)
         if os.path.isfile(tuned):
             from ..tuning import load_tuned
@@ -477,6 +480,8 @@ class FlowRunner(dl.Runner):
         loggers = dict(self._loggers or {})
         if not any(isinstance(lg, ConsoleLogger) for lg in loggers.values()):
             loggers["_console"] = FlowConsoleLogger()
+        if self._logdir is not None and not any(isinstance(lg, CSVLogger) for lg in loggers.values()):
+            loggers["_csv"] = compat.CSVLogger(logdir=self._logdir, use_logdir_postfix=True)  # one header on resume
         if self._logdir is not None and not any(isinstance(lg, TensorboardLogger) for lg in loggers.values()):
             loggers["_tensorboard"] = FlowTensorboardLogger(logdir=os.path.join(self._logdir, "tensorboard"))
         self._loggers = loggers
