@@ -10,7 +10,7 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _quick_start(block, directory, monkeypatch):
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     monkeypatch.chdir(directory)  # the quick start writes quickstart/ in the working directory
     story: dict = {}
     exec(compile(block, f"{README} (quick start)", "exec"), story)
@@ -20,14 +20,15 @@ def _quick_start(block, directory, monkeypatch):
 def test_readme_blocks_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2, "README lost a python block"
-    story = _quick_start(blocks[0], tmp_path / "first", monkeypatch)
+    story = _quick_start(blocks[0], tmp_path, monkeypatch)
     table = story["runner"].evaluate(story["project"].loader("test"))
     assert {"camera_blocked", "person_regression.body_regression.shirt_type"} <= set(table.task_path)
-    assert (tmp_path / "first" / "quickstart" / "first_run" / "tensorboard").is_dir()
-    assert (tmp_path / "first" / "quickstart" / "first_run" / "tuned_params.json").is_file()
-    # reproducible: the same table to the last digit in a second session (global random state moved on)
+    assert (tmp_path / "quickstart" / "first_run" / "tensorboard").is_dir()
+    assert (tmp_path / "quickstart" / "first_run" / "tuned_params.json").is_file()
+    # run again in the same place (it replaces first_run): the same table to the last digit, though
+    # the global random state moved on
     torch.rand(1000)
-    again = _quick_start(blocks[0], tmp_path / "second", monkeypatch)
+    again = _quick_start(blocks[0], tmp_path, monkeypatch)
     pd.testing.assert_frame_equal(again["runner"].evaluate(again["project"].loader("test")), table, check_exact=True)
     plain: dict = {}
     exec(compile(blocks[1], f"{README} (plain loop)", "exec"), plain)
