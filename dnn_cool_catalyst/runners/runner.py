@@ -416,7 +416,7 @@ class FlowRunner(dl.Runner):
         if os.path.isfile(tuned):
             from ..tuning import load_tuned
 
-            self.flow.get_decoder().load_tuned(load_tuned(tuned))
+            self.flow.get_decoder().load_tuned(load_tuned(tuned), source=tuned)
 
     @staticmethod
     def _resume_checkpoint(resume: Any, logdir: Optional[str], callbacks: Any) -> Optional[str]:
@@ -542,6 +542,17 @@ class FlowRunner(dl.Runner):
             explain = [getattr(c, "explain", 0) for c in self.callbacks.values()
                        if callback_isinstance(c, InterpretationCallback)]
             self.model.reducer.explain = max([self.model.reducer.explain, *explain])
+
+    def on_experiment_end(self, runner: Any) -> None:
+        super().on_experiment_end(runner)
+        # After the callbacks (Catalyst runs the runner's *_end handlers last): with
+        # load_best_on_end the checkpoint callback has just restored the best epoch's weights and
+        # thresholds; the tuned_params.json written at the last epoch would contradict them.
+        tuned = os.path.join(self._logdir, TUNED_PARAMS_FILE) if self._logdir is not None else None
+        if self._load_best_on_end and tuned and os.path.isfile(tuned) and is_main_process() and not self._evaluating:
+            from ..tuning import save_tuned
+
+            save_tuned(tuned, self.flow.get_decoder().params())
 
     def on_loader_start(self, runner: Any) -> None:
         super().on_loader_start(runner)

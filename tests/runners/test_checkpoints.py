@@ -176,6 +176,7 @@ def test_load_best_on_end_restores_the_thresholds_of_the_best_epoch(data, flow_a
 
     assert thresholds(history["2"]) != thresholds(history["3"])  # otherwise the test shows nothing
     assert thresholds(flow.get_decoder().params()) == thresholds(history["2"])
+    assert thresholds(json.loads((tmp_path / "tuned_params.json").read_text())) == thresholds(history["2"])
     assert _same_state(runner.model.state_dict(), _model_state(tmp_path / "checkpoints" / "runner.0002.pth"))
     # As after spawned DDP workers: a fresh runner reads the best epoch back from the logdir.
     flow2, model2 = flow_and_model(seed=5)
