@@ -30,6 +30,10 @@ def test_config_runs_end_to_end(overlay, tmp_path):
     table = pd.read_csv(logdir / "evaluation.csv")
     assert list(table.columns) == ["task_path", "metric_name", "metric_res", "num_samples"]
     assert "person_regression.body_regression.shirt_type" in set(table.task_path)
+    # the run says where its logs are and prints the evaluation table, one line per task
+    assert "TensorBoard: tensorboard --logdir" in result.stdout, result.stdout[-3000:]
+    assert "Evaluation (preconditions from the labels):" in result.stdout
+    assert any(line.startswith("camera_blocked ") for line in result.stdout.splitlines())
     if overlay is None:
         # the base config passes `overwrite: true`: a second run in the same place replaces the
         # first (never mixes with it), and gives the same table to the last digit

@@ -49,6 +49,7 @@ from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..errors import InputError, LabelError
 from ..interpreters.loss import stack_terms
+from ..summary import summary, where_logs_are
 from . import checkpoints, compat
 from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar
@@ -57,6 +58,7 @@ from .export import export_model, load_model, unwrap_model
 from .guards import LoaderLossCallback, RunGuards, require_batches
 from .tensorboard import FlowTensorboardLogger
 
+_MODE_WORDS = {"gt": "the labels", "predicted": "the predictions"}
 LAST_CHECKPOINT = os.path.join("checkpoints", "runner.last.pth")
 BEST_CHECKPOINT = os.path.join("checkpoints", "runner.best.pth")
 EVALUATION_FILE = "evaluation.csv"
@@ -360,6 +362,8 @@ class FlowRunner(dl.Runner):
                       ddp=ddp)
         if self._ran_in_spawned_workers():
             self._restore_from_logdir(load_best_on_end)
+        if not self._evaluating and is_main_process():
+            print(where_logs_are(self._logdir))
 
     def _choose_engine(self, engine: Any, cpu: bool, fp16: bool, ddp: bool) -> Any:
         chosen = engine if engine is not None else self.engine
@@ -722,15 +726,18 @@ class FlowRunner(dl.Runner):
             save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), tuned)
         return tuned
 
-    def evaluate(self, loader: Any, preconditions: str = "gt", save: bool = True) -> pd.DataFrame:
+    def evaluate(self, loader: Any, preconditions: str = "gt", save: bool = True, verbose: bool = True) -> pd.DataFrame:
         """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res,
         num_samples`; `flow.get_evaluator()` on activated predictions); also written as
         `evaluation.csv` into the logdir when there is one and `save` is true (under torchrun,
-        rank 0 only)."""
+        rank 0 only). `verbose` prints it in full, one line per task (`summary.format_table`),
+        and where the logs are."""
         result = self._predict_with_targets(loader, "evaluate")
         table = self.flow.get_evaluator()(result["activated"], result["targets"], preconditions=preconditions)
         if save and self._logdir is not None and is_main_process():
             write_csv(os.path.join(self._logdir, EVALUATION_FILE), table)
+        if verbose and is_main_process():
+            print(summary(table, self._logdir, title=f"Evaluation (preconditions from {_MODE_WORDS[preconditions]})"))
         return table
 
     def _predict_with_targets(self, loader: Any, what: str) -> Dict[str, Any]:

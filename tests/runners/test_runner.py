@@ -251,3 +251,19 @@ def test_bad_construction_is_named():
     runner = FlowRunner("dnn_cool_catalyst.story.security_tasks", balance_dataparallel_memory=True)
     with pytest.raises(ValueError, match="needs a BalancedDataParallelEngine"):
         runner.train(loaders={"train": []}, engine=dl.CPUEngine())
+
+
+def test_train_and_evaluate_say_where_the_logs_are_and_print_the_table(data, flow_and_model, loaders_for, tmp_path,
+                                                                       capsys):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, logdir=str(tmp_path / "run"))
+    assert f"TensorBoard: tensorboard --logdir {tmp_path / 'run' / 'tensorboard'}" in capsys.readouterr().out
+    table = runner.evaluate(loaders_for(flow, data)["valid"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Evaluation (preconditions from the labels):"
+    for path in flow.graph.paths:  # every task on a line of its own, within 100 columns
+        assert sum(line.split()[0].endswith(path.rsplit(".", 1)[-1]) for line in lines if line.strip()) == 1, path
+    assert max(len(line) for line in lines if not line.startswith(("Logs", "TensorBoard"))) <= 100
+    runner.evaluate(loaders_for(flow, data)["valid"], verbose=False)
+    assert capsys.readouterr().out == "" and len(table) > 0
