@@ -80,6 +80,16 @@ def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
     comma-separated class indices ("0,2"), when some value is empty or has a comma -> multilabel;
     other strings -> category if at most `max_categories` distinct values, else text;
     lists/tuples/sets of indices -> multilabel.
+
+    A numeric column that is *almost binary* is refused (a `TableError` naming the column and the
+    stray rows) instead of being guessed: one stray value would silently turn a binary task into a
+    bounded regression (a float 3.0) or a 3-class category (an integer 2). Almost binary means:
+    both 0 and 1 occur, the column has at least `ALMOST_BINARY_MIN_VALUES` (10) non-missing values,
+    and the values outside {0, 1} (NaN is missing and does not count; -1 or inf do) are at least
+    one and at most 1% of them (`ALMOST_BINARY_FRACTION`, but one stray value is always allowed,
+    so 0/1 make up at least 90%) and at most `ALMOST_BINARY_MAX_ROWS` (100) rows. A column with
+    more such values (a rare third class, counts 0..5) is guessed as before. Fix the values or name
+    the kind in `Converters.types`, which skips guessing.
     """
     if isinstance(series.dtype, pd.CategoricalDtype):
         return "category"
@@ -92,6 +102,7 @@ def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
         arr = values.to_numpy(dtype=np.float64)
         if np.isin(arr, (0.0, 1.0)).all():
             return "binary"
+        _refuse_almost_binary(values, arr)
         if pd.api.types.is_integer_dtype(series.dtype) and arr.min() >= 0 and arr.max() < max_categories:
             return "category"
         return "continuous"
@@ -110,12 +121,46 @@ def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
                      f"({type(items[0]).__name__}); name it in Converters(types={{{series.name!r}: ...}}), one of {KINDS}")
 
 
+ALMOST_BINARY_FRACTION = 0.01  # at most this share of a 0/1 column's values may be strays ...
+ALMOST_BINARY_MAX_ROWS = 100  # ... and at most this many rows (more is a real class or real values)
+ALMOST_BINARY_MIN_VALUES = 10  # below this, one stray value is 10% of the column: not "a few"
+
+
+def _refuse_almost_binary(values: pd.Series, arr: np.ndarray) -> None:
+    """Raise when the non-missing numeric `values` (as float64 `arr`) are almost binary (see
+    `guess_kind`): all but a few in {0, 1}."""
+    n = len(arr)
+    stray = ~np.isin(arr, (0.0, 1.0))
+    k = int(stray.sum())
+    allowed = min(ALMOST_BINARY_MAX_ROWS, max(1, int(ALMOST_BINARY_FRACTION * n)))
+    if n < ALMOST_BINARY_MIN_VALUES or not 1 <= k <= allowed or not ((arr == 0).any() and (arr == 1).any()):
+        return
+    name = values.name
+    raise TableError(
+        f"column {name!r} is almost binary: {k} of the {n} values {'is' if k == 1 else 'are'} not 0 or 1: "
+        f"{_list_rows(values, np.flatnonzero(stray))}. A guess would make it "
+        f"{'a category' if pd.api.types.is_integer_dtype(values.dtype) and arr.min() >= 0 else 'a bounded regression'}"
+        f" because of them. Fix those values (NaN marks a missing value), or name its kind: "
+        f"Converters(types={{{name!r}: 'binary'}}) (or 'category' / 'continuous' if the values are right)")
+
+
 # Value conversion -------------------------------------------------------------------------------
 
+MAX_LISTED_ROWS = 10  # error messages list this many rows, then "and N more"
+
+
+def _list_rows(series: pd.Series, positions: Sequence[int], k: int = MAX_LISTED_ROWS) -> str:
+    """"row 'a' (3.0), row 'c' (2.0) and 240 more": the rows (by index label) at `positions`."""
+    shown = ", ".join(f"row {_plain(series.index[p])!r} ({_plain(series.iloc[p])!r})" for p in positions[:k])
+    return shown + (f" and {len(positions) - k} more" if len(positions) > k else "")
+
+
 def _row_error(series: pd.Series, bad: np.ndarray, what: str) -> TableError:
-    pos = int(np.flatnonzero(bad)[0])
+    positions = np.flatnonzero(bad)
+    pos = int(positions[0])
+    more = f": {_list_rows(series, positions)}" if len(positions) > 1 else ""
     return TableError(f"column {series.name!r}, row {_plain(series.index[pos])!r}: {_plain(series.iloc[pos])!r} {what}"
-                      f" ({int(bad.sum())} such row(s))")
+                      f" ({len(positions)} such row(s){more})")
 
 
 def _plain(v: Any) -> Any:
@@ -123,14 +168,20 @@ def _plain(v: Any) -> Any:
 
 
 def _numbers(series: pd.Series, column: "Column") -> np.ndarray:
-    """float64 values, NaN where missing; a value that is not a number is an error."""
+    """float64 values, NaN where missing; a value that is not a number, or is infinite, is an error
+    (an inf would make a guessed scale inf and every other label 0)."""
     if pd.api.types.is_numeric_dtype(series.dtype) and not isinstance(series.dtype, pd.CategoricalDtype):
-        return series.to_numpy(dtype=np.float64, na_value=np.nan)
-    coerced = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.isnan(coerced) & ~series.isna().to_numpy()
-    if bad.any():
-        raise _row_error(series, bad, f"is not a number (column kind {column.kind!r})")
-    return coerced
+        arr = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        arr = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(arr) & ~series.isna().to_numpy()
+        if bad.any():
+            raise _row_error(series, bad, f"is not a number (column kind {column.kind!r})")
+    infinite = np.isinf(arr)
+    if infinite.any():
+        raise _row_error(series, infinite, f"is not a finite number (column kind {column.kind!r}); replace it "
+                                           f"with a finite value, or with NaN where the value is unknown")
+    return arr
 
 
 def to_binary(series: pd.Series, column: "Column") -> np.ndarray:

@@ -188,7 +188,10 @@ def test_bad_tables_raise_clear_errors(tmp_path):
         dcc.Project(df, "image", ["obj_x"], converters=conv)
     bad = df.copy()
     bad.loc[7, "obj_exists"] = 3.0
-    assert dcc.Project(bad, "img", converters=conv).columns["obj_exists"].kind == "continuous"  # guessed
+    # one stray 3.0 in a 0/1 column used to be guessed a bounded regression, silently
+    with pytest.raises(dcc.TableError, match=r"column 'obj_exists' is almost binary: 1 of the 18 values is not 0 "
+                                             r"or 1: row 7 \(3\.0\).*Converters\(types=\{'obj_exists': 'binary'\}\)"):
+        dcc.Project(bad, "img", converters=conv)
     conv.types["obj_exists"] = "binary"
     with pytest.raises(dcc.TableError, match=r"column 'obj_exists', row 7: 3\.0 is not a binary value"):
         dcc.Project(bad, "img", converters=conv)
