@@ -445,8 +445,18 @@ class Converters:
                     raise TableError(f"Converters.{attr} key {key!r} is neither a column nor a kind {KINDS}"
                                      f"{_close(key, known)}")
 
-    def describe(self, series: pd.Series, role: str) -> Column:
-        """The `Column` of `series`: its kind (told or guessed) and what conversion needs to know."""
+    def describe(self, series: pd.Series, role: str, saved: Optional[Column] = None, source: str = "") -> Column:
+        """The `Column` of `series`: its kind (told or guessed) and what conversion needs to know.
+
+        `saved` is what an earlier project recorded for this column (its kind, class names and
+        scale; `source` names the file, for messages). It is used instead of guessing, so that
+        class indices and units stay the same across tables; told values (`types`,
+        `class_names`, `num_classes`, `scales`) must agree with it, and the column's categories
+        must be among the saved class names and its values within the saved scale (else a
+        `TableError` naming both values and the file).
+        """
+        if saved is not None:
+            return self._reuse(series, role, saved, source)
         name = str(series.name)
         kind = self.types.get(name) or guess_kind(series, self.max_categories)
         class_names = None
@@ -458,6 +468,40 @@ class Converters:
         if name in self.class_names and kind not in ("category", "multilabel"):
             raise TableError(f"column {name!r} is {kind}, but Converters.class_names names it; "
                              f"set Converters(types={{{name!r}: 'category'}}) or 'multilabel'")
+        return Column(name, kind, role, class_names, scale, self.image_root if kind == "image" else None)
+
+    def _reuse(self, series: pd.Series, role: str, saved: Column, source: str) -> Column:
+        name = str(series.name)
+        fresh = f"; drop that setting to use the saved value, or delete {source} to start afresh " \
+                f"(models trained with the saved classes and scales then no longer match)"
+        kind = saved.kind
+        told = self.types.get(name)
+        if told is not None and told != kind:
+            raise TableError(f"column {name!r}: Converters.types says {told!r}, but {source} saved {kind!r}{fresh}")
+        class_names = scale = None
+        if kind in ("category", "multilabel"):
+            class_names = saved.class_names
+            if name in self.class_names and tuple(str(c) for c in self.class_names[name]) != class_names:
+                raise TableError(f"column {name!r}: Converters.class_names says {[str(c) for c in self.class_names[name]]}"
+                                 f", but {source} saved {list(class_names)}{fresh}")
+            count = self.num_classes.get(name)
+            if count is not None and count != len(class_names):
+                raise TableError(f"column {name!r}: Converters.num_classes says {count}, but {source} saved "
+                                 f"{len(class_names)} classes {_short(class_names)}{fresh}")
+            _check_saved_classes(series, kind, class_names, source)
+        elif name in self.class_names:
+            raise TableError(f"column {name!r} is {kind} (saved in {source}), but Converters.class_names names it")
+        elif kind == "continuous" and role == "output":
+            if name in self.scales and saved.scale is not None and float(self.scales[name]) != saved.scale:
+                raise TableError(f"column {name!r}: Converters.scales says {float(self.scales[name])!r}, but {source} "
+                                 f"saved {saved.scale!r}{fresh}")
+            scale = saved.scale if saved.scale is not None else self._scale(series)  # an input before
+            arr = _numbers(series, Column(name, kind, role))
+            above = arr > scale
+            if above.any():
+                raise _row_error(series, above, f"is above the scale {scale:g} saved in {source} (labels are divided "
+                                                f"by it); fix the values, or delete {source} to start afresh (models "
+                                                f"trained with the saved scale then no longer match)")
         return Column(name, kind, role, class_names, scale, self.image_root if kind == "image" else None)
 
     def _class_names(self, series: pd.Series, kind: str) -> Tuple[str, ...]:
@@ -507,6 +551,52 @@ class Converters:
             raise TableError(f"column {name!r}: continuous values are scaled by their maximum, which is {top:g}; "
                              f"set Converters(scales={{{name!r}: ...}})")
         return top
+
+
+def _check_saved_classes(series: pd.Series, kind: str, class_names: Tuple[str, ...], source: str) -> None:
+    """Refuse categories of `series` that are not among the `class_names` saved in `source`: a
+    new name, or a class index beyond them, would change or break the class indices."""
+    name = series.name
+    fresh = (f"class indices must stay those of {source}: fix the values, or delete {source} to start afresh "
+             f"(models trained with the saved classes then no longer fit)")
+    n = len(class_names)
+    if kind == "multilabel":
+        try:
+            rows = parse_multilabel(series, class_names)
+        except TableError as e:
+            raise TableError(f"{e}; {fresh}") from None
+        top = np.array([max(idx) if idx else -1 for idx in rows])
+        bad = top >= n
+        if bad.any():
+            pos = np.flatnonzero(bad)
+            raise TableError(f"column {name!r} holds class index {int(top[pos].max())} ({_rows(series, pos)}), but "
+                             f"{source} saved {n} classes {_short(class_names)}; {fresh}")
+        return
+    if _holds_indices(series):
+        arr = _numbers(series, Column(str(name), kind))
+        bad = ~np.isnan(arr) & (arr >= n)
+        if bad.any():
+            pos = np.flatnonzero(bad)
+            raise TableError(f"column {name!r} holds class index {int(arr[pos].max())} ({_rows(series, pos)}), but "
+                             f"{source} saved {n} classes {_short(class_names)}; {fresh}")
+        return
+    missing = series.isna().to_numpy()
+    known = set(class_names)
+    strings = [str(v) for v in series.tolist()]
+    bad = np.array([not m and v not in known for v, m in zip(strings, missing)], dtype=bool)
+    if bad.any():
+        pos = np.flatnonzero(bad)
+        unknown = sorted({strings[p] for p in pos})
+        shown = ", ".join(map(repr, unknown[:MAX_LISTED_ROWS])) + (
+            f" and {len(unknown) - MAX_LISTED_ROWS} more" if len(unknown) > MAX_LISTED_ROWS else "")
+        raise TableError(f"column {name!r} holds {shown} ({_rows(series, pos)}), which {'is' if len(unknown) == 1 else 'are'}"
+                         f" not among the class names {_short(class_names)} saved in {source}; {fresh}")
+
+
+def _rows(series: pd.Series, positions: Sequence[int], k: int = MAX_LISTED_ROWS) -> str:
+    """"rows 3, 'b', 9 and 240 more": the index labels at `positions`."""
+    labels = ", ".join(repr(_plain(series.index[p])) for p in positions[:k])
+    return f"row{'s' if len(positions) > 1 else ''} {labels}" + (f" and {len(positions) - k} more" if len(positions) > k else "")
 
 
 def _close(name: str, known) -> str:
