@@ -343,7 +343,8 @@ class ImageFiles:
     """A lazy sequence of images: `len(images)`; `images[i]` reads file i as float (C, H, W) in
     [0, 1]; `images[rows]` (a slice, index array or list) is the sub-sequence of those files.
 
-    `FlowDataset` accepts it as an input; a batch stacks the images, so they must share a size.
+    `FlowDataset` accepts it as an input; a batch stacks the images, so they must share a size
+    (a batch that mixes sizes is an `InputError` naming both files and both sizes).
     """
 
     def __init__(self, paths: Sequence[str], mode: str = "RGB"):

@@ -372,3 +372,17 @@ def test_saved_column_descriptions_refuse_unknown_values_and_contradictions(tmp_
         dcc.Project(first, "a", project_dir=proj)
     os.remove(proj / "columns.json")  # starting afresh: guessed again from this table
     assert dcc.Project(first.assign(flag=[0, 1] * 10), "a", project_dir=proj).columns["flag"].kind == "binary"
+
+
+def test_image_of_another_size_names_the_files_and_sizes(tmp_path):
+    df, conv = _small_table(tmp_path)
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "images" / df["img"][5])
+    p = dcc.Project(df, "img", converters=conv)
+    _localize(p)
+    batch = p.loader(rows=[0, 1, 5, 6], batch_size=4)
+    # torch.stack alone says "stack expects each tensor to be equal size", naming no file
+    with pytest.raises(dcc.InputError, match=r"input 'img': samples of one batch differ in shape: sample 2 "
+                                             r"\('.*005\.png'\) is \(3, 12, 10\), but sample 0 \('.*000\.png'\) is "
+                                             r"\(3, 8, 8\).*resize"):
+        next(iter(batch))
+    next(iter(p.loader(rows=[0, 1, 6], batch_size=4)))  # the others still batch
