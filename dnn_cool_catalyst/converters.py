@@ -102,10 +102,10 @@ def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
         arr = values.to_numpy(dtype=np.float64)
         if np.isin(arr, (0.0, 1.0)).all():
             return "binary"
-        _refuse_almost_binary(values, arr)
-        if pd.api.types.is_integer_dtype(series.dtype) and arr.min() >= 0 and arr.max() < max_categories:
-            return "category"
-        return "continuous"
+        guess = "category" if pd.api.types.is_integer_dtype(series.dtype) and arr.min() >= 0 \
+            and arr.max() < max_categories else "continuous"
+        _refuse_almost_binary(values, arr, guess)
+        return guess
     items = values.tolist()
     if all(isinstance(v, (bool, np.bool_)) for v in items):
         return "binary"
@@ -126,9 +126,9 @@ ALMOST_BINARY_MAX_ROWS = 100  # ... and at most this many rows (more is a real c
 ALMOST_BINARY_MIN_VALUES = 10  # below this, one stray value is 10% of the column: not "a few"
 
 
-def _refuse_almost_binary(values: pd.Series, arr: np.ndarray) -> None:
+def _refuse_almost_binary(values: pd.Series, arr: np.ndarray, guess: str) -> None:
     """Raise when the non-missing numeric `values` (as float64 `arr`) are almost binary (see
-    `guess_kind`): all but a few in {0, 1}."""
+    `guess_kind`): all but a few in {0, 1}. `guess` is the kind they would be guessed otherwise."""
     n = len(arr)
     stray = ~np.isin(arr, (0.0, 1.0))
     k = int(stray.sum())
@@ -138,9 +138,8 @@ def _refuse_almost_binary(values: pd.Series, arr: np.ndarray) -> None:
     name = values.name
     raise TableError(
         f"column {name!r} is almost binary: {k} of the {n} values {'is' if k == 1 else 'are'} not 0 or 1: "
-        f"{_list_rows(values, np.flatnonzero(stray))}. A guess would make it "
-        f"{'a category' if pd.api.types.is_integer_dtype(values.dtype) and arr.min() >= 0 else 'a bounded regression'}"
-        f" because of them. Fix those values (NaN marks a missing value), or name its kind: "
+        f"{_list_rows(values, np.flatnonzero(stray))}. A guess would make it {guess!r} instead of 'binary' "
+        f"because of them. Fix those values (NaN marks a missing value), or name its kind: "
         f"Converters(types={{{name!r}: 'binary'}}) (or 'category' / 'continuous' if the values are right)")
 
 

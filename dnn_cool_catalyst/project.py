@@ -128,7 +128,7 @@ def load_columns(path: Optional[str]) -> Dict[str, Column]:
     or none when there is no such file. A malformed file is an error naming it."""
     if path is None or not os.path.exists(path):
         return {}
-    fix = f"delete it to describe the columns afresh from the next table"
+    fix = "delete it to describe the columns afresh from the next table"
     try:
         entries = read_json(path)["columns"]
         if not isinstance(entries, dict):
