@@ -80,6 +80,16 @@ def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
     comma-separated class indices ("0,2"), when some value is empty or has a comma -> multilabel;
     other strings -> category if at most `max_categories` distinct values, else text;
     lists/tuples/sets of indices -> multilabel.
+
+    A numeric column that is *almost binary* is refused (a `TableError` naming the column and the
+    stray rows) instead of being guessed: one stray value would silently turn a binary task into a
+    bounded regression (a float 3.0) or a 3-class category (an integer 2). Almost binary means:
+    both 0 and 1 occur, the column has at least `ALMOST_BINARY_MIN_VALUES` (10) non-missing values,
+    and the values outside {0, 1} (NaN is missing and does not count; -1 or inf do) are at least
+    one and at most 1% of them (`ALMOST_BINARY_FRACTION`, but one stray value is always allowed,
+    so 0/1 make up at least 90%) and at most `ALMOST_BINARY_MAX_ROWS` (100) rows. A column with
+    more such values (a rare third class, counts 0..5) is guessed as before. Fix the values or name
+    the kind in `Converters.types`, which skips guessing.
     """
     if isinstance(series.dtype, pd.CategoricalDtype):
         return "category"
@@ -92,9 +102,10 @@ def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
         arr = values.to_numpy(dtype=np.float64)
         if np.isin(arr, (0.0, 1.0)).all():
             return "binary"
-        if pd.api.types.is_integer_dtype(series.dtype) and arr.min() >= 0 and arr.max() < max_categories:
-            return "category"
-        return "continuous"
+        guess = "category" if pd.api.types.is_integer_dtype(series.dtype) and arr.min() >= 0 \
+            and arr.max() < max_categories else "continuous"
+        _refuse_almost_binary(values, arr, guess)
+        return guess
     items = values.tolist()
     if all(isinstance(v, (bool, np.bool_)) for v in items):
         return "binary"
@@ -110,12 +121,45 @@ def guess_kind(series: pd.Series, max_categories: int = 50) -> str:
                      f"({type(items[0]).__name__}); name it in Converters(types={{{series.name!r}: ...}}), one of {KINDS}")
 
 
+ALMOST_BINARY_FRACTION = 0.01  # at most this share of a 0/1 column's values may be strays ...
+ALMOST_BINARY_MAX_ROWS = 100  # ... and at most this many rows (more is a real class or real values)
+ALMOST_BINARY_MIN_VALUES = 10  # below this, one stray value is 10% of the column: not "a few"
+
+
+def _refuse_almost_binary(values: pd.Series, arr: np.ndarray, guess: str) -> None:
+    """Raise when the non-missing numeric `values` (as float64 `arr`) are almost binary (see
+    `guess_kind`): all but a few in {0, 1}. `guess` is the kind they would be guessed otherwise."""
+    n = len(arr)
+    stray = ~np.isin(arr, (0.0, 1.0))
+    k = int(stray.sum())
+    allowed = min(ALMOST_BINARY_MAX_ROWS, max(1, int(ALMOST_BINARY_FRACTION * n)))
+    if n < ALMOST_BINARY_MIN_VALUES or not 1 <= k <= allowed or not ((arr == 0).any() and (arr == 1).any()):
+        return
+    name = values.name
+    raise TableError(
+        f"column {name!r} is almost binary: {k} of the {n} values {'is' if k == 1 else 'are'} not 0 or 1: "
+        f"{_list_rows(values, np.flatnonzero(stray))}. A guess would make it {guess!r} instead of 'binary' "
+        f"because of them. Fix those values (NaN marks a missing value), or name its kind: "
+        f"Converters(types={{{name!r}: 'binary'}}) (or 'category' / 'continuous' if the values are right)")
+
+
 # Value conversion -------------------------------------------------------------------------------
 
+MAX_LISTED_ROWS = 10  # error messages list this many rows, then "and N more"
+
+
+def _list_rows(series: pd.Series, positions: Sequence[int], k: int = MAX_LISTED_ROWS) -> str:
+    """"row 'a' (3.0), row 'c' (2.0) and 240 more": the rows (by index label) at `positions`."""
+    shown = ", ".join(f"row {_plain(series.index[p])!r} ({_plain(series.iloc[p])!r})" for p in positions[:k])
+    return shown + (f" and {len(positions) - k} more" if len(positions) > k else "")
+
+
 def _row_error(series: pd.Series, bad: np.ndarray, what: str) -> TableError:
-    pos = int(np.flatnonzero(bad)[0])
+    positions = np.flatnonzero(bad)
+    pos = int(positions[0])
+    more = f": {_list_rows(series, positions)}" if len(positions) > 1 else ""
     return TableError(f"column {series.name!r}, row {_plain(series.index[pos])!r}: {_plain(series.iloc[pos])!r} {what}"
-                      f" ({int(bad.sum())} such row(s))")
+                      f" ({len(positions)} such row(s){more})")
 
 
 def _plain(v: Any) -> Any:
@@ -123,14 +167,20 @@ def _plain(v: Any) -> Any:
 
 
 def _numbers(series: pd.Series, column: "Column") -> np.ndarray:
-    """float64 values, NaN where missing; a value that is not a number is an error."""
+    """float64 values, NaN where missing; a value that is not a number, or is infinite, is an error
+    (an inf would make a guessed scale inf and every other label 0)."""
     if pd.api.types.is_numeric_dtype(series.dtype) and not isinstance(series.dtype, pd.CategoricalDtype):
-        return series.to_numpy(dtype=np.float64, na_value=np.nan)
-    coerced = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.isnan(coerced) & ~series.isna().to_numpy()
-    if bad.any():
-        raise _row_error(series, bad, f"is not a number (column kind {column.kind!r})")
-    return coerced
+        arr = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        arr = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(arr) & ~series.isna().to_numpy()
+        if bad.any():
+            raise _row_error(series, bad, f"is not a number (column kind {column.kind!r})")
+    infinite = np.isinf(arr)
+    if infinite.any():
+        raise _row_error(series, infinite, f"is not a finite number (column kind {column.kind!r}); replace it "
+                                           f"with a finite value, or with NaN where the value is unknown")
+    return arr
 
 
 def to_binary(series: pd.Series, column: "Column") -> np.ndarray:
@@ -292,7 +342,8 @@ class ImageFiles:
     """A lazy sequence of images: `len(images)`; `images[i]` reads file i as float (C, H, W) in
     [0, 1]; `images[rows]` (a slice, index array or list) is the sub-sequence of those files.
 
-    `FlowDataset` accepts it as an input; a batch stacks the images, so they must share a size.
+    `FlowDataset` accepts it as an input; a batch stacks the images, so they must share a size
+    (a batch that mixes sizes is an `InputError` naming both files and both sizes).
     """
 
     def __init__(self, paths: Sequence[str], mode: str = "RGB"):
@@ -394,8 +445,18 @@ class Converters:
                     raise TableError(f"Converters.{attr} key {key!r} is neither a column nor a kind {KINDS}"
                                      f"{_close(key, known)}")
 
-    def describe(self, series: pd.Series, role: str) -> Column:
-        """The `Column` of `series`: its kind (told or guessed) and what conversion needs to know."""
+    def describe(self, series: pd.Series, role: str, saved: Optional[Column] = None, source: str = "") -> Column:
+        """The `Column` of `series`: its kind (told or guessed) and what conversion needs to know.
+
+        `saved` is what an earlier project recorded for this column (its kind, class names and
+        scale; `source` names the file, for messages). It is used instead of guessing, so that
+        class indices and units stay the same across tables; told values (`types`,
+        `class_names`, `num_classes`, `scales`) must agree with it, and the column's categories
+        must be among the saved class names and its values within the saved scale (else a
+        `TableError` naming both values and the file).
+        """
+        if saved is not None:
+            return self._reuse(series, role, saved, source)
         name = str(series.name)
         kind = self.types.get(name) or guess_kind(series, self.max_categories)
         class_names = None
@@ -407,6 +468,40 @@ class Converters:
         if name in self.class_names and kind not in ("category", "multilabel"):
             raise TableError(f"column {name!r} is {kind}, but Converters.class_names names it; "
                              f"set Converters(types={{{name!r}: 'category'}}) or 'multilabel'")
+        return Column(name, kind, role, class_names, scale, self.image_root if kind == "image" else None)
+
+    def _reuse(self, series: pd.Series, role: str, saved: Column, source: str) -> Column:
+        name = str(series.name)
+        fresh = f"; drop that setting to use the saved value, or delete {source} to start afresh " \
+                f"(models trained with the saved classes and scales then no longer match)"
+        kind = saved.kind
+        told = self.types.get(name)
+        if told is not None and told != kind:
+            raise TableError(f"column {name!r}: Converters.types says {told!r}, but {source} saved {kind!r}{fresh}")
+        class_names = scale = None
+        if kind in ("category", "multilabel"):
+            class_names = saved.class_names
+            if name in self.class_names and tuple(str(c) for c in self.class_names[name]) != class_names:
+                raise TableError(f"column {name!r}: Converters.class_names says {[str(c) for c in self.class_names[name]]}"
+                                 f", but {source} saved {list(class_names)}{fresh}")
+            count = self.num_classes.get(name)
+            if count is not None and count != len(class_names):
+                raise TableError(f"column {name!r}: Converters.num_classes says {count}, but {source} saved "
+                                 f"{len(class_names)} classes {_short(class_names)}{fresh}")
+            _check_saved_classes(series, kind, class_names, source)
+        elif name in self.class_names:
+            raise TableError(f"column {name!r} is {kind} (saved in {source}), but Converters.class_names names it")
+        elif kind == "continuous" and role == "output":
+            if name in self.scales and saved.scale is not None and float(self.scales[name]) != saved.scale:
+                raise TableError(f"column {name!r}: Converters.scales says {float(self.scales[name])!r}, but {source} "
+                                 f"saved {saved.scale!r}{fresh}")
+            scale = saved.scale if saved.scale is not None else self._scale(series)  # an input before
+            arr = _numbers(series, Column(name, kind, role))
+            above = arr > scale
+            if above.any():
+                raise _row_error(series, above, f"is above the scale {scale:g} saved in {source} (labels are divided "
+                                                f"by it); fix the values, or delete {source} to start afresh (models "
+                                                f"trained with the saved scale then no longer match)")
         return Column(name, kind, role, class_names, scale, self.image_root if kind == "image" else None)
 
     def _class_names(self, series: pd.Series, kind: str) -> Tuple[str, ...]:
@@ -456,6 +551,52 @@ class Converters:
             raise TableError(f"column {name!r}: continuous values are scaled by their maximum, which is {top:g}; "
                              f"set Converters(scales={{{name!r}: ...}})")
         return top
+
+
+def _check_saved_classes(series: pd.Series, kind: str, class_names: Tuple[str, ...], source: str) -> None:
+    """Refuse categories of `series` that are not among the `class_names` saved in `source`: a
+    new name, or a class index beyond them, would change or break the class indices."""
+    name = series.name
+    fresh = (f"class indices must stay those of {source}: fix the values, or delete {source} to start afresh "
+             f"(models trained with the saved classes then no longer fit)")
+    n = len(class_names)
+    if kind == "multilabel":
+        try:
+            rows = parse_multilabel(series, class_names)
+        except TableError as e:
+            raise TableError(f"{e}; {fresh}") from None
+        top = np.array([max(idx) if idx else -1 for idx in rows])
+        bad = top >= n
+        if bad.any():
+            pos = np.flatnonzero(bad)
+            raise TableError(f"column {name!r} holds class index {int(top[pos].max())} ({_rows(series, pos)}), but "
+                             f"{source} saved {n} classes {_short(class_names)}; {fresh}")
+        return
+    if _holds_indices(series):
+        arr = _numbers(series, Column(str(name), kind))
+        bad = ~np.isnan(arr) & (arr >= n)
+        if bad.any():
+            pos = np.flatnonzero(bad)
+            raise TableError(f"column {name!r} holds class index {int(arr[pos].max())} ({_rows(series, pos)}), but "
+                             f"{source} saved {n} classes {_short(class_names)}; {fresh}")
+        return
+    missing = series.isna().to_numpy()
+    known = set(class_names)
+    strings = [str(v) for v in series.tolist()]
+    bad = np.array([not m and v not in known for v, m in zip(strings, missing)], dtype=bool)
+    if bad.any():
+        pos = np.flatnonzero(bad)
+        unknown = sorted({strings[p] for p in pos})
+        shown = ", ".join(map(repr, unknown[:MAX_LISTED_ROWS])) + (
+            f" and {len(unknown) - MAX_LISTED_ROWS} more" if len(unknown) > MAX_LISTED_ROWS else "")
+        raise TableError(f"column {name!r} holds {shown} ({_rows(series, pos)}), which {'is' if len(unknown) == 1 else 'are'}"
+                         f" not among the class names {_short(class_names)} saved in {source}; {fresh}")
+
+
+def _rows(series: pd.Series, positions: Sequence[int], k: int = MAX_LISTED_ROWS) -> str:
+    """"rows 3, 'b', 9 and 240 more": the index labels at `positions`."""
+    labels = ", ".join(repr(_plain(series.index[p])) for p in positions[:k])
+    return f"row{'s' if len(positions) > 1 else ''} {labels}" + (f" and {len(positions) - k} more" if len(positions) > k else "")
 
 
 def _close(name: str, known) -> str:

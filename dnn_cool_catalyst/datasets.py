@@ -33,9 +33,15 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .files import write_atomic
+from .files import read_json, write_atomic, write_json
 
-__all__ = ["security", "load_images", "SHIRT_TYPES", "FACIAL_CHARACTERISTICS"]
+__all__ = ["security", "security_table", "load_images", "SHIRT_TYPES", "FACIAL_CHARACTERISTICS", "GENERATION_FILE"]
+
+GENERATION_FILE = "generation.json"
+"""Written last under ``root`` by :func:`security`: the parameters of the data the root holds."""
+
+# Bumped whenever the drawing changes, so that data made by an older generator is not reused.
+_GENERATOR_VERSION = 1
 
 SHIRT_TYPES: tuple[str, ...] = (
     "t-shirt",
@@ -300,6 +306,14 @@ def security(
     survives; read the table back losslessly with
     ``pd.read_csv(path, keep_default_na=False, na_values=["NaN"])``.
 
+    A root is always regenerated, never reused: data made with another seed or
+    size under the same root is replaced.  The parameters are recorded in
+    ``root/generation.json`` (:data:`GENERATION_FILE`), which is removed before
+    the first file is written and written (fsynced) after the last, so it exists
+    only while the root holds one complete generation with exactly those
+    parameters; images a previous generation recorded beyond ``n`` are removed.
+    :func:`security_table` reuses a root only when that record matches.
+
     Raises ``ValueError`` unless ``n >= 1`` and ``seed >= 0`` are integers,
     ``image_size >= 32`` is an integer and ``0 <= missing_rate < 1``.
     """
@@ -340,14 +354,64 @@ def security(
     df = pd.DataFrame(data, columns=list(_COLUMNS))
 
     if root is not None:
-        root = os.fspath(root)
-        os.makedirs(root, exist_ok=True)
-        for name, image in zip(df["img"], images):
-            _write_png(os.path.join(root, name), image)
-        csv_text = df.to_csv(index=False, na_rep="NaN", lineterminator="\n").encode("utf-8")
-        write_atomic(os.path.join(root, "labels.csv"), lambda fh: fh.write(csv_text))
-
+        _write_root(os.fspath(root), df, images, _parameters(n, seed, image_size, missing_rate))
     return df, images
+
+
+def _parameters(n: int, seed: int, image_size: int, missing_rate: float) -> dict:
+    return {"generator": _GENERATOR_VERSION, "n": n, "seed": seed, "image_size": image_size,
+            "missing_rate": missing_rate}
+
+
+def _recorded(root: str) -> dict | None:
+    """The parameters recorded under ``root``, or None (no record, or one that cannot be read)."""
+    try:
+        record = read_json(os.path.join(root, GENERATION_FILE))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_root(root: str, df: pd.DataFrame, images: np.ndarray, parameters: dict) -> None:
+    os.makedirs(root, exist_ok=True)
+    record = os.path.join(root, GENERATION_FILE)
+    previous = _recorded(root)
+    if os.path.exists(record):
+        os.remove(record)  # from here until the end, the root holds no complete generation
+    for name, image in zip(df["img"], images):
+        _write_png(os.path.join(root, name), image)
+    old_n = previous.get("n") if previous is not None else None
+    if isinstance(old_n, int) and old_n > len(df):  # images only the previous, larger generation had
+        for i in range(len(df), old_n):
+            try:
+                os.remove(os.path.join(root, _image_name(i)))
+            except FileNotFoundError:
+                pass
+    csv_text = df.to_csv(index=False, na_rep="NaN", lineterminator="\n").encode("utf-8")
+    write_atomic(os.path.join(root, "labels.csv"), lambda fh: fh.write(csv_text), fsync=True)
+    write_json(record, parameters, fsync=True)
+
+
+def security_table(
+    root: str | os.PathLike,
+    n: int,
+    seed: int = 0,
+    image_size: int = 64,
+    missing_rate: float = 0.05,
+) -> pd.DataFrame:
+    """The table of ``security(n, seed, root=root, ...)``, read from ``root/labels.csv``.
+
+    The data under ``root`` is reused only when ``root/generation.json`` records
+    exactly these parameters; otherwise (absent, another seed, size or rate, or
+    an interrupted generation, which leaves no record) the root is regenerated
+    first.  The table is read as ``pd.read_csv(..., keep_default_na=False,
+    na_values=["NaN"])``, the same whether it was generated now or before.
+    """
+    n, seed, image_size, missing_rate = _validate(n, seed, image_size, missing_rate)
+    root = os.fspath(root)
+    if _recorded(root) != _parameters(n, seed, image_size, missing_rate):
+        security(n, seed=seed, root=root, image_size=image_size, missing_rate=missing_rate)
+    return pd.read_csv(os.path.join(root, "labels.csv"), keep_default_na=False, na_values=["NaN"])
 
 
 def load_images(root: str | os.PathLike, names: Iterable[str]) -> np.ndarray:

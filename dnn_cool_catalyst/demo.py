@@ -26,14 +26,9 @@ BAR_SHIRT_ACCURACY = 0.9
 
 
 def load_story_table(root: str, n: int, seed: int) -> pd.DataFrame:
-    """The annotation table under `root`, generating images and `labels.csv` when absent or stale."""
-    labels = os.path.join(root, "labels.csv")
-    if os.path.isfile(labels):
-        df = pd.read_csv(labels, keep_default_na=False, na_values=["NaN"])
-        if len(df) == n:
-            return df
-    datasets.security(n, seed=seed, root=root)
-    return pd.read_csv(labels, keep_default_na=False, na_values=["NaN"])
+    """The annotation table under `root`, generating images and `labels.csv` unless `root` holds
+    exactly the data of `n` and `seed` (`datasets.security_table`)."""
+    return datasets.security_table(root, n, seed=seed)
 
 
 def build_project(df: pd.DataFrame, image_root: str, project_dir: str, features: int = 256, seed: int = 0) -> Project:

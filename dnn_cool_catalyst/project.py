@@ -41,13 +41,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .converters import Column, Converters, ImageFiles, TableError, _close
+from .converters import KINDS, Column, Converters, ImageFiles, TableError, _close
 from .dsl import TaskFlow, Tasks
 from .errors import LabelError
-from .files import write_json
+from .files import read_json, write_json
 
 SPLITS = ("train", "valid", "test")
 SPLIT_FILE = "split.json"
+COLUMNS_FILE = "columns.json"
 Rows = Union[None, str, slice, Sequence[int], np.ndarray]
 
 
@@ -120,6 +121,47 @@ def seeded_head(factory: Any, name: str, n_in: int, n_out: int, seed: int) -> nn
         return factory(name, n_in, n_out)
 
 
+# Column descriptions (one atomic file) ------------------------------------------------------------
+
+def load_columns(path: Optional[str]) -> Dict[str, Column]:
+    """The column descriptions saved at `path` (`{name: Column}` with kind, class names and scale),
+    or none when there is no such file. A malformed file is an error naming it."""
+    if path is None or not os.path.exists(path):
+        return {}
+    fix = "delete it to describe the columns afresh from the next table"
+    try:
+        entries = read_json(path)["columns"]
+        if not isinstance(entries, dict):
+            raise TypeError(f"'columns' is a {type(entries).__name__}, not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TableError(f"column file {path!r} is unreadable ({type(e).__name__}: {e}); {fix}") from None
+    columns = {}
+    for name, entry in entries.items():
+        try:
+            kind, class_names, scale = entry["kind"], entry.get("class_names"), entry.get("scale")
+            if kind not in KINDS:
+                raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+            if kind in ("category", "multilabel"):
+                if not isinstance(class_names, list) or not class_names or not all(isinstance(c, str) for c in class_names):
+                    raise ValueError(f"a {kind} column needs a non-empty list of class names, got {class_names!r}")
+            elif class_names is not None:
+                raise ValueError(f"a {kind} column has no class names, got {class_names!r}")
+            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                      or not 0 < scale < float("inf")):
+                raise ValueError(f"scale must be a positive number, got {scale!r}")
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise TableError(f"column file {path!r}, column {name!r}: {e}; {fix}") from None
+        columns[name] = Column(name, kind, class_names=tuple(class_names) if class_names is not None else None,
+                               scale=float(scale) if scale is not None else None)
+    return columns
+
+
+def save_columns(path: str, columns: Mapping[str, Column]) -> None:
+    """Write `columns` (kind, class names, scale per column) to `path` as JSON, atomically."""
+    write_json(path, {"columns": {name: {"kind": c.kind, "class_names": list(c.class_names) if c.class_names else None,
+                                         "scale": c.scale} for name, c in columns.items()}})
+
+
 # The model helper -------------------------------------------------------------------------------
 
 class BackboneModel(nn.Module):
@@ -147,6 +189,13 @@ class BackboneModel(nn.Module):
 
 # The project ------------------------------------------------------------------------------------
 
+def _saved_form(column: Column, saved: Optional[Column]) -> Column:
+    """What `columns.json` keeps of `column`: kind, class names and scale (a scale learnt while the
+    column was an output is kept when it is an input now)."""
+    scale = column.scale if column.scale is not None else (saved.scale if saved is not None else None)
+    return Column(column.name, column.kind, class_names=column.class_names, scale=scale)
+
+
 class Project(Tasks):
     """A `Tasks` built from a DataFrame: one task per output column, inputs from the input
     column(s), a persistent train/valid/test split, datasets and a runner.
@@ -154,10 +203,17 @@ class Project(Tasks):
     `input_col`: a column name or list of names (each becomes the input `x[<name>]`);
     `output_col`: the label columns (None: every other column), each a task named after it;
     `converters`: overrides of guessed kinds, conversions, tasks and heads (`Converters`);
-    `project_dir`: where the split (`split.json`) and runner logdirs live (None: split in memory,
-    no runner); `split`: (train, valid, test) fractions; `seed`: the split's seed and the heads'
-    initialisation (`seeded_head`: independent of the global random state).
+    `project_dir`: where the split (`split.json`), the column descriptions (`columns.json`) and
+    runner logdirs live (None: both in memory, no runner); `split`: (train, valid, test)
+    fractions; `seed`: the split's seed and the heads' initialisation (`seeded_head`:
+    independent of the global random state).
     A saved split is reused; one made for another table, or other fractions, is an error.
+    The first Project built in a `project_dir` saves each column's kind, class names and scale
+    (guessed or told) in `columns.json`; later ones reuse them instead of guessing, so class
+    indices and units stay the same whatever rows a table holds. A table whose categories are not
+    among the saved class names, whose values exceed a saved scale, or a told kind, class list or
+    scale that differs from the saved one is an error naming the column, both values and the file
+    (delete `columns.json` to start afresh). Columns not described yet are added to the file.
     """
 
     def __init__(self, df: pd.DataFrame, input_col: Union[str, Sequence[str]],
@@ -188,6 +244,9 @@ class Project(Tasks):
             if not c.isidentifier():
                 raise TableError(f"output column {c!r} cannot name a task: rename it to a Python identifier")
         self.converters.check([str(c) for c in df.columns])
+        self.project_dir = os.fspath(project_dir) if project_dir is not None else None
+        columns_path = os.path.join(self.project_dir, COLUMNS_FILE) if self.project_dir is not None else None
+        saved = load_columns(columns_path)
 
         self.columns: Dict[str, Column] = {}
         self.input_data: Dict[str, Any] = {}
@@ -198,7 +257,7 @@ class Project(Tasks):
                 series = df[c]
                 if series.isna().all():
                     raise TableError(f"{role} column {c!r}: every value is missing")
-                column = self.converters.describe(series, role)
+                column = self.converters.describe(series, role, saved.get(str(c)), repr(columns_path))
                 self.columns[c] = column
                 values = self.converters.value_converter(column)(series, column)
                 if len(values) != len(df):
@@ -213,12 +272,15 @@ class Project(Tasks):
                 tasks.append(task)
         super().__init__(tasks)
 
-        self.project_dir = os.fspath(project_dir) if project_dir is not None else None
         if self.project_dir is not None:
             os.makedirs(self.project_dir, exist_ok=True)
         split_path = os.path.join(self.project_dir, SPLIT_FILE) if self.project_dir is not None else None
         self.splits: Dict[str, np.ndarray] = load_or_make_split(
             split_path, len(df), split, seed, table_fingerprint(df[self.input_cols]))
+        # saved only once the whole table is accepted, so a refused table changes nothing
+        merged = {**saved, **{name: _saved_form(c, saved.get(name)) for name, c in self.columns.items()}}
+        if columns_path is not None and merged != saved:
+            save_columns(columns_path, merged)
 
     def _names(self, cols: Union[str, Sequence[str]], arg: str) -> List[str]:
         names = [cols] if isinstance(cols, str) else list(cols)
@@ -313,4 +375,5 @@ class Project(Tasks):
         return FlowRunner(self.get_full_flow(), model=model, logdir=os.path.join(self.project_dir, runner_name), **kwargs)
 
 
-__all__ = ["BackboneModel", "ImageFiles", "Project", "SPLITS", "load_or_make_split", "make_split", "table_fingerprint"]
+__all__ = ["BackboneModel", "ImageFiles", "Project", "SPLITS", "load_columns", "load_or_make_split", "make_split",
+           "save_columns", "table_fingerprint"]

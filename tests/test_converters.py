@@ -188,3 +188,51 @@ def test_converters_check_and_lookup_order():
         Converters(values={"contnuous": to_text}).check(["a"])
     with pytest.raises(TableError, match=r"'a' is binary, but Converters.class_names names it"):
         Converters(class_names={"a": ["x", "y"]}).describe(pd.Series([0.0, 1.0], name="a"), "output")
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+@pytest.mark.parametrize("role", ["output", "input"])
+def test_infinite_continuous_value_is_an_error_naming_column_and_row(bad, role):
+    # one inf used to make the guessed scale inf: every finite label became 0.0, the inf NaN
+    s = pd.Series([10.0, NAN, bad, 40.0], index=["a", "b", "c", "d"], name="x")
+    with pytest.raises(TableError, match=rf"column 'x', row 'c': {bad!r} is not a finite number"):
+        column = Converters().describe(s, role)
+        to_continuous(s, column)
+    with pytest.raises(TableError, match=r"column 'x', row 'c': .*inf is not a finite number"):  # told scale too
+        to_continuous(s, Converters(scales={"x": 64.0}).describe(s, "output"))
+    words = pd.Series(["1.5", "inf"], name="x", dtype=object)  # strings that parse as infinity
+    with pytest.raises(TableError, match=r"row 1: 'inf' is not a finite number"):
+        to_continuous(words, Column("x", "continuous", "input"))
+    with pytest.raises(TableError, match=r"column 'c', row 1: inf is not a finite number"):
+        Converters(types={"c": "category"}).describe(pd.Series([0.0, np.inf], name="c"), "output")
+
+
+def _almost_binary(n, stray_rows, stray, dtype="float64"):
+    values = np.tile([0, 1], n // 2 + 1)[:n].astype(dtype)
+    values[stray_rows] = stray
+    return pd.Series(values, name="door_open")
+
+
+@pytest.mark.parametrize("dtype, stray", [("float64", 3.0), ("int64", 2), ("float64", 0.5), ("int64", -1)])
+def test_almost_binary_column_is_refused_naming_the_rows(dtype, stray):
+    # a 0/1 column with one stray value used to become a bounded regression (float) or a 3-class category (int)
+    s = _almost_binary(300, [7], stray, dtype)
+    with pytest.raises(TableError, match=rf"column 'door_open'.*almost binary.*row 7 \({stray!r}\).*"
+                                         r"Converters\(types=\{'door_open'"):
+        guess_kind(s)
+    assert Converters(types={"door_open": "category"}).describe(
+        pd.Series(s.to_numpy() + (1 if stray == -1 else 0), name="door_open"), "output").kind == "category"
+
+
+def test_almost_binary_caps_the_listed_rows_and_keeps_legitimate_columns():
+    s = _almost_binary(3000, list(range(5, 3000, 100)), 2.0)  # 30 stray rows: 1%
+    with pytest.raises(TableError, match=r"30 of the 3000 values.*row 5 \(2\.0\), .*row 905 \(2\.0\) and 20 more"):
+        guess_kind(s)
+    rng = np.random.default_rng(0)
+    counts = pd.Series(rng.integers(0, 6, 500), name="people")  # counts 0..5 spread out
+    assert guess_kind(counts) == "category"
+    assert guess_kind(counts.astype(float)) == "continuous"
+    assert guess_kind(_almost_binary(300, list(range(0, 300, 50)), 2, "int64")) == "category"  # 2%: a real class
+    assert guess_kind(_almost_binary(9, [3], 2, "int64")) == "category"  # too few values to call one stray
+    assert guess_kind(pd.Series([0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], name="c")) == "category"  # no 1 at all
+    assert guess_kind(_almost_binary(300, [], 0.0)) == "binary"

@@ -1,5 +1,7 @@
 """Tests for the synthetic home-security camera dataset generator."""
 
+import io
+import json
 import math
 import os
 
@@ -254,7 +256,7 @@ def test_png_round_trip(tmp_path):
     root = tmp_path / "security"
     df, images = datasets.security(80, seed=9, root=root)
     assert (df["facial_characteristics"] == "").any() and df["facial_characteristics"].isna().any()
-    assert sorted(os.listdir(root)) == sorted(list(df["img"]) + ["labels.csv"])  # no temp leftovers
+    assert sorted(os.listdir(root)) == sorted(list(df["img"]) + ["labels.csv", "generation.json"])  # no temp leftovers
     np.testing.assert_array_equal(datasets.load_images(root, df["img"]), images)
     np.testing.assert_array_equal(datasets.load_images(str(root), list(df["img"][3:5])), images[3:5])
     labels = pd.read_csv(root / "labels.csv", keep_default_na=False, na_values=["NaN"])
@@ -264,7 +266,7 @@ def test_png_round_trip(tmp_path):
     # Rewriting into an existing directory replaces the files.
     df2, images2 = datasets.security(80, seed=10, root=root)
     np.testing.assert_array_equal(datasets.load_images(root, df2["img"]), images2)
-    assert len(os.listdir(root)) == 81
+    assert len(os.listdir(root)) == 82
 
 
 def test_load_images_missing_file(tmp_path):
@@ -304,3 +306,40 @@ def test_argument_validation(kwargs, name, tmp_path):
 def test_accepts_numpy_integers():
     df, images = datasets.security(np.int64(4), seed=np.int32(2), image_size=np.int64(32))
     assert images.shape == (4, 32, 32, 3) and len(df) == 4
+
+
+def _table(df):
+    """`df` as `labels.csv` reads back (string columns as pandas reads them)."""
+    return pd.read_csv(io.StringIO(df.to_csv(index=False, na_rep="NaN")), keep_default_na=False, na_values=["NaN"])
+
+
+def test_demo_regenerates_data_made_with_another_seed_or_size(tmp_path):
+    from dnn_cool_catalyst.demo import load_story_table
+
+    root = tmp_path / "data"
+    datasets.security(20, seed=1, root=root)
+    # same n, another seed: the seed-1 table used to be reused silently
+    pd.testing.assert_frame_equal(load_story_table(str(root), 20, seed=2), _table(datasets.security(20, seed=2)[0]))
+    assert json.loads((root / "generation.json").read_text())["seed"] == 2
+    df, images = datasets.security(12, seed=2)
+    pd.testing.assert_frame_equal(load_story_table(str(root), 12, seed=2), _table(df))
+    np.testing.assert_array_equal(datasets.load_images(root, df["img"]), images)
+    assert sorted(os.listdir(root)) == sorted(list(df["img"]) + ["labels.csv", "generation.json"])  # 12..19 removed
+
+
+def test_security_table_reuses_only_a_complete_matching_generation(tmp_path):
+    root = tmp_path / "data"
+    df, _ = datasets.security(10, seed=3, root=root)
+    stamp = (root / "labels.csv").stat().st_mtime_ns
+    pd.testing.assert_frame_equal(datasets.security_table(root, 10, seed=3), _table(df))
+    assert (root / "labels.csv").stat().st_mtime_ns == stamp  # reused, not rewritten
+    other, _ = datasets.security(10, seed=3, missing_rate=0.5)
+    pd.testing.assert_frame_equal(datasets.security_table(root, 10, seed=3, missing_rate=0.5), _table(other))
+    # an interrupted generation leaves no record (it is removed first, written last): regenerated
+    (root / "generation.json").unlink()
+    (root / "labels.csv").write_text("img\n000000.png\n")
+    pd.testing.assert_frame_equal(datasets.security_table(root, 10, seed=3, missing_rate=0.5), _table(other))
+    (root / "generation.json").write_text("{not json")
+    pd.testing.assert_frame_equal(datasets.security_table(root, 10, seed=3), _table(df))
+    with pytest.raises(ValueError, match=r"^seed"):
+        datasets.security_table(root, 10, seed=-1)

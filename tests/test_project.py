@@ -188,7 +188,10 @@ def test_bad_tables_raise_clear_errors(tmp_path):
         dcc.Project(df, "image", ["obj_x"], converters=conv)
     bad = df.copy()
     bad.loc[7, "obj_exists"] = 3.0
-    assert dcc.Project(bad, "img", converters=conv).columns["obj_exists"].kind == "continuous"  # guessed
+    # one stray 3.0 in a 0/1 column used to be guessed a bounded regression, silently
+    with pytest.raises(dcc.TableError, match=r"column 'obj_exists' is almost binary: 1 of the 18 values is not 0 "
+                                             r"or 1: row 7 \(3\.0\).*Converters\(types=\{'obj_exists': 'binary'\}\)"):
+        dcc.Project(bad, "img", converters=conv)
     conv.types["obj_exists"] = "binary"
     with pytest.raises(dcc.TableError, match=r"column 'obj_exists', row 7: 3\.0 is not a binary value"):
         dcc.Project(bad, "img", converters=conv)
@@ -305,3 +308,81 @@ def test_runner_logdir(tmp_path):
     assert (logdir / "checkpoints").is_dir() and (logdir / "tuned_params.json").is_file()
     with pytest.raises(ValueError, match="plain directory name"):
         p.runner(model, "../x")
+
+
+def _labels_table(pets, x, flag):
+    n = len(pets)
+    return pd.DataFrame({"a": np.arange(n, dtype=float), "pet": pets, "x": x, "flag": np.asarray(flag, dtype=np.int64)})
+
+
+def test_guessed_classes_scales_and_kinds_are_saved_and_reused(tmp_path):
+    proj = tmp_path / "proj"
+    first = _labels_table(["bird", "cat", "dog", "cat"] * 5, [40.0, 10.0, NAN, 20.0] * 5, [0, 1, 2, 1] * 5)
+    p = dcc.Project(first, "a", project_dir=proj)
+    assert p.columns["pet"].class_names == ("bird", "cat", "dog") and p.columns["x"].scale == 40.0
+    saved = json.loads((proj / "columns.json").read_text())
+    assert saved["columns"]["pet"] == {"kind": "category", "class_names": ["bird", "cat", "dog"], "scale": None}
+    assert saved["columns"]["x"]["scale"] == 40.0 and saved["columns"]["flag"]["kind"] == "category"
+    assert [f for f in os.listdir(proj) if f.endswith(".tmp")] == []
+    # A second table without "bird", smaller x and only 0/1 flags: guessed alone it would give
+    # cat index 0, scale 20 and a binary flag; the saved description keeps the indices and units.
+    second = _labels_table(["cat", "dog", "cat", "cat"] * 5, [20.0, 10.0, NAN, 5.0] * 5, [0, 1, 0, 1] * 5)
+    again = dcc.Project(second, "a", project_dir=proj)
+    assert again.columns["pet"].class_names == ("bird", "cat", "dog")
+    np.testing.assert_array_equal(again.label_data["pet"][:4], [1, 2, 1, 1])
+    assert again.columns["x"].scale == 40.0
+    np.testing.assert_allclose(again.label_data["x"][:2], [0.5, 0.25])
+    assert again.columns["flag"].kind == "category" and again.columns["flag"].class_names == ("0", "1", "2")
+    assert dcc.Project(second, "a").columns["pet"].class_names == ("cat", "dog")  # no project_dir: guessed
+    # told values that agree with the saved ones are fine
+    dcc.Project(second, "a", project_dir=proj, converters=dcc.Converters(
+        types={"pet": "category"}, class_names={"pet": ["bird", "cat", "dog"]}, scales={"x": 40}))
+
+
+def test_saved_column_descriptions_refuse_unknown_values_and_contradictions(tmp_path):
+    proj = tmp_path / "proj"
+    first = _labels_table(["bird", "cat", "dog", "cat"] * 5, [40.0, 10.0, NAN, 20.0] * 5, [0, 1, 2, 1] * 5)
+    dcc.Project(first, "a", project_dir=proj)
+    before = (proj / "columns.json").read_bytes()
+    fish = first.copy()
+    fish.loc[[3, 9], "pet"] = "fish"
+    fish.loc[5, "pet"] = "cow"
+    with pytest.raises(dcc.TableError, match=r"column 'pet' holds 'cow', 'fish' \(rows 3, 5, 9\), which are not "
+                                             r"among the class names \['bird', 'cat', 'dog'\] saved in .*columns\.json'"
+                                             r".*delete .*columns\.json"):
+        dcc.Project(fish, "a", project_dir=proj)
+    big = first.assign(flag=[0, 1, 2, 3] * 5)
+    with pytest.raises(dcc.TableError, match=r"column 'flag' holds class index 3 \(rows 3, 7, 11, 15, 19\).*3 "
+                                             r"classes .*columns\.json"):
+        dcc.Project(big, "a", project_dir=proj)
+    wide = first.assign(x=[80.0, 10.0, NAN, 20.0] * 5)
+    with pytest.raises(dcc.TableError, match=r"column 'x', row 0: 80\.0 is above the scale 40 saved in .*columns\.json"):
+        dcc.Project(wide, "a", project_dir=proj)
+    with pytest.raises(dcc.TableError, match=r"column 'pet': Converters.class_names says \['dog', 'cat', 'bird'\], "
+                                             r"but .*columns\.json' saved \['bird', 'cat', 'dog'\]"):
+        dcc.Project(first, "a", project_dir=proj, converters=dcc.Converters(class_names={"pet": ["dog", "cat", "bird"]}))
+    with pytest.raises(dcc.TableError, match=r"column 'x': Converters.scales says 64\.0, but .*columns\.json' saved 40\.0"):
+        dcc.Project(first, "a", project_dir=proj, converters=dcc.Converters(scales={"x": 64.0}))
+    with pytest.raises(dcc.TableError, match=r"column 'flag': Converters.types says 'continuous', but .*columns\.json"
+                                             r"' saved 'category'"):
+        dcc.Project(first, "a", project_dir=proj, converters=dcc.Converters(types={"flag": "continuous"}))
+    assert (proj / "columns.json").read_bytes() == before  # a refused table changes nothing
+    (proj / "columns.json").write_text('{"columns": {"pet": {"kind": "animal"}}}')
+    with pytest.raises(dcc.TableError, match=r"columns\.json.*'pet'.*delete it"):
+        dcc.Project(first, "a", project_dir=proj)
+    os.remove(proj / "columns.json")  # starting afresh: guessed again from this table
+    assert dcc.Project(first.assign(flag=[0, 1] * 10), "a", project_dir=proj).columns["flag"].kind == "binary"
+
+
+def test_image_of_another_size_names_the_files_and_sizes(tmp_path):
+    df, conv = _small_table(tmp_path)
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "images" / df["img"][5])
+    p = dcc.Project(df, "img", converters=conv)
+    _localize(p)
+    batch = p.loader(rows=[0, 1, 5, 6], batch_size=4)
+    # torch.stack alone says "stack expects each tensor to be equal size", naming no file
+    with pytest.raises(dcc.InputError, match=r"input 'img': samples of one batch differ in shape: sample 2 "
+                                             r"\('.*005\.png'\) is \(3, 12, 10\), but sample 0 \('.*000\.png'\) is "
+                                             r"\(3, 8, 8\).*resize"):
+        next(iter(batch))
+    next(iter(p.loader(rows=[0, 1, 6], batch_size=4)))  # the others still batch

@@ -41,18 +41,42 @@ def _length(value: Any) -> int:
     return len(value)
 
 
-def _take(value: Any, index: Any) -> Any:
+def _take(value: Any, index: Any, name: str = "") -> Any:
     if isinstance(value, Mapping):
-        return {k: _take(v, index) for k, v in value.items()}
+        return {k: _take(v, index, f"{name}.{k}") for k, v in value.items()}
     if isinstance(value, Tensor):
         if isinstance(index, Tensor) and index.dim() == 1:
             # a batch of rows: index_select is several times faster than advanced indexing
             return value.index_select(0, index if index.device == value.device else index.to(value.device))
         return value[index]
     if isinstance(index, Tensor):
-        items = [value[i] for i in index.tolist()]
-        return torch.stack([torch.as_tensor(v) for v in items]) if items and _stackable(items[0]) else items
+        rows = index.tolist()
+        items = [value[i] for i in rows]
+        if not (items and _stackable(items[0])):
+            return items
+        tensors = [torch.as_tensor(v) for v in items]
+        try:
+            return torch.stack(tensors)
+        except RuntimeError:
+            raise _mixed_shapes(value, rows, tensors, name) from None
     return value[index]
+
+
+def _mixed_shapes(value: Any, rows: Sequence[int], tensors: Sequence[Tensor], name: str) -> InputError:
+    """torch.stack's own message names no sample: name the first one whose shape differs from the
+    batch's first, and its file where the sequence reads files (`ImageFiles.paths`)."""
+    paths = getattr(value, "paths", None)
+
+    def sample(j: int) -> str:
+        where = f" ({paths[rows[j]]!r})" if paths is not None else ""
+        return f"sample {rows[j]}{where} is {tuple(tensors[j].shape)}"
+
+    odd = [j for j, t in enumerate(tensors) if t.shape != tensors[0].shape]
+    if not odd:  # not a shape mismatch: torch's error stands
+        return InputError(f"input {name!r}: cannot stack a batch of {len(tensors)} samples")
+    return InputError(f"input {name!r}: samples of one batch differ in shape: {sample(odd[0])}, but {sample(0)} "
+                      f"({len(odd)} of {len(tensors)} samples differ from it); a batch stacks them, so they must "
+                      f"share one shape: resize the images (or other items) to one size")
 
 
 def _index_tensor(index: Any) -> Tensor:
@@ -144,7 +168,7 @@ class FlowDataset(Dataset):
                 return self._batch(index)
         elif not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for a dataset of {self.n} samples")
-        x = {k: _take(v, index) for k, v in self.inputs.items()}
+        x = {k: _take(v, index, k) for k, v in self.inputs.items()}
         x["gt"] = {p: self.labels[p][index] for p in self.gt_paths}
         if self.with_index:
             x["index"] = torch.as_tensor(index, dtype=torch.int64) % self.n
@@ -158,7 +182,7 @@ class FlowDataset(Dataset):
                 raise IndexError(f"indices from {lo} to {hi} out of range for a dataset of {self.n} samples")
             if lo < 0:
                 index = torch.where(index < 0, index + self.n, index)
-        x = {k: _take(v, index) for k, v in self.inputs.items()}
+        x = {k: _take(v, index, k) for k, v in self.inputs.items()}
         x["gt"] = {p: self.labels[p].index_select(0, index) for p in self.gt_paths}
         if self.with_index:
             x["index"] = index % self.n
