@@ -59,7 +59,8 @@ def test_a_nan_input_stops_training_at_its_batch_naming_loader_tasks_and_inputs(
 def test_skip_mode_trains_on_the_other_batches_and_counts_the_skipped(data, flow_and_model, loaders_for, tmp_path):
     flow, model = flow_and_model()
     runner = FlowRunner(flow, model=model)
-    with pytest.warns(UserWarning, match=r"skipped 1 batch\(es\) of loader 'train'.*batch 2.*X\['raw'\]"):
+    with pytest.warns(UserWarning, match=r"skipped 1 batch\(es\) of loader 'train'.*batch 2.*X\['raw'\]"), \
+            pytest.warns(UserWarning, match=r"skipped 1 batch\(es\) of loader 'valid'"):
         runner.train(loaders=loaders_for(flow, with_nan(data), shuffle=False), num_epochs=1,
                      logdir=str(tmp_path / "run"), nonfinite="skip")
     assert runner.epoch_metrics["train"][NONFINITE_METRIC] == 1
