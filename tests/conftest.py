@@ -2,6 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import dnn_cool_catalyst as dcc
 
 from dnn_cool_catalyst.story import security_labels, security_tasks
 
@@ -85,3 +88,28 @@ def assert_clear_ranking():
                     f"rounding of a tie; the chosen samples could differ: change the seed of this test's data")
 
     return check
+
+
+@pytest.fixture
+def nested_kind_flow():
+    """`nested_kind_flow(width, features=3)`: a flow `outer` with a binary `gate` and, under it, a
+    sub-flow `inner` holding a classification task `kind` whose head has `width` outputs."""
+
+    def make(width, features=3):
+        tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(features, 1)),
+                           dcc.ClassificationTask("kind", nn.Linear(features, width))])
+
+        @tasks.add_flow
+        def inner(flow, x, out):
+            out += flow.kind(x.f)
+            return out
+
+        @tasks.add_flow
+        def outer(flow, x, out):
+            out += flow.gate(x.f)
+            out += flow.inner(x) | out.gate
+            return out
+
+        return outer
+
+    return make

@@ -68,20 +68,8 @@ def test_torch_tensors_and_numpy_accepted(security_flow, security_data):
     assert ds[0][1]["person_regression.body_regression.shirt_type"].dtype == torch.int64
 
 
-def test_float_class_label_error_names_the_task_path_value_and_row():
-    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(2, 1)), dcc.ClassificationTask("kind", nn.Linear(2, 3))])
-
-    @tasks.add_flow
-    def inner(flow, x, out):
-        out += flow.kind(x.f)
-        return out
-
-    @tasks.add_flow
-    def outer(flow, x, out):
-        out += flow.gate(x.f)
-        out += flow.inner(x) | out.gate
-        return out
-
+def test_float_class_label_error_names_the_task_path_value_and_row(nested_kind_flow):
+    outer = nested_kind_flow(width=3, features=2)
     labels = {"gate": np.ones(3, dtype=np.float32), "inner.kind": np.array([0.0, 1.0, np.inf])}
     with pytest.raises(dcc.LabelError, match=r"'inner\.kind'.*class label inf at sample 2"):
         outer.get_dataset({"f": np.zeros((3, 2), dtype=np.float32)}, labels)

@@ -246,27 +246,10 @@ def test_half_precision_logits_sum_and_count_in_float32(dtype, rtol):
     assert ps["tokens"].dtype == torch.float32 and torch.isfinite(ps["tokens"]).all()
 
 
-def _nested_kind_flow(width):
-    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)), dcc.ClassificationTask("kind", nn.Linear(3, width))])
-
-    @tasks.add_flow
-    def inner(flow, x, out):
-        out += flow.kind(x.f)
-        return out
-
-    @tasks.add_flow
-    def outer(flow, x, out):
-        out += flow.gate(x.f)
-        out += flow.inner(x) | out.gate
-        return out
-
-    return outer
-
-
-def test_class_index_beyond_the_logits_names_path_index_position_and_width():
+def test_class_index_beyond_the_logits_names_path_index_position_and_width(nested_kind_flow):
     """Without class_names the dataset cannot know the number of classes; cross entropy said only
     "IndexError: Target 7 is out of bounds" (on CUDA: a device-side assert)."""
-    flow = _nested_kind_flow(width=4)
+    flow = nested_kind_flow(width=4)
     x = {"f": torch.randn(5, 3), "gt": {"gate": torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])}}
     y = {"gate": x["gt"]["gate"], "inner.kind": torch.tensor([0, 3, 7, -1, 9])}
     out = flow.torch().train()(x)
@@ -303,8 +286,8 @@ def test_out_of_range_class_index_under_torch_compile_makes_the_loss_nan():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_out_of_range_class_index_on_cuda_first_batch_error_then_nan_without_device_assert():
-    flow = _nested_kind_flow(width=4)
+def test_out_of_range_class_index_on_cuda_first_batch_error_then_nan_without_device_assert(nested_kind_flow):
+    flow = nested_kind_flow(width=4)
     module = flow.torch().cuda().train()
     loss_fn = flow.get_loss()
     x = {"f": torch.randn(3, 3, device="cuda"), "gt": {"gate": torch.ones(3, device="cuda")}}
