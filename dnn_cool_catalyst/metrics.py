@@ -18,6 +18,13 @@ Conventions (checked against scikit-learn in the tests):
   matrix state.
 - Multilabel F1 is *micro* over the available elements: one tp/fp/fn count over all (sample,
   class) elements of `S_t` (scikit-learn's `average="micro"` when no element is missing).
+- Per class (`per_class()` of `ConfusionMatrixMetric` and `MultilabelConfusionMetric`, the
+  per-class rows of the evaluation table): precision, recall and F1 of each class from the same
+  states, as scikit-learn's `precision_recall_fscore_support(..., zero_division=0)` gives them,
+  with `support` = the number of labels of the class (scikit-learn's support). Classification
+  reports the classes the macro average runs over (those among the labels or top-1 predictions,
+  so the macro scores are the means of the per-class ones); multilabel reports every class, NaN
+  for a class without any available element.
 - Perplexity is `exp(mean NLL)` over the masked tokens of `S_t`, the NLL taken from the activated
   probabilities as `-log(max(p_label, tiny))` (`tiny` the smallest normal number of their dtype, so a
   probability that underflowed to 0 costs about 87 nats in float32 instead of infinity).
@@ -34,7 +41,7 @@ done once; used on its own, every metric keeps its own states as before.
 from __future__ import annotations
 
 import abc
-from typing import Dict, Hashable, Mapping, Optional, Union
+from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -150,18 +157,20 @@ def expand_to(mask: Tensor, like: Tensor) -> Tensor:
 # Binary decisions (binary tasks, multilabel elements) ---------------------------------------------------------
 
 
-def binary_counts(preds: Tensor, targets: Tensor, mask: Tensor) -> Dict[str, Tensor]:
+def binary_counts(preds: Tensor, targets: Tensor, mask: Tensor, per_class: bool = False) -> Dict[str, Tensor]:
     """`tp, fp, fn, tn` of boolean decisions `preds` against 0/1/NaN `targets` (same element shape,
-    `(N,)` labels also accept `(N, 1)` predictions) over the available elements of masked samples."""
+    `(N,)` labels also accept `(N, 1)` predictions) over the available elements of masked samples;
+    `per_class`: one count per index of the last dimension (multilabel classes) instead of one in all."""
     if preds.shape != targets.shape:
         preds = preds.reshape(targets.shape)
     w = ~torch.isnan(targets) & expand_to(mask, targets)
     p = preds.bool()
     pos = (targets > 0.5) & w
     neg = (targets <= 0.5) & w  # NaN compares false: missing elements are in neither
-    tp = (p & pos).sum()
-    fp = (p & neg).sum()
-    return {"tp": tp, "fp": fp, "fn": pos.sum() - tp, "tn": neg.sum() - fp}
+    dims = tuple(range(targets.dim() - 1)) if per_class else ()
+    tp = (p & pos).sum(dims)
+    fp = (p & neg).sum(dims)
+    return {"tp": tp, "fp": fp, "fn": pos.sum(dims) - tp, "tn": neg.sum(dims) - fp}
 
 
 def binary_scores(tp, fp, fn, tn, kind: str):
@@ -219,6 +228,81 @@ class ElementAccuracy(BinaryConfusionMetric):
 
     def __init__(self) -> None:
         super().__init__("accuracy")
+
+
+class ClassResult(NamedTuple):
+    """One class of `per_class()`: its index, `{"precision", "recall", "f1_score"}` and its support."""
+
+    index: int
+    scores: Dict[str, float]
+    support: int
+
+
+PER_CLASS_KINDS = ("precision", "recall", "f1_score")
+
+
+def per_class_results(tp: Tensor, fp: Tensor, fn: Tensor, seen: Tensor, classes: Tensor) -> List[ClassResult]:
+    """Precision, recall and F1 of each class in `classes` (indices) from count vectors `(C,)`:
+    0 on a zero division where the class `seen` anything, NaN where it saw nothing; support `tp + fn`."""
+    tp, fp, fn, seen = (v.detach().double().cpu() for v in (tp, fp, fn, seen))
+    out = []
+    for k in classes.tolist():
+        a, b, c = float(tp[k]), float(fp[k]), float(fn[k])
+        scores = {kind: binary_scores(a, b, c, float(seen[k]) - a - b - c, kind) for kind in PER_CLASS_KINDS}
+        out.append(ClassResult(int(k), scores, int(round(a + c))))
+    return out
+
+
+class MultilabelConfusionMetric(BinaryConfusionMetric):
+    """`BinaryConfusionMetric` (element accuracy, micro precision / recall / F1 over the available
+    elements) with its counts kept per class: the same values, plus `per_class()`.
+
+    States are `(C,)` vectors; without `num_classes` they start as scalar zeros (zero for every
+    class) and take the classes of the first update."""
+
+    def __init__(self, kind: str = "f1_score", num_classes: Optional[int] = None) -> None:
+        self.num_classes = num_classes
+        super().__init__(kind)
+
+    def initial_states(self) -> States:
+        return _zeros("tp", "fp", "fn", "tn", shape=(self.num_classes,) if self.num_classes else ())
+
+    @property
+    def state_key(self) -> Hashable:
+        return ("binary_confusion_per_class", self.num_classes)
+
+    def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
+        self._add(**binary_counts(preds, targets, mask, per_class=True))
+
+    def compute(self) -> float:
+        s = self.states
+        return binary_scores(s["tp"].sum(), s["fp"].sum(), s["fn"].sum(), s["tn"].sum(), self.kind)
+
+    def all_reduce(self, device: Optional[torch.device] = None) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = _reduce_device(device) or self.states["tp"].device
+        names = ("tp", "fp", "fn", "tn")
+        size = torch.tensor([self.states["tp"].numel() if self.states["tp"].dim() else 0], dtype=torch.int64,
+                            device=device)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)  # a rank that saw nothing holds scalar zeros
+        c = int(size)
+        flat = torch.stack([self.states[k].to(device, torch.float64).expand(c) if c else
+                            self.states[k].to(device, torch.float64) for k in names])
+        dist.all_reduce(flat)
+        for k, v in zip(names, flat):
+            self.states[k] = v.clone()
+
+    def per_class(self) -> List[ClassResult]:
+        """Every class (index order): precision, recall, F1 over its available elements, support =
+        its positive labels (NaN scores where the class had no available element)."""
+        s = self.states
+        if s["tp"].dim() == 0:  # nothing seen and the classes unknown
+            return []
+        seen = s["tp"] + s["fp"] + s["fn"] + s["tn"]
+        return per_class_results(s["tp"], s["fp"], s["fn"], seen, torch.arange(s["tp"].shape[0]))
 
 
 # Classification ---------------------------------------------------------------------------------------------------
@@ -336,6 +420,14 @@ class ConfusionMatrixMetric(Metric):
 
     def compute(self) -> float:
         return macro_scores(self.states["matrix"], self.kind)
+
+    def per_class(self) -> List[ClassResult]:
+        """The classes among the labels or top-1 predictions (those of the macro average), in index
+        order: precision, recall, F1 of each, support = its labels (the matrix's row sum)."""
+        m = self.states["matrix"].detach().double().cpu()
+        tp, pred, true = m.diagonal(), m.sum(0), m.sum(1)
+        seen = torch.full_like(tp, float(m.sum()))
+        return per_class_results(tp, pred - tp, true - tp, seen, torch.nonzero((pred + true) > 0).reshape(-1))
 
 
 def _pad(m: Tensor, c: int) -> Tensor:

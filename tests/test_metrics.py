@@ -11,6 +11,7 @@ from dnn_cool_catalyst.metrics import (
     ConfusionMatrixMetric,
     ElementAccuracy,
     MeanAbsoluteError,
+    MultilabelConfusionMetric,
     Perplexity,
     TokenAccuracy,
     TopKAccuracy,
@@ -249,12 +250,15 @@ def test_all_reduce_in_a_process_group_keeps_exact_states(tmp_path):
         metrics.all_reduce()  # one rank: the sum is the state itself
         empty = ConfusionMatrixMetric("f1_score")
         empty.all_reduce()  # a rank that saw nothing still takes part
+        empty_multilabel = MultilabelConfusionMetric("f1_score")
+        empty_multilabel.all_reduce()
     finally:
         dist.destroy_process_group()
     after = metrics.states()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k].cpu(), before[k]) for k in before)
     assert empty.states["matrix"].shape == (0, 0)
+    assert all(v.shape == () and float(v) == 0 for v in empty_multilabel.states.values())
 
 
 def test_metrics_with_one_state_key_count_once_for_all():
@@ -308,3 +312,113 @@ def test_perplexity_of_a_token_id_beyond_the_vocabulary_does_not_index_out_of_ra
     m = Perplexity()
     m.update(torch.full((1, 2, 3), 1 / 3), torch.tensor([[1, 3]]), torch.ones(1, dtype=torch.bool))
     assert math.isfinite(m.compute())
+
+
+# Per class ----------------------------------------------------------------------------------------------------------
+
+
+def _per_class_table(results):
+    """`{class index: (precision, recall, f1_score, support)}` from `Metric.per_class()`."""
+    return {r.index: (r.scores["precision"], r.scores["recall"], r.scores["f1_score"], r.support) for r in results}
+
+
+@pytest.mark.parametrize("num_classes", [7, None])
+def test_per_class_classification_scores_match_sklearn(num_classes):
+    rng = np.random.default_rng(8)
+    probs, decoded, labels, mask = _classification_data(rng, n=150, c=7)
+    labels[labels == 6] = 2  # class 6 is only predicted: precision 0, recall 0 by zero division, support 0
+    labels[labels == 5] = 3
+    metric = ConfusionMatrixMetric("f1_score", num_classes)
+    _feed(metric, decoded, labels, mask)
+    sel = ((labels >= 0) & mask).numpy()
+    y, p = labels.numpy()[sel], decoded[:, 0].numpy()[sel]
+    classes = np.union1d(y, p)
+    pr, rc, f1, support = skm.precision_recall_fscore_support(y, p, labels=classes, zero_division=0)
+    got = _per_class_table(metric.per_class())
+    assert sorted(got) == classes.tolist()  # the classes the macro average runs over
+    for k, c in enumerate(classes.tolist()):
+        assert got[c] == pytest.approx((pr[k], rc[k], f1[k], support[k]), abs=1e-12), c
+    # the macro scores are the means of the per-class rows
+    assert metric.compute() == pytest.approx(np.mean([v[2] for v in got.values()]), abs=1e-12)
+    assert _per_class_table(ConfusionMatrixMetric("recall").per_class()) == {}  # nothing seen
+
+
+def test_per_class_multilabel_scores_match_sklearn_over_available_elements():
+    rng = np.random.default_rng(9)
+    n, c = 240, 4
+    labels = (rng.random((n, c)) < 0.3).astype(np.float32)
+    labels[:, 3] = 0  # class 3 never positive: recall and F1 0 by zero division, support 0
+    preds = rng.random((n, c)) < 0.4
+    mask = rng.random(n) < 0.75
+    t, p, m = torch.from_numpy(labels), torch.from_numpy(preds), torch.from_numpy(mask)
+    metric = MultilabelConfusionMetric("f1_score", c)
+    micro = _feed(metric, p, t, m)
+    # no missing element: scikit-learn's multilabel per-class report on the samples in S_t
+    pr, rc, f1, support = skm.precision_recall_fscore_support(labels[mask], preds[mask], zero_division=0)
+    got = _per_class_table(metric.per_class())
+    assert sorted(got) == list(range(c))
+    for k in range(c):
+        assert got[k] == pytest.approx((pr[k], rc[k], f1[k], support[k]), abs=1e-12), k
+    assert micro == pytest.approx(skm.f1_score(labels[mask], preds[mask], average="micro"), abs=1e-12)
+    # missing elements: each class over its available elements; a class with none is NaN, support 0
+    labels[rng.random((n, c)) < 0.2] = np.nan
+    labels[:, 2] = np.nan
+    t = torch.from_numpy(labels)
+    metric = MultilabelConfusionMetric("accuracy")  # classes taken from the first update
+    _feed(metric, p, t, m)
+    got = _per_class_table(metric.per_class())
+    for k in (0, 1, 3):
+        sel = mask & ~np.isnan(labels[:, k])
+        pr, rc, f1, support = skm.precision_recall_fscore_support(labels[sel, k], preds[sel, k], labels=[1],
+                                                                  zero_division=0)
+        assert got[k] == pytest.approx((pr[0], rc[0], f1[0], support[0]), abs=1e-12), k
+    assert all(math.isnan(v) for v in got[2][:3]) and got[2][3] == 0
+    sel = mask[:, None] & ~np.isnan(labels)
+    assert metric.compute() == pytest.approx(skm.accuracy_score(labels[sel], preds[sel]), abs=1e-12)
+
+
+def test_per_class_multilabel_states_merge_exactly():
+    rng = np.random.default_rng(10)
+    labels = torch.from_numpy((rng.random((60, 3)) < 0.5).astype(np.float32))
+    preds, mask = torch.from_numpy(rng.random((60, 3)) < 0.5), torch.ones(60, dtype=torch.bool)
+    whole = MultilabelConfusionMetric("f1_score")
+    whole.update(preds, labels, mask)
+    merged, part = MultilabelConfusionMetric("f1_score"), MultilabelConfusionMetric("f1_score")
+    part.update(preds[:25], labels[:25], mask[:25])
+    merged.merge(part)  # a metric that saw nothing takes the other's classes
+    rest = MultilabelConfusionMetric("f1_score")
+    rest.update(preds[25:], labels[25:], mask[25:])
+    merged.merge(rest.states)
+    assert all(torch.equal(merged.states[k], whole.states[k]) for k in whole.states)
+    assert _per_class_table(merged.per_class()) == _per_class_table(whole.per_class())
+    # the same micro values as the scalar counts it replaces for multilabel tasks
+    scalar = BinaryConfusionMetric("f1_score")
+    scalar.update(preds, labels, mask)
+    assert whole.compute() == scalar.compute()
+
+
+_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from dnn_cool_catalyst.metrics import MultilabelConfusionMetric
+rank, init = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+m = MultilabelConfusionMetric("f1_score")
+if rank == 0:  # rank 1 sees nothing: its states stay scalar zeros
+    m.update(torch.tensor([[True, False, True]]), torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([True]))
+m.all_reduce()
+print([m.states[k].tolist() for k in ("tp", "fp", "fn", "tn")])
+dist.destroy_process_group()
+"""
+
+
+def test_per_class_multilabel_states_reduce_when_a_rank_saw_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(r), init], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    expected = str([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert [o[0].strip() for o in outs] == [expected, expected]

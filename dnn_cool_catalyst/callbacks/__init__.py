@@ -7,10 +7,12 @@
 """
 from .interpretation import InterpretationCallback, rank_samples
 from .metrics import FlowMetricsCallback
-from .publishers import ImagePublisher, TensorSummaryPublisher, TextPublisher, default_publishers, log_pr_curve, log_text
+from .publishers import (ImagePublisher, TensorSummaryPublisher, TextPublisher, confusion_matrix_image, default_publishers,
+                         log_confusion_matrix, log_pr_curve, log_text)
 from .tuning import ThresholdTuningCallback
 
 __all__ = [
     "FlowMetricsCallback", "ImagePublisher", "InterpretationCallback", "TensorSummaryPublisher", "TextPublisher",
-    "ThresholdTuningCallback", "default_publishers", "log_pr_curve", "log_text", "rank_samples",
+    "ThresholdTuningCallback", "confusion_matrix_image", "default_publishers", "log_confusion_matrix", "log_pr_curve",
+    "log_text", "rank_samples",
 ]

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from .batch import LOSS_TERMS, gather_kept, METRIC_STATES, ChunkBuffer, StackedLossTerms, batch_parts, batch_size_of
 from .common import loader_selected, resolve_callback_flow
-from .publishers import log_pr_curve
+from ..metrics import ConfusionMatrixMetric
+from ..tasks.base import ThresholdDecoder
+from .publishers import log_confusion_matrix, log_pr_curve
 
 #: Runs at `Metric` order; `ThresholdTuningCallback` runs just before it so that, at a loader's
 #: end, thresholds tuned on that loader are in place when the deferred decoded metrics are computed.
@@ -48,21 +50,29 @@ class FlowMetricsCallback(Callback):
         deferred_decoding: on loaders that do not train, decoded metrics of tasks with tunable
             decoders (thresholds) are computed at the loader's end from the kept activated outputs,
             with the decoder as it is then, so thresholds tuned on that loader apply to its metrics.
-        pr_curves: log a precision-recall curve per binary task and loader that does not train, to
-            the loggers that have `log_pr_curve` (e.g. `FlowTensorboardLogger`).
+        pr_curves: log a precision-recall curve per thresholded task and loader that does not train,
+            to the loggers that have `log_pr_curve` (e.g. `FlowTensorboardLogger`): `<path>/pr_curve`
+            for a binary task, `<path>/pr_curve/<class>` per class of a multilabel task (the class's
+            name from `class_names`, else its index), each over the available labels of `S_t`.
+        confusion_matrices: log a confusion-matrix image per classification task and loader that
+            does not train, `<path>/confusion_matrix` (rows = truth, columns = top-1 prediction,
+            `callbacks.publishers.confusion_matrix_image`), through `runner.log_image`. It is drawn
+            from the metrics' confusion-matrix state at the loader's end: no work per batch.
         buffer_elements: metrics are updated once per chunk of batches holding about this many
             output elements (the result is the same; per-batch updates of many small tasks cost
             more than a small model's training step).
     """
 
     def __init__(self, flow: Any = None, loaders: Optional[Sequence[str]] = None, log_batch_losses: bool = True,
-                 deferred_decoding: bool = True, pr_curves: bool = True, buffer_elements: int = 2 ** 24):
+                 deferred_decoding: bool = True, pr_curves: bool = True, buffer_elements: int = 2 ** 24,
+                 confusion_matrices: bool = True):
         super().__init__(order=METRICS_ORDER)
         self.flow = flow
         self.loaders = list(loaders) if loaders is not None else None
         self.log_batch_losses = log_batch_losses
         self.deferred_decoding = deferred_decoding
         self.pr_curves = pr_curves
+        self.confusion_matrices = confusion_matrices
         self.buffer_elements = int(buffer_elements)
         self._active = False
 
@@ -79,6 +89,9 @@ class FlowMetricsCallback(Callback):
         self._groups = self._metrics.groups_by_path  # metrics counting the same states are updated once
         self._tunable = {leaf.path for leaf in self._leaves if leaf.task.decoder.params()}
         self._binary = {leaf.path for leaf in self._leaves if leaf.task.can_condition}
+        # PR curves: binary tasks, and per class the thresholded tasks with several classes (multilabel)
+        self._curved = self._binary | {leaf.path for leaf in self._leaves
+                                       if isinstance(leaf.task.decoder, ThresholdDecoder)}
         self._buffer = ChunkBuffer(self.buffer_elements)
 
     def on_loader_start(self, runner: Any) -> None:
@@ -95,7 +108,7 @@ class FlowMetricsCallback(Callback):
         self._reduced = False
         evaluating = not runner.is_train_loader
         self._defer = self._tunable if self.deferred_decoding and evaluating else set()
-        self._keep = set(self._defer) | (self._binary & self._tunable if self.pr_curves and evaluating else set())
+        self._keep = set(self._defer) | (self._curved & self._tunable if self.pr_curves and evaluating else set())
         self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
 
     # Per batch: losses now, metrics per chunk of batches -------------------------------------------
@@ -235,17 +248,39 @@ class FlowMetricsCallback(Callback):
         runner.loader_metrics.update(metrics)
         if self.pr_curves and not runner.is_train_loader:
             self._log_pr_curves(runner, kept)
+        if self.confusion_matrices and not runner.is_train_loader:
+            self._log_confusion_matrices(runner)
 
     def _log_pr_curves(self, runner: Any, kept: Dict[str, Tuple[Tensor, Tensor, Tensor]]) -> None:
         for leaf in self._leaves:
-            if leaf.path not in self._binary or leaf.path not in kept:
+            if leaf.path not in self._curved or leaf.path not in kept:
                 continue
             a, y, m = kept[leaf.path]  # on the CPU: selected in numpy, cheaper than tensor indexing
-            a, y = a.reshape(a.shape[0], -1)[:, 0], y.reshape(y.shape[0], -1)[:, 0]
-            sel = (m.reshape(-1) & leaf.task.available(y).reshape(-1)).numpy()
-            if sel.any():
-                log_pr_curve(runner, f"{leaf.path}/pr_curve", labels=y.double().numpy()[sel] > 0.5,
-                             scores=a.double().numpy()[sel])
+            a, y = a.reshape(a.shape[0], -1), y.reshape(y.shape[0], -1)
+            if leaf.path in self._binary or y.shape[1] == 1:
+                a, y = a[:, :1], y[:, :1]
+            available = (leaf.task.available(y).reshape(y.shape) & m.reshape(-1, 1)).numpy()
+            labels, scores = y.double().numpy() > 0.5, a.double().numpy()
+            names = getattr(leaf.task, "class_names", None)
+            for k in range(y.shape[1]):
+                sel = available[:, k]
+                if not sel.any():
+                    continue
+                tag = f"{leaf.path}/pr_curve"
+                if y.shape[1] > 1:
+                    tag += f"/{names[k] if names is not None and k < len(names) else k}"
+                log_pr_curve(runner, tag, labels=labels[sel, k], scores=scores[sel, k])
+
+    def _log_confusion_matrices(self, runner: Any) -> None:
+        """One image per classification task, from its confusion-matrix state over the whole loader."""
+        for g in self._metrics.groups:
+            metric = g.owner.metric
+            if not isinstance(metric, ConfusionMatrixMetric):
+                continue
+            matrix = metric.states["matrix"].detach().cpu().numpy()
+            if matrix.size and matrix.sum() > 0:
+                log_confusion_matrix(runner, f"{g.path}/confusion_matrix", matrix,
+                                     getattr(g.owner.task, "class_names", None))
 
     def _reduce_across_processes(self, runner: Any) -> None:
         """Sum the loss terms and metric states of every process (DDP); a no-op in one process.

@@ -6,7 +6,8 @@ picks one per input key (its `publishers` mapping, `None` to skip a key) and oth
 
 Images go through `runner.log_image` (every Catalyst logger that shows images); text, PR curves
 and other kinds go to the loggers that have a `log_text` / `log_pr_curve` method, such as
-`dnn_cool_catalyst.runners.FlowTensorboardLogger`.
+`dnn_cool_catalyst.runners.FlowTensorboardLogger`. Confusion matrices are drawn as small images
+here (`confusion_matrix_image`, with Pillow) and logged as images.
 """
 from __future__ import annotations
 
@@ -37,6 +38,98 @@ def log_pr_curve(runner: Any, tag: str, labels: np.ndarray, scores: np.ndarray) 
             fn(tag=tag, labels=labels, scores=scores, runner=runner)
             n += 1
     return n
+
+
+# Confusion matrices ---------------------------------------------------------------------------------------------------
+
+_WHITE = np.array([255.0, 255.0, 255.0])
+_DARK = np.array([8.0, 48.0, 107.0])  # dark blue: the largest count
+
+
+def confusion_matrix_colours(matrix: Any) -> np.ndarray:
+    """`(C, C, 3)` uint8 cell colours of a confusion matrix: white for 0, dark blue for the largest
+    count, linear in between (so a cell is darker exactly when its count is larger)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    top = float(m.max()) if m.size else 0.0
+    share = m / top if top > 0 else np.zeros_like(m)
+    return np.rint(_WHITE + share[..., None] * (_DARK - _WHITE)).astype(np.uint8)
+
+
+def _short(name: str, limit: int) -> str:
+    return name if len(name) <= limit else name[: limit - 2] + ".."
+
+
+def confusion_matrix_image(matrix: Any, class_names: Optional[Sequence[str]] = None, max_labelled: int = 30,
+                           cell: Optional[int] = None) -> np.ndarray:
+    """A confusion matrix as an RGB image `(H, W, 3)` uint8, rows = truth, columns = prediction.
+
+    Cells are coloured by `confusion_matrix_colours`. With at most `max_labelled` classes each cell
+    shows its count and the classes are named along both axes (`class_names`, cut to 16
+    characters, else their indices; truth on the left, predictions on top, the corner says which is
+    which); the cells then take the bottom-right `C * cell` pixels, `cell` (default: wide enough for
+    the largest count) pixels a side, a 1-pixel light grid at each cell's top and left. Larger
+    matrices are drawn as colours only, a few pixels a cell, to keep the image small.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"a confusion matrix is square (C, C), got shape {m.shape}")
+    c = m.shape[0]
+    colours = confusion_matrix_colours(m)
+    if c == 0 or c > max_labelled:
+        side = cell or max(1, min(8, 512 // max(c, 1)))
+        img = np.repeat(np.repeat(colours, side, axis=0), side, axis=1)
+        return img if c else np.full((1, 1, 3), 255, dtype=np.uint8)
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str):
+        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    names = [_short(str(class_names[k]) if class_names is not None and k < len(class_names) else str(k), 16)
+             for k in range(c)]
+    counts = [[f"{v:.0f}" for v in row] for row in m.tolist()]
+    text_h = max(size("0123456789Wg")[1], 1)
+    side = cell or max(22, max(size(t)[0] for row in counts for t in row) + 8, text_h + 8)
+    names_w = max(size(n)[0] for n in names)
+    # the corner names the axes as a table's corner does: "prediction" at its top right, "truth" at its bottom left
+    left = max(names_w, size("prediction")[0]) + 10
+    top = max(names_w + 10, 2 * text_h + 12)
+    img = np.full((top + c * side, left + c * side, 3), 255, dtype=np.uint8)
+    block = np.repeat(np.repeat(colours, side, axis=0), side, axis=1)
+    block[::side, :] = block[:, ::side] = 225  # light grid: each cell's top row and left column
+    img[top:, left:] = block
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    largest = float(m.max())
+    for i in range(c):
+        y = top + i * side
+        w, _ = size(names[i])
+        draw.text((left - 5 - w, y + (side - text_h) // 2), names[i], fill=(0, 0, 0), font=font)  # truth
+        label = Image.new("RGB", (w + 2, text_h + 4), (255, 255, 255))
+        ImageDraw.Draw(label).text((1, 0), names[i], fill=(0, 0, 0), font=font)
+        label = label.rotate(90, expand=True)  # predictions: names read upwards above their columns
+        pil.paste(label, (left + i * side + (side - label.width) // 2, top - 5 - label.height))
+        for j in range(c):
+            w, _ = size(counts[i][j])
+            dark = largest > 0 and m[i, j] / largest > 0.5
+            draw.text((left + j * side + (side - w) // 2 + 1, y + (side - text_h) // 2), counts[i][j],
+                      fill=(255, 255, 255) if dark else (0, 0, 0), font=font)
+    grey = (110, 110, 110)
+    draw.text((left - 5 - size("prediction")[0], 2), "prediction", fill=grey, font=font)
+    draw.text((3, top - text_h - 6), "truth", fill=grey, font=font)
+    return np.asarray(pil, dtype=np.uint8).copy()
+
+
+def log_confusion_matrix(runner: Any, tag: str, matrix: Any, class_names: Optional[Sequence[str]] = None) -> bool:
+    """Send `confusion_matrix_image(matrix, class_names)` through `runner.log_image` (the loggers
+    that show images); drawn only when the runner has loggers. Returns whether it was drawn."""
+    if not (getattr(runner, "loggers", None) or {}):
+        return False
+    runner.log_image(tag=tag, image=confusion_matrix_image(matrix, class_names), scope="loader")
+    return True
 
 
 def _as_numpy(value: Any) -> Optional[np.ndarray]:
@@ -132,4 +225,5 @@ def default_publishers() -> Sequence[Any]:
     return (ImagePublisher(), TextPublisher())
 
 
-__all__ = ["ImagePublisher", "TensorSummaryPublisher", "TextPublisher", "default_publishers", "log_pr_curve", "log_text"]
+__all__ = ["ImagePublisher", "TensorSummaryPublisher", "TextPublisher", "confusion_matrix_colours",
+           "confusion_matrix_image", "default_publishers", "log_confusion_matrix", "log_pr_curve", "log_text"]

@@ -29,11 +29,22 @@ class FlowEvaluator:
     precondition holds and whose label is present (end-to-end quality: a door wrongly seen as
     closed hides its person tasks). A mapping `{path: bool (N,)}` gives the masks directly.
     `num_samples` is the number of samples scored (with at least one available label element).
+
+    `per_class` (default True): classification and multilabel tasks also get one row per class and
+    kind, `metric_name` `precision/<class>`, `recall/<class>`, `f1_score/<class>` (the class's name
+    from the task's `class_names`, else its index), after the task's overall rows. Their
+    `num_samples` is the class's *support*, the number of labels of that class among the scored
+    samples (scikit-learn's `support`; for multilabel the positive labels among the available
+    elements), not the task's sample count: it tells how much each per-class value rests on.
+    Classification lists the classes among the labels or top-1 predictions (the macro scores are
+    their means); multilabel lists every class (NaN where a class has no available label). Values
+    follow scikit-learn's `precision_recall_fscore_support(..., zero_division=0)` on the scored samples.
     """
 
-    def __init__(self, graph: FlowGraph, preconditions: str = "gt"):
+    def __init__(self, graph: FlowGraph, preconditions: str = "gt", per_class: bool = True):
         self.graph = graph
         self.preconditions = _check_mode(preconditions)
+        self.per_class = bool(per_class)
 
     def __call__(self, predictions: Mapping[str, Any], targets: Mapping[str, Any],
                  preconditions: Union[None, str, Mapping[str, Any]] = None) -> pd.DataFrame:
@@ -63,6 +74,10 @@ class FlowEvaluator:
         values = metrics.compute()
         counts = metrics.num_samples()
         rows = [(tm.path, tm.name, values[tm.key], counts[tm.path]) for tm in metrics]
+        if self.per_class:
+            order = {p: i for i, p in enumerate(self.graph.paths)}
+            rows += metrics.per_class()
+            rows.sort(key=lambda row: order[row[0]])  # stable: a task's per-class rows after its overall rows
         return pd.DataFrame(rows, columns=COLUMNS)
 
     def _masks(self, mode, labels: Dict[str, Tensor], decoded: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:

@@ -3,12 +3,16 @@
 A tree has a root per sample (`"inp 0"`, or `root_format.format(id)` for the ids given), and a
 node per task whose mask is true, tagged `"<name> | decoded: [...], activated: [...], logits: [...]"`:
 
-- binary task: `decoded: [True], activated: [0.9731], logits: [3.592]`;
+- binary task: the decision with the probability and the threshold it was compared with,
+  `decoded: [True (0.3068 > 0.0297)], logits: [-0.8153]` (`<=` where the probability does not
+  exceed the threshold; the threshold is the decoder's when the trees are made, so a tuned one
+  shows as soon as it is loaded);
 - classification: the `top_k` classes by declining probability, by name when the task has
   `class_names`, with their probabilities and logits in the same order:
   `decoded: [hoodie, polo, shirt], activated: [0.61, 0.2, 0.09], logits: [2.1, 1.0, 0.2]`;
-- multilabel: every class with its decision, then the probabilities and logits in class order:
-  `decoded: [glasses: True, beard: False, hat: True], activated: [0.97, 0.03, 0.88], logits: [...]`;
+- multilabel: every class with its decision, probability and threshold (one per class once
+  tuned), then the logits in class order:
+  `decoded: [glasses: True (0.81 > 0.42), beard: False (0.03 <= 0.5), hat: True (0.88 > 0.5)], logits: [...]`;
 - masked language modeling: the most probable token id per position (the first `max_values`),
   with its probability and logit;
 - bounded regression and any other task: the values, flattened (the first `max_values`).
@@ -173,14 +177,24 @@ def _format_positions(name, logits, activated, decoded, digits, limit) -> List[s
     return _format_values(name, lgs, probs, top[..., 0], digits, limit)
 
 
-def _format_flags(class_names):
-    """Thresholded outputs: one value for a binary task, every class for a multilabel task."""
+def _format_flags(class_names, decoder=None):
+    """Thresholded outputs: one value for a binary task, every class for a multilabel task, each
+    decision with `(activated > threshold)` from `decoder.threshold` as it is at the call."""
 
     def fmt(name, logits, activated, decoded, digits, limit) -> List[str]:
+        n = decoded.shape[0]
+        threshold = getattr(decoder, "threshold", None)
         if decoded.ndim != 2 or (decoded.shape[1] == 1 and not class_names):  # a binary task
+            if isinstance(threshold, float) and decoded.size == n and activated.size == n:
+                return _format_decisions(name, logits, activated.reshape(n, 1), decoded.reshape(n, 1), None,
+                                         [threshold], digits)
             return _format_scalar(name, logits, activated, decoded, digits, limit)
         c = decoded.shape[1]
         names = list(class_names) if class_names and len(class_names) == c else [str(j) for j in range(c)]
+        thresholds = [threshold] * c if isinstance(threshold, float) else threshold
+        if isinstance(thresholds, list) and len(thresholds) == c and activated.size == decoded.size:
+            return _format_decisions(name, logits, activated.reshape(decoded.shape), decoded, names, thresholds,
+                                     digits)
         g = f"%.{digits}g"
         flags = ", ".join(f"{k.replace('%', '%%')}: %s" for k in names)
         parts = [decoded, activated.reshape(decoded.shape)]
@@ -192,6 +206,26 @@ def _format_flags(class_names):
         return [template % tuple(row) for row in rows]
 
     return fmt
+
+
+def _format_decisions(name, logits, activated, decoded, names, thresholds, digits) -> List[str]:
+    """`name | decoded: [<class>: <decision> (<activated> > <threshold>), ...], logits: [...]` for
+    `(N, C)` arrays (`names` None: one unnamed column, a binary task)."""
+    n, c = decoded.shape
+    g = f"%.{digits}g"
+    # compared in the precision the decoder compares in (at least float32), so that `>` / `<=`
+    # agrees with a decision taken by the same threshold
+    a = activated.astype(np.promote_types(activated.dtype, np.float32), copy=False)
+    above = a > np.asarray(thresholds, dtype=a.dtype)
+    ops = np.where(above, ">", "<=").astype(object)
+    labels = [""] * c if names is None else [f"{k.replace('%', '%%')}: " for k in names]
+    cells = ", ".join(f"{label}%s ({g} %s {t:.{digits}g})" for label, t in zip(labels, thresholds))
+    parts = np.stack([decoded.astype(object), activated.astype(object), ops], axis=2).reshape(n, 3 * c)
+    template = f"{name} | decoded: [{cells}]"
+    if logits is not None:
+        parts = np.concatenate([parts, logits.reshape(n, c).astype(object)], axis=1)
+        template += f", logits: [{_joined(c, g)}]"
+    return [template % tuple(row) for row in parts.tolist()]
 
 
 def formatter_for(task: Any, top_k: int) -> Callable[..., List[str]]:
@@ -206,7 +240,7 @@ def formatter_for(task: Any, top_k: int) -> Callable[..., List[str]]:
     if isinstance(decoder, SortDecoder):
         return _format_ranked(names, top_k)
     if isinstance(decoder, ThresholdDecoder):
-        return _format_flags(names)
+        return _format_flags(names, decoder)
     return _format_scalar
 
 

@@ -201,3 +201,20 @@ class FlowMetrics:
 
     def compute(self) -> Dict[str, float]:
         return {tm.key: tm.metric.compute() for tm in self.metrics}
+
+    def per_class(self) -> List[Tuple[str, str, float, int]]:
+        """Per-class results from the states, in flow order: `(path, "<kind>/<class>", value,
+        support)` for each class of each metric state that has them (`per_class()` of
+        `ConfusionMatrixMetric` and `MultilabelConfusionMetric`: classification and multilabel
+        tasks), kinds `precision`, `recall`, `f1_score` per class. A class is named by the task's
+        `class_names`, else by its index."""
+        rows: List[Tuple[str, str, float, int]] = []
+        for g in self.groups:
+            per_class = getattr(g.owner.metric, "per_class", None)
+            if not callable(per_class):
+                continue
+            names = getattr(g.owner.task, "class_names", None)
+            for r in per_class():
+                name = names[r.index] if names is not None and r.index < len(names) else str(r.index)
+                rows += [(g.path, f"{kind}/{name}", value, r.support) for kind, value in r.scores.items()]
+        return rows

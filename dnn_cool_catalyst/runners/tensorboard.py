@@ -268,6 +268,9 @@ class FlowTensorboardLogger(TensorboardLogger):
     loader's run. `FlowRunner` adds one under `<logdir>/tensorboard` when no TensorBoard logger is given.
 
     Metric keys `<path>/<metric>` put every task's values in a group of their own in TensorBoard.
+    `FlowMetricsCallback` adds, per loader that does not train, PR curves (`<path>/pr_curve`, per
+    class `<path>/pr_curve/<class>` for multilabel tasks) and confusion-matrix images
+    (`<path>/confusion_matrix`, through Catalyst's `log_image`).
 
     Its writers are `FlowSummaryWriter`s (`self.loggers[loader]`): events reach the files at each
     epoch's end (Catalyst flushes the loggers then), every `flush_secs`, or every 4 MiB of

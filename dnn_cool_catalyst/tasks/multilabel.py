@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
-from ..metrics import BinaryConfusionMetric, ElementAccuracy
+from ..metrics import MultilabelConfusionMetric
 from .base import Task, ThresholdDecoder, raw_labels
 
 
@@ -24,7 +24,8 @@ def _nan_available(labels: Tensor) -> Tensor:
 class MultilabelClassificationTask(Task):
     """Any subset of C classes. The module outputs `(N, C)` logits; labels are `(N, C)` floats
     0/1 with NaN for a missing element. Decoded: `activated > thresholds` (one per class once tuned).
-    Metrics: accuracy per available element and micro F1 over the available elements."""
+    Metrics: accuracy per available element and micro F1 over the available elements (counted per
+    class, for the per-class precision / recall / F1 of the evaluation table)."""
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
                  weight: float = 1.0):
@@ -35,7 +36,9 @@ class MultilabelClassificationTask(Task):
             loss=_bce_elementwise,
             activation=torch.sigmoid,
             decoder=ThresholdDecoder(0.5, classes=len(self.class_names) if self.class_names is not None else None),
-            metrics=[("accuracy", ElementAccuracy()), ("f1_score", BinaryConfusionMetric("f1_score"))],
+            # counts per class: the micro values, and the per-class rows of the evaluation table
+            metrics=[(kind, MultilabelConfusionMetric(kind, len(self.class_names) if self.class_names else None))
+                     for kind in ("accuracy", "f1_score")],
             available_func=_nan_available,
             missing=math.nan,
             label_dtype=torch.float32,

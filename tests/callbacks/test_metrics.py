@@ -2,6 +2,8 @@
 deferred decoding, PR curves, loader selection."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -134,11 +136,54 @@ def test_pr_curves_per_binary_task_on_loaders_that_do_not_train(small_flow, smal
     _, counts = whole_loader_reference(small_flow, ds)
     curves = {tag: (labels, scores) for _, tag, labels, scores in runner.logger.pr_curves}
     binary = ["camera_blocked", "door_open", "door_locked", "person_present"]
-    assert sorted(curves) == sorted(f"{p}/pr_curve" for p in binary)
+    facial = "person_regression.face_regression.facial_characteristics"
+    names = small_flow.tasks[facial].class_names
+    assert sorted(curves) == sorted([f"{p}/pr_curve" for p in binary] + [f"{facial}/pr_curve/{k}" for k in names])
     for p in binary:
         labels, scores = curves[f"{p}/pr_curve"]
         assert len(labels) == len(scores) == counts[p]  # only samples in S_t
         assert ((scores >= 0) & (scores <= 1)).all()
+    # multilabel: one curve per class, over that class's available labels of the samples in S_t
+    x, y = ds[list(range(len(ds)))]
+    with torch.no_grad():
+        out = small_flow.torch().eval()(x)
+    sel = out["mask"][facial].numpy()
+    for k, name in enumerate(names):
+        labels, scores = curves[f"{facial}/pr_curve/{name}"]
+        column = y[facial][:, k].numpy()
+        keep = sel & ~np.isnan(column)
+        np.testing.assert_array_equal(labels, column[keep] > 0.5)
+        np.testing.assert_allclose(scores, out["activated"][facial][:, k].numpy()[keep], rtol=1e-6)
+
+
+def test_a_confusion_matrix_image_per_classification_task_on_loaders_that_do_not_train(small_flow, small_data,
+                                                                                       fake_runner_cls):
+    from dnn_cool_catalyst.callbacks.publishers import confusion_matrix_image
+
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    runner.run_loader([cb], "train", ds.loader(batch_size=32))
+    assert runner.logger.images == []
+    runner.run_loader([cb], "valid", ds.loader(batch_size=32))
+    shirt = "person_regression.body_regression.shirt_type"
+    (image,) = [(key, img) for key, tag, img in runner.logger.images if tag == f"{shirt}/confusion_matrix"]
+    assert image[0] == "valid" and len(runner.logger.images) == 1
+    # drawn from the loader's confusion matrix: rows = labels, columns = top-1 predictions over S_t
+    x, y = ds[list(range(len(ds)))]
+    with torch.no_grad():
+        out = small_flow.torch().eval()(x)
+    sel = (out["mask"][shirt] & (y[shirt] >= 0)).numpy()
+    c = len(small_flow.tasks[shirt].class_names)
+    matrix = np.zeros((c, c))
+    np.add.at(matrix, (y[shirt].numpy()[sel], out["decoded"][shirt][:, 0].numpy()[sel]), 1)
+    np.testing.assert_array_equal(image[1], confusion_matrix_image(matrix, small_flow.tasks[shirt].class_names))
+    cb = FlowMetricsCallback(confusion_matrices=False)
+    runner.start([cb])
+    runner.logger.images.clear()
+    runner.run_loader([cb], "valid", ds.loader(batch_size=32))
+    assert runner.logger.images == []
 
 
 def test_only_selected_loaders_are_measured(small_flow, small_data, fake_runner_cls):

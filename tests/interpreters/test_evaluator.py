@@ -39,10 +39,13 @@ def _available(y):
 def test_table_rows_in_flow_order_with_counts_equal_to_s_t():
     flow, out = _predictions(300, seed=0)
     labels = security_labels(300, seed=1, missing_rate=0.1)
-    df = flow.get_evaluator()(out["activated"], labels)
+    df = flow.get_evaluator(per_class=False)(out["activated"], labels)
     assert list(df.columns) == ["task_path", "metric_name", "metric_res", "num_samples"]
     assert list(dict.fromkeys(df.task_path)) == list(flow.graph.paths)
     assert len(df) == len(flow.get_metrics())
+    with_classes = flow.get_evaluator()(out["activated"], labels)  # the default adds per-class rows
+    overall = with_classes[~with_classes.metric_name.str.contains("/")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(overall, df)
     pre = _reference_pre(labels)
     for path, rows in df.groupby("task_path", sort=False):
         assert set(rows.num_samples) == {int((pre(path) & _available(labels[path])).sum())}, path
@@ -117,3 +120,66 @@ def test_errors_name_what_is_missing():
         flow.get_evaluator(preconditions="decoded")
     with pytest.raises(Exception, match="door_locked"):
         flow.get_evaluator()(out["activated"], {p: v for p, v in labels.items() if p != "door_locked"})
+
+
+def test_per_class_rows_match_sklearn_on_s_t():
+    flow, out = _predictions(400, seed=12)
+    labels = security_labels(400, seed=13, missing_rate=0.1)
+    df = flow.get_evaluator()(out["activated"], labels)
+    pre = _reference_pre(labels)
+    # classification: the classes among the labels or top-1 predictions of S_t, by name
+    names = flow.tasks[SHIRT].class_names
+    sel = pre(SHIRT) & _available(labels[SHIRT])
+    y, p = np.asarray(labels[SHIRT])[sel], out["activated"][SHIRT].numpy().argmax(1)[sel]
+    classes = np.union1d(y, p)
+    pr, rc, f1, support = skm.precision_recall_fscore_support(y, p, labels=classes, zero_division=0)
+    rows = df[(df.task_path == SHIRT) & df.metric_name.str.contains("/")]
+    expected = [(f"{kind}/{names[c]}", v[k], support[k]) for k, c in enumerate(classes.tolist())
+                for kind, v in (("precision", pr), ("recall", rc), ("f1_score", f1))]
+    assert rows.metric_name.tolist() == [e[0] for e in expected]
+    assert rows.metric_res.tolist() == pytest.approx([e[1] for e in expected], abs=1e-12)
+    assert rows.num_samples.tolist() == [e[2] for e in expected]  # each class's support
+    macro = df.set_index(["task_path", "metric_name"]).metric_res[SHIRT, "f1_score"]
+    assert macro == pytest.approx(rows[rows.metric_name.str.startswith("f1_score/")].metric_res.mean(), abs=1e-12)
+    # multilabel: every class, over its available elements in S_t
+    names = flow.tasks[FACIAL].class_names
+    y = np.asarray(labels[FACIAL])
+    decided = out["activated"][FACIAL].numpy() > 0.5
+    rows = df[(df.task_path == FACIAL) & df.metric_name.str.contains("/")].set_index("metric_name")
+    assert len(rows) == 3 * len(names)
+    for k, name in enumerate(names):
+        sel = pre(FACIAL) & ~np.isnan(y[:, k])
+        pr, rc, f1, support = skm.precision_recall_fscore_support(y[sel, k], decided[sel, k], labels=[1],
+                                                                  zero_division=0)
+        for kind, v in (("precision", pr), ("recall", rc), ("f1_score", f1)):
+            assert rows.metric_res[f"{kind}/{name}"] == pytest.approx(v[0], abs=1e-12), (kind, name)
+            assert rows.num_samples[f"{kind}/{name}"] == support[0]
+    # binary and regression tasks have no per-class rows
+    assert not df[df.task_path.isin(["door_open", "person_regression.face_regression.face_w"])
+                  ].metric_name.str.contains("/").any()
+
+
+def test_per_class_rows_name_classes_by_index_without_class_names():
+    from torch import nn
+
+    import dnn_cool_catalyst as dcc
+
+    tasks = dcc.Tasks([dcc.ClassificationTask("kind", nn.Linear(2, 3)),
+                       dcc.MultilabelClassificationTask("tags", nn.Linear(2, 2))])
+
+    @tasks.add_flow
+    def flow(flow, x, out):
+        out += flow.kind(x.f)
+        out += flow.tags(x.f)
+        return out
+
+    f = tasks.get_full_flow()
+    preds = {"kind": torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]]),
+             "tags": torch.tensor([[0.9, 0.1], [0.2, 0.7], [0.8, 0.8]])}
+    labels = {"kind": np.array([0, 1, 1]), "tags": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, np.nan]])}
+    df = f.get_evaluator()(preds, labels).set_index(["task_path", "metric_name"])
+    assert df.metric_res["kind", "recall/1"] == 0.5 and df.num_samples["kind", "recall/1"] == 2
+    assert df.metric_res["kind", "precision/0"] == 0.5 and df.num_samples["kind", "precision/0"] == 1
+    assert ("kind", "f1_score/2") not in df.index  # neither a label nor a prediction
+    assert df.metric_res["tags", "precision/0"] == 1.0 and df.num_samples["tags", "precision/0"] == 2
+    assert df.metric_res["tags", "recall/1"] == 1.0 and df.num_samples["tags", "recall/1"] == 1

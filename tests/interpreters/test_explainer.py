@@ -56,7 +56,8 @@ def test_tags_show_decoded_activated_and_logits_per_kind():
     tree = flow.get_treelib_explainer(top_k=2)(out)[3]
     a, z = out["activated"], out["logits"]
     d = bool(out["decoded"]["door_open"][3])
-    assert tree["door_open"].tag == (f"door_open | decoded: [{d}], activated: [{float(a['door_open'][3]):.4g}], "
+    q = float(a["door_open"][3])
+    assert tree["door_open"].tag == (f"door_open | decoded: [{d} ({q:.4g} {'>' if q > 0.5 else '<='} 0.5)], "
                                      f"logits: [{float(z['door_open'][3]):.4g}]")
     x1 = f"{FACE}.face_x1"
     assert tree[x1].tag.startswith(f"face_x1 | decoded: [{float(out['decoded'][x1][3]):.4g}], ")
@@ -68,8 +69,8 @@ def test_tags_show_decoded_activated_and_logits_per_kind():
         f"{float(probs[top[1]]):.4g}], logits: [")
     facial = tree[f"{FACE}.facial_characteristics"].tag
     flags = out["decoded"][f"{FACE}.facial_characteristics"][3].tolist()
-    assert facial.startswith(f"facial_characteristics | decoded: [glasses: {flags[0]}, beard: {flags[1]}, "
-                             f"hat: {flags[2]}], activated: [")
+    assert facial.startswith(f"facial_characteristics | decoded: [glasses: {flags[0]} (")
+    assert f"), beard: {flags[1]} (" in facial and f"), hat: {flags[2]} (" in facial and "], logits: [" in facial
 
 
 def test_numpy_outputs_ids_and_outputs_without_masks():
@@ -143,3 +144,37 @@ def test_gc_state_is_restored():
     assert gc.isenabled()
     flow.get_treelib_explainer()(out)
     assert gc.isenabled()
+
+
+def test_thresholded_nodes_show_the_tuned_threshold():
+    flow, out = _outputs(20)
+    out["mask"] = {p: torch.ones(20, dtype=torch.bool) for p in flow.graph.paths}
+    facial = f"{FACE}.facial_characteristics"
+    explain = flow.get_treelib_explainer()  # built before tuning: the tags read the thresholds when called
+    flow.get_decoder().load_tuned({"door_locked": {"threshold": 0.0297},
+                                   facial: {"threshold": [0.42, 0.5, 0.9]}})
+    a = out["activated"]
+    i = 3
+    p = float(a["door_locked"][i])
+    decoded = bool(out["decoded"]["door_locked"][i])
+    tag = explain(out)[i]["door_locked"].tag
+    assert tag == (f"door_locked | decoded: [{decoded} ({p:.4g} {'>' if p > 0.0297 else '<='} 0.0297)], "
+                   f"logits: [{float(out['logits']['door_locked'][i]):.4g}]")
+    probs = a[facial][i].tolist()
+    flags = out["decoded"][facial][i].tolist()
+    parts = [f"{name}: {flag} ({q:.4g} {'>' if q > t else '<='} {t:.4g})"
+             for name, flag, q, t in zip(["glasses", "beard", "hat"], flags, probs, [0.42, 0.5, 0.9])]
+    assert explain(out)[i][facial].tag.startswith(f"facial_characteristics | decoded: [{', '.join(parts)}], logits: [")
+    # the comparison is the threshold's, the decision the outputs' (decoded before tuning here)
+    q = [float(v) for v in a[facial][:, 2]]
+    j = next(k for k, v in enumerate(q) if 0.5 < v <= 0.9)
+    assert f"hat: True ({q[j]:.4g} <= 0.9)" in explain(out)[j][facial].tag
+
+
+def test_untuned_thresholds_are_shown_too():
+    flow, out = _outputs(5)
+    out["mask"] = {p: torch.ones(5, dtype=torch.bool) for p in flow.graph.paths}
+    tree = flow.get_treelib_explainer()(out)[0]
+    assert " 0.5)], logits: [" in tree["door_open"].tag
+    assert "glasses: " in tree[f"{FACE}.facial_characteristics"].tag
+    assert tree[f"{FACE}.facial_characteristics"].tag.count(" 0.5)") == 3

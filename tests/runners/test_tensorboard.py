@@ -108,3 +108,32 @@ def test_pending_events_are_written_at_exit(tmp_path):
 
     (name,) = os.listdir(tmp_path)
     assert [e.step for e in EventFileLoader(str(tmp_path / name)).Load()] == [0, 7]
+
+
+def test_confusion_matrix_images_are_read_back_per_loader(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from dnn_cool_catalyst.callbacks import confusion_matrix_image, log_confusion_matrix
+
+    class Runner(_Runner):
+        def __init__(self, logger):
+            self.loggers = {"tensorboard": logger}
+
+        def log_image(self, tag, image, scope=None):  # as Catalyst's runner: every logger
+            for lg in self.loggers.values():
+                lg.log_image(tag=tag, image=image, runner=self, scope=scope)
+
+    logger = FlowTensorboardLogger(logdir=str(tmp_path))
+    matrix = np.array([[5, 1], [0, 7]])
+    assert log_confusion_matrix(Runner(logger), "shirt_type/confusion_matrix", matrix, ["polo", "hoodie"])
+    logger.flush_log()
+    logger.close_log()
+    ea = EventAccumulator(str(tmp_path / "valid"), size_guidance={"images": 0})
+    ea.Reload()
+    (event,) = ea.Images("shirt_type/confusion_matrix")
+    expected = confusion_matrix_image(matrix, ["polo", "hoodie"])
+    assert event.step == 3 and (event.height, event.width) == expected.shape[:2]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")),
+                                  expected)  # PNG: lossless
