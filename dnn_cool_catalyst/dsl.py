@@ -3,7 +3,11 @@
 A flow function is run exactly once, at `add_flow` time, against tracing proxies:
 
 - `flow.<name>(features)` calls a task or an earlier flow (unknown names fail with close matches),
-- `x.<feature>` names an input (nested: `x.a.b` reads `x["a"]["b"]`; `x` alone is the whole input),
+- `x.<feature>` names an input (nested: `x.a.b` reads `x["a"]["b"]`; `x` alone is the whole input);
+  a sub-flow called with `x.f` sees `x.f` as its `x` when that is a mapping of features, and
+  `{"f": x.f}` when it is a single feature (the seed's `flow.object_flow(x.features)`, whose tasks
+  read `x.features`); `flow.sub(x)` lets the sub-flow's tasks read every feature by name
+  (`graph.lookup`),
 - `out.<task>` is a condition on an earlier binary task of the same flow, `~` negates it, `&` joins,
 - `entry | condition` preconditions the entry; `out += entry` adds it.
 """

@@ -9,11 +9,11 @@ explainer) is an interpreter of this graph; none re-runs the user's function.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .tasks.base import ITask
 
-InputKey = Tuple[str, ...]  # () is the whole input mapping, ("a", "b") is x["a"]["b"]
+InputKey = Tuple[str, ...]  # () is the whole input mapping, ("a", "b") is x["a"]["b"] (see `lookup`)
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,35 @@ def _collect(nodes: Tuple[Node, ...], inherited: Tuple[Literal, ...], out: list)
             _collect(node.children, pre, out)
         else:
             out.append(Leaf(node.path, node.task, node.input_key, pre))
+
+
+def lookup(x: Any, key: InputKey) -> Tuple[int, Any]:
+    """Follow `key` into the inputs `x`: `(len(key), value)` when found, else `(i, node)` with
+    `key[i]` the first part missing and `node` the value of `key[:i]`.
+
+    `x.a.b` reads `x["a"]["b"]`. A sub-flow called with `x.f` sees `x.f` as its `x`, so its task
+    reading `x.g` has the key `("f", "g")`. When `x.f` is a single feature (a tensor) rather than a
+    mapping of features, it stands for the mapping `{f: x.f}`: `x.f.f` is `x.f`. That gives the seed's
+    `flow.object_flow(x.features)`, whose tasks read `x.features`, its meaning (they read the
+    caller's `x.features`), while any other name inside such a call stays an error, so a feature
+    passed to a sub-flow is never silently ignored.
+    """
+    node = x
+    for i, k in enumerate(key):
+        if isinstance(node, Mapping):
+            if k not in node:
+                return i, node
+            node = node[k]
+        elif i and key[i - 1] == k:
+            continue  # x.f.f on a single feature x.f (see above)
+        elif hasattr(node, "keys"):  # mapping-like containers that are not `Mapping`s (e.g. a TensorDict)
+            try:
+                node = node[k]
+            except (KeyError, TypeError, IndexError, ValueError):
+                return i, node
+        else:
+            return i, node
+    return len(key), node
 
 
 def find_node(nodes: Tuple[Node, ...], path: str) -> Optional[Node]:

@@ -299,3 +299,58 @@ def test_flow_pickles_without_function():
 
     g = pickle.loads(pickle.dumps(f))
     assert g.graph.paths == ("door_open",) and g.func is None
+
+
+def _seed_imagenet_tasks():
+    return dcc.Tasks([
+        dcc.BinaryClassificationTask("camera_blocked", nn.Linear(4, 1)),
+        dcc.BinaryClassificationTask("object_exists", nn.Linear(4, 1)),
+        dcc.ClassificationTask("classifier", nn.Linear(4, 3)),
+        dcc.BoundedRegressionTask("object_x", nn.Linear(4, 1)),
+        dcc.BoundedRegressionTask("object_y", nn.Linear(4, 1)),
+    ])
+
+
+def test_seed_spelling_of_a_preconditioned_sub_flow_runs_end_to_end():
+    """The seed README's imagenet example, spelled exactly as there: a sub-flow called with the
+    single feature x.features, whose tasks read x.features. It traced, then failed at the first
+    batch with "reads x.features.features"."""
+    import numpy as np
+
+    project = _seed_imagenet_tasks()
+
+    @project.add_flow()
+    def object_flow(flow, x, out):
+        out += flow.classifier(x.features)
+        out += flow.object_x(x.features)
+        out += flow.object_y(x.features)
+        return out
+
+    @project.add_flow()
+    def imagenet_flow(flow, x, out):
+        out += flow.object_exists(x.features)
+        out += flow.object_flow(x.features) | out.object_exists
+        return out
+
+    @project.add_flow
+    def full_flow(flow, x, out):
+        out += flow.camera_blocked(x.features)
+        out += flow.imagenet_flow(x.features) | (~out.camera_blocked)
+        return out
+
+    flow = project.get_full_flow()
+    pre = {leaf.path: [str(lit) for lit in leaf.precondition] for leaf in flow.graph.leaves}
+    assert pre["imagenet_flow.object_flow.object_y"] == ["~out.camera_blocked", "out.imagenet_flow.object_exists"]
+    n = 8
+    features = torch.randn(n, 4)
+    labels = {p: np.zeros(n) for p in flow.graph.paths}
+    labels["camera_blocked"] = np.array([0, 1] * 4, dtype=float)
+    labels["imagenet_flow.object_exists"] = np.ones(n)
+    x, y = flow.get_dataset({"features": features}, labels)[list(range(n))]
+    out = flow.torch().train()(x)
+    # every head reads the one feature tensor
+    torch.testing.assert_close(out["logits"]["imagenet_flow.object_flow.classifier"],
+                               project["classifier"].module(features))
+    torch.testing.assert_close(out["logits"]["camera_blocked"], project["camera_blocked"].module(features))
+    assert out["mask"]["imagenet_flow.object_flow.object_x"].tolist() == [True, False] * 4
+    assert torch.isfinite(flow.get_loss()(out, y))

@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from ..errors import InputError, LabelError
-from ..graph import FlowGraph
+from ..graph import FlowGraph, lookup
+from .module import read_input
 
 
 def _to_tensor_tree(value: Any, name: str) -> Any:
@@ -120,13 +121,13 @@ class FlowDataset(Dataset):
         for key in graph.input_keys:
             if key and key[0] in computed:
                 continue
-            node: Any = self.inputs
-            for i, k in enumerate(key):
-                if not isinstance(node, Mapping) or k not in node:
-                    users = [leaf.path for leaf in graph.leaves if leaf.input_key[: i + 1] == key[: i + 1]]
-                    raise InputError(f"inputs have no feature {'.'.join(key[: i + 1])!r} (read by {users}); "
-                                     f"they have {sorted(node) if isinstance(node, Mapping) else []}")
-                node = node[k]
+            i, node = lookup(self.inputs, key)
+            if i < len(key):
+                users = [leaf.path for leaf in graph.leaves if leaf.input_key[: i + 1] == key[: i + 1]]
+                if not isinstance(node, Mapping):  # a single feature read as a mapping: the error says what to write
+                    read_input(self.inputs, key, users[0])
+                raise InputError(f"inputs have no feature {'.'.join(key[: i + 1])!r} (read by {users}); "
+                                 f"they have {sorted(node) if isinstance(node, Mapping) else []}")
         lengths = {k: _length(v) for k, v in self.inputs.items()}
         if len(set(lengths.values())) > 1:
             raise InputError(f"inputs have different lengths: {lengths}")

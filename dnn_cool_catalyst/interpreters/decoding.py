@@ -71,7 +71,7 @@ class FlowDecoder:
                     done.task.decoder.load_tuned(before[done.path])
                 raise TunedParamsError(f"tuned parameters of task {leaf.path!r}{where}: {e}; {FIX_TUNED}") from None
 
-    def tune(self, predictions: Mapping[str, Any], targets: Mapping[str, Any],
+    def tune(self, predictions: Optional[Mapping[str, Any]] = None, targets: Optional[Mapping[str, Any]] = None,
              masks: Optional[Mapping[str, Any]] = None,
              metric: Union[Metric, Mapping[str, Metric]] = "accuracy") -> Dict[str, Dict[str, Any]]:
         """Tune every task decoder that has parameters (thresholds), on the samples of `S_t` only;
@@ -90,6 +90,8 @@ class FlowDecoder:
         or `{"threshold": 0.5, "tuned": false, "reason": "no samples in S_t"}` for a task without
         samples (it keeps its current parameters). `load_tuned` accepts these dicts as they are.
         """
+        if predictions is None or targets is None:
+            raise TypeError(_TUNE_NEEDS)
         paths = set(self.graph.paths)
         unknown = sorted(set(predictions) - paths)
         if unknown:
@@ -128,6 +130,16 @@ class FlowDecoder:
             except ValueError as e:
                 raise ValueError(f"tuning task {p!r}: {e}") from e
         return result
+
+
+# The seed's `flow.get_decoder().tune()` took no arguments; a decoder here records nothing, so it
+# has nothing to tune on unless it is given predictions and targets.
+_TUNE_NEEDS = (
+    "decoder.tune needs predictions and targets: decoder.tune(activated, targets), with activated = {task path: "
+    "activated outputs} and targets = {task path: labels} (e.g. r = runner.infer(loader); "
+    "decoder.tune(r['activated'], r['targets'])), or, with a FlowRunner, runner.tune(loader), which predicts on "
+    "the loader and tunes. (FlowRunner.train already tunes at the end of each validation epoch and writes "
+    "tuned_params.json; the seed's no-argument tune() has no equivalent: a decoder records no predictions.)")
 
 
 def as_tensor(value: Any, path: str, what: str) -> Tensor:

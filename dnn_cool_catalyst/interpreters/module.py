@@ -6,21 +6,27 @@ from typing import Any, Dict, Mapping
 from torch import Tensor, nn
 
 from ..errors import HeadError, InputError
-from ..graph import FlowGraph, InputKey
+from ..graph import FlowGraph, InputKey, lookup
 from .masks import compute_masks
 
 
 def read_input(x: Any, key: InputKey, path: str) -> Any:
-    """`x[k1][k2]...`, with an error naming the task and the available keys."""
-    value = x
-    for i, k in enumerate(key):
-        try:
-            value = value[k]
-        except (KeyError, TypeError, IndexError):
-            have = sorted(value) if isinstance(value, Mapping) else type(value).__name__
-            where = "x" + "".join(f"[{p!r}]" for p in key[:i])
-            raise InputError(f"task {path!r} reads x.{'.'.join(key)}, but {where} has no key {k!r} (has {have})") from None
-    return value
+    """`x[k1][k2]...` under the input rule of `graph.lookup`, with an error naming the task, the
+    available keys and, for a task inside a sub-flow, the spelling that works."""
+    i, value = lookup(x, key)
+    if i == len(key):
+        return value
+    feature = "x." + ".".join(key)
+    where = "x" + "".join(f"[{p!r}]" for p in key[:i])
+    if isinstance(value, Mapping):
+        raise InputError(f"task {path!r} reads {feature}, but {where} has no key {key[i]!r} (has {sorted(value)})")
+    msg = f"task {path!r} reads {feature}, but {where} is a {type(value).__name__}, not a mapping of features"
+    if i and "." in path:
+        sub = path.rsplit(".", 1)[0]
+        msg += (f". Inside a sub-flow called with one feature, flow.<sub>(x.{key[i - 1]}), its tasks can read only that "
+                f"feature, as x.{key[i - 1]} (a single feature x.f stands for {{'f': x.f}}); to let the tasks of "
+                f"{sub!r} read their features by name, call the sub-flow with x, e.g. flow.{sub.rsplit('.', 1)[-1]}(x)")
+    raise InputError(msg)
 
 
 def _expected_width(head: nn.Module) -> Any:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import abc
 import copy
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -288,6 +289,10 @@ class Task(ITask):
         Task(name="depth", module=nn.Linear(64, 1),
              loss=lambda logits, y: (logits.squeeze(-1) - y.nan_to_num()) ** 2,
              available_func=lambda y: ~torch.isnan(y))
+
+    The seed's fields are accepted by keyword: `activation=None` and `decoder=None` mean the
+    identity; `labels` and `inputs` are ignored with a `DeprecationWarning` (labels are given to
+    `flow.get_dataset(inputs, labels)`, and the flow function names each task's input).
     """
 
     name: str
@@ -301,17 +306,39 @@ class Task(ITask):
     missing: Any = math.nan
     label_dtype: torch.dtype = torch.float32
     weight: float = 1.0
+    labels: InitVar[Any] = None  # the seed's fields, not kept (see the class docstring)
+    inputs: InitVar[Any] = None
 
-    def __post_init__(self):
+    def __post_init__(self, labels: Any = None, inputs: Any = None):
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"task name must be a Python identifier, got {self.name!r}")
         if self.name in _RESERVED:
             raise ValueError(f"task name {self.name!r} is reserved")
         if not isinstance(self.module, nn.Module):
-            raise TypeError(f"task {self.name!r}: module must be an nn.Module, got {type(self.module).__name__}")
+            raise TypeError(f"task {self.name!r}: module must be an nn.Module, got {type(self.module).__name__}"
+                            + ("" if type(self) is not Task else
+                               " (Task's second field is the module; the seed's Task took labels there: "
+                               "pass the fields by keyword, e.g. Task(name=..., module=..., loss=...))"))
+        if self.activation is None:  # the seed's `activation: Optional[nn.Module]`
+            self.activation = _identity
+        if self.decoder is None:
+            self.decoder = _IdentityDecoder()
+        for field_name, value, where in (
+                ("labels", labels, "give labels to flow.get_dataset(inputs, {task path: labels})"),
+                ("inputs", inputs, "the flow function names the task's input, e.g. flow.<task>(x.features)")):
+            if value is not None:
+                warnings.warn(f"Task({field_name}=...) is ignored for task {self.name!r}: {where}",
+                              DeprecationWarning, stacklevel=3)
 
     def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return self.loss(logits, labels)
+        loss = self.loss(logits, labels)
+        if loss.dim() == 0 and labels.dim() > 0:
+            # a reduced loss (the seed's `loss=nn.BCEWithLogitsLoss()`) would average over samples
+            # outside S_t and missing labels: the flow loss must mask each element first
+            raise ValueError(f"task {self.name!r}: loss(logits, labels) returned one number for the whole batch; it "
+                             "must return one value per label (unreduced, e.g. nn.MSELoss(reduction='none')), which "
+                             "the flow loss masks and averages over the samples where the task applies")
+        return loss
 
     def available(self, labels: Tensor) -> Tensor:
         return self.available_func(labels)

@@ -212,3 +212,23 @@ def test_threshold_rules_survive_pickling():
         flow.get_decoder().load_tuned({"door_open": {"threshold": [0.5]}})
     with pytest.raises(dcc.TunedParamsError, match="facial_characteristics.*list of 3"):
         flow.get_decoder().load_tuned({FACIAL: {"threshold": [0.5]}})
+
+
+def test_tune_without_predictions_says_what_to_pass():
+    """The seed's `flow.get_decoder().tune()` ("just call") was a TypeError about missing positional
+    arguments; a decoder records no predictions, so the error names the two spellings that work,
+    and no decoder changes."""
+    flow = security_tasks(features=8).get_full_flow()
+    decoder = flow.get_decoder()
+    before = decoder.params()
+    for call in (lambda: decoder.tune(), lambda: decoder.tune({"camera_blocked": torch.rand(4)})):
+        with pytest.raises(TypeError, match=r"decoder.tune\(activated, targets\).*runner.infer\(loader\).*"
+                                            r"runner.tune\(loader\)"):
+            call()
+    assert decoder.params() == before
+    # the spelling the message gives works on the module's outputs and the dataset's labels
+    labels = security_labels(64, seed=3, missing_rate=0.1)
+    x, y = flow.get_dataset({"features": torch.randn(64, 8)}, labels)[list(range(64))]
+    with torch.no_grad():
+        activated = flow.torch().eval()(x)["activated"]
+    assert decoder.tune(activated, y)["camera_blocked"]["tuned"] is True

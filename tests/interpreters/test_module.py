@@ -70,3 +70,70 @@ def test_a_head_failing_otherwise_still_names_task_and_shape():
 
     with pytest.raises(RuntimeError, match=r"task 'gate': its head Broken failed on x.f of shape \(3, 2\) \(boom\)"):
         tasks.get_full_flow().torch()({"f": torch.zeros(3, 2)})
+
+
+def _sub_flow_tasks():
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("blocked", torch.nn.Linear(4, 1)),
+                       dcc.BinaryClassificationTask("exists", torch.nn.Linear(4, 1)),
+                       dcc.BoundedRegressionTask("obj_x", torch.nn.Linear(4, 1))])
+
+    @tasks.add_flow
+    def localize_flow(flow, x, out):
+        out += flow.exists(x.features)
+        out += flow.obj_x(x.features) | out.exists
+        return out
+
+    return tasks
+
+
+def _full(tasks, argument):
+    def full_flow(flow, x, out):
+        out += flow.blocked(x.cam)
+        out += flow.localize_flow(getattr(x, argument)) | ~out.blocked
+        return out
+
+    return tasks.add_flow(full_flow)
+
+
+def test_a_sub_flow_called_with_one_feature_reads_that_feature():
+    """Seed spelling `flow.sub(x.features)` whose tasks read x.features: x.features is a tensor, so
+    it stands for {"features": x.features} inside the sub-flow."""
+    tasks = _sub_flow_tasks()
+    flow = _full(tasks, "features")
+    cam, features = torch.randn(3, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        logits = flow.torch().eval()({"cam": cam, "features": features})["logits"]
+        torch.testing.assert_close(logits["localize_flow.obj_x"], tasks["obj_x"].module(features))
+        torch.testing.assert_close(logits["blocked"], tasks["blocked"].module(cam))
+
+
+def test_a_sub_flow_called_with_a_mapping_reads_inside_it():
+    tasks = _sub_flow_tasks()
+    flow = _full(tasks, "features")
+    inner, outer = torch.randn(3, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        logits = flow.torch().eval()({"cam": outer, "features": {"features": inner}})["logits"]
+    torch.testing.assert_close(logits["localize_flow.exists"], tasks["exists"].module(inner))
+    with pytest.raises(dcc.InputError, match=r"'localize_flow.exists' reads x.features.features, but "
+                                             r"x\['features'\] has no key 'features' \(has \['other'\]\)"):
+        flow.torch()({"cam": outer, "features": {"other": inner}})
+
+
+def test_a_feature_given_to_a_sub_flow_is_never_ignored():
+    """The seed's `flow.localize_flow(x.localization_features)` with tasks reading x.features: with a
+    tensor there, reading the caller's x.features would silently drop the argument; it is an error
+    at get_dataset (and at the first forward) that names the task and the spelling that works."""
+    import numpy as np
+
+    tasks = _sub_flow_tasks()
+    flow = _full(tasks, "localization_features")
+    inputs = {"cam": torch.randn(3, 4), "localization_features": torch.randn(3, 4), "features": torch.randn(3, 4)}
+    expected = (r"task 'localize_flow.exists' reads x.localization_features.features, but "
+                r"x\['localization_features'\] is a Tensor, not a mapping of features.*flow.localize_flow\(x\)")
+    with pytest.raises(dcc.InputError, match=expected):
+        flow.get_dataset(inputs, {p: np.zeros(3) for p in flow.graph.paths})
+    with pytest.raises(dcc.InputError, match=expected):
+        flow.torch()(inputs)
+    # x itself must be a mapping; no sub-flow hint then
+    with pytest.raises(dcc.InputError, match=r"task 'blocked' reads x.cam, but x is a Tensor, not a mapping of features$"):
+        flow.torch()(torch.randn(3, 4))

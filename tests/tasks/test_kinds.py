@@ -1,5 +1,6 @@
 """Every task kind: labels and missing markers, loss finiteness, activation and decoding."""
 import math
+import warnings
 import re
 
 import numpy as np
@@ -113,3 +114,49 @@ def test_float_class_labels_are_checked_before_the_int64_cast(value):
     with pytest.raises(dcc.LabelError, match=rf"'t': token label {re.escape(shown)} at \[1, 0\]"):
         k["mlm"][0].prepare_labels(np.array([[1.0, -100.0], [value, 2.0]]))
     assert k["mlm"][0].prepare_labels(np.array([[1.0, -100.0]])).tolist() == [[1, -100]]
+
+
+def _squared_error(z, y):
+    return (z.squeeze(-1) - torch.nan_to_num(y)) ** 2
+
+
+def test_seed_task_fields_by_keyword():
+    """The seed's `Task(name, labels, loss, per_sample_loss, available_func, inputs, activation,
+    decoder, module, metrics)` raised on `labels=`. Its fields are accepted by keyword: labels and
+    inputs ignored with a DeprecationWarning saying where they go, None activation/decoder = identity."""
+    with pytest.warns(DeprecationWarning) as record:
+        task = dcc.Task(name="depth", labels=np.zeros(4), loss=_squared_error, per_sample_loss=None,
+                        available_func=lambda y: ~torch.isnan(y), inputs="features", activation=None,
+                        decoder=None, module=nn.Linear(4, 1), metrics=())
+    messages = [str(w.message) for w in record]
+    assert any("labels=" in m and "'depth'" in m and "flow.get_dataset" in m for m in messages)
+    assert any("inputs=" in m and "flow.<task>(x.features)" in m for m in messages)
+    assert all(w.filename == __file__ for w in record)  # attributed to the caller's line
+    assert task.labels is None and task.inputs is None  # nothing kept
+    z = torch.randn(3, 1)
+    assert torch.equal(task.activate(z), z) and torch.equal(task.decode(z), z)
+    tasks = dcc.Tasks([task])
+
+    @tasks.add_flow
+    def f(flow, x, out):
+        out += flow.depth(x.features)
+        return out
+
+    x, y = f.get_dataset({"features": torch.randn(4, 4)}, {"depth": [1.0, float("nan"), 2.0, 3.0]})[[0, 1, 2, 3]]
+    out = f.torch().eval()(x)
+    assert torch.equal(out["decoded"]["depth"], out["logits"]["depth"])
+    assert torch.isfinite(f.get_loss()(out, y))
+
+
+def test_seed_task_positional_order_and_reduced_loss_are_named():
+    """Positionally, the seed's Task took labels second (here: the module); a reduced loss
+    (`nn.MSELoss()`, as a seed task could use) would average over samples outside S_t."""
+    with pytest.raises(TypeError, match=r"'depth': module must be an nn.Module, got ndarray.*seed's Task took "
+                                        r"labels there.*by keyword"):
+        dcc.Task("depth", np.zeros(3), _squared_error)
+    task = dcc.Task(name="depth", module=nn.Linear(4, 1), loss=nn.MSELoss())
+    with pytest.raises(ValueError, match=r"'depth'.*one number for the whole batch.*reduction='none'"):
+        task.elementwise_loss(torch.zeros(3, 1), torch.zeros(3, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the predefined kinds pass neither labels nor inputs
+        _kinds()
