@@ -511,7 +511,7 @@ class FlowRunner(dl.Runner):
             if not exists(IBackwardCallback):
                 callbacks["_backward"] = compat.BackwardCallback(metric_key="loss")
             if not exists(IOptimizerCallback):
-                callbacks["_optimizer"] = dl.OptimizerCallback(metric_key="loss")
+                callbacks["_optimizer"] = compat.OptimizerCallback(metric_key="loss")  # no betas as momentum
         if self.scheduler is not None and not exists(ISchedulerCallback):
             plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             callbacks["_scheduler"] = (dl.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
