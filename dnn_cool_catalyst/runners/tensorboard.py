@@ -263,11 +263,15 @@ def pr_curve_data(labels: np.ndarray, scores: np.ndarray, num_thresholds: int = 
 
 
 class FlowTensorboardLogger(TensorboardLogger):
-    """Catalyst's `TensorboardLogger` (scalars as `<key>/epoch` per loader under `<logdir>/<loader>/`,
-    images), plus `log_text` (markdown) and `log_pr_curve`, both at the current epoch in the current
-    loader's run. `FlowRunner` adds one under `<logdir>/tensorboard` when no TensorBoard logger is given.
+    """Catalyst's `TensorboardLogger` (scalars per loader under `<logdir>/<loader>/`, images), plus
+    `log_text` (markdown) and `log_pr_curve`, both at the current epoch in the current loader's run,
+    and the run's hyperparameters for TensorBoard's HPARAMS tab. `FlowRunner` adds one under
+    `<logdir>/tensorboard` when no TensorBoard logger is given.
 
-    Metric keys `<path>/<metric>` put every task's values in a group of their own in TensorBoard.
+    Scalar tags are the metric keys as they are, `<path>/<metric>` (and `loss`, `lr`) at each epoch,
+    which puts every task's values in a group of their own, with the loaders' curves overlaid (one
+    run per loader); batch values (`log_batch_metrics=True`) are `<key>/batch`. (Catalyst's logger
+    tags epoch values `<key>/epoch`.)
     `FlowMetricsCallback` adds, per loader that does not train, PR curves (`<path>/pr_curve`, per
     class `<path>/pr_curve/<class>` for multilabel tasks) and confusion-matrix images
     (`<path>/confusion_matrix`, through Catalyst's `log_image`).
@@ -290,6 +294,11 @@ class FlowTensorboardLogger(TensorboardLogger):
                                                          flush_secs=self.flush_secs)
 
     def _log_metrics(self, metrics: Mapping[str, float], step: int, loader_key: str, suffix: str = "") -> None:
+        # Catalyst tags epoch values `<key>/epoch`; here they are `<path>/<metric>` (TensorBoard groups
+        # by the first component: one group per task, each loader a run of its own so that train and
+        # valid overlay). Batch values keep their `/batch` suffix, apart from the epoch curves.
+        if suffix == "/epoch":
+            suffix = ""
         writer = self.loggers[loader_key]
         if isinstance(writer, FlowSummaryWriter):
             writer.add_simple_scalars({f"{key}{suffix}": value for key, value in metrics.items()}, step)

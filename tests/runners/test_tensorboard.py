@@ -33,6 +33,19 @@ def test_text_and_pr_curves_per_loader_and_epoch(tmp_path):
     assert b"tree" in text.tensor_proto.string_val[0]
 
 
+def test_scalar_tags_are_metric_keys_and_batch_values_are_marked(tmp_path):
+    logger = FlowTensorboardLogger(logdir=str(tmp_path), log_batch_metrics=True)
+    runner = type("R", (), {"loader_key": "train", "epoch_step": 2, "sample_step": 64})()
+    logger.log_metrics({"loss": 0.5, "door_open/accuracy": 0.75}, scope="batch", runner=runner)
+    logger.log_metrics({"loss": 0.4, "door_open/accuracy": 0.8}, scope="loader", runner=runner)
+    logger.close_log()
+    ea = EventAccumulator(str(tmp_path / "train"))
+    ea.Reload()
+    assert set(ea.Tags()["scalars"]) == {"loss", "door_open/accuracy", "loss/batch", "door_open/accuracy/batch"}
+    assert [(e.step, e.value) for e in ea.Scalars("door_open/accuracy")] == [(2, 0.800000011920929)]  # float32
+    assert [e.step for e in ea.Scalars("loss/batch")] == [64]
+
+
 def _events(directory):
     """The events of the one event file in `directory` (checksums verified by TensorBoard's reader),
     without their wall time."""
@@ -67,7 +80,7 @@ def test_the_same_events_as_tensorboardx_writes(tmp_path):
 
     reference = SummaryWriter(str(tmp_path / "tbx"))
     for key, value in metrics.items():
-        reference.add_scalar(f"{key}/epoch", value, 3)
+        reference.add_scalar(key, value, 3)  # `<path>/<metric>`, no /epoch
     reference.add_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", global_step=3)
     reference.add_pr_curve("door_open/pr_curve", labels, np.clip(scores, 0, 1), global_step=3)
     reference.close()
