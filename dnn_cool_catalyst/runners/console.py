@@ -73,6 +73,40 @@ def format_epoch(epoch_metrics: Mapping[str, Mapping[str, Any]], epoch: int, num
     return " | ".join(parts)
 
 
+class BestEpoch:
+    """The best epoch so far of a run, as the runner selects checkpoints: by its `valid_metric` on its
+    `valid_loader` (Catalyst's `Runner` keeps train's arguments as `_valid_loader`, `_valid_metric`,
+    `_minimize_valid_metric`), minimised unless `minimize_valid_metric=False`; and the last epoch.
+    `best` and `last` are `(epoch, num_epochs, {loader: metrics})`; `best` is None while the metric
+    is missing or not finite. `loader`: the selecting loader (the last one when the runner names none)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the epochs (a new run)."""
+        self.best: Optional[Tuple[int, int, Dict[str, Dict[str, float]]]] = None
+        self.last: Optional[Tuple[int, int, Dict[str, Dict[str, float]]]] = None
+        self.loader: Optional[str] = None
+        self.metric: Optional[str] = None
+        self._score: Optional[float] = None
+
+    def update(self, epoch_metrics: Mapping[str, Any], runner: Any) -> bool:
+        """Take an epoch's metrics (`runner.epoch_metrics`); whether it is the best so far."""
+        loaders = {k: dict(v) for k, v in epoch_metrics.items() if k != EPOCH_SCOPE_KEY and isinstance(v, Mapping)}
+        self.metric = getattr(runner, "_valid_metric", None)
+        self.loader = getattr(runner, "_valid_loader", None) or next(reversed(list(loaders)), None)
+        self.last = (runner.epoch_step, runner.num_epochs, loaders)
+        score = loaders.get(self.loader, {}).get(self.metric) if self.metric is not None else None
+        if score is None or not math.isfinite(float(score)):
+            return False
+        score = -float(score) if getattr(runner, "_minimize_valid_metric", None) is False else float(score)
+        if self._score is not None and score >= self._score:
+            return False
+        self._score, self.best = score, self.last
+        return True
+
+
 class FlowConsoleLogger(ConsoleLogger):
     """Catalyst's console logger, short: one line per epoch (`format_epoch`: each loader's loss, the
     validation metric that selects checkpoints, the learning rate, the epoch's time), and at the end
@@ -88,9 +122,8 @@ class FlowConsoleLogger(ConsoleLogger):
 
     def _start_run(self) -> None:
         self._epoch_started = time.monotonic()
-        self._best: Optional[Tuple[float, int, int, Dict[str, float]]] = None  # score, epoch, num_epochs, metrics
-        self._last: Optional[Tuple[int, int, Dict[str, float]]] = None
-        self._selection: Tuple[Optional[str], Optional[str]] = (None, None)
+        self._epochs = BestEpoch()
+        self._summarised = False
 
     def log_hparams(self, hparams: Dict, runner: Any = None) -> None:
         # Catalyst calls this once when a run starts (FlowRunner's on_experiment_start): a new run
@@ -106,40 +139,27 @@ class FlowConsoleLogger(ConsoleLogger):
     def _log_epoch(self, metrics: Mapping[str, Any], runner: Any) -> None:
         now = time.monotonic()
         seconds, self._epoch_started = now - self._epoch_started, now
-        loader = getattr(runner, "_valid_loader", None)  # Catalyst's Runner keeps train's arguments so
-        metric = getattr(runner, "_valid_metric", None)
-        minimize = getattr(runner, "_minimize_valid_metric", None)
-        values = metrics.get(loader) if loader is not None else None
-        score = values.get(metric) if isinstance(values, Mapping) and metric is not None else None
-        best = False
-        if score is not None and math.isfinite(float(score)):
-            score = float(score) if minimize is not False else -float(score)
-            best = self._best is None or score < self._best[0]
-            if best:
-                self._best = (score, runner.epoch_step, runner.num_epochs, dict(values))
-        if loader is None:  # a runner that does not say which loader validates: the last one
-            loader = next((k for k in reversed(list(metrics)) if k != EPOCH_SCOPE_KEY), None)
-        self._selection = (loader, metric)
-        if loader is not None and isinstance(metrics.get(loader), Mapping):
-            self._last = (runner.epoch_step, runner.num_epochs, dict(metrics[loader]))
-        several = runner.num_epochs > 1 and self._best is not None
-        print(format_epoch(metrics, runner.epoch_step, runner.num_epochs, seconds, loader, metric, best and several))
+        epochs = self._epochs
+        best = epochs.update(metrics, runner) and runner.num_epochs > 1
+        print(format_epoch(metrics, runner.epoch_step, runner.num_epochs, seconds, epochs.loader, epochs.metric, best))
 
     def close_log(self) -> None:
         """At the end of a run: the validation loader's per-task metrics at its best (else last) epoch,
         unless `verbose` printed them at every epoch."""
         super().close_log()
-        if self.verbose or self._last is None:
+        epochs = self._epochs
+        if self.verbose or epochs.last is None or self._summarised:
             return
-        loader, metric = self._selection
-        if self._best is not None and self._best[2] > 1:
-            _, epoch, num_epochs, values = self._best
-            prefix = f"{loader} at the best epoch {epoch}/{num_epochs} (by {metric}): "
+        self._summarised = True  # once per run (the loggers may be closed again)
+        loader = epochs.loader
+        if epochs.best is not None and epochs.best[1] > 1:
+            epoch, num_epochs, values = epochs.best
+            prefix = f"{loader} at the best epoch {epoch}/{num_epochs} (by {epochs.metric}): "
         else:
-            epoch, num_epochs, values = self._last
+            epoch, num_epochs, values = epochs.last
             prefix = f"{loader} ({epoch}/{num_epochs}) "
-        print(format_by_task(values, prefix))
-        self._last = None  # once per run (Catalyst may close the loggers again)
+        if loader in values:
+            print(format_by_task(values[loader], prefix))
 
 
 class FlowProgressBar(TqdmCallback):
