@@ -38,8 +38,8 @@ from torch import Tensor
 from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
 from ..callbacks.batch import INDEX, INPUTS, LOSS_TERMS, TARGETS
 from ..callbacks.common import resolve_callback_flow
-from . import compat
 from ..errors import NonFiniteLossError
+from . import compat
 
 NONFINITE_MODES = ("raise", "skip")
 #: The loader metric counting the batches skipped with `nonfinite="skip"`.
