@@ -20,7 +20,8 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
 - `OptimizerCallback`: Catalyst's logs the first Adam-style beta (`betas[0]`) as `momentum`
   (`catalyst.utils.get_optimizer_momentum_list`), so an AdamW run reports `momentum: 0.9`, a value
   no one set. This one logs `momentum` only for optimizers that have that hyperparameter (SGD,
-  RMSprop); `lr` always.
+  RMSprop); `lr` always. `SchedulerCallback`: the same for the values Catalyst's writes after a
+  scheduler step (batch metrics, or the epoch-scope `runner.epoch_metrics["_epoch_"]`).
 - `CheckpointCallback`: Catalyst writes checkpoints with `torch.save` straight onto the final path
   (a kill or a full disk leaves a truncated `runner.last.pth`), from every DDP process at once, and
   rewrites `runner.best.pth` at every epoch from the live model; it loads them with `torch.load`
@@ -115,6 +116,16 @@ class OptimizerCallback(dl.OptimizerCallback):
 
     def _get_lr_momentum_stats(self) -> dict:
         return lr_momentum_stats(self.optimizer, self._prefix_lr, self._prefix_momentum)
+
+
+class SchedulerCallback(dl.SchedulerCallback):
+    """Catalyst's scheduler step, logging `momentum` only for optimizers that have one (see
+    `OptimizerCallback`); same arguments and keys as Catalyst's."""
+
+    @staticmethod
+    def _scheduler_step(scheduler: Any, reduced_metric: Any = None) -> Any:
+        lr_list, _ = dl.SchedulerCallback._scheduler_step(scheduler, reduced_metric)
+        return lr_list, [group.get("momentum") for group in scheduler.optimizer.param_groups]  # None: not logged
 
 
 def logs_momentum(optimizer: Any) -> bool:

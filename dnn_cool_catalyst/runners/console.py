@@ -47,8 +47,9 @@ def format_epoch(epoch_metrics: Mapping[str, Mapping[str, Any]], epoch: int, num
                  seconds: Optional[float] = None, valid_loader: Optional[str] = None,
                  valid_metric: Optional[str] = None, best: bool = False) -> str:
     """One line for an epoch: each loader's `loss` (and `nonfinite_batches` when it has them),
-    `valid_metric` of `valid_loader` when it is not the loss, the learning rate once, and the
-    epoch-scope metrics (`"_epoch_"`) when there are any; loaders with none of these are left out.
+    `valid_metric` of `valid_loader` when it is not the loss, the learning rate once (the epoch's,
+    not the one a scheduler set for the next), and the other epoch-scope metrics (`"_epoch_"`)
+    when there are any; loaders with none of these are left out.
 
     `Epoch 2/3 (1.2 s) | train loss 0.41 | valid loss 0.45, door_open/f1_score 0.8 | lr 0.003 | best so far`
     """
@@ -64,9 +65,13 @@ def format_epoch(epoch_metrics: Mapping[str, Mapping[str, Any]], epoch: int, num
             parts.append(f"{loader} " + ", ".join(shown))
         if lr is None and "lr" in values:
             lr = values["lr"]
+    extra = dict(epoch_metrics.get(EPOCH_SCOPE_KEY) or {})
+    # a scheduler's epoch step leaves the next epoch's lr (and momentum) there: this epoch's is shown
+    scheduled = {k: extra.pop(k) for k in list(extra) if k.split("/")[0] in ("lr", "momentum")}
+    if lr is None:
+        lr = scheduled.get("lr")
     if lr is not None:
         parts.append(f"lr {_number(lr)}")
-    extra = epoch_metrics.get(EPOCH_SCOPE_KEY) or {}
     parts += [f"{key} {_number(extra[key])}" for key in sorted(extra)]
     if best:
         parts.append("best so far")

@@ -521,8 +521,8 @@ class FlowRunner(dl.Runner):
                 callbacks["_optimizer"] = compat.OptimizerCallback(metric_key="loss")  # no betas as momentum
         if self.scheduler is not None and not exists(ISchedulerCallback):
             plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            callbacks["_scheduler"] = (dl.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
-                                       if plateau else dl.SchedulerCallback())
+            callbacks["_scheduler"] = (compat.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
+                                       if plateau else compat.SchedulerCallback())  # no betas as momentum
         if self._verbose and not exists(TqdmCallback):
             callbacks["_verbose"] = FlowProgressBar()
         if self._logdir is not None and not exists(ICheckpointCallback):

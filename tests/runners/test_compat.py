@@ -109,3 +109,19 @@ def test_optimizer_callback_logs_momentum_only_for_optimizers_that_have_one(make
     expected = {"lr": 0.01} if momentum is None else {"lr": 0.01, "momentum": momentum}
     assert runner.batch_metrics == expected and runner.loader_metrics == expected
     assert logs_momentum_metric(callback, runner) == (momentum is not None)  # what the valid_metric check knows
+
+
+@pytest.mark.parametrize("make, momentum", [(lambda p: torch.optim.AdamW(p, lr=0.01), None),
+                                            (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.7), 0.7)])
+def test_scheduler_callback_logs_momentum_only_for_optimizers_that_have_one(make, momentum):
+    from dnn_cool_catalyst.runners.compat import SchedulerCallback
+
+    runner = _OptimizerRunner(make(nn.Linear(2, 1).parameters()))
+    runner.scheduler = torch.optim.lr_scheduler.StepLR(runner.optimizer, 1, gamma=0.5)
+    runner.epoch_metrics = {"_epoch_": {}}
+    callback = SchedulerCallback()
+    callback.on_experiment_start(runner)
+    runner.optimizer.step()  # as in training: the optimizer steps before the scheduler
+    callback.make_epoch_step(runner)
+    expected = {"lr": 0.005} if momentum is None else {"lr": 0.005, "momentum": momentum}
+    assert runner.epoch_metrics["_epoch_"] == expected  # Catalyst's wrote AdamW's betas[0] = 0.9 as momentum

@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from dnn_cool_catalyst.runners import FlowRunner
 from dnn_cool_catalyst.runners.console import FlowConsoleLogger, FlowProgressBar, format_by_task, format_epoch
@@ -22,6 +23,9 @@ def test_an_epoch_is_one_line_with_each_loss_the_valid_metric_and_the_lr():
     assert (format_epoch(metrics, 2, 3, 1.25, "valid", "t/f1_score", best=True)
             == "Epoch 2/3 (1.2 s) | train loss 0.5 | valid loss 0.25, t/f1_score 0.8 | lr 0.003 | best so far")
     assert format_epoch({"_epoch_": {"x": 1.0}, "valid": {"loss": 0.25}}, 1, 1) == "Epoch 1/1 | valid loss 0.25 | x 1"
+    scheduled = {"_epoch_": {"lr": 0.0015, "momentum": 0.9}, "train": {"loss": 0.5, "lr": 0.003}}  # the next epoch's
+    assert format_epoch(scheduled, 1, 2) == "Epoch 1/2 | train loss 0.5 | lr 0.003"
+    assert format_epoch({"_epoch_": {"lr": 0.0015}, "valid": {"loss": 0.5}}, 1, 2) == "Epoch 1/2 | valid loss 0.5 | lr 0.0015"
 
 
 class _Runner:
@@ -63,14 +67,18 @@ def test_verbose_prints_every_loaders_tasks_every_epoch(capsys):
 
 def test_training_prints_a_short_summary_and_no_momentum_for_adamw(data, flow_and_model, loaders_for, capsys):
     flow, model = flow_and_model()
-    FlowRunner(flow, model=model).train(loaders=loaders_for(flow, data), num_epochs=3,
-                                        valid_metric="door_open/f1_score", minimize_valid_metric=False)
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders_for(flow, data), num_epochs=3, valid_metric="door_open/f1_score",
+                 minimize_valid_metric=False, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
     out = capsys.readouterr().out
     epochs = [line for line in out.splitlines() if line.startswith("Epoch ")]
     assert len(epochs) == 3 and all(re.match(r"Epoch \d/3 \(\d+\.\d s\) \| train loss [\d.]+ \| valid loss [\d.]+, "
-                                              r"door_open/f1_score [\d.]+ \| lr 0\.001", line) for line in epochs)
+                                              r"door_open/f1_score [\d.]+ \| lr [\d.e-]+(?: \| best so far)?$", line)
+                                     for line in epochs)
+    assert [line.split("| lr ")[1].split(" ")[0] for line in epochs] == ["0.001", "0.0005", "0.00025"]  # this epoch's
     assert out.count("  door_open: ") == 1 and "valid at the best epoch" in out  # once, at the end
     assert "momentum" not in out and "* Epoch" not in out
+    assert set(runner.epoch_metrics["_epoch_"]) == {"lr"}  # the scheduler's step: no AdamW betas as momentum
 
 
 @pytest.mark.parametrize("verbose, tty, bar", [(None, True, True), (None, False, False), (False, True, False),
