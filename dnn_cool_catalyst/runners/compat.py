@@ -17,6 +17,11 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
   IOptimizerCallback" whenever a criterion or optimizer is set without those callbacks. `FlowRunner`
   computes the loss in `handle_batch` and adds the backward and optimizer callbacks itself where a
   loader trains, so exactly these three messages are silenced while the callbacks are checked.
+- `OptimizerCallback`: Catalyst's logs the first Adam-style beta (`betas[0]`) as `momentum`
+  (`catalyst.utils.get_optimizer_momentum_list`), so an AdamW run reports `momentum: 0.9`, a value
+  no one set. This one logs `momentum` only for optimizers that have that hyperparameter (SGD,
+  RMSprop); `lr` always. `SchedulerCallback`: the same for the values Catalyst's writes after a
+  scheduler step (batch metrics, or the epoch-scope `runner.epoch_metrics["_epoch_"]`).
 - `CheckpointCallback`: Catalyst writes checkpoints with `torch.save` straight onto the final path
   (a kill or a full disk leaves a truncated `runner.last.pth`), from every DDP process at once, and
   rewrites `runner.best.pth` at every epoch from the live model; it loads them with `torch.load`
@@ -48,6 +53,7 @@ import torch
 from catalyst import dl
 from catalyst.callbacks.checkpoint import Checkpoint
 from catalyst.core.engine import Engine
+from catalyst.core.misc import callback_isinstance
 from catalyst.utils import pack_checkpoint, unpack_checkpoint
 from catalyst.utils.torch import get_available_engine
 from torch.utils.data import BatchSampler, DataLoader, Dataset
@@ -101,6 +107,48 @@ class BackwardCallback(dl.BackwardCallback):
             if self._log_gradient:
                 runner.batch_metrics[f"{self._prefix_gradient}/norm"] = norm
         runner.batch_metrics[self.metric_key] = loss.detach()
+
+
+class OptimizerCallback(dl.OptimizerCallback):
+    """Catalyst's optimizer step, logging `lr` and, only where the optimizer has a `momentum`
+    hyperparameter (SGD, RMSprop), `momentum` (never Adam's `betas[0]`). With an `optimizer_key`
+    the names are `lr/<key>` and `momentum/<key>`, as Catalyst's."""
+
+    def _get_lr_momentum_stats(self) -> dict:
+        return lr_momentum_stats(self.optimizer, self._prefix_lr, self._prefix_momentum)
+
+
+class SchedulerCallback(dl.SchedulerCallback):
+    """Catalyst's scheduler step, logging `momentum` only for optimizers that have one (see
+    `OptimizerCallback`); same arguments and keys as Catalyst's."""
+
+    @staticmethod
+    def _scheduler_step(scheduler: Any, reduced_metric: Any = None) -> Any:
+        lr_list, _ = dl.SchedulerCallback._scheduler_step(scheduler, reduced_metric)
+        return lr_list, [group.get("momentum") for group in scheduler.optimizer.param_groups]  # None: not logged
+
+
+def logs_momentum(optimizer: Any) -> bool:
+    """Whether `OptimizerCallback` logs a `momentum` for `optimizer` (its first parameter group has one)."""
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    return "momentum" in groups[0]
+
+
+def logs_momentum_metric(callback: Any, runner: Any) -> bool:
+    """Whether an optimizer callback puts `momentum` into the metrics: Catalyst's always does (betas[0]
+    for Adam), ours (`OptimizerCallback`) only for an optimizer with a `momentum` hyperparameter."""
+    if not callback_isinstance(callback, OptimizerCallback):
+        return True
+    return logs_momentum(getattr(callback, "optimizer", None) or getattr(runner, "optimizer", None))
+
+
+def lr_momentum_stats(optimizer: Any, lr_key: str = "lr", momentum_key: str = "momentum") -> dict:
+    """`{lr_key: lr}` of the first parameter group, with `{momentum_key: momentum}` when it has one."""
+    group = optimizer.param_groups[0]
+    stats = {lr_key: group["lr"]}
+    if logs_momentum(optimizer):
+        stats[momentum_key] = group["momentum"]
+    return stats
 
 
 class CheckpointCallback(dl.CheckpointCallback):

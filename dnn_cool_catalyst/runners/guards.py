@@ -39,6 +39,7 @@ from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTu
 from ..callbacks.batch import INDEX, INPUTS, LOSS_TERMS, TARGETS
 from ..callbacks.common import resolve_callback_flow
 from ..errors import NonFiniteLossError
+from . import compat
 
 NONFINITE_MODES = ("raise", "skip")
 #: The loader metric counting the batches skipped with `nonfinite="skip"`.
@@ -285,7 +286,7 @@ def known_metrics(runner: Any, nonfinite: str = "raise") -> KnownMetrics:
         elif callback_isinstance(callback, LoaderLossCallback):
             names["loss"] = None
         elif callback_isinstance(callback, dl.IOptimizerCallback):
-            names.update(dict.fromkeys(["lr", "momentum"]))
+            names.update(dict.fromkeys(["lr", "momentum"] if compat.logs_momentum_metric(callback, runner) else ["lr"]))
             prefixes += ["lr/", "momentum/"]  # with an optimizer_key
         elif not callback_isinstance(callback, _SILENT):
             complete = False

@@ -52,7 +52,7 @@ from ..interpreters.loss import stack_terms
 from ..summary import summary, where_logs_are
 from . import checkpoints, compat
 from .balance import BalancedDataParallel
-from .console import FlowConsoleLogger, FlowProgressBar
+from .console import FlowConsoleLogger, FlowProgressBar, stdout_is_terminal
 from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun, unshare_tensors
 from .export import export_model, load_model, unwrap_model
 from .guards import LoaderLossCallback, RunGuards, require_batches
@@ -288,7 +288,7 @@ class FlowRunner(dl.Runner):
               loggers: Optional[Mapping[str, Any]] = None, seed: int = 42, hparams: Optional[Dict[str, Any]] = None,
               num_epochs: int = 1, logdir: Optional[str] = None, resume: Union[str, bool, None] = None,
               valid_loader: Optional[str] = None, valid_metric: Optional[str] = None,
-              minimize_valid_metric: Optional[bool] = None, verbose: bool = False, timeit: bool = False,
+              minimize_valid_metric: Optional[bool] = None, verbose: Optional[bool] = None, timeit: bool = False,
               check: bool = False, overfit: bool = False, profile: bool = False, load_best_on_end: bool = False,
               cpu: bool = False, fp16: bool = False, ddp: bool = False,
               lr: float = 1e-3, flow_metrics: bool = True, interpretation: bool = True,
@@ -303,9 +303,13 @@ class FlowRunner(dl.Runner):
           steps, a scheduler step, and with a `logdir` a runner checkpoint (`<logdir>/checkpoints`)
           keeping the best epoch by `valid_metric` ("loss", minimised) on `valid_loader` (the first
           loader whose name starts with "valid", else the first loader);
-        - loggers: a `FlowTensorboardLogger` in `<logdir>/tensorboard`, a console logger printing
-          one line per task (`FlowConsoleLogger`), Catalyst's CSV logger; with `verbose=True`,
-          Catalyst's progress bar showing the overall batch metrics (`FlowProgressBar`);
+        - loggers: a `FlowTensorboardLogger` in `<logdir>/tensorboard` (with the run's hyperparameters:
+          `hparams` and what the runner knows), a console logger (`FlowConsoleLogger`: one line per
+          epoch with each loader's loss and the `valid_metric`, the per-task metrics of the best
+          epoch at the end), Catalyst's CSV logger;
+        - `verbose`: None (default) shows a progress bar of the overall batch metrics
+          (`FlowProgressBar`) when standard output is a terminal; True shows it always and prints
+          every loader's per-task metrics at every epoch; False shows no bar;
         - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
           from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
           total `num_epochs` and fresh loaders. The best-so-far bookkeeping continues (`runner.best.pth`
@@ -351,6 +355,9 @@ class FlowRunner(dl.Runner):
             checkpoints.claim_logdir(logdir, resume=resume, overwrite=overwrite)
         self._resume_path = self._resume_checkpoint(resume, logdir, callbacks)
         engine = self._choose_engine(engine, cpu=cpu, fp16=fp16, ddp=ddp)
+        self._verbose_metrics = verbose is True  # per-task lines every epoch (the default console logger)
+        if verbose is None:
+            verbose = stdout_is_terminal()  # the progress bar
         if isinstance(engine, dl.DistributedDataParallelEngine):
             compat.allow_generators_across_processes()  # also for Catalyst's own engine
         super().train(loaders=loaders, model=model, engine=engine, criterion=self._kept_criterion,
@@ -483,7 +490,7 @@ class FlowRunner(dl.Runner):
     def get_loggers(self) -> Dict[str, Any]:
         loggers = dict(self._loggers or {})
         if not any(isinstance(lg, ConsoleLogger) for lg in loggers.values()):
-            loggers["_console"] = FlowConsoleLogger()
+            loggers["_console"] = FlowConsoleLogger(verbose=getattr(self, "_verbose_metrics", False))
         if self._logdir is not None and not any(isinstance(lg, CSVLogger) for lg in loggers.values()):
             loggers["_csv"] = compat.CSVLogger(logdir=self._logdir, use_logdir_postfix=True)  # one header on resume
         if self._logdir is not None and not any(isinstance(lg, TensorboardLogger) for lg in loggers.values()):
@@ -511,11 +518,11 @@ class FlowRunner(dl.Runner):
             if not exists(IBackwardCallback):
                 callbacks["_backward"] = compat.BackwardCallback(metric_key="loss")
             if not exists(IOptimizerCallback):
-                callbacks["_optimizer"] = dl.OptimizerCallback(metric_key="loss")
+                callbacks["_optimizer"] = compat.OptimizerCallback(metric_key="loss")  # no betas as momentum
         if self.scheduler is not None and not exists(ISchedulerCallback):
             plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            callbacks["_scheduler"] = (dl.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
-                                       if plateau else dl.SchedulerCallback())
+            callbacks["_scheduler"] = (compat.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
+                                       if plateau else compat.SchedulerCallback())  # no betas as momentum
         if self._verbose and not exists(TqdmCallback):
             callbacks["_verbose"] = FlowProgressBar()
         if self._logdir is not None and not exists(ICheckpointCallback):

@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from catalyst.loggers.tensorboard import TensorboardLogger
@@ -25,7 +25,12 @@ from catalyst.settings import SETTINGS
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import hparams as hparams_summaries
 from tensorboardX.writer import FileWriter
+
+from .console import BestEpoch
+
+HPARAMS_RUN = "hparams"  # the run (directory) of the hyperparameters and the best epoch's metrics
 
 # CRC-32C (Castagnoli), as TFRecord framing uses it ---------------------------------------------------------------
 
@@ -242,6 +247,67 @@ class FlowSummaryWriter(SummaryWriter):
 # The logger ---------------------------------------------------------------------------------------------------------
 
 
+def _flat(values: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        elif value is not None:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, str, int, float)) else str(value)
+    return out
+
+
+def _train_batch_size(runner: Any) -> Optional[int]:
+    loaders = getattr(runner, "loaders", None) or {}
+    loader = next((v for k, v in loaders.items() if str(k).startswith("train")), None)
+    for source in (loader, getattr(loader, "batch_sampler", None)):
+        size = getattr(source, "batch_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
+def run_hparams(runner: Any, given: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """A run's hyperparameters for TensorBoard's HPARAMS tab: what the runner knows (`flow` name,
+    `num_tasks`, `optimizer` class, its initial `lr`, `batch_size` of the train loader, `num_epochs`,
+    `seed`, `valid_metric`), then `given` (`train(hparams=...)`, nested keys as `a/b`; its values win).
+    Values other than numbers, booleans and strings are written as strings; None is left out."""
+    known: Dict[str, Any] = {}
+    flow = getattr(runner, "flow", None)
+    if flow is not None:
+        known["flow"] = getattr(flow, "name", None)
+        known["num_tasks"] = len(flow.graph.paths)
+    optimizer = getattr(runner, "optimizer", None)
+    if hasattr(getattr(optimizer, "optimizer", None), "param_groups"):  # accelerate's AcceleratedOptimizer
+        optimizer = optimizer.optimizer
+    if isinstance(getattr(optimizer, "defaults", None), Mapping):
+        known["optimizer"] = type(optimizer).__name__
+        known["lr"] = optimizer.defaults.get("lr")
+    known["batch_size"] = _train_batch_size(runner)
+    known["num_epochs"] = getattr(runner, "num_epochs", None)
+    known["seed"] = getattr(runner, "seed", None)
+    known["valid_metric"] = getattr(runner, "_valid_metric", None)
+    return _flat({**known, **dict(given or {})})
+
+
+def best_epoch_metrics(epochs: BestEpoch) -> Dict[str, float]:
+    """The HPARAMS tab's metrics: `best/<loader>/loss` of every loader and `best/<valid loader>/<valid
+    metric>` at the best epoch so far, and `best/epoch`; `final/...` of the last epoch when no epoch
+    could be ranked (no valid metric)."""
+    if epochs.best is not None:
+        prefix, (epoch, _, loaders) = "best", epochs.best
+    elif epochs.last is not None:
+        prefix, (epoch, _, loaders) = "final", epochs.last
+    else:
+        return {}
+    out = {f"{prefix}/{loader}/loss": values["loss"] for loader, values in loaders.items() if "loss" in values}
+    selecting = loaders.get(epochs.loader, {})
+    if epochs.metric in selecting:
+        out[f"{prefix}/{epochs.loader}/{epochs.metric}"] = selecting[epochs.metric]
+    out[f"{prefix}/epoch"] = float(epoch)
+    return out
+
+
 def pr_curve_data(labels: np.ndarray, scores: np.ndarray, num_thresholds: int = 127) -> np.ndarray:
     """Rows `tp, fp, tn, fn, precision, recall` at `num_thresholds` thresholds, exactly as
     tensorboardX's `add_pr_curve` computes them for boolean `labels` and `scores` clipped to [0, 1]
@@ -263,14 +329,23 @@ def pr_curve_data(labels: np.ndarray, scores: np.ndarray, num_thresholds: int = 
 
 
 class FlowTensorboardLogger(TensorboardLogger):
-    """Catalyst's `TensorboardLogger` (scalars as `<key>/epoch` per loader under `<logdir>/<loader>/`,
-    images), plus `log_text` (markdown) and `log_pr_curve`, both at the current epoch in the current
-    loader's run. `FlowRunner` adds one under `<logdir>/tensorboard` when no TensorBoard logger is given.
+    """Catalyst's `TensorboardLogger` (scalars per loader under `<logdir>/<loader>/`, images), plus
+    `log_text` (markdown) and `log_pr_curve`, both at the current epoch in the current loader's run,
+    and the run's hyperparameters for TensorBoard's HPARAMS tab. `FlowRunner` adds one under
+    `<logdir>/tensorboard` when no TensorBoard logger is given.
 
-    Metric keys `<path>/<metric>` put every task's values in a group of their own in TensorBoard.
+    Scalar tags are the metric keys as they are, `<path>/<metric>` (and `loss`, `lr`) at each epoch,
+    which puts every task's values in a group of their own, with the loaders' curves overlaid (one
+    run per loader); batch values (`log_batch_metrics=True`) are `<key>/batch`. (Catalyst's logger
+    tags epoch values `<key>/epoch`.)
     `FlowMetricsCallback` adds, per loader that does not train, PR curves (`<path>/pr_curve`, per
     class `<path>/pr_curve/<class>` for multilabel tasks) and confusion-matrix images
     (`<path>/confusion_matrix`, through Catalyst's `log_image`).
+
+    Hyperparameters (`log_hparams`, the runner's `train(hparams=...)`, with what the runner knows:
+    `run_hparams`) go to TensorBoard's hparams plugin in the run `<logdir>/hparams/` at the end of the
+    first epoch, with the metrics of the best epoch so far (`best_epoch_metrics`, by the runner's
+    `valid_metric`) as scalars there, updated at every epoch: the HPARAMS tab compares runs by them.
 
     Its writers are `FlowSummaryWriter`s (`self.loggers[loader]`): events reach the files at each
     epoch's end (Catalyst flushes the loggers then), every `flush_secs`, or every 4 MiB of
@@ -283,6 +358,41 @@ class FlowTensorboardLogger(TensorboardLogger):
         super().__init__(logdir, use_logdir_postfix=use_logdir_postfix, log_batch_metrics=log_batch_metrics,
                          log_epoch_metrics=log_epoch_metrics)
         self.max_queue, self.flush_secs = int(max_queue), int(flush_secs)
+        self._hparams: Optional[Dict[str, Any]] = None
+        self._hparams_written = False
+        self._epochs = BestEpoch()
+
+    def log_hparams(self, hparams: Mapping[str, Any], runner: Any = None) -> None:
+        """Keep the run's hyperparameters; they are written with the first epoch's metrics, once the
+        runner's optimizer and loaders exist (Catalyst calls this before it builds them)."""
+        self._hparams = dict(hparams or {})
+        self._hparams_written = False
+        self._epochs.reset()
+
+    def log_metrics(self, metrics: Mapping[str, Any], scope: str, runner: Any) -> None:
+        super().log_metrics(metrics, scope, runner)
+        if scope == "epoch" and self._hparams is not None:
+            self._log_best_epoch(metrics, runner)
+
+    def _log_best_epoch(self, metrics: Mapping[str, Any], runner: Any) -> None:
+        self._epochs.update(metrics, runner)
+        values = best_epoch_metrics(self._epochs)
+        self._check_loader_key(HPARAMS_RUN)
+        writer = self.loggers[HPARAMS_RUN]
+        if not self._hparams_written:
+            experiment, session_start, _ = hparams_summaries(run_hparams(runner, self._hparams), values)
+            writer.file_writer.add_summary(experiment)
+            writer.file_writer.add_summary(session_start)
+            self._hparams_written = True
+        writer.add_simple_scalars(values, runner.epoch_step)
+
+    def close_log(self) -> None:
+        """Mark the hyperparameter session ended (when one was written), then close the writers."""
+        if self._hparams_written and HPARAMS_RUN in self.loggers:
+            _, _, session_end = hparams_summaries({}, {})
+            self.loggers[HPARAMS_RUN].file_writer.add_summary(session_end)
+            self._hparams_written = False
+        super().close_log()
 
     def _check_loader_key(self, loader_key: str) -> None:
         if loader_key not in self.loggers:
@@ -290,6 +400,11 @@ class FlowTensorboardLogger(TensorboardLogger):
                                                          flush_secs=self.flush_secs)
 
     def _log_metrics(self, metrics: Mapping[str, float], step: int, loader_key: str, suffix: str = "") -> None:
+        # Catalyst tags epoch values `<key>/epoch`; here they are `<path>/<metric>` (TensorBoard groups
+        # by the first component: one group per task, each loader a run of its own so that train and
+        # valid overlay). Batch values keep their `/batch` suffix, apart from the epoch curves.
+        if suffix == "/epoch":
+            suffix = ""
         writer = self.loggers[loader_key]
         if isinstance(writer, FlowSummaryWriter):
             writer.add_simple_scalars({f"{key}{suffix}": value for key, value in metrics.items()}, step)

@@ -83,3 +83,45 @@ def test_training_with_the_data_parallel_engine(data, flow_and_model, loaders_fo
     runner = FlowRunner(flow, model=model)
     runner.train(loaders=loaders_for(flow, data), num_epochs=1, engine=DataParallelEngine(), interpretation=False)
     assert runner.epoch_metrics["valid"]["loss"] > 0
+
+
+class _OptimizerRunner:
+    is_train_loader = False
+
+    def __init__(self, optimizer):
+        self.optimizer, self.batch_metrics, self.loader_metrics = optimizer, {}, {}
+
+
+@pytest.mark.parametrize("make, momentum", [
+    (lambda p: torch.optim.AdamW(p, lr=0.01), None),  # Catalyst logged betas[0] = 0.9 as momentum
+    (lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.5, 0.9)), None),
+    (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.7), 0.7),
+    (lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.3), 0.3),
+])
+def test_optimizer_callback_logs_momentum_only_for_optimizers_that_have_one(make, momentum):
+    from dnn_cool_catalyst.runners.compat import OptimizerCallback, logs_momentum_metric
+
+    runner = _OptimizerRunner(make(nn.Linear(2, 1).parameters()))
+    callback = OptimizerCallback(metric_key="loss")
+    callback.on_experiment_start(runner)
+    callback.on_batch_end(runner)
+    callback.on_loader_end(runner)
+    expected = {"lr": 0.01} if momentum is None else {"lr": 0.01, "momentum": momentum}
+    assert runner.batch_metrics == expected and runner.loader_metrics == expected
+    assert logs_momentum_metric(callback, runner) == (momentum is not None)  # what the valid_metric check knows
+
+
+@pytest.mark.parametrize("make, momentum", [(lambda p: torch.optim.AdamW(p, lr=0.01), None),
+                                            (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.7), 0.7)])
+def test_scheduler_callback_logs_momentum_only_for_optimizers_that_have_one(make, momentum):
+    from dnn_cool_catalyst.runners.compat import SchedulerCallback
+
+    runner = _OptimizerRunner(make(nn.Linear(2, 1).parameters()))
+    runner.scheduler = torch.optim.lr_scheduler.StepLR(runner.optimizer, 1, gamma=0.5)
+    runner.epoch_metrics = {"_epoch_": {}}
+    callback = SchedulerCallback()
+    callback.on_experiment_start(runner)
+    runner.optimizer.step()  # as in training: the optimizer steps before the scheduler
+    callback.make_epoch_step(runner)
+    expected = {"lr": 0.005} if momentum is None else {"lr": 0.005, "momentum": momentum}
+    assert runner.epoch_metrics["_epoch_"] == expected  # Catalyst's wrote AdamW's betas[0] = 0.9 as momentum

@@ -207,6 +207,17 @@ def test_a_misspelled_valid_metric_fails_before_training_with_suggestions(data, 
     assert forwards == []
 
 
+def test_momentum_is_a_valid_metric_only_for_an_optimizer_with_momentum(data, flow_and_model, loaders_for, tmp_path):
+    flow, model = flow_and_model()
+    with pytest.raises(ValueError, match=r"valid_metric 'momentum'"):  # AdamW: no momentum is logged
+        FlowRunner(flow, model=model).train(loaders=loaders_for(flow, data), num_epochs=1, logdir=str(tmp_path / "a"),
+                                            valid_metric="momentum", minimize_valid_metric=False)
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, logdir=str(tmp_path / "b"), valid_metric="momentum",
+                 minimize_valid_metric=False, optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5))
+    assert runner.epoch_metrics["valid"]["momentum"] == 0.5
+
+
 class ScoreCallback(Callback):
     """A metric callback of the user's: its names cannot be known before it runs."""
 

@@ -33,6 +33,19 @@ def test_text_and_pr_curves_per_loader_and_epoch(tmp_path):
     assert b"tree" in text.tensor_proto.string_val[0]
 
 
+def test_scalar_tags_are_metric_keys_and_batch_values_are_marked(tmp_path):
+    logger = FlowTensorboardLogger(logdir=str(tmp_path), log_batch_metrics=True)
+    runner = type("R", (), {"loader_key": "train", "epoch_step": 2, "sample_step": 64})()
+    logger.log_metrics({"loss": 0.5, "door_open/accuracy": 0.75}, scope="batch", runner=runner)
+    logger.log_metrics({"loss": 0.4, "door_open/accuracy": 0.8}, scope="loader", runner=runner)
+    logger.close_log()
+    ea = EventAccumulator(str(tmp_path / "train"))
+    ea.Reload()
+    assert set(ea.Tags()["scalars"]) == {"loss", "door_open/accuracy", "loss/batch", "door_open/accuracy/batch"}
+    assert [(e.step, e.value) for e in ea.Scalars("door_open/accuracy")] == [(2, 0.800000011920929)]  # float32
+    assert [e.step for e in ea.Scalars("loss/batch")] == [64]
+
+
 def _events(directory):
     """The events of the one event file in `directory` (checksums verified by TensorBoard's reader),
     without their wall time."""
@@ -67,7 +80,7 @@ def test_the_same_events_as_tensorboardx_writes(tmp_path):
 
     reference = SummaryWriter(str(tmp_path / "tbx"))
     for key, value in metrics.items():
-        reference.add_scalar(f"{key}/epoch", value, 3)
+        reference.add_scalar(key, value, 3)  # `<path>/<metric>`, no /epoch
     reference.add_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", global_step=3)
     reference.add_pr_curve("door_open/pr_curve", labels, np.clip(scores, 0, 1), global_step=3)
     reference.close()
@@ -137,3 +150,60 @@ def test_confusion_matrix_images_are_read_back_per_loader(tmp_path):
     assert event.step == 3 and (event.height, event.width) == expected.shape[:2]
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")),
                                   expected)  # PNG: lossless
+
+
+def _hparams_plugin(directory):
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    ea = EventAccumulator(str(directory))
+    ea.Reload()
+    return ea, {tag: HParamsPluginData.FromString(content) for tag, content in ea.PluginTagToContent("hparams").items()}
+
+
+def test_hparams_reach_the_hparams_plugin_with_the_best_epoch(data, flow_and_model, loaders_for, tmp_path):
+    from dnn_cool_catalyst.runners import FlowRunner
+
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders_for(flow, data, batch_size=16), num_epochs=3, logdir=str(tmp_path), lr=0.02,
+                 hparams={"model": {"width": 8}, "note": "first try"})
+    ea, plugin = _hparams_plugin(tmp_path / "tensorboard" / "hparams")
+    assert set(plugin) == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+    started = plugin["_hparams_/session_start_info"].session_start_info.hparams
+    assert {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in started.items()} == {
+        "flow": flow.name, "num_tasks": len(flow.graph.paths), "optimizer": "AdamW", "lr": 0.02, "batch_size": 16,
+        "num_epochs": 3, "seed": 42, "valid_metric": "loss", "model/width": 8, "note": "first try"}
+    tags = {m.name.tag for m in plugin["_hparams_/experiment"].experiment.metric_infos}
+    assert tags == {"best/train/loss", "best/valid/loss", "best/epoch"}
+    valid = [runner.experiment_metrics[e]["valid"]["loss"] for e in (1, 2, 3)]
+    best = min(range(3), key=valid.__getitem__)
+    assert [e.step for e in ea.Scalars("best/valid/loss")] == [1, 2, 3]
+    assert ea.Scalars("best/valid/loss")[-1].value == pytest.approx(valid[best], rel=1e-6)  # float32 in the file
+    assert ea.Scalars("best/epoch")[-1].value == best + 1
+
+
+def test_hparams_name_the_valid_metric_and_the_last_epoch_without_one(tmp_path):
+    logger = FlowTensorboardLogger(logdir=str(tmp_path / "a"))
+
+    class Runner:
+        loader_key, epoch_step, num_epochs = None, 1, 2
+        _valid_loader, _valid_metric, _minimize_valid_metric = "valid", "t/f1_score", False
+
+    logger.log_hparams({"width": 4}, runner=Runner())
+    for epoch, score in ((1, 0.5), (2, 0.25)):
+        Runner.epoch_step = epoch
+        logger.log_metrics({"_epoch_": {}, "valid": {"loss": 1.0 / epoch, "t/f1_score": score}}, scope="epoch",
+                           runner=Runner())
+    logger.close_log()
+    ea, plugin = _hparams_plugin(tmp_path / "a" / "hparams")
+    assert {m.name.tag for m in plugin["_hparams_/experiment"].experiment.metric_infos} == {
+        "best/valid/loss", "best/valid/t/f1_score", "best/epoch"}
+    assert ea.Scalars("best/valid/t/f1_score")[-1].value == 0.5 and ea.Scalars("best/epoch")[-1].value == 1  # maximised
+
+    Runner._valid_metric = None  # a runner that does not rank epochs
+    logger = FlowTensorboardLogger(logdir=str(tmp_path / "b"))
+    logger.log_hparams({}, runner=Runner())
+    logger.log_metrics({"_epoch_": {}, "valid": {"loss": 0.5}}, scope="epoch", runner=Runner())
+    logger.close_log()
+    ea, _ = _hparams_plugin(tmp_path / "b" / "hparams")
+    assert set(ea.Tags()["scalars"]) == {"final/valid/loss", "final/epoch"}
