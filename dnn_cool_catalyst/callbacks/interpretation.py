@@ -76,7 +76,8 @@ class _Extremes:
         self.index = np.empty(0, dtype=np.int64)
         self.rows: Dict[int, Tuple[Tensor, Optional[Tensor]]] = {}
 
-    def add(self, losses: Tensor, indices: Tensor, labels: Tensor, values: Optional[Tensor], activate: Any = None) -> None:
+    def add(self, losses: Tensor, indices: Tensor, labels: Tensor, values: Optional[Tensor],
+            activate: Any = None) -> None:
         """A chunk's per-sample losses (NaN outside `S_t`), dataset indices, labels and outputs
         (`activate(values)` gives the activated outputs; None: `values` are activated already)."""
         loss = losses.reshape(-1).double().numpy()
@@ -170,10 +171,11 @@ def label_and_prediction(task: Any, label: Tensor, activated: Optional[Tensor], 
                 decided = bool(task.decode(act.reshape(1, -1)).reshape(-1)[0])
                 return label_text, f"{decided} ({_number(float(act.reshape(-1)[0]), digits)})"
 
-            def classes(flags: Sequence[Any]) -> str:
-                return "[" + ", ".join(_class_name(names, j) for j, f in enumerate(flags) if f) + "]"
+            def classes(flags: Sequence[Any]) -> str:  # the classes set; `name?` where the label is missing
+                return "[" + ", ".join(_class_name(names, j) + ("?" if f is None else "")
+                                       for j, f in enumerate(flags) if f is None or f) + "]"
 
-            label_text = classes([bool(v > 0.5) for v in flat.tolist()])
+            label_text = classes([None if v != v else v > 0.5 for v in flat.tolist()])
             if act is None:
                 return label_text, "?"
             return label_text, classes(task.decode(act.reshape(1, -1)).reshape(-1).tolist())

@@ -169,5 +169,5 @@ def default_publishers() -> Sequence[Any]:
     return (ImagePublisher(), TextPublisher())
 
 
-__all__ = ["ImagePublisher", "TensorSummaryPublisher", "TextPublisher", "default_publishers", "log_pr_curve", "log_text",
-           "with_caption"]
+__all__ = ["ImagePublisher", "TensorSummaryPublisher", "TextPublisher", "default_publishers", "log_pr_curve",
+           "log_text", "with_caption"]

@@ -242,8 +242,9 @@ def test_ranked_samples_are_captioned_with_label_prediction_and_loss(small_flow,
         activated = small_flow.torch().eval()(x)["activated"]
     table = cb.results["valid"]
     tasks = {leaf.path: leaf.task for leaf in small_flow.graph.leaves}
-    for path in ("door_open", "person_regression.body_regression.shirt_type",
-                 "person_regression.face_regression.facial_characteristics", "person_regression.face_regression.face_w"):
+    face = "person_regression.face_regression"
+    for path in ("door_open", "person_regression.body_regression.shirt_type", f"{face}.facial_characteristics",
+                 f"{face}.face_w"):
         for position, rank in (("worst/1", 1), ("best/1", None)):
             rows = table[table["task_path"] == path]
             row = rows.iloc[0] if rank == 1 else rows.iloc[-1]
@@ -266,6 +267,7 @@ def test_label_and_prediction_in_the_tasks_terms():
     tags = MultilabelClassificationTask("tags", nn.Linear(2, 3), class_names=["glasses", "beard", "hat"])
     assert label_and_prediction(tags, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.9, 0.6, 0.1])) == (
         "[glasses, hat]", "[glasses, beard]")
+    assert label_and_prediction(tags, torch.tensor([math.nan, 0.0, 1.0]), None) == ("[glasses?, hat]", "?")
     box = BoundedRegressionTask("x1", nn.Linear(2, 1), scale=64.0)  # labels and predictions decoded: pixels
     assert label_and_prediction(box, torch.tensor(0.5), torch.tensor([0.25])) == ("[32]", "[16]")
     assert sample_caption("True", "False (0.25)", 1.5, {"row": 7, "file": "a.png"}) == (
