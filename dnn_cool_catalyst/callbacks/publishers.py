@@ -42,36 +42,6 @@ def log_pr_curve(runner: Any, tag: str, labels: np.ndarray, scores: np.ndarray) 
     return n
 
 
-def with_caption(image: np.ndarray, caption: str, margin: int = 2) -> np.ndarray:
-    """`image` (H, W, 3) uint8 with `caption` drawn below it in a black strip, one text line per
-    caption line (Pillow's default font); the result is as wide as the wider of the image and the
-    text, the image at the top left."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    lines = caption.splitlines() or [""]
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def drawable(line: str) -> str:
-        try:  # the bitmap font (Pillow without FreeType) knows Latin-1 only
-            probe.textbbox((0, 0), line, font=font)
-            return line
-        except UnicodeError:
-            return line.encode("latin-1", "replace").decode("latin-1")
-
-    lines = [drawable(line) for line in lines]
-    boxes = [probe.textbbox((0, 0), line or " ", font=font) for line in lines]
-    line_height = max([probe.textbbox((0, 0), "Ag|", font=font)[3]] + [b[3] for b in boxes]) + margin
-    h, w = image.shape[:2]
-    width = max(w, max(b[2] for b in boxes) + 2 * margin)
-    canvas = Image.new("RGB", (width, h + line_height * len(lines) + margin), (0, 0, 0))
-    canvas.paste(Image.fromarray(np.ascontiguousarray(image[..., :3])), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for j, line in enumerate(lines):
-        draw.text((margin, h + margin + j * line_height), line, fill=(255, 255, 255), font=font)
-    return np.asarray(canvas, dtype=np.uint8)
-
-
 def _as_numpy(value: Any) -> Optional[np.ndarray]:
     if isinstance(value, Tensor):
         return value.detach().cpu().numpy()
@@ -135,6 +105,36 @@ class ImagePublisher:
         runner.log_image(tag=tag, image=with_caption(image, caption) if caption else image, scope="loader")
 
 
+def with_caption(image: np.ndarray, caption: str, margin: int = 2) -> np.ndarray:
+    """`image` (H, W, 3) uint8 with `caption` drawn below it in a black strip, one text line per
+    caption line (Pillow's default font); the result is as wide as the wider of the image and the
+    text, the image at the top left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    lines = caption.splitlines() or [""]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def drawable(line: str) -> str:
+        try:  # the bitmap font (Pillow without FreeType) knows Latin-1 only
+            probe.textbbox((0, 0), line, font=font)
+            return line
+        except UnicodeError:
+            return line.encode("latin-1", "replace").decode("latin-1")
+
+    lines = [drawable(line) for line in lines]
+    boxes = [probe.textbbox((0, 0), line or " ", font=font) for line in lines]
+    line_height = max([probe.textbbox((0, 0), "Ag|", font=font)[3]] + [b[3] for b in boxes]) + margin
+    h, w = image.shape[:2]
+    width = max(w, max(b[2] for b in boxes) + 2 * margin)
+    canvas = Image.new("RGB", (width, h + line_height * len(lines) + margin), (0, 0, 0))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(image[..., :3])), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(lines):
+        draw.text((margin, h + margin + j * line_height), line, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
 class TextPublisher:
     """Shows a string (or bytes, decoded as UTF-8) as text, in a code block so that it is shown verbatim."""
 
@@ -169,5 +169,4 @@ def default_publishers() -> Sequence[Any]:
     return (ImagePublisher(), TextPublisher())
 
 
-__all__ = ["ImagePublisher", "TensorSummaryPublisher", "TextPublisher", "default_publishers", "log_pr_curve",
-           "log_text", "with_caption"]
+__all__ = ["ImagePublisher", "TensorSummaryPublisher", "TextPublisher", "default_publishers", "log_pr_curve", "log_text"]

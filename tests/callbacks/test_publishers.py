@@ -28,18 +28,6 @@ def test_publishers_accept_what_they_can_show():
     assert TextPublisher().accepts("a") and TextPublisher().accepts(b"a") and not TextPublisher().accepts(np.zeros(3))
 
 
-def test_text_goes_only_to_loggers_that_take_it():
-    runner = _Runner()
-    assert log_text(runner, "a/b", "hello") == 1
-    assert log_pr_curve(runner, "a/pr", np.array([1]), np.array([0.5])) == 0
-    TextPublisher().publish(runner, "t", b"x```y")
-    TensorSummaryPublisher(max_values=2).publish(runner, "s", torch.arange(5))
-    calls = runner.loggers["with_text"].calls
-    assert calls[0] == ("text", "a/b", "hello")
-    assert calls[1] == ("text", "t", "```\nx\'\'\'y\n```")
-    assert calls[2][2].startswith("`int64[5]`: [0 1]") and calls[2][2].endswith("...")
-
-
 class _ImageRunner(_Runner):
     def __init__(self):
         super().__init__()
@@ -67,3 +55,15 @@ def test_captions_go_below_images_and_above_text():
     assert with_caption(plain, "label: \u2713 caf\u00e9").shape[0] > 32  # any character: no error
     TextPublisher().publish(runner, "t", "body", caption="label: 1\nloss: 2")
     assert runner.loggers["with_text"].calls[-1] == ("text", "t", "label: 1  \nloss: 2  \n\n```\nbody\n```")
+
+
+def test_text_goes_only_to_loggers_that_take_it():
+    runner = _Runner()
+    assert log_text(runner, "a/b", "hello") == 1
+    assert log_pr_curve(runner, "a/pr", np.array([1]), np.array([0.5])) == 0
+    TextPublisher().publish(runner, "t", b"x```y")
+    TensorSummaryPublisher(max_values=2).publish(runner, "s", torch.arange(5))
+    calls = runner.loggers["with_text"].calls
+    assert calls[0] == ("text", "a/b", "hello")
+    assert calls[1] == ("text", "t", "```\nx\'\'\'y\n```")
+    assert calls[2][2].startswith("`int64[5]`: [0 1]") and calls[2][2].endswith("...")
