@@ -80,7 +80,7 @@ class _Extremes:
             activate: Any = None) -> None:
         """A chunk's per-sample losses (NaN outside `S_t`), dataset indices, labels and outputs
         (`activate(values)` gives the activated outputs; None: `values` are activated already)."""
-        loss = losses.reshape(-1).double().numpy()
+        loss = losses.reshape(-1).numpy()  # float32 orders as its exact float64 values in `_ranked` do
         index = indices.reshape(-1).to(torch.int64).numpy()
         keep = np.flatnonzero(~np.isnan(loss))
         pos = keep[_chosen(loss[keep], index[keep], self.k)[0]]
