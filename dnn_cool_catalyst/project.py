@@ -340,12 +340,26 @@ class Project(Tasks):
             labels[path] = self.label_data[name][pos]
         return labels
 
+    def sample_names(self, rows: Rows = None) -> Dict[str, List[Any]]:
+        """What names each of the rows for people, as its datasets carry it (`FlowDataset.describe`,
+        shown by the interpretation callback): `row`, the DataFrame's index label, and for image
+        input columns the file read (`file`; `file_<column>` when there are several)."""
+        pos = self.rows(rows)
+        names: Dict[str, List[Any]] = {"row": self.df.index[pos].tolist()}
+        images = [c for c in self.input_cols if self.columns[c].kind == "image"]
+        for c in images:
+            paths = getattr(self.input_data[c], "paths", None)  # the files as read (under image_root)
+            files = [paths[int(i)] for i in pos] if paths is not None else self.df[c].iloc[pos].tolist()
+            names["file" if len(images) == 1 else f"file_{c}"] = files
+        return names
+
     def get_dataset(self, rows: Rows = None, flow: Optional[TaskFlow] = None, **kwargs):
         """`flow.get_dataset(inputs, labels)` over the rows (a split name, positions, or all);
         feature names the flow reads that are not input columns are left to the model."""
         flow = flow if flow is not None else self.get_full_flow()
         computed = [k[0] for k in flow.graph.input_keys if k and k[0] not in self.input_data]
-        return flow.get_dataset(self.get_inputs(rows), self.get_labels(rows, flow), computed=computed, **kwargs)
+        return flow.get_dataset(self.get_inputs(rows), self.get_labels(rows, flow), computed=computed,
+                                **kwargs).name_samples(**self.sample_names(rows))
 
     def loader(self, rows: Rows = None, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
                flow: Optional[TaskFlow] = None, **kwargs):

@@ -310,6 +310,50 @@ def test_runner_logdir(tmp_path):
         p.runner(model, "../x")
 
 
+def test_samples_are_named_by_row_label_and_file(tmp_path):
+    df, conv = _small_table(tmp_path)
+    df.index = [f"s{i:02d}" for i in range(len(df))]  # labels that are not positions
+    p = dcc.Project(df, "img", converters=conv, project_dir=tmp_path / "proj")
+    _localize(p)
+    valid = p.splits["valid"]
+    ds = p.get_dataset("valid")
+    assert ds.describe(1) == {"row": df.index[valid[1]], "file": str(tmp_path / "images" / df["img"].iloc[valid[1]])}
+    assert p.sample_names([2, 0]) == {"row": ["s02", "s00"], "file": [str(tmp_path / "images" / "002.png"),
+                                                                       str(tmp_path / "images" / "000.png")]}
+
+
+def test_interpretation_of_a_project_names_rows_and_files(tmp_path):
+    runners = pytest.importorskip("dnn_cool_catalyst.runners")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    df, conv = _small_table(tmp_path, n=30)
+    df.index = [f"s{i:02d}" for i in range(len(df))]
+    p = dcc.Project(df, "img", converters=conv, project_dir=tmp_path / "proj", split=(0.5, 0.5, 0.0))
+    flow = _localize(p)
+    torch.manual_seed(0)
+    runner = p.runner(BackboneModel(_backbone(), flow), "named")
+    runner.train(loaders=p.loaders(batch_size=4), num_epochs=1)  # valid: batches of 4 with X["index"]
+    logdir = tmp_path / "proj" / "named"
+    table = pd.read_csv(logdir / "interpretation_valid.csv")
+    assert {"dataset_index", "row", "file"} <= set(table.columns)
+    rows = p.splits["valid"][table["dataset_index"].to_numpy()]
+    assert table["row"].tolist() == df.index[rows].tolist()
+    assert table["file"].tolist() == [str(tmp_path / "images" / name) for name in df["img"].iloc[rows]]
+    ea = EventAccumulator(str(logdir / "tensorboard" / "valid"), size_guidance={"tensors": 0, "images": 0})
+    ea.Reload()
+
+    def text(tag):
+        return ea.Tensors(f"{tag}/text_summary")[-1].tensor_proto.string_val[0].decode()
+
+    first = df.index[p.splits["valid"][0]]
+    assert f"inp 0 (row '{first}', file {tmp_path / 'images' / df['img'].iloc[p.splits['valid'][0]]})" in text(
+        "explanations/sample_0")
+    worst = table[table["task_path"] == "obj_exists"].iloc[0]
+    assert f"| 1 | {worst['dataset_index']} | {worst['row']} | {worst['file']} |" in text("obj_exists/interpretation")
+    image = ea.Images("obj_exists/worst/1/img")[-1]
+    assert image.height > 8  # the 8x8 image and its caption strip
+
+
 def _labels_table(pets, x, flag):
     n = len(pets)
     return pd.DataFrame({"a": np.arange(n, dtype=float), "pet": pets, "x": x, "flag": np.asarray(flag, dtype=np.int64)})

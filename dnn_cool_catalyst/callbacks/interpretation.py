@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import itertools
 import os
@@ -41,11 +42,18 @@ def _ranked(losses: Tensor, indices: Tensor, k: int) -> Tuple[np.ndarray, np.nda
     keep = ~np.isnan(loss)
     if not keep.all():
         loss, index = loss[keep], index[keep]
+    chosen, ranks = _chosen(loss, index, k)
+    return ranks, index[chosen], loss[chosen]
+
+
+def _chosen(loss: np.ndarray, index: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Positions of the `k` worst and `k` best of `loss` (no NaN) by loss descending, then index,
+    and their ranks (1 = the highest loss)."""
     n = loss.size
     if n <= 4 * k:
         order = np.lexsort((index, -loss))  # by loss descending, then by index
         ranks = np.union1d(np.arange(min(k, n)), np.arange(max(n - k, 0), n)).astype(np.int64)
-        return ranks + 1, index[order[ranks]], loss[order[ranks]]
+        return order[ranks], ranks + 1
     # Only the samples that can be among the k highest or k lowest losses are sorted: those at
     # least as high as the k-th highest (ties included) and at most as low as the k-th lowest.
     bounds = np.partition(loss, (k - 1, n - k))
@@ -53,21 +61,158 @@ def _ranked(losses: Tensor, indices: Tensor, k: int) -> Tuple[np.ndarray, np.nda
     best = np.flatnonzero(loss <= bounds[k - 1])
     worst = worst[np.lexsort((index[worst], -loss[worst]))][:k]
     best = best[np.lexsort((index[best], -loss[best]))][-k:]
-    chosen = np.concatenate([worst, best])
     ranks = np.concatenate([np.arange(1, k + 1), np.arange(n - k + 1, n + 1)]).astype(np.int64)
-    return ranks, index[chosen], loss[chosen]
+    return np.concatenate([worst, best]), ranks
 
 
-def _write_ranked_csv(path: str, ranked: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+class _Extremes:
+    """The labels and activated outputs of the samples of one task that can still be among its
+    `k` worst or `k` best (the same order as `_ranked`, so the final ranked samples are always
+    here), to caption them without keeping every sample's outputs: `rows[dataset index]`."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.loss = np.empty(0, dtype=np.float64)
+        self.index = np.empty(0, dtype=np.int64)
+        self.rows: Dict[int, Tuple[Tensor, Optional[Tensor]]] = {}
+
+    def add(self, losses: Tensor, indices: Tensor, labels: Tensor, values: Optional[Tensor],
+            activate: Any = None) -> None:
+        """A chunk's per-sample losses (NaN outside `S_t`), dataset indices, labels and outputs
+        (`activate(values)` gives the activated outputs; None: `values` are activated already)."""
+        loss = losses.reshape(-1).numpy()  # float32 orders as its exact float64 values in `_ranked` do
+        index = indices.reshape(-1).to(torch.int64).numpy()
+        keep = np.flatnonzero(~np.isnan(loss))
+        pos = keep[_chosen(loss[keep], index[keep], self.k)[0]]
+        if not pos.size:
+            return
+        rows = torch.from_numpy(pos)
+        label_rows = labels.index_select(0, rows.to(labels.device)).cpu()
+        act_rows = None
+        if values is not None:
+            picked = values.index_select(0, rows.to(values.device))
+            act_rows = (activate(picked) if activate is not None else picked).detach().cpu()
+        for j, i in enumerate(index[pos].tolist()):
+            self.rows[i] = (label_rows[j], act_rows[j] if act_rows is not None else None)
+        loss, index = np.concatenate([self.loss, loss[pos]]), np.concatenate([self.index, index[pos]])
+        chosen = _chosen(loss, index, self.k)[0]
+        self.loss, self.index = loss[chosen], index[chosen]
+        self.rows = {i: self.rows[i] for i in self.index.tolist()}
+
+
+def _write_ranked_csv(path: str, ranked: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      names: Sequence[str] = (), named: Optional[Mapping[str, Sequence[Sequence[Any]]]] = None) -> None:
     """The ranked samples as `write_csv` writes their table (the same bytes as pandas' `to_csv`,
-    which costs more than the ranking itself), atomically."""
+    which costs more than the ranking itself), atomically; `names` are further columns, whose values
+    are `named[task_path]` (one sequence per column)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(tuple(CSV_COLUMNS) + tuple(names))
     for task_path, (ranks, indices, losses) in ranked.items():
-        writer.writerows(zip(itertools.repeat(task_path), ranks.tolist(), indices.tolist(), losses.tolist()))
+        columns = (named or {}).get(task_path, ())
+        writer.writerows(zip(itertools.repeat(task_path), ranks.tolist(), indices.tolist(), losses.tolist(), *columns))
     data = buf.getvalue().encode("utf-8")
     write_atomic(path, lambda fh: fh.write(data))
+
+
+# Naming and captioning samples ------------------------------------------------------------------
+
+def sample_describer(loader: Any) -> Optional[Any]:
+    """`describe(index) -> {name: value}` of the dataset behind `loader` (`FlowDataset.describe`,
+    filled by `Project`: the DataFrame's index label `row` and the image `file`), looked up through
+    wrappers that keep the dataset in `.dataset` (accelerate's loaders, `_BatchFetch`); None when
+    no dataset names its samples."""
+    obj, seen = getattr(loader, "dataset", None), set()
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        describe = getattr(obj, "describe", None)
+        if callable(describe):
+            return describe
+        obj = getattr(obj, "dataset", None)
+    return None
+
+
+def _number(v: float, digits: int) -> str:
+    return f"{v:.{digits}g}"
+
+
+def _numbers(t: Tensor, digits: int, limit: int = 8) -> str:
+    values = t.reshape(-1).tolist()
+    shown = ", ".join(_number(v, digits) if isinstance(v, float) else str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _class_name(names: Optional[Sequence[str]], i: int) -> str:
+    return str(names[i]) if names and 0 <= i < len(names) else str(i)
+
+
+def label_and_prediction(task: Any, label: Tensor, activated: Optional[Tensor], digits: int = 4) -> Tuple[str, str]:
+    """One sample's label and prediction as short texts, in the task's terms: class names for
+    classification (the top class with its probability), `True`/`False` with the probability for a
+    binary task, the classes set for a multilabel task, decoded values otherwise (labels decoded as
+    the predictions are, e.g. in pixels). The prediction is `"?"` when the outputs are unknown."""
+    from ..tasks.base import SortDecoder, ThresholdDecoder
+
+    decoder, names = getattr(task, "decoder", None), getattr(task, "class_names", None)
+    label, act = torch.as_tensor(label).detach().cpu(), activated.detach().cpu() if activated is not None else None
+    try:
+        if isinstance(decoder, SortDecoder) and label.numel() == 1:
+            label_text = _class_name(names, int(label.reshape(-1)[0]))
+            if act is None:
+                return label_text, "?"
+            top = int(task.decode(act.unsqueeze(0))[0].reshape(-1)[0])
+            return label_text, f"{_class_name(names, top)} ({_number(float(act.reshape(-1)[top]), digits)})"
+        if isinstance(decoder, ThresholdDecoder):
+            flat = label.reshape(-1).float()
+            if flat.numel() == 1 and not names:  # a binary task
+                label_text = str(bool(flat[0] > 0.5))
+                if act is None:
+                    return label_text, "?"
+                decided = bool(task.decode(act.reshape(1, -1)).reshape(-1)[0])
+                return label_text, f"{decided} ({_number(float(act.reshape(-1)[0]), digits)})"
+
+            def classes(flags: Sequence[Any]) -> str:  # the classes set; `name?` where the label is missing
+                return "[" + ", ".join(_class_name(names, j) + ("?" if f is None else "")
+                                       for j, f in enumerate(flags) if f is None or f) + "]"
+
+            label_text = classes([None if v != v else v > 0.5 for v in flat.tolist()])
+            if act is None:
+                return label_text, "?"
+            return label_text, classes(task.decode(act.reshape(1, -1)).reshape(-1).tolist())
+        with torch.no_grad():
+            label_text = _numbers(task.decode(label.unsqueeze(0).float())[0], digits)
+            prediction = _numbers(task.decode(act.unsqueeze(0))[0], digits) if act is not None else "?"
+        return label_text, prediction
+    except Exception:  # a task of the user's own whose decoder takes other shapes: the raw values
+        return _numbers(label, digits), _numbers(act, digits) if act is not None else "?"
+
+
+def sample_caption(label: str, prediction: str, loss: float, info: Optional[Mapping[str, Any]] = None) -> str:
+    """The caption of a ranked sample: label, prediction and loss, then what names it (`row`,
+    `file`), one per line."""
+    lines = [f"label: {label}", f"prediction: {prediction}", f"loss: {loss:.6g}"]
+    lines += [f"{k}: {v}" for k, v in (info or {}).items()]
+    return "\n".join(lines)
+
+
+def _sample_name(index: int, info: Mapping[str, Any]) -> str:
+    """`12 (row 'r12', file images/012.png)`: a sample's dataset index and what names it."""
+    if not info:
+        return str(index)
+    return f"{index} (" + ", ".join(f"{k} {v!r}" if isinstance(v, str) and k == "row" else f"{k} {v}"
+                                    for k, v in info.items()) + ")"
+
+
+def _cell(v: Any) -> str:
+    """A markdown table cell: `|` escaped, line breaks as spaces."""
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _takes_caption(publisher: Any) -> bool:
+    try:
+        return "caption" in inspect.signature(publisher.publish).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _flatten(x: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -113,15 +258,24 @@ class InterpretationCallback(Callback):
     worst and best samples of each task by that loss.
 
     At each selected loader's end it writes `interpretation_<loader>.csv` into the logdir
-    (`task_path, rank, dataset_index, loss`; see `rank_samples`), keeps the table in
-    `self.results[loader]`, and publishes to the loggers, grouped by task: a table of the ranked
-    samples (`<path>/interpretation`), and each input of each ranked sample through a publisher
-    (`<path>/worst/<i>/<input key>`, `<path>/best/<i>/<input key>`; `i` = 1 for the worst and for
-    the best). The inputs are read back from `runner.loader.dataset[dataset_index]`.
+    (`task_path, rank, dataset_index, loss`; see `rank_samples`; then the columns that name the
+    samples when the dataset does, see below), keeps the table in `self.results[loader]`, and
+    publishes to the loggers, grouped by task: a table of the ranked samples
+    (`<path>/interpretation`: rank, dataset index, names, label, prediction, loss), and each input
+    of each ranked sample through a publisher (`<path>/worst/<i>/<input key>`,
+    `<path>/best/<i>/<input key>`; `i` = 1 for the worst and for the best), captioned with its
+    label, prediction and loss (images get a caption strip below them). The inputs are read back
+    from `runner.loader.dataset[dataset_index]`.
+
+    Naming samples: a dataset with `describe(index) -> {name: value}` (`FlowDataset.name_samples`;
+    a `Project`'s datasets carry `row`, the DataFrame's index label, and `file`, the image read)
+    adds those columns to the CSV and the tables, and names the explanation roots; it is found
+    through loader wrappers that keep it in `.dataset`.
 
     It also publishes the tree explanations (`flow.get_treelib_explainer()`) of the samples with
-    dataset index below `explain` as text (`explanations/sample_<index>`), with preconditions
-    decided from the decoded predictions, as at inference.
+    dataset index below `explain` as text (`explanations/sample_<index>`, root
+    `inp <index> (row ..., file ...)`), with preconditions decided from the decoded predictions, as
+    at inference.
 
     Dataset indices come from `X["index"]` (`flow.get_dataset(..., with_index=True)`), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
@@ -179,6 +333,7 @@ class InterpretationCallback(Callback):
         self._buffer.clear()
         self._losses: Dict[str, List[Tensor]] = defaultdict(list)
         self._indices: List[Tensor] = []
+        self._extremes = {leaf.path: _Extremes(self.top_k) for leaf in self._graph.leaves}
         self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
 
     def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
@@ -191,7 +346,7 @@ class InterpretationCallback(Callback):
         index = self._indexer(inputs, n, runner.loader_key)
         per_sample = runner.batch.get(PER_SAMPLE_LOSS)
         if per_sample is not None:
-            self._add_reduced(index, per_sample, runner.batch.get(EXPLAIN))
+            self._add_reduced(index, per_sample, runner.batch.get(EXPLAIN), targets, outputs)
             return
         self._buffer.add(n, {"logits": outputs["logits"], "mask": outputs["mask"], "targets": targets,
                              "index": {INDEX: index}})
@@ -199,10 +354,15 @@ class InterpretationCallback(Callback):
             self._flush()
 
     @torch.no_grad()
-    def _add_reduced(self, index: Tensor, per_sample: Dict[str, Tensor], explain: Any) -> None:
-        """A batch whose per-sample losses were computed inside DataParallel replicas."""
+    def _add_reduced(self, index: Tensor, per_sample: Dict[str, Tensor], explain: Any,
+                     targets: Mapping[str, Tensor], outputs: Mapping[str, Any]) -> None:
+        """A batch whose per-sample losses were computed inside DataParallel replicas (activated
+        outputs only of the kept tasks: the others' captions show no prediction)."""
+        activated = outputs.get("activated") or {}
         for leaf in self._graph.leaves:
-            self._losses[leaf.path].append(per_sample[leaf.path].float().cpu())
+            losses = per_sample[leaf.path].float().cpu()
+            self._losses[leaf.path].append(losses)
+            self._extremes[leaf.path].add(losses, index, targets[leaf.path], activated.get(leaf.path))
         self._indices.append(index)
         if self.explain > 0 and explain is not None:
             ids = explain[INDEX].reshape(-1).cpu()
@@ -220,7 +380,10 @@ class InterpretationCallback(Callback):
         index = chunk["index"][INDEX]
         per_sample = self._per_sample({"logits": chunk["logits"], "mask": chunk["mask"]}, chunk["targets"], overall=False)
         for leaf in self._graph.leaves:
-            self._losses[leaf.path].append(per_sample[leaf.path].float().cpu())
+            losses = per_sample[leaf.path].float().cpu()
+            self._losses[leaf.path].append(losses)
+            self._extremes[leaf.path].add(losses, index, chunk["targets"][leaf.path], chunk["logits"][leaf.path],
+                                          leaf.task.activate)
         self._indices.append(index)
         if self.explain > 0:
             rows = torch.nonzero(index < self.explain).reshape(-1)
@@ -241,34 +404,82 @@ class InterpretationCallback(Callback):
             return
         indices = torch.cat(self._indices)
         ranked = {leaf.path: _ranked(torch.cat(self._losses[leaf.path]), indices, self.top_k) for leaf in self._graph.leaves}
+        self._describe = self._sample_names(runner)
+        names = list(dict.fromkeys(k for r in ranked.values() for i in r[1].tolist() for k in self._describe(i)))
+        named = {path: [[self._describe(i).get(k) for i in r[1].tolist()] for k in names] for path, r in ranked.items()}
         table = pd.DataFrame({
             "task_path": np.repeat(np.array(list(ranked), dtype=object), [len(r[0]) for r in ranked.values()]),
             "rank": np.concatenate([r[0] for r in ranked.values()]),
             "dataset_index": np.concatenate([r[1] for r in ranked.values()]),
-            "loss": np.concatenate([r[2] for r in ranked.values()])}, columns=list(CSV_COLUMNS))
+            "loss": np.concatenate([r[2] for r in ranked.values()]),
+            **{k: np.array([v for columns in named.values() for v in columns[j]], dtype=object)
+               for j, k in enumerate(names)}}, columns=list(CSV_COLUMNS) + names)
         self.results[runner.loader_key] = table
         if getattr(getattr(runner, "engine", None), "is_main_process", True):  # DDP: loggers live on rank 0
             if self._logdir is not None:
-                _write_ranked_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), ranked)
+                _write_ranked_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), ranked,
+                                  names, named)
             self._publish(runner, ranked)
             if self._explained:
                 self._publish_explanations(runner)
         self._losses, self._indices, self._explained = defaultdict(list), [], []
+        self._extremes = {leaf.path: _Extremes(self.top_k) for leaf in self._graph.leaves}
+
+    def _sample_names(self, runner: Any) -> Any:
+        """`describe(index) -> {name: value}` for the loader's dataset, cached per index; `{}` for all
+        samples when the dataset does not name them (or naming one fails, with a warning)."""
+        describe, cache = sample_describer(getattr(runner, "loader", None)), {}
+
+        def names(index: int) -> Dict[str, Any]:
+            nonlocal describe
+            if describe is None:
+                return {}
+            if index not in cache:
+                try:
+                    cache[index] = dict(describe(index))
+                except Exception as e:  # naming is a courtesy: a dataset that cannot do it still gets ranked
+                    warnings.warn(f"InterpretationCallback: the samples are shown by dataset index only: naming "
+                                  f"sample {index} failed ({type(e).__name__}: {e})", stacklevel=2)
+                    describe = None
+                    return {}
+            return cache[index]
+
+        return names
 
     # Publishing ----------------------------------------------------------------------------------
     def _publish(self, runner: Any, ranked: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Per task: a table of the ranked samples (rank, dataset index, what names them, label,
+        prediction, loss), and their inputs, captioned with label, prediction and loss where the
+        publisher takes a `caption` (images get a caption strip)."""
         dataset = getattr(getattr(runner, "loader", None), "dataset", None)
         inputs = _InputReader(dataset, self._publisher, self._warn_inputs)
+        tasks = {leaf.path: leaf.task for leaf in self._graph.leaves}
         for path, (ranks, indices, losses) in ranked.items():
             ranks, indices, losses = ranks.tolist(), indices.tolist(), losses.tolist()
-            lines = ["| rank | dataset index | loss |", "|---:|---:|---:|"]
-            lines += [f"| {r} | {i} | {loss:.6g} |" for r, i, loss in zip(ranks, indices, losses)]
+            infos = [self._describe(i) for i in indices]
+            names = list(dict.fromkeys(k for info in infos for k in info))
+            texts = [self._label_and_prediction(tasks[path], path, i) for i in indices]
+            lines = ["| " + " | ".join(["rank", "dataset index", *names, "label", "prediction", "loss"]) + " |",
+                     "|---:|---:|" + "---|" * (len(names) + 2) + "---:|"]
+            lines += ["| " + " | ".join([str(r), str(i), *(_cell(info.get(k, "")) for k in names), _cell(label),
+                                         _cell(prediction), f"{loss:.6g}"]) + " |"
+                      for r, i, info, (label, prediction), loss in zip(ranks, indices, infos, texts, losses)]
             log_text(runner, f"{path}/interpretation", "\n".join(lines))
             n = ranks[-1] if ranks else 0
-            for r, i in zip(ranks, indices):
+            for r, i, info, (label, prediction), loss in zip(ranks, indices, infos, texts, losses):
                 position = f"worst/{r}" if r <= self.top_k else f"best/{n - r + 1}"
+                caption = sample_caption(label, prediction, loss, info)
                 for key, value, publisher in inputs(int(i)):
-                    publisher.publish(runner, f"{path}/{position}/{key}", value)
+                    if _takes_caption(publisher):
+                        publisher.publish(runner, f"{path}/{position}/{key}", value, caption=caption)
+                    else:
+                        publisher.publish(runner, f"{path}/{position}/{key}", value)
+
+    def _label_and_prediction(self, task: Any, path: str, index: int) -> Tuple[str, str]:
+        row = self._extremes[path].rows.get(int(index))
+        if row is None:  # not kept (cannot happen for a ranked sample; a guard, not a path)
+            return "?", "?"
+        return label_and_prediction(task, row[0], row[1])
 
     def _publisher(self, key: str, value: Any) -> Any:
         if key in self.publishers:
@@ -292,7 +503,8 @@ class InterpretationCallback(Callback):
         outputs = {part: {leaf.path: torch.cat([s[1][part][leaf.path] for s in samples]) for leaf in self._graph.leaves}
                    for part in ("logits", "activated")}
         ids = [s[0] for s in samples]
-        for index, tree in zip(ids, self._explainer(outputs, ids=ids)):
+        names = [_sample_name(i, self._describe(i)) for i in ids]  # roots: "inp 3 (row 'r3', file a/3.png)"
+        for index, tree in zip(ids, self._explainer(outputs, ids=names)):
             text = tree.show(stdout=False, sorting=False)
             log_text(runner, f"explanations/sample_{index}", "```\n" + text + "\n```")
 
@@ -303,13 +515,16 @@ class InterpretationCallback(Callback):
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         gathered: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (dict(self._losses), self._indices, self._explained))
+        extremes = {p: e.rows for p, e in self._extremes.items()}
+        dist.all_gather_object(gathered, (dict(self._losses), self._indices, self._explained, extremes))
         losses: Dict[str, List[Tensor]] = defaultdict(list)
         indices: List[Tensor] = []
         explained: List[Any] = []
-        for part_losses, part_indices, part_explained in gathered:
+        for part_losses, part_indices, part_explained, part_extremes in gathered:
             for p, chunks in part_losses.items():
                 losses[p].extend(chunks)
             indices.extend(part_indices)
             explained.extend(part_explained)
+            for p, rows in part_extremes.items():  # each process kept its own candidates: the ranked are among them
+                self._extremes[p].rows.update(rows)
         self._losses, self._indices, self._explained = losses, indices, explained

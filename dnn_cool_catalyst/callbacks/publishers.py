@@ -2,7 +2,10 @@
 
 A publisher has `accepts(value) -> bool` and `publish(runner, tag, value)`. `InterpretationCallback`
 picks one per input key (its `publishers` mapping, `None` to skip a key) and otherwise asks its
-`default_publishers` in turn. Add your own by writing a class with those two methods.
+`default_publishers` in turn. Add your own by writing a class with those two methods. A publisher
+whose `publish` takes a `caption` keyword gets the ranked sample's label, prediction and loss (and
+its row and file) as text: `ImagePublisher` draws it in a strip below the image (`with_caption`;
+TensorBoard images carry no caption), `TextPublisher` writes it above the text.
 
 Images go through `runner.log_image` (every Catalyst logger that shows images); text, PR curves
 and other kinds go to the loggers that have a `log_text` / `log_pr_curve` method, such as
@@ -189,8 +192,40 @@ class ImagePublisher:
             arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(arr)
 
-    def publish(self, runner: Any, tag: str, value: Any) -> None:
-        runner.log_image(tag=tag, image=self.to_hwc_uint8(value), scope="loader")
+    def publish(self, runner: Any, tag: str, value: Any, caption: Optional[str] = None) -> None:
+        """Log the image; a `caption` (TensorBoard images carry none) is drawn in a strip below it."""
+        image = self.to_hwc_uint8(value)
+        runner.log_image(tag=tag, image=with_caption(image, caption) if caption else image, scope="loader")
+
+
+def with_caption(image: np.ndarray, caption: str, margin: int = 2) -> np.ndarray:
+    """`image` (H, W, 3) uint8 with `caption` drawn below it in a black strip, one text line per
+    caption line (Pillow's default font); the result is as wide as the wider of the image and the
+    text, the image at the top left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    lines = caption.splitlines() or [""]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def drawable(line: str) -> str:
+        try:  # the bitmap font (Pillow without FreeType) knows Latin-1 only
+            probe.textbbox((0, 0), line, font=font)
+            return line
+        except UnicodeError:
+            return line.encode("latin-1", "replace").decode("latin-1")
+
+    lines = [drawable(line) for line in lines]
+    boxes = [probe.textbbox((0, 0), line or " ", font=font) for line in lines]
+    line_height = max([probe.textbbox((0, 0), "Ag|", font=font)[3]] + [b[3] for b in boxes]) + margin
+    h, w = image.shape[:2]
+    width = max(w, max(b[2] for b in boxes) + 2 * margin)
+    canvas = Image.new("RGB", (width, h + line_height * len(lines) + margin), (0, 0, 0))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(image[..., :3])), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(lines):
+        draw.text((margin, h + margin + j * line_height), line, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas, dtype=np.uint8)
 
 
 class TextPublisher:
@@ -199,9 +234,11 @@ class TextPublisher:
     def accepts(self, value: Any) -> bool:
         return isinstance(value, (str, bytes))
 
-    def publish(self, runner: Any, tag: str, value: Any) -> None:
+    def publish(self, runner: Any, tag: str, value: Any, caption: Optional[str] = None) -> None:
+        """Log the text; a `caption` goes above it, one line per caption line."""
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        log_text(runner, tag, "```\n" + text.replace("```", "'''") + "\n```")
+        above = "".join(f"{line}  \n" for line in caption.splitlines()) + "\n" if caption else ""
+        log_text(runner, tag, above + "```\n" + text.replace("```", "'''") + "\n```")
 
 
 class TensorSummaryPublisher:

@@ -7,7 +7,7 @@ batch of 256 costs one tensor gather per key instead of collating 256 small dict
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from ..errors import InputError, LabelError
 from ..graph import FlowGraph, lookup
 from .module import read_input
+
+
+# what callbacks already show for each ranked sample: a sample's names must not take these columns
+RESERVED_SAMPLE_NAMES = ("task_path", "rank", "dataset_index", "loss", "label", "prediction")
 
 
 def _to_tensor_tree(value: Any, name: str) -> Any:
@@ -189,6 +193,30 @@ class FlowDataset(Dataset):
             x["index"] = index % self.n
         y = {p: t.index_select(0, index) for p, t in self.labels.items()}
         return x, y
+
+    # Naming samples for people (an optional, additive description; `Project` fills it) --------
+    sample_info: Optional[Dict[str, List[Any]]] = None
+
+    def name_samples(self, **columns: Sequence[Any]) -> "FlowDataset":
+        """Name the samples for people: `columns` maps a name (`row`, `file`, ...) to one value per
+        sample, e.g. the DataFrame index labels of the rows and the image files read. Callbacks
+        show them beside the dataset index (`describe`). Returns the dataset."""
+        for name, values in columns.items():
+            if not name or name in RESERVED_SAMPLE_NAMES:
+                raise InputError(f"name_samples: {name!r} cannot name a sample column: use a name other "
+                                 f"than {list(RESERVED_SAMPLE_NAMES)}")
+            if len(values) != self.n:
+                raise InputError(f"name_samples: column {name!r} has {len(values)} values for {self.n} samples")
+        self.sample_info = {**(self.sample_info or {}), **{k: list(v) for k, v in columns.items()}}
+        return self
+
+    def describe(self, index: int) -> Dict[str, Any]:
+        """`{name: value}` naming sample `index` (see `name_samples`); `{}` when the samples are unnamed."""
+        info = self.sample_info
+        if not info:
+            return {}
+        i = int(index)
+        return {k: v[i] for k, v in info.items()}
 
     def loader(self, batch_size: int = 32, shuffle: bool = False, drop_last: bool = False,
                generator: Optional[torch.Generator] = None, **kwargs) -> DataLoader:

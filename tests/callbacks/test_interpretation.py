@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from dnn_cool_catalyst.callbacks import InterpretationCallback, rank_samples
-from dnn_cool_catalyst.callbacks.interpretation import CSV_COLUMNS
+from dnn_cool_catalyst.callbacks.interpretation import (CSV_COLUMNS, _Extremes, _ranked, label_and_prediction,
+                                                        sample_caption, sample_describer)
+from dnn_cool_catalyst.runners.compat import batch_fetching_loader
+from dnn_cool_catalyst.tasks import (BinaryClassificationTask, BoundedRegressionTask, ClassificationTask,
+                                     MultilabelClassificationTask)
 
 
 def per_sample_losses(flow, ds):
@@ -135,8 +139,10 @@ def test_inputs_are_published_per_type_and_per_key(small_flow, small_data, fake_
     images = {tag: image for _, tag, image in runner.logger.images}
     row = table[(table["task_path"] == "door_open") & (table["rank"] == 1)].iloc[0]
     image = images["door_open/worst/1/img"]
-    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
-    assert np.array_equal(image, np.moveaxis(inputs["img"][int(row["dataset_index"])], 0, -1))
+    # the image at the top left, a caption strip (label, prediction, loss) below it
+    assert image.shape[0] > 8 and image.shape[1] >= 8 and image.dtype == np.uint8
+    assert np.array_equal(image[:8, :8], np.moveaxis(inputs["img"][int(row["dataset_index"])], 0, -1))
+    assert image[8:].any()
     assert "door_open/best/1/img" in images
     assert not any("caption" in tag for _, tag, _ in runner.logger.texts)  # skipped by key
     assert "door_open/worst/1/meta.depth" in custom.calls  # chosen by key
@@ -173,3 +179,114 @@ def test_tree_explanations_of_the_first_samples(small_flow, small_data, fake_run
     tree = small_flow.get_treelib_explainer()(out, ids=[0])[0]
     assert tree.show(stdout=False, sorting=False) in texts["explanations/sample_0"]
     assert "camera_blocked" in texts["explanations/sample_0"]
+
+
+def _named(ds):
+    n = len(ds)
+    return ds.name_samples(row=[f"r{i}" for i in range(n)], file=[f"img/{i:03d}.png" for i in range(n)])
+
+
+def test_named_samples_in_the_csv_the_tables_and_the_tree_roots(small_flow, small_data, fake_runner_cls, tmp_path):
+    ds = _named(small_flow.get_dataset(*small_data, with_index=True))
+    runner = fake_runner_cls(small_flow, logdir=str(tmp_path))
+    cb = InterpretationCallback(top_k=2, explain=2)
+    runner.start([cb])
+    # wrapped as accelerate's loaders wrap it (the dataset behind a `_BatchFetch`), shuffled
+    loader = batch_fetching_loader(ds.loader(batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    assert sample_describer(loader) is not None and not hasattr(loader.dataset, "describe")
+    runner.run_loader([cb], "valid", loader)
+    table = pd.read_csv(tmp_path / "interpretation_valid.csv")
+    assert tuple(table.columns) == CSV_COLUMNS + ("row", "file")  # dataset_index kept, names appended
+    assert table["row"].tolist() == [f"r{i}" for i in table["dataset_index"]]
+    assert table["file"].tolist() == [f"img/{i:03d}.png" for i in table["dataset_index"]]
+    assert (tmp_path / "interpretation_valid.csv").read_text() == cb.results["valid"].to_csv(index=False,
+                                                                                               lineterminator="\n")
+    texts = {tag: text for _, tag, text in runner.logger.texts}
+    lines = texts["door_open/interpretation"].splitlines()
+    assert lines[0] == "| rank | dataset index | row | file | label | prediction | loss |"
+    first = table[table["task_path"] == "door_open"].iloc[0]
+    i = int(first["dataset_index"])
+    assert lines[2].startswith(f"| 1 | {i} | r{i} | img/{i:03d}.png | ")
+    root = texts["explanations/sample_0"].splitlines()[1]
+    assert root == "inp 0 (row 'r0', file img/000.png)"
+
+
+def test_unnamed_samples_keep_the_plain_columns_and_roots(small_flow, small_data, fake_runner_cls, tmp_path):
+    ds = small_flow.get_dataset(*small_data, with_index=True)
+    assert ds.describe(3) == {}
+    runner = fake_runner_cls(small_flow, logdir=str(tmp_path))
+    cb = InterpretationCallback(top_k=1, explain=1)
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=40))
+    assert tuple(pd.read_csv(tmp_path / "interpretation_valid.csv").columns) == CSV_COLUMNS
+    texts = {tag: text for _, tag, text in runner.logger.texts}
+    assert texts["explanations/sample_0"].splitlines()[1] == "inp 0"
+
+
+class CaptionRecorder(CountingPublisher):
+    def publish(self, runner, tag, value, caption=None):
+        self.calls.append((tag, caption))
+
+
+def test_ranked_samples_are_captioned_with_label_prediction_and_loss(small_flow, small_data, fake_runner_cls):
+    ds = _named(small_flow.get_dataset(*small_data, with_index=True))
+    recorder = CaptionRecorder()
+    runner = fake_runner_cls(small_flow)
+    # chunks of about one batch: the candidates are kept across several flushes
+    cb = InterpretationCallback(top_k=2, explain=0, publishers={"features": recorder}, buffer_elements=2000)
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    captions = dict(recorder.calls)
+    x, y = ds[list(range(len(ds)))]
+    with torch.no_grad():
+        activated = small_flow.torch().eval()(x)["activated"]
+    table = cb.results["valid"]
+    tasks = {leaf.path: leaf.task for leaf in small_flow.graph.leaves}
+    face = "person_regression.face_regression"
+    for path in ("door_open", "person_regression.body_regression.shirt_type", f"{face}.facial_characteristics",
+                 f"{face}.face_w"):
+        for position, rank in (("worst/1", 1), ("best/1", None)):
+            rows = table[table["task_path"] == path]
+            row = rows.iloc[0] if rank == 1 else rows.iloc[-1]
+            i = int(row["dataset_index"])
+            label, prediction = label_and_prediction(tasks[path], y[path][i], activated[path][i])
+            assert captions[f"{path}/{position}/features"] == sample_caption(
+                label, prediction, row["loss"], {"row": f"r{i}", "file": f"img/{i:03d}.png"}), (path, position)
+    text = captions["door_open/worst/1/features"]
+    assert text.startswith("label: ") and "\nprediction: " in text and "\nloss: " in text and "\nrow: r" in text
+
+
+def test_label_and_prediction_in_the_tasks_terms():
+    from torch import nn
+
+    binary = BinaryClassificationTask("door_open", nn.Linear(2, 1))
+    assert label_and_prediction(binary, torch.tensor(1.0), torch.tensor([0.25])) == ("True", "False (0.25)")
+    shirts = ClassificationTask("shirt", nn.Linear(2, 3), class_names=["polo", "tee", "hoodie"])
+    assert label_and_prediction(shirts, torch.tensor(2), torch.tensor([0.1, 0.7, 0.2])) == ("hoodie", "tee (0.7)")
+    assert label_and_prediction(shirts, torch.tensor(0), None) == ("polo", "?")
+    tags = MultilabelClassificationTask("tags", nn.Linear(2, 3), class_names=["glasses", "beard", "hat"])
+    assert label_and_prediction(tags, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.9, 0.6, 0.1])) == (
+        "[glasses, hat]", "[glasses, beard]")
+    assert label_and_prediction(tags, torch.tensor([math.nan, 0.0, 1.0]), None) == ("[glasses?, hat]", "?")
+    box = BoundedRegressionTask("x1", nn.Linear(2, 1), scale=64.0)  # labels and predictions decoded: pixels
+    assert label_and_prediction(box, torch.tensor(0.5), torch.tensor([0.25])) == ("[32]", "[16]")
+    assert sample_caption("True", "False (0.25)", 1.5, {"row": 7, "file": "a.png"}) == (
+        "label: True\nprediction: False (0.25)\nloss: 1.5\nrow: 7\nfile: a.png")
+
+
+def test_kept_candidates_hold_every_ranked_sample():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        n, k = int(torch.randint(1, 200, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        losses = torch.randint(0, 5, (n,), generator=g).float() if trial % 2 else torch.rand(n, generator=g)
+        losses[torch.rand(n, generator=g) < 0.2] = math.nan
+        indices = torch.randperm(n, generator=g)
+        labels = indices.float() * 10
+        kept = _Extremes(k)
+        for chunk in torch.split(torch.arange(n), int(torch.randint(1, 40, (1,), generator=g))):
+            kept.add(losses[chunk], indices[chunk], labels[chunk], labels[chunk].unsqueeze(1), lambda t: t + 1)
+        _, ranked, _ = _ranked(losses, indices, k)
+        assert set(kept.rows) == set(ranked.tolist()), (n, k)
+        for i in ranked.tolist():
+            label, activated = kept.rows[i]
+            assert float(label) == i * 10 and float(activated[0]) == i * 10 + 1

@@ -29,6 +29,35 @@ def test_publishers_accept_what_they_can_show():
     assert TextPublisher().accepts("a") and TextPublisher().accepts(b"a") and not TextPublisher().accepts(np.zeros(3))
 
 
+class _ImageRunner(_Runner):
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    def log_image(self, tag, image, scope=None):
+        self.images.append((tag, image))
+
+
+def test_captions_go_below_images_and_above_text():
+    from dnn_cool_catalyst.callbacks.publishers import with_caption
+
+    runner = _ImageRunner()
+    image = np.full((3, 32, 48), 0.5, np.float32)
+    ImagePublisher().publish(runner, "plain", image)
+    ImagePublisher().publish(runner, "captioned", image, caption="label: polo\nprediction: tee (0.7)\nloss: 1.2")
+    (_, plain), (_, captioned) = runner.images
+    assert plain.shape == (32, 48, 3)
+    strip = captioned[32:]
+    assert captioned.shape[0] > 32 and captioned.shape[1] >= 48  # wider when the text is wider than the image
+    np.testing.assert_array_equal(captioned[:32, :48], plain)
+    assert strip.any() and (strip.max(axis=(1, 2)) > 0).sum() > 12  # text drawn on several rows of the strip
+    # one text line per caption line: three lines make a taller strip than one
+    assert with_caption(plain, "a\nb\nc").shape[0] > with_caption(plain, "a").shape[0] > 32
+    assert with_caption(plain, "label: \u2713 caf\u00e9").shape[0] > 32  # any character: no error
+    TextPublisher().publish(runner, "t", "body", caption="label: 1\nloss: 2")
+    assert runner.loggers["with_text"].calls[-1] == ("text", "t", "label: 1  \nloss: 2  \n\n```\nbody\n```")
+
+
 def test_text_goes_only_to_loggers_that_take_it():
     runner = _Runner()
     assert log_text(runner, "a/b", "hello") == 1

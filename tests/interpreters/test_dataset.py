@@ -34,6 +34,19 @@ def test_batched_loader_equals_plain_loader(security_flow, security_data):
     assert sorted(shuffled.tolist()) == list(range(96))
 
 
+def test_samples_can_be_named_for_people(security_flow, security_data):
+    ds = security_flow.get_dataset(*security_data)
+    n = len(ds)
+    assert ds.describe(0) == {}
+    assert ds.name_samples(row=[f"r{i}" for i in range(n)]) is ds
+    ds.name_samples(file=[f"{i}.png" for i in range(n)])  # added to the names already there
+    assert ds.describe(n - 1) == {"row": f"r{n - 1}", "file": f"{n - 1}.png"}
+    with pytest.raises(dcc.InputError, match=f"'row' has 2 values for {n} samples"):
+        ds.name_samples(row=["a", "b"])
+    with pytest.raises(dcc.InputError, match="'loss' cannot name a sample column"):
+        ds.name_samples(loss=list(range(n)))
+
+
 def test_errors_name_path_and_shapes(security_flow, security_data):
     inputs, labels = security_data
     bad = dict(labels)
