@@ -344,8 +344,7 @@ class Project(Tasks):
         """`flow.get_dataset(inputs, labels)` over the rows (a split name, positions, or all);
         feature names the flow reads that are not input columns are left to the model."""
         flow = flow if flow is not None else self.get_full_flow()
-        computed = [k[0] for k in flow.graph.input_keys if k and k[0] not in self.input_data]
-        return flow.get_dataset(self.get_inputs(rows), self.get_labels(rows, flow), computed=computed, **kwargs)
+        return flow.get_dataset(self.get_inputs(rows), self.get_labels(rows, flow), **kwargs)
 
     def loader(self, rows: Rows = None, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
                flow: Optional[TaskFlow] = None, **kwargs):
@@ -354,7 +353,7 @@ class Project(Tasks):
         import torch
 
         gen = torch.Generator().manual_seed(seed) if shuffle else None
-        ds = self.get_dataset(rows, flow, with_index=True)
+        ds = self.get_dataset(rows, flow)
         return ds.loader(batch_size=batch_size, shuffle=shuffle, generator=gen, **kwargs)
 
     def loaders(self, batch_size: int = 32, flow: Optional[TaskFlow] = None, seed: int = 0,

@@ -123,7 +123,7 @@ class InterpretationCallback(Callback):
     dataset index below `explain` as text (`explanations/sample_<index>`), with preconditions
     decided from the decoded predictions, as at inference.
 
-    Dataset indices come from `X["index"]` (`flow.get_dataset(..., with_index=True)`), so they
+    Dataset indices come from `X["index"]` (`flow.get_dataset` adds it by default), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
 
     Batches reduced inside DataParallel replicas (`runners.balance`) bring their per-sample
