@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from .tasks import BinaryClassificationTask, BoundedRegressionTask, ClassificationTask, ITask, MultilabelClassificationTask
 
 KINDS = ("binary", "continuous", "category", "multilabel", "image", "text")
+NUMERIC_KINDS = ("binary", "continuous", "category")  # input columns a Project can stack into x.features
+DEFAULT_IN_FEATURES = 256  # the heads' input width when it cannot come from the data (a backbone's features)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 ValueConverter = Callable[[pd.Series, "Column"], Any]
@@ -414,7 +416,9 @@ class Converters:
     values: Dict[str, ValueConverter] = field(default_factory=dict)  # column or kind -> (series, Column) -> array
     tasks: Dict[str, TaskFactory] = field(default_factory=dict)  # column or kind -> (Column, head) -> ITask
     heads: Dict[str, HeadFactory] = field(default_factory=dict)  # column or kind -> (name, in_features, n_outputs) -> module
-    in_features: int = 256  # width of the features the default heads read (e.g. x.features from a backbone)
+    # width of the features the default heads read; None: the number of numeric input columns when
+    # every input column is numeric (the Project stacks them into x.features), else 256 (a backbone's)
+    in_features: Optional[int] = None
     image_root: Optional[str] = None  # image file names are relative to this directory (None: as given)
     max_categories: int = 50  # guessing: at most this many distinct strings/integers make a category
 
