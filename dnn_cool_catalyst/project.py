@@ -60,8 +60,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .converters import (DEFAULT_IN_FEATURES, KINDS, NUMERIC_KINDS, Column, Converters, ImageFiles, TableError,
-                         _close, _row_error)
+from .converters import (DEFAULT_IN_FEATURES, KINDS, NUMERIC_KINDS, Column, Converters, ImageCache, ImageFiles,
+                         TableError, _close, _row_error)
 from .dsl import TaskFlow, Tasks
 from .errors import LabelError
 from .files import read_json, write_json
@@ -210,6 +210,10 @@ class BackboneModel(nn.Module):
 
 # The project ------------------------------------------------------------------------------------
 
+def _size(n: int) -> str:
+    return f"{n / 2 ** 20:.0f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.0f} KiB"
+
+
 def _saved_form(column: Column, saved: Optional[Column]) -> Column:
     """What `columns.json` keeps of `column`: kind, class names and scale (a scale learnt while the
     column was an output is kept when it is an input now)."""
@@ -272,6 +276,7 @@ class Project(Tasks):
         columns_path = os.path.join(self.project_dir, COLUMNS_FILE) if self.project_dir is not None else None
         saved = load_columns(columns_path)
 
+        self.image_cache = ImageCache(self.converters.image_cache_bytes)
         self.columns: Dict[str, Column] = {}
         self.input_data: Dict[str, Any] = {}
         self.label_data: Dict[str, Any] = {}
@@ -289,6 +294,8 @@ class Project(Tasks):
                 if len(values) != len(df):
                     raise TableError(f"the value converter of column {c!r} returned {len(values)} values for {len(df)} rows")
                 if role == "input":
+                    if isinstance(values, ImageFiles):  # one memory budget for all image columns
+                        values.cache = self.image_cache
                     self.input_data[c] = values
                     continue
                 head = seeded_head(self.converters.head_factory(column), c, self.in_features, column.n_outputs, seed)
@@ -306,6 +313,20 @@ class Project(Tasks):
         merged = {**saved, **{name: _saved_form(c, saved.get(name)) for name, c in self.columns.items()}}
         if columns_path is not None and merged != saved:
             save_columns(columns_path, merged)
+        self._announce_image_cache()
+
+    def _announce_image_cache(self) -> None:
+        """One line saying whether the decoded images will be kept in memory (`Converters.image_cache_bytes`)."""
+        images = [v for v in self.input_data.values() if isinstance(v, ImageFiles)]
+        budget = self.image_cache.budget
+        if not images or budget == 0:
+            return
+        need = sum(v.decoded_bytes() for v in images)
+        if need <= budget:
+            print(f"Project: keeping decoded images in memory ({_size(need)}, decoded on first use)")
+        else:
+            print(f"Project: images exceed the cache budget ({_size(need)} > Converters.image_cache_bytes = "
+                  f"{_size(budget)}): decoding from disk (the first {_size(budget)} of them stay in memory)")
 
     def _names(self, cols: Union[str, Sequence[str]], arg: str) -> List[str]:
         names = [cols] if isinstance(cols, str) else list(cols)

@@ -441,3 +441,27 @@ def test_non_numeric_inputs_keep_the_backbone_width():
     df = pd.DataFrame({"txt": ["a b", "c", "d e f"] * 4, "sick": [0.0, 1.0, 1.0] * 4})
     project = dcc.Project(df, input_col="txt", converters=dcc.Converters(types={"txt": "text"}))
     assert project.feature_cols == [] and project["sick"].module.in_features == 256
+
+
+def test_images_are_decoded_once_and_the_log_says_so(tmp_path, monkeypatch, capsys):
+    df, conv = _small_table(tmp_path)
+    project = dcc.Project(df, input_col="img", converters=conv)
+    _localize(project)
+    assert "keeping decoded images in memory (4 KiB" in capsys.readouterr().out  # 20 images of 8x8x3 bytes
+    opened = []
+    real = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real(fp, *a, **k))
+    loaders = project.loaders(batch_size=8)
+    for _ in range(2):  # two epochs: the second reads no file
+        for loader in loaders.values():
+            for _x, _y in loader:
+                pass
+    assert len(opened) == len(set(opened)) == len(project.splits["train"]) + len(project.splits["valid"])
+    assert project.image_cache.used == 192 * len(opened)
+    small = dcc.Project(df, input_col="img", converters=dcc.Converters(
+        types={"obj_class": "category"}, image_root=conv.image_root, image_cache_bytes=1000))
+    assert "images exceed the cache budget (4 KiB > Converters.image_cache_bytes = 1 KiB)" in capsys.readouterr().out
+    _localize(small)
+    for _x, _y in small.loader("train", batch_size=8):
+        pass
+    assert small.image_cache.used <= 1000 and len(small.image_cache) == 5 and small.image_cache.full
