@@ -415,7 +415,7 @@ def test_numeric_input_columns_just_work(tmp_path):
     np.testing.assert_array_equal(x["features"].numpy(), df[["age", "height", "smoker"]].to_numpy(np.float32)[first])
     assert x["features"].dtype == torch.float32
     runner = project.runner()
-    runner.train(loaders=project.loaders(batch_size=16))
+    runner.train(loaders=project.loaders())
     table = runner.evaluate(project.loader("test"))
     assert set(table["task_path"]) == {"sick", "dose"}
 
