@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from .tasks import BinaryClassificationTask, BoundedRegressionTask, ClassificationTask, ITask, MultilabelClassificationTask
 
 KINDS = ("binary", "continuous", "category", "multilabel", "image", "text")
+NUMERIC_KINDS = ("binary", "continuous", "category")  # input columns a Project can stack into x.features
+DEFAULT_IN_FEATURES = 256  # the heads' input width when it cannot come from the data (a backbone's features)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 ValueConverter = Callable[[pd.Series, "Column"], Any]
@@ -323,8 +325,8 @@ def to_images(series: pd.Series, column: "Column") -> "ImageFiles":
     return ImageFiles(paths)
 
 
-def load_image(path: str, mode: str = "RGB") -> Tensor:
-    """A float tensor (C, H, W) in [0, 1] from an image file (converted to `mode` first)."""
+def decode_image(path: str, mode: str = "RGB") -> np.ndarray:
+    """The pixels of an image file as uint8 `(C, H, W)` (converted to `mode` first)."""
     from PIL import Image
 
     try:
@@ -334,34 +336,103 @@ def load_image(path: str, mode: str = "RGB") -> Tensor:
         raise OSError(f"cannot read image {path!r}: {e}") from e
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    chw = torch.from_numpy(arr).permute(2, 0, 1)
-    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _to_float(chw: np.ndarray) -> Tensor:
+    """uint8 `(C, H, W)` -> a new float32 tensor in [0, 1] (the cached array stays untouched)."""
+    return torch.from_numpy(chw).to(torch.float32).div_(255.0)
+
+
+def load_image(path: str, mode: str = "RGB") -> Tensor:
+    """A float tensor (C, H, W) in [0, 1] from an image file (converted to `mode` first)."""
+    return _to_float(decode_image(path, mode))
+
+
+IMAGE_CACHE_BYTES = 2 * 2 ** 30  # default budget of decoded images kept in memory (uint8: 4x less than float)
+
+
+class ImageCache:
+    """Decoded images (uint8 `(C, H, W)`) by file and mode, kept in memory up to `budget` bytes.
+
+    Images are decoded on first access and kept while they fit; once the budget is spent, further
+    images are decoded from disk at every access (the ones kept stay). `budget=0` keeps nothing.
+    One cache is shared by an `ImageFiles` and its sub-sequences (a Project's splits share one).
+    Under `DataLoader` workers each worker process fills its own copy (the parent's stays empty;
+    `persistent_workers=True` keeps a worker's cache from one epoch to the next). A pickled cache
+    (spawned workers) arrives empty, so the images are never copied between processes.
+    """
+
+    def __init__(self, budget: int = IMAGE_CACHE_BYTES):
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+            raise ValueError(f"the image cache budget is a number of bytes >= 0, got {budget!r}")
+        self.budget = int(budget)
+        self.used = 0
+        self.full = False  # an image did not fit: some are decoded from disk at every access
+        self._images: Dict[Tuple[str, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def load(self, path: str, mode: str = "RGB") -> Tensor:
+        """The image as float `(C, H, W)` in [0, 1], decoded once if it fits the budget."""
+        key = (path, mode)
+        arr = self._images.get(key)
+        if arr is None:
+            arr = decode_image(path, mode)
+            if self.used + arr.nbytes <= self.budget:
+                self._images[key] = arr
+                self.used += arr.nbytes
+            else:
+                self.full = True
+        return _to_float(arr)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_images": {}, "used": 0, "full": False}
 
 
 class ImageFiles:
     """A lazy sequence of images: `len(images)`; `images[i]` reads file i as float (C, H, W) in
     [0, 1]; `images[rows]` (a slice, index array or list) is the sub-sequence of those files.
 
+    Decoded images are kept in memory by `cache` (an `ImageCache`, default: a new one with the
+    default budget of `IMAGE_CACHE_BYTES`; shared with the sub-sequences), so that an epoch after
+    the first reads no file while the images fit.
     `FlowDataset` accepts it as an input; a batch stacks the images, so they must share a size
     (a batch that mixes sizes is an `InputError` naming both files and both sizes).
     """
 
-    def __init__(self, paths: Sequence[str], mode: str = "RGB"):
+    def __init__(self, paths: Sequence[str], mode: str = "RGB", cache: Optional[ImageCache] = None):
         self.paths = list(paths)
         self.mode = mode
+        self.cache = cache if cache is not None else ImageCache()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: Any):
         if isinstance(index, (int, np.integer)):
-            return load_image(self.paths[index], self.mode)
+            return self.cache.load(self.paths[index], self.mode)
         if isinstance(index, slice):
-            return ImageFiles(self.paths[index], self.mode)
+            return ImageFiles(self.paths[index], self.mode, self.cache)
         positions = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
         if positions.dtype == np.bool_:
             positions = np.flatnonzero(positions)
-        return ImageFiles([self.paths[int(i)] for i in positions.reshape(-1)], self.mode)
+        return ImageFiles([self.paths[int(i)] for i in positions.reshape(-1)], self.mode, self.cache)
+
+    def decoded_bytes(self) -> int:
+        """An estimate of the memory all the images take decoded: the first file's size (read from
+        its header, nothing decoded) times their number; 0 when there are none."""
+        if not self.paths:
+            return 0
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[0]) as im:
+                width, height = im.size
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read image {self.paths[0]!r}: {e}") from e
+        return width * height * len(Image.new(self.mode, (1, 1)).getbands()) * len(self.paths)
 
     def __repr__(self) -> str:
         first = f", first={self.paths[0]!r}" if self.paths else ""
@@ -414,8 +485,12 @@ class Converters:
     values: Dict[str, ValueConverter] = field(default_factory=dict)  # column or kind -> (series, Column) -> array
     tasks: Dict[str, TaskFactory] = field(default_factory=dict)  # column or kind -> (Column, head) -> ITask
     heads: Dict[str, HeadFactory] = field(default_factory=dict)  # column or kind -> (name, in_features, n_outputs) -> module
-    in_features: int = 256  # width of the features the default heads read (e.g. x.features from a backbone)
+    # width of the features the default heads read; None: the number of numeric input columns when
+    # every input column is numeric (the Project stacks them into x.features), else 256 (a backbone's)
+    in_features: Optional[int] = None
     image_root: Optional[str] = None  # image file names are relative to this directory (None: as given)
+    # decoded images of a Project are kept in memory up to this many bytes (0: decode at every access)
+    image_cache_bytes: int = IMAGE_CACHE_BYTES
     max_categories: int = 50  # guessing: at most this many distinct strings/integers make a category
 
     def value_converter(self, column: Column) -> ValueConverter:

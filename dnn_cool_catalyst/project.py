@@ -23,6 +23,25 @@ Labels are keyed by task path: a column feeds every path whose last component is
 Input columns become inputs named after them: image file names as a lazy `ImageFiles` sequence
 (float (3, H, W) in [0, 1] per item), numbers as float32 arrays, text as str arrays.
 
+Numeric input columns just work: when every input column is numeric (binary, continuous or
+category) and none is called `features`, a flow reading `x.features` gets them stacked into one
+float32 `(N, k)` vector, in the order of `input_col`, and the heads' width defaults to `k`::
+
+    project = dcc.Project(df, input_col=["age", "height", "weight"], project_dir="runs/clinic")
+
+    @project.add_flow                             # the other columns are tasks: sick, dose
+    def full(flow, x, out):
+        out += flow.sick(x.features)
+        out += flow.dose(x.features) | out.sick
+        return out
+
+    runner = project.runner()                     # model: flow.torch(), the heads on x.features
+    runner.train(loaders=project.loaders())
+    runner.evaluate(project.loader("test"))
+
+`Converters.in_features` (default None) sets the heads' width explicitly; None means `k` for
+stacked numeric inputs, and `DEFAULT_IN_FEATURES` (256) otherwise (the features of a backbone).
+
 Heads that read a feature the table does not hold (`x.features`) get it from the model: the
 model computes it from the inputs and hands it to the flow's module, which is what
 `BackboneModel` does (`backbone(x["img"])` -> `x["features"]`, `x["gt"]` passed through).
@@ -34,14 +53,15 @@ import hashlib
 import json
 import os
 import zlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .converters import KINDS, Column, Converters, ImageFiles, TableError, _close
+from .converters import (DEFAULT_IN_FEATURES, KINDS, NUMERIC_KINDS, Column, Converters, ImageCache, ImageFiles,
+                         TableError, _close, _row_error)
 from .dsl import TaskFlow, Tasks
 from .errors import LabelError
 from .files import read_json, write_json
@@ -49,6 +69,7 @@ from .files import read_json, write_json
 SPLITS = ("train", "valid", "test")
 SPLIT_FILE = "split.json"
 COLUMNS_FILE = "columns.json"
+FEATURES = "features"  # x.features: a Project's numeric input columns stacked, float32 (N, k)
 Rows = Union[None, str, slice, Sequence[int], np.ndarray]
 
 
@@ -189,6 +210,10 @@ class BackboneModel(nn.Module):
 
 # The project ------------------------------------------------------------------------------------
 
+def _size(n: int) -> str:
+    return f"{n / 2 ** 20:.0f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.0f} KiB"
+
+
 def _saved_form(column: Column, saved: Optional[Column]) -> Column:
     """What `columns.json` keeps of `column`: kind, class names and scale (a scale learnt while the
     column was an output is kept when it is an input now)."""
@@ -207,6 +232,9 @@ class Project(Tasks):
     runner logdirs live (None: both in memory, no runner); `split`: (train, valid, test)
     fractions; `seed`: the split's seed and the heads' initialisation (`seeded_head`:
     independent of the global random state).
+    Numeric input columns are stacked into `x.features` (see the module docstring) and size the
+    heads unless `Converters.in_features` is given; a missing value in them is an error naming the
+    column and rows when a dataset is built.
     A saved split is reused; one made for another table, or other fractions, is an error.
     The first Project built in a `project_dir` saves each column's kind, class names and scale
     (guessed or told) in `columns.json`; later ones reuse them instead of guessing, so class
@@ -248,11 +276,14 @@ class Project(Tasks):
         columns_path = os.path.join(self.project_dir, COLUMNS_FILE) if self.project_dir is not None else None
         saved = load_columns(columns_path)
 
+        self.image_cache = ImageCache(self.converters.image_cache_bytes)
         self.columns: Dict[str, Column] = {}
         self.input_data: Dict[str, Any] = {}
         self.label_data: Dict[str, Any] = {}
         tasks = []
         for role, cols in (("input", self.input_cols), ("output", self.output_cols)):
+            if role == "output":
+                self.feature_cols, self.in_features = self._features()
             for c in cols:
                 series = df[c]
                 if series.isna().all():
@@ -263,10 +294,11 @@ class Project(Tasks):
                 if len(values) != len(df):
                     raise TableError(f"the value converter of column {c!r} returned {len(values)} values for {len(df)} rows")
                 if role == "input":
+                    if isinstance(values, ImageFiles):  # one memory budget for all image columns
+                        values.cache = self.image_cache
                     self.input_data[c] = values
                     continue
-                head = seeded_head(self.converters.head_factory(column), c, self.converters.in_features,
-                                   column.n_outputs, seed)
+                head = seeded_head(self.converters.head_factory(column), c, self.in_features, column.n_outputs, seed)
                 task = self.converters.task_factory(column)(column, head)
                 self.label_data[c] = task.prepare_labels(values).numpy()  # fails early, naming the task
                 tasks.append(task)
@@ -281,6 +313,20 @@ class Project(Tasks):
         merged = {**saved, **{name: _saved_form(c, saved.get(name)) for name, c in self.columns.items()}}
         if columns_path is not None and merged != saved:
             save_columns(columns_path, merged)
+        self._announce_image_cache()
+
+    def _announce_image_cache(self) -> None:
+        """One line saying whether the decoded images will be kept in memory (`Converters.image_cache_bytes`)."""
+        images = [v for v in self.input_data.values() if isinstance(v, ImageFiles)]
+        budget = self.image_cache.budget
+        if not images or budget == 0:
+            return
+        need = sum(v.decoded_bytes() for v in images)
+        if need <= budget:
+            print(f"Project: keeping decoded images in memory ({_size(need)}, decoded on first use)")
+        else:
+            print(f"Project: images exceed the cache budget ({_size(need)} > Converters.image_cache_bytes = "
+                  f"{_size(budget)}): decoding from disk (the first {_size(budget)} of them stay in memory)")
 
     def _names(self, cols: Union[str, Sequence[str]], arg: str) -> List[str]:
         names = [cols] if isinstance(cols, str) else list(cols)
@@ -292,6 +338,17 @@ class Project(Tasks):
         if len(set(names)) != len(names):
             raise TableError(f"{arg} names a column twice: {names}")
         return names
+
+    def _features(self) -> Tuple[List[str], int]:
+        """The input columns stacked into `x.features` (all of them, in `input_col` order, when
+        every one is numeric and none is called `features`; else none) and the heads' input width
+        (`Converters.in_features`, or the number of stacked columns, or `DEFAULT_IN_FEATURES`)."""
+        numeric = all(self.columns[c].kind in NUMERIC_KINDS for c in self.input_cols)
+        cols = list(self.input_cols) if numeric and FEATURES not in self.input_cols else []
+        width = self.converters.in_features
+        if width is None:
+            width = len(cols) if cols else DEFAULT_IN_FEATURES
+        return cols, int(width)
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{c.name}: {c.kind}" for c in self.columns.values())
@@ -321,10 +378,32 @@ class Project(Tasks):
             raise IndexError(f"row positions must lie in [0, {n}); got {int(pos.min())}..{int(pos.max())}")
         return pos % n if pos.size else pos
 
-    def get_inputs(self, rows: Rows = None) -> Dict[str, Any]:
-        """`{input column: converted values}` of the rows (images stay lazy `ImageFiles`)."""
+    def get_inputs(self, rows: Rows = None, flow: Optional[TaskFlow] = None) -> Dict[str, Any]:
+        """`{input column: converted values}` of the rows (images stay lazy `ImageFiles`), plus
+        `features` (the numeric input columns stacked, float32 `(N, k)`) when `flow` (default: the
+        full flow, if one was added) reads `x.features` and the project stacks its inputs."""
         pos = self.rows(rows)
-        return {c: v[pos] for c, v in self.input_data.items()}
+        inputs = {c: v[pos] for c, v in self.input_data.items()}
+        if flow is None and self.flows:
+            flow = self.get_full_flow()
+        if self.feature_cols and flow is not None and any(k[:1] == (FEATURES,) for k in flow.graph.input_keys):
+            inputs[FEATURES] = self._stack(pos)
+        return inputs
+
+    def _stack(self, pos: np.ndarray) -> np.ndarray:
+        """The numeric input columns of the rows at `pos` as one float32 `(N, k)` array; a missing
+        value is an error naming the column and its rows (a NaN feature would make every loss NaN)."""
+        parts = []
+        for c in self.feature_cols:
+            values = np.asarray(self.input_data[c])[pos]
+            missing = values == -1 if self.columns[c].kind == "category" else np.isnan(values)
+            if missing.any():
+                series = self.df[c].iloc[pos]
+                raise _row_error(series, missing, f"is missing; input column {c!r} is part of x.features (the "
+                                                  f"numeric input columns {self.feature_cols} stacked), which needs "
+                                                  f"every value: fill them (e.g. df[{c!r}].fillna(...)) or drop the rows")
+            parts.append(values.astype(np.float32))
+        return np.stack(parts, axis=1) if parts else np.zeros((len(pos), 0), dtype=np.float32)
 
     def get_labels(self, rows: Rows = None, flow: Optional[TaskFlow] = None) -> Dict[str, np.ndarray]:
         """`{task path: labels}` of the rows for every task of `flow` (default: the full flow);
@@ -357,8 +436,7 @@ class Project(Tasks):
         """`flow.get_dataset(inputs, labels)` over the rows (a split name, positions, or all);
         feature names the flow reads that are not input columns are left to the model."""
         flow = flow if flow is not None else self.get_full_flow()
-        computed = [k[0] for k in flow.graph.input_keys if k and k[0] not in self.input_data]
-        return flow.get_dataset(self.get_inputs(rows), self.get_labels(rows, flow), computed=computed,
+        return flow.get_dataset(self.get_inputs(rows, flow), self.get_labels(rows, flow),
                                 **kwargs).name_samples(**self.sample_names(rows))
 
     def loader(self, rows: Rows = None, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
@@ -368,7 +446,7 @@ class Project(Tasks):
         import torch
 
         gen = torch.Generator().manual_seed(seed) if shuffle else None
-        ds = self.get_dataset(rows, flow, with_index=True)
+        ds = self.get_dataset(rows, flow)
         return ds.loader(batch_size=batch_size, shuffle=shuffle, generator=gen, **kwargs)
 
     def loaders(self, batch_size: int = 32, flow: Optional[TaskFlow] = None, seed: int = 0,

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dnn_cool_catalyst.converters import (
-    Column, Converters, ImageFiles, TableError, guess_kind, load_image, parse_multilabel, to_binary, to_category,
+    Column, Converters, ImageCache, ImageFiles, TableError, guess_kind, load_image, parse_multilabel, to_binary, to_category,
     to_continuous, to_images, to_multilabel, to_text,
 )
 
@@ -236,3 +236,58 @@ def test_almost_binary_caps_the_listed_rows_and_keeps_legitimate_columns():
     assert guess_kind(_almost_binary(9, [3], 2, "int64")) == "category"  # too few values to call one stray
     assert guess_kind(pd.Series([0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], name="c")) == "category"  # no 1 at all
     assert guess_kind(_almost_binary(300, [], 0.0)) == "binary"
+
+
+def _count_opens(monkeypatch):
+    """Counts the files PIL opens (a decode opens the file; a cached image opens nothing)."""
+    opened = []
+    real = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    return opened
+
+
+def test_decoded_images_are_kept_in_memory(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+        paths.append(str(tmp_path / f"{i}.png"))
+    images = ImageFiles(paths)
+    opened = _count_opens(monkeypatch)
+    first = images[1]
+    first.add_(1.0)  # a returned tensor is the caller's: the cached pixels stay as decoded
+    again = images[1]
+    assert opened == [paths[1]]  # the second access reads no file
+    torch.testing.assert_close(again, load_image(paths[1]))
+    sub = images[np.array([1, 2])]  # sub-sequences (a project's splits) share the cache
+    sub[0], sub[1], images[2]
+    assert opened == [paths[1], paths[1], paths[2]]  # (load_image above read it once more)
+    assert sub.cache is images.cache and len(images.cache) == 2 and images.cache.used == 2 * 3 * 4 * 5
+
+
+def test_image_cache_respects_its_budget(tmp_path, monkeypatch):
+    paths = []
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", np.full((4, 5, 3), i, np.uint8))
+        paths.append(str(tmp_path / f"{i}.png"))
+    cache = ImageCache(budget=2 * 60 + 59)  # one image is 60 bytes decoded: two fit, the third does not
+    images = ImageFiles(paths, cache=cache)
+    opened = _count_opens(monkeypatch)
+    for _ in range(2):
+        for i in range(3):
+            assert images[i][0, 0, 0].item() == pytest.approx(i / 255)
+    assert opened == paths + [paths[2]]  # the one over the budget is decoded at every access
+    assert cache.used == 120 <= cache.budget and cache.full
+    off = ImageFiles(paths, cache=ImageCache(0))
+    off[0], off[0]
+    assert opened[-2:] == [paths[0], paths[0]] and len(off.cache) == 0
+    import pickle
+    copy = pickle.loads(pickle.dumps(images))  # a spawned worker: its own, empty cache
+    assert len(copy.cache) == 0 and copy.cache.budget == cache.budget and len(cache) == 2
+    with pytest.raises(ValueError, match="budget"):
+        ImageCache(-1)

@@ -430,3 +430,82 @@ def test_image_of_another_size_names_the_files_and_sizes(tmp_path):
                                              r"\(3, 8, 8\).*resize"):
         next(iter(batch))
     next(iter(p.loader(rows=[0, 1, 6], batch_size=4)))  # the others still batch
+
+
+def _numeric_table(n=40):
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"age": rng.integers(20, 80, n).astype(float), "height": rng.normal(170, 10, n),
+                       "smoker": rng.integers(0, 2, n).astype(float)})
+    df["sick"] = (df["age"] > 50).astype(float)
+    df["dose"] = np.where(df["sick"] == 1, df["age"] / 2, NAN)
+    return df
+
+
+def test_numeric_input_columns_just_work(tmp_path):
+    """Numeric input columns are stacked into x.features (in input_col order) and size the heads:
+    DataFrame -> Project -> flow -> train -> evaluate, with no other argument."""
+    df = _numeric_table()
+    project = dcc.Project(df, input_col=["age", "height", "smoker"], project_dir=tmp_path / "p")
+
+    @project.add_flow
+    def full(flow, x, out):
+        out += flow.sick(x.features)
+        out += flow.dose(x.features) | out.sick
+        return out
+
+    assert project.in_features == 3 and project["sick"].module.in_features == 3
+    x, _ = project.get_dataset("train")[[0, 1]]
+    first = project.splits["train"][:2]
+    np.testing.assert_array_equal(x["features"].numpy(), df[["age", "height", "smoker"]].to_numpy(np.float32)[first])
+    assert x["features"].dtype == torch.float32
+    runner = project.runner()
+    runner.train(loaders=project.loaders())
+    table = runner.evaluate(project.loader("test"))
+    assert set(table["task_path"]) == {"sick", "dose"}
+
+
+def test_numeric_inputs_explicit_width_and_missing_values(tmp_path):
+    df = _numeric_table()
+    wide = dcc.Project(df, input_col=["age", "height"], converters=dcc.Converters(in_features=5))
+    assert wide["sick"].module.in_features == 5  # told: kept (the model then computes x.features)
+    df.loc[df.index[4], "height"] = NAN
+    project = dcc.Project(df, input_col=["age", "height"])
+    project.add_flow(_one_task_flow)
+    with pytest.raises(dcc.TableError, match=r"column 'height', row 4: .*missing.*x.features.*fillna"):
+        project.get_dataset()
+    project.get_dataset(np.arange(4))  # rows without missing values are fine
+
+
+def _one_task_flow(flow, x, out):
+    out += flow.sick(x.features)
+    return out
+
+
+def test_non_numeric_inputs_keep_the_backbone_width():
+    df = pd.DataFrame({"txt": ["a b", "c", "d e f"] * 4, "sick": [0.0, 1.0, 1.0] * 4})
+    project = dcc.Project(df, input_col="txt", converters=dcc.Converters(types={"txt": "text"}))
+    assert project.feature_cols == [] and project["sick"].module.in_features == 256
+
+
+def test_images_are_decoded_once_and_the_log_says_so(tmp_path, monkeypatch, capsys):
+    df, conv = _small_table(tmp_path)
+    project = dcc.Project(df, input_col="img", converters=conv)
+    _localize(project)
+    assert "keeping decoded images in memory (4 KiB" in capsys.readouterr().out  # 20 images of 8x8x3 bytes
+    opened = []
+    real = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real(fp, *a, **k))
+    loaders = project.loaders(batch_size=8)
+    for _ in range(2):  # two epochs: the second reads no file
+        for loader in loaders.values():
+            for _x, _y in loader:
+                pass
+    assert len(opened) == len(set(opened)) == len(project.splits["train"]) + len(project.splits["valid"])
+    assert project.image_cache.used == 192 * len(opened)
+    small = dcc.Project(df, input_col="img", converters=dcc.Converters(
+        types={"obj_class": "category"}, image_root=conv.image_root, image_cache_bytes=1000))
+    assert "images exceed the cache budget (4 KiB > Converters.image_cache_bytes = 1 KiB)" in capsys.readouterr().out
+    _localize(small)
+    for _x, _y in small.loader("train", batch_size=8):
+        pass
+    assert small.image_cache.used <= 1000 and len(small.image_cache) == 5 and small.image_cache.full

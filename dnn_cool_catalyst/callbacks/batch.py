@@ -2,8 +2,8 @@
 
 After `handle_batch`, `runner.batch` is a dict:
 
-- `"inputs"`: the input mapping `X` as the loader gave it (with `X["gt"]`, and `X["index"]` when
-  the dataset was built with `with_index=True`),
+- `"inputs"`: the input mapping `X` as the loader gave it (with `X["gt"]`, and `X["index"]`, which
+  `flow.get_dataset` adds unless `with_index=False`),
 - `"targets"`: `{path: labels}`,
 - `"outputs"`: the model's outputs `{"logits", "mask", ...}` (`"activated"` and `"decoded"` are
   present outside training mode),
@@ -124,8 +124,9 @@ class SampleIndexer:
         if not self._warned:
             self._warned = True
             warnings.warn(f"{self.who}: batches of loader {loader_key!r} carry no X['index']; using positions in the "
-                          f"loader as dataset indices, which is wrong if the loader shuffles. Build the dataset "
-                          f"with flow.get_dataset(..., with_index=True).", stacklevel=3)
+                          f"loader as dataset indices, which is wrong if the loader shuffles. Datasets of "
+                          f"flow.get_dataset(...) carry it (unless built with with_index=False); a dataset of your own "
+                          f"should put each sample's dataset index in X['index'].", stacklevel=3)
         return torch.arange(self._position - n, self._position, dtype=torch.int64)
 
 

@@ -277,7 +277,7 @@ class InterpretationCallback(Callback):
     `inp <index> (row ..., file ...)`), with preconditions decided from the decoded predictions, as
     at inference.
 
-    Dataset indices come from `X["index"]` (`flow.get_dataset(..., with_index=True)`), so they
+    Dataset indices come from `X["index"]` (`flow.get_dataset` adds it by default), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
 
     Batches reduced inside DataParallel replicas (`runners.balance`) bring their per-sample

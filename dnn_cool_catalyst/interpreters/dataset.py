@@ -1,4 +1,5 @@
-"""`flow.get_dataset(inputs, labels)`: `(X, y)` items whose `X["gt"]` carries precondition labels.
+"""`flow.get_dataset(inputs, labels)`: `(X, y)` items whose `X["gt"]` carries precondition labels
+and `X["index"]` the samples' dataset indices.
 
 Labels are validated and converted once (per task: dtype, shape, missing marker). Items can be
 fetched one at a time (`ds[i]`, works with a plain `DataLoader`) or a whole batch at once
@@ -102,36 +103,42 @@ def _shape(value: Any) -> str:
 
 class FlowDataset(Dataset):
     """`(X, y)` items for a flow: `X` = the inputs of the sample(s) plus `X["gt"]` = labels of the
-    precondition tasks; `y` = `{path: label}` for every task.
+    precondition tasks and `X["index"]` = the dataset indices of the samples (int64); `y` =
+    `{path: label}` for every task.
 
-    `inputs`: feature name -> array/tensor `(N, ...)` (or nested mappings, or lazy sequences);
+    `inputs`: feature name -> array/tensor `(N, ...)` (or nested mappings, or lazy sequences):
+    what the loader yields, not necessarily what the flow reads. A model that computes features
+    itself (a backbone turning `x["raw"]` into `x["features"]`, as `BackboneModel` does) needs no
+    such feature here; a feature that nobody computes fails at the model's first forward, naming
+    the task and the keys `X` has.
     `labels`: task path -> labels in the task's format (missing marker where unannotated).
-    `with_index=True` adds `X["index"]`, the dataset indices of the samples (int64), so that
-    callbacks can name samples correctly under shuffling.
-    `computed`: top-level feature names that the model computes itself from the inputs (e.g.
-    `features` from a backbone reading `img`), so the inputs need not hold them.
+    `X["index"]` lets callbacks and `FlowRunner.predict` name samples correctly under shuffling;
+    `with_index=False` leaves it out (for a model that cannot ignore the extra key).
+    `computed` is accepted for compatibility and not needed any more: inputs are never checked
+    against the features the flow reads.
     """
 
     def __init__(self, graph: FlowGraph, inputs: Mapping[str, Any], labels: Mapping[str, Any],
-                 with_index: bool = False, computed: Sequence[str] = ()):
+                 with_index: bool = True, computed: Sequence[str] = ()):
         if not isinstance(inputs, Mapping) or not isinstance(labels, Mapping):
             raise TypeError("get_dataset(inputs, labels) takes two mappings: feature -> array, task path -> labels")
         reserved = {"gt", "index"} & set(inputs)
         if reserved:
             raise InputError(f"inputs must not contain the reserved key(s) {sorted(reserved)}")
-        self.with_index = with_index
+        self.with_index = bool(with_index)
         self.graph = graph
         self.inputs = {k: _to_tensor_tree(v, k) for k, v in inputs.items()}
         for key in graph.input_keys:
+            # Features the dataset lacks are the model's business (it may compute them; the module's
+            # first forward names a missing one). Only a feature read *through a single feature*
+            # is refused here: a sub-flow called with `x.f` (a tensor) whose task reads another
+            # name (see `graph.lookup`), so that a feature passed to a sub-flow is never ignored.
             if key and key[0] in computed:
                 continue
             i, node = lookup(self.inputs, key)
-            if i < len(key):
+            if i < len(key) and i > 0 and not isinstance(node, Mapping) and not hasattr(node, "keys"):
                 users = [leaf.path for leaf in graph.leaves if leaf.input_key[: i + 1] == key[: i + 1]]
-                if not isinstance(node, Mapping):  # a single feature read as a mapping: the error says what to write
-                    read_input(self.inputs, key, users[0])
-                raise InputError(f"inputs have no feature {'.'.join(key[: i + 1])!r} (read by {users}); "
-                                 f"they have {sorted(node) if isinstance(node, Mapping) else []}")
+                read_input(self.inputs, key, users[0])
         lengths = {k: _length(v) for k, v in self.inputs.items()}
         if len(set(lengths.values())) > 1:
             raise InputError(f"inputs have different lengths: {lengths}")

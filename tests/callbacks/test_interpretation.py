@@ -78,7 +78,7 @@ def test_csv_has_the_right_samples_under_shuffling(small_flow, small_data, fake_
 
 
 def test_positions_are_used_with_a_warning_without_index(small_flow, small_data, fake_runner_cls):
-    ds = small_flow.get_dataset(*small_data)
+    ds = small_flow.get_dataset(*small_data, with_index=False)
     runner = fake_runner_cls(small_flow)
     cb = InterpretationCallback(top_k=1, explain=0)
     runner.start([cb])

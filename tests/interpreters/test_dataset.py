@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 import dnn_cool_catalyst as dcc
@@ -63,8 +64,6 @@ def test_errors_name_path_and_shapes(security_flow, security_data):
         security_flow.get_dataset(inputs, bad)
     with pytest.raises(dcc.LabelError, match="face_x1"):
         security_flow.get_dataset(inputs, {**labels, "face_x1": labels["door_open"]})
-    with pytest.raises(dcc.InputError, match="features"):
-        security_flow.get_dataset({"img": inputs["features"]}, labels)
     bad = dict(labels)
     bad["camera_blocked"] = np.full(96, 2.0)
     with pytest.raises(dcc.LabelError, match="camera_blocked.*0, 1 or NaN"):
@@ -85,3 +84,41 @@ def test_float_class_label_error_names_the_task_path_value_and_row(nested_kind_f
     labels = {"gate": np.ones(3, dtype=np.float32), "inner.kind": np.array([0.0, 1.0, np.inf])}
     with pytest.raises(dcc.LabelError, match=r"'inner\.kind'.*class label inf at sample 2"):
         outer.get_dataset({"f": np.zeros((3, 2), dtype=np.float32)}, labels)
+
+
+def test_inputs_need_not_hold_the_features_the_model_computes(security_flow, security_data):
+    """A dataset holds what the loader yields: `x.features` computed by a backbone from `x["raw"]`
+    needs no argument, and a feature nobody computes fails at the first forward, named."""
+    inputs, labels = security_data
+    raw = torch.from_numpy(inputs["features"][:, :5]).contiguous()
+    ds = security_flow.get_dataset({"raw": raw}, labels)
+    torch.manual_seed(0)
+    model = dcc.BackboneModel(nn.Linear(5, 8), security_flow, input_key="raw")
+    x, y = next(iter(ds.loader(batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    out = model(x)  # X["index"] passes through the backbone model and the flow module, unread
+    assert out["logits"]["door_open"].shape == (8, 1)
+    assert torch.equal(x["raw"], raw[x["index"]])
+    with pytest.raises(dcc.InputError, match=r"task 'camera_blocked' reads x.features.*has \['gt', 'index', 'raw'\]"):
+        security_flow.torch()(x)
+    # still accepted, no longer needed
+    assert len(security_flow.get_dataset({"raw": raw}, labels, computed=["features"])) == 96
+
+
+def test_every_batch_carries_the_sample_index_unless_opted_out(security_flow, security_data):
+    inputs, labels = security_data
+    ds = security_flow.get_dataset(inputs, labels)
+    gen = torch.Generator().manual_seed(0)
+    batches = list(ds.loader(batch_size=32, shuffle=True, generator=gen))
+    index = torch.cat([x["index"] for x, _ in batches])
+    assert index.dtype == torch.int64 and sorted(index.tolist()) == list(range(96))
+    assert index.tolist() != list(range(96))  # shuffled: positions in the loader would be wrong
+    for x, y in batches:
+        assert torch.equal(x["features"], torch.from_numpy(inputs["features"])[x["index"]])
+    plain = next(iter(DataLoader(ds, batch_size=4, shuffle=False)))[0]
+    assert plain["index"].tolist() == [0, 1, 2, 3]
+    assert ds[-1][0]["index"].item() == 95
+    x, _ = ds[[0, 1]]
+    out = security_flow.torch()(x)  # the flow module reads only the features it names
+    assert out["logits"]["door_open"].shape == (2, 1)
+    off = security_flow.get_dataset(inputs, labels, with_index=False)
+    assert "index" not in off[0][0] and "index" not in off[[0, 1]][0]
