@@ -19,7 +19,7 @@ def _quick_start(block, directory, monkeypatch):
 
 def test_readme_blocks_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 2, "README lost a python block"
+    assert len(blocks) >= 3, "README lost a python block"
     story = _quick_start(blocks[0], tmp_path, monkeypatch)
     table = story["runner"].evaluate(story["project"].loader("test"))
     assert {"camera_blocked", "person_regression.body_regression.shirt_type"} <= set(table.task_path)
@@ -33,3 +33,8 @@ def test_readme_blocks_run(tmp_path, monkeypatch):
     plain: dict = {}
     exec(compile(blocks[1], f"{README} (plain loop)", "exec"), plain)
     assert set(plain["pred"]) == {"logits", "activated", "decoded", "mask"}
+    table_block: dict = {}
+    (tmp_path / "table").mkdir()
+    monkeypatch.chdir(tmp_path / "table")
+    exec(compile(blocks[2], f"{README} (your own table)", "exec"), table_block)
+    assert set(table_block["table"].task_path) == {"churned", "upgraded"}
