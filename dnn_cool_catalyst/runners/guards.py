@@ -39,6 +39,7 @@ from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTu
 from ..callbacks.batch import INDEX, INPUTS, LOSS_TERMS, TARGETS
 from ..callbacks.common import resolve_callback_flow
 from ..errors import NonFiniteLossError
+from ..interpreters.loss import distributed_world_size
 from . import compat
 
 NONFINITE_MODES = ("raise", "skip")
@@ -51,12 +52,6 @@ SHOWN = 8
 def _capped(items: List[Any], shown: int = SHOWN) -> str:
     head = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in items[:shown])
     return f"[{head}{f', ... and {len(items) - shown} more' if len(items) > shown else ''}]"
-
-
-def _distributed_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # Non-finite losses --------------------------------------------------------------------------------
@@ -125,7 +120,7 @@ class NonFiniteLossGuard:
                 self._check_pending(runner)
                 seen.finite, self._pending = finite, seen
                 return True
-            if self.mode == "skip" and _distributed_world() > 1:
+            if self.mode == "skip" and distributed_world_size() > 1:
                 seen.finite, seen.others = self._agree(finite)
             else:
                 seen.finite = bool(finite)
@@ -183,7 +178,7 @@ def _describe(seen: _Seen, runner: Any, lagged: bool) -> str:
     indices), infinite labels, and with finite inputs the model's non-finite parameters."""
     loss = seen.loss.detach().float().reshape(-1)[:1].item() if isinstance(seen.loss, Tensor) else float(seen.loss)
     where = f"batch {seen.batch} of loader {seen.loader!r} (epoch {seen.epoch})"
-    if _distributed_world() > 1:  # batches are counted in each process
+    if distributed_world_size() > 1:  # batches are counted in each process
         import torch.distributed as dist
 
         where = f"{where[:-1]}, process {dist.get_rank()})"
@@ -392,7 +387,7 @@ class LoaderLossCallback(Callback):
         self._count += n
 
     def on_loader_end(self, runner: Any) -> None:
-        if _distributed_world() > 1:
+        if distributed_world_size() > 1:
             import torch.distributed as dist
 
             device = self._sum.device if isinstance(self._sum, Tensor) else torch.device("cpu")
