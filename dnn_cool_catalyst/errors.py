@@ -1,4 +1,7 @@
-"""Exceptions raised by dnn_cool_catalyst, each naming the flow, task path, key or shape involved."""
+"""Exceptions raised by dnn_cool_catalyst, each naming the flow, task path, key or shape involved,
+and the two helpers that keep their messages readable (`capped`, `did_you_mean`)."""
+import difflib
+from typing import Any, Iterable
 
 
 class FlowDefinitionError(ValueError):
@@ -32,3 +35,30 @@ class NonFiniteLossError(FloatingPointError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is empty, truncated, malformed, or holds objects that loading would run."""
+
+
+#: Items an error message lists before "and N more".
+SHOWN = 8
+
+
+def capped(items: Any, shown: int = SHOWN) -> str:
+    """`"a, b, c and 240 more"`: the first `shown` items (strings quoted), then how many are left."""
+    items = list(items)
+    head = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in items[:shown])
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def did_you_mean(name: str, known: Iterable[str], listed: int = 30) -> str:
+    """`"; did you mean 'a'? (known: a, b, ... and N more)"`: the close matches of `name` (when there
+    are none, the names whose last dotted part is close to its last part), then the first `listed`
+    known names (`listed=0`: the hint alone)."""
+    known = sorted(set(map(str, known)))
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    if not close:  # `shirt_type` for `person_flow.body.shirt_type`
+        tails = difflib.get_close_matches(name.rsplit(".", 1)[-1], {k.rsplit(".", 1)[-1] for k in known}, cutoff=0.6)
+        close = [k for k in known if k.rsplit(".", 1)[-1] in tails][:3]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    if not listed:
+        return hint
+    shown = ", ".join(known[:listed]) + (f" and {len(known) - listed} more" if len(known) > listed else "")
+    return f"{hint} (known: {shown or 'none'})"
