@@ -15,7 +15,6 @@ All conversion errors are `TableError`s naming the column and the row (the DataF
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .errors import capped, did_you_mean
 from .tasks import BinaryClassificationTask, BoundedRegressionTask, ClassificationTask, ITask, MultilabelClassificationTask
 
 KINDS = ("binary", "continuous", "category", "multilabel", "image", "text")
@@ -152,8 +152,8 @@ MAX_LISTED_ROWS = 10  # error messages list this many rows, then "and N more"
 
 def _list_rows(series: pd.Series, positions: Sequence[int], k: int = MAX_LISTED_ROWS) -> str:
     """"row 'a' (3.0), row 'c' (2.0) and 240 more": the rows (by index label) at `positions`."""
-    shown = ", ".join(f"row {_plain(series.index[p])!r} ({_plain(series.iloc[p])!r})" for p in positions[:k])
-    return shown + (f" and {len(positions) - k} more" if len(positions) > k else "")
+    shown = [f"row {_plain(series.index[p])!r} ({_plain(series.iloc[p])!r})" for p in positions[:k]]
+    return capped(shown + list(positions[k:]), k, quote=False)  # the rest are counted, not formatted
 
 
 def _row_error(series: pd.Series, bad: np.ndarray, what: str) -> TableError:
@@ -513,12 +513,12 @@ class Converters:
             for col in getattr(self, attr):
                 if col not in known:
                     raise TableError(f"Converters.{attr} names {col!r}, which is not a column of the table"
-                                     f"{_close(col, known)}")
+                                     f"{did_you_mean(str(col), known, listed=0)}")
         for attr in ("values", "tasks", "heads"):
             for key in getattr(self, attr):
                 if key not in known and key not in KINDS:
                     raise TableError(f"Converters.{attr} key {key!r} is neither a column nor a kind {KINDS}"
-                                     f"{_close(key, known)}")
+                                     f"{did_you_mean(str(key), known, listed=0)}")
 
     def describe(self, series: pd.Series, role: str, saved: Optional[Column] = None, source: str = "") -> Column:
         """The `Column` of `series`: its kind (told or guessed) and what conversion needs to know.
@@ -662,18 +662,14 @@ def _check_saved_classes(series: pd.Series, kind: str, class_names: Tuple[str, .
     if bad.any():
         pos = np.flatnonzero(bad)
         unknown = sorted({strings[p] for p in pos})
-        shown = ", ".join(map(repr, unknown[:MAX_LISTED_ROWS])) + (
-            f" and {len(unknown) - MAX_LISTED_ROWS} more" if len(unknown) > MAX_LISTED_ROWS else "")
+        shown = capped(unknown, MAX_LISTED_ROWS)
         raise TableError(f"column {name!r} holds {shown} ({_rows(series, pos)}), which {'is' if len(unknown) == 1 else 'are'}"
                          f" not among the class names {_short(class_names)} saved in {source}; {fresh}")
 
 
 def _rows(series: pd.Series, positions: Sequence[int], k: int = MAX_LISTED_ROWS) -> str:
     """"rows 3, 'b', 9 and 240 more": the index labels at `positions`."""
-    labels = ", ".join(repr(_plain(series.index[p])) for p in positions[:k])
-    return f"row{'s' if len(positions) > 1 else ''} {labels}" + (f" and {len(positions) - k} more" if len(positions) > k else "")
+    labels = [repr(_plain(series.index[p])) for p in positions[:k]] + list(positions[k:])  # the rest are counted
+    return f"row{'s' if len(positions) > 1 else ''} {capped(labels, k, quote=False)}"
 
 
-def _close(name: str, known) -> str:
-    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -13,26 +13,12 @@ A flow function is run exactly once, at `add_flow` time, against tracing proxies
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import FlowDefinitionError
+from .errors import FlowDefinitionError, did_you_mean
 from .graph import FlowGraph, InputKey, Literal, build_graph
+from .keys import GT
 from .tasks.base import ITask
-
-
-def _close(name: str, known: Iterable[str], limit: int = 30) -> str:
-    """`"; did you mean 'a'? (known: a, b, ...)"`: the close matches of `name` (when there are none,
-    the names whose last dotted part is close to its last part), then the known names (the first
-    `limit`, "and N more")."""
-    known = sorted(set(known))
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    if not close:  # `shirt_type` for `person_flow.body.shirt_type`
-        tails = difflib.get_close_matches(name.rsplit(".", 1)[-1], {k.rsplit(".", 1)[-1] for k in known}, cutoff=0.6)
-        close = [k for k in known if k.rsplit(".", 1)[-1] in tails][:3]
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    listed = ", ".join(known[:limit]) + (f" and {len(known) - limit} more" if len(known) > limit else "")
-    return f"{hint} (known: {listed or 'none'})"
 
 
 class _Condition:
@@ -102,10 +88,10 @@ class _Features:
     def __getattr__(self, name: str) -> "_Features":
         if name.startswith("__"):
             raise AttributeError(name)
-        if name == "gt":
+        if name == GT:
             raise FlowDefinitionError(f"flow {self._flow!r}: `x.gt` is reserved for ground-truth preconditions")
         if not self._key and self._known is not None and name not in self._known:
-            raise FlowDefinitionError(f"flow {self._flow!r}: unknown feature x.{name}{_close(name, self._known)}")
+            raise FlowDefinitionError(f"flow {self._flow!r}: unknown feature x.{name}{did_you_mean(name, self._known)}")
         return _Features(self._key + (name,), self._flow, None)
 
     def __setattr__(self, name, value):
@@ -126,9 +112,7 @@ class _FlowProxy:
         target = self._tasks._registry.get(name)
         if target is None:
             raise FlowDefinitionError(f"flow {self._flow!r}: unknown task or flow {name!r}"
-                                      f"{_close(name, self._tasks._registry)}")
-        if target is self._tasks._tracing_target:
-            raise FlowDefinitionError(f"flow {self._flow!r} calls itself")
+                                      f"{did_you_mean(name, self._tasks._registry)}")
 
         def call(features=None, *rest, **kwargs) -> _Entry:
             if rest or kwargs:
@@ -179,7 +163,7 @@ class _Out:
                 return _Condition((Literal(name),), self._flow)
         added = [e.name for e in self._entries]
         raise FlowDefinitionError(f"flow {self._flow!r}: condition out.{name} must name a task added earlier in this "
-                                  f"flow{_close(name, added)}")
+                                  f"flow{did_you_mean(name, added)}")
 
     def __setattr__(self, name, value):
         raise FlowDefinitionError(f"flow {self._flow!r}: use `out += flow.{name}(...)`, not assignment")
@@ -192,18 +176,12 @@ class TaskFlow:
     flow like a task (`flow.person_flow(x)`), and `| condition` then applies to every task in it.
     """
 
-    def __init__(self, name: str, graph: FlowGraph, func: Optional[Callable] = None):
+    def __init__(self, name: str, graph: FlowGraph):
+        # The user's flow function is not kept: the traced graph holds everything the products
+        # need, and a local function would not pickle (DDP pickles the runner).
         self.name = name
         self.graph = graph
-        self.func = func
         self._module = None
-
-    def __getstate__(self):
-        # The user's flow function may be a local function (not picklable; DDP pickles the
-        # runner); the traced graph holds everything the products need.
-        state = dict(self.__dict__)
-        state["func"] = None
-        return state
 
     def __repr__(self) -> str:
         return f"TaskFlow({self.name!r}, tasks={list(self.graph.paths)})"
@@ -281,7 +259,6 @@ class Tasks:
     def __init__(self, tasks: Iterable[ITask] = (), inputs: Optional[Iterable[str]] = None):
         self._registry: Dict[str, Any] = {}
         self._flows: List[TaskFlow] = []
-        self._tracing_target = None
         self.inputs = list(inputs) if inputs is not None else None
         for task in tasks:
             self.add_task(task)
@@ -302,7 +279,7 @@ class Tasks:
         try:
             return self._registry[name]
         except KeyError:
-            raise KeyError(f"no task or flow {name!r}{_close(name, self._registry)}") from None
+            raise KeyError(f"no task or flow {name!r}{did_you_mean(name, self._registry)}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._registry
@@ -325,7 +302,7 @@ class Tasks:
         if not name.isidentifier():
             raise FlowDefinitionError(f"flow name must be a Python identifier, got {name!r}")
         self._check_new_name(name)
-        flow = TaskFlow(name, self._trace(func, name), func)
+        flow = TaskFlow(name, self._trace(func, name))
         self._registry[name] = flow
         self._flows.append(flow)
         return flow
@@ -340,7 +317,7 @@ class Tasks:
         """A flow by name."""
         flow = self._registry.get(name)
         if not isinstance(flow, TaskFlow):
-            raise KeyError(f"no flow {name!r}{_close(name, self.flows)}")
+            raise KeyError(f"no flow {name!r}{did_you_mean(name, self.flows)}")
         return flow
 
     def _trace(self, func: Callable, name: str) -> FlowGraph:

@@ -41,10 +41,11 @@ class CheckpointError(RuntimeError):
 SHOWN = 8
 
 
-def capped(items: Any, shown: int = SHOWN) -> str:
-    """`"a, b, c and 240 more"`: the first `shown` items (strings quoted), then how many are left."""
+def capped(items: Any, shown: int = SHOWN, quote: bool = True) -> str:
+    """`"a, b, c and 240 more"`: the first `shown` items (strings quoted unless `quote=False`, for
+    items that are already phrases such as `"row 3 (2.0)"`), then how many are left."""
     items = list(items)
-    head = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in items[:shown])
+    head = ", ".join(repr(i) if quote and isinstance(i, str) else str(i) for i in items[:shown])
     return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 

@@ -9,7 +9,7 @@ explainer) is an interpreter of this graph; none re-runs the user's function.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 from .tasks.base import ITask
 
@@ -147,13 +147,3 @@ def lookup(x: Any, key: InputKey) -> Tuple[int, Any]:
         else:
             return i, node
     return len(key), node
-
-
-def find_node(nodes: Tuple[Node, ...], path: str) -> Optional[Node]:
-    """The node at `path` (leaf or flow), or None."""
-    for node in nodes:
-        if node.path == path:
-            return node
-        if node.is_flow and path.startswith(node.path + "."):
-            return find_node(node.children, path)
-    return None

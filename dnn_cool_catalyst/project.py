@@ -61,10 +61,11 @@ import torch
 from torch import nn
 
 from .converters import (DEFAULT_IN_FEATURES, KINDS, NUMERIC_KINDS, Column, Converters, ImageCache, ImageFiles,
-                         TableError, _close, _row_error)
+                         TableError, _row_error)
 from .dsl import TaskFlow, Tasks
-from .errors import LabelError
+from .errors import LabelError, capped, did_you_mean
 from .files import read_json, write_json
+from .keys import GT, INDEX
 
 SPLITS = ("train", "valid", "test")
 SPLIT_FILE = "split.json"
@@ -266,7 +267,7 @@ class Project(Tasks):
         if not self.output_cols:
             raise TableError("no output column: give output_col")
         for c in self.input_cols:
-            if c in ("gt", "index"):
+            if c in (GT, INDEX):
                 raise TableError(f"input column {c!r} has a reserved name (x[{c!r}] is set by the dataset)")
         for c in self.output_cols:
             if not c.isidentifier():
@@ -333,8 +334,8 @@ class Project(Tasks):
         known = set(self.df.columns)
         for c in names:
             if c not in known:
-                raise TableError(f"{arg}: unknown column {c!r}{_close(str(c), map(str, known))} "
-                                 f"(columns: {list(self.df.columns)})")
+                raise TableError(f"{arg}: unknown column {c!r}{did_you_mean(str(c), known, listed=0)} "
+                                 f"(columns: {capped(self.df.columns, 30)})")
         if len(set(names)) != len(names):
             raise TableError(f"{arg} names a column twice: {names}")
         return names

@@ -2,21 +2,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..dsl import _close
-from ..errors import LabelError, TunedParamsError
+from ..errors import LabelError, TunedParamsError, did_you_mean
 from ..functional import expand_mask
 from ..graph import FlowGraph
-from ..tuning import FIX_TUNED
+from ..tuning import FIX_TUNED, ConfusionMetric
 from .masks import compute_masks
-
-Metric = Union[str, Callable]
-
 
 class FlowActivation:
     """`{path: logits} -> {path: activated}` (paths absent from the input are skipped)."""
@@ -57,7 +53,7 @@ class FlowDecoder:
         for p in params:
             if p not in self.graph.paths:
                 raise TunedParamsError(f"tuned parameters for unknown task path {p!r}{where}: flow {self.graph.name!r} "
-                                       f"has no such task{_close(str(p), self.graph.paths)}")
+                                       f"has no such task{did_you_mean(str(p), self.graph.paths)}")
             if not isinstance(params[p], Mapping):
                 raise TunedParamsError(f"tuned parameters of task {p!r}{where} must be a mapping such as "
                                        f"{{'threshold': 0.5}}, got {type(params[p]).__name__}")
@@ -73,7 +69,7 @@ class FlowDecoder:
 
     def tune(self, predictions: Optional[Mapping[str, Any]] = None, targets: Optional[Mapping[str, Any]] = None,
              masks: Optional[Mapping[str, Any]] = None,
-             metric: Union[Metric, Mapping[str, Metric]] = "accuracy") -> Dict[str, Dict[str, Any]]:
+             metric: Union[str, ConfusionMetric, Mapping[str, Union[str, ConfusionMetric]]] = "accuracy") -> Dict[str, Dict[str, Any]]:
         """Tune every task decoder that has parameters (thresholds), on the samples of `S_t` only;
         apply the result and return `{path: params}` of plain JSON values.
 

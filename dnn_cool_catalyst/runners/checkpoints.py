@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 
 from ..callbacks.tuning import HISTORY_FILE, TUNED_PARAMS_FILE
-from ..errors import CheckpointError
+from ..errors import CheckpointError, capped
 from ..files import write_atomic
 
 #: Inside a runner checkpoint: the kept checkpoints, best first, `[{"file": "runner.0003.pth", "metric": 0.41}]`.
@@ -174,8 +174,7 @@ def claim_logdir(logdir: str | os.PathLike, resume: Any, overwrite: bool) -> Non
     if not found:
         return
     if not overwrite:
-        shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
-        raise FileExistsError(f"logdir {logdir!r} already holds a run ({shown}); a new run there would mix with it. "
+        raise FileExistsError(f"logdir {logdir!r} already holds a run ({capped(found, quote=False)}); a new run there would mix with it. "
                               f"Pass resume=True to continue that run, overwrite=True to remove its files and start "
                               f"again, or give another logdir")
     for name in found:

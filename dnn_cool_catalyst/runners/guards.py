@@ -23,7 +23,6 @@ small `all_reduce` per batch) so that every process skips the same batches.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -35,25 +34,16 @@ from catalyst.core.callback import Callback, CallbackOrder
 from catalyst.core.misc import callback_isinstance
 from torch import Tensor
 
+from .. import distributed
 from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
-from ..callbacks.batch import INDEX, INPUTS, LOSS_TERMS, TARGETS
 from ..callbacks.common import resolve_callback_flow
-from ..errors import NonFiniteLossError
-from ..interpreters.loss import distributed_world_size
+from ..errors import NonFiniteLossError, capped, did_you_mean
+from ..keys import GT, INDEX, INPUTS, LOGITS, LOSS_TERMS, TARGETS
 from . import compat
 
 NONFINITE_MODES = ("raise", "skip")
 #: The loader metric counting the batches skipped with `nonfinite="skip"`.
 NONFINITE_METRIC = "nonfinite_batches"
-#: Items shown in a message before "and N more".
-SHOWN = 8
-
-
-def _capped(items: List[Any], shown: int = SHOWN) -> str:
-    head = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in items[:shown])
-    return f"[{head}{f', ... and {len(items) - shown} more' if len(items) > shown else ''}]"
-
-
 # Non-finite losses --------------------------------------------------------------------------------
 
 
@@ -120,7 +110,7 @@ class NonFiniteLossGuard:
                 self._check_pending(runner)
                 seen.finite, self._pending = finite, seen
                 return True
-            if self.mode == "skip" and distributed_world_size() > 1:
+            if self.mode == "skip" and distributed.world_size() > 1:
                 seen.finite, seen.others = self._agree(finite)
             else:
                 seen.finite = bool(finite)
@@ -178,31 +168,29 @@ def _describe(seen: _Seen, runner: Any, lagged: bool) -> str:
     indices), infinite labels, and with finite inputs the model's non-finite parameters."""
     loss = seen.loss.detach().float().reshape(-1)[:1].item() if isinstance(seen.loss, Tensor) else float(seen.loss)
     where = f"batch {seen.batch} of loader {seen.loader!r} (epoch {seen.epoch})"
-    if distributed_world_size() > 1:  # batches are counted in each process
-        import torch.distributed as dist
-
-        where = f"{where[:-1]}, process {dist.get_rank()})"
+    if distributed.world_size() > 1:  # batches are counted in each process
+        where = f"{where[:-1]}, process {distributed.rank()})"
     if seen.others:
         return f"the loss of {where} was not finite in another process (the batch is skipped in every process)"
     text = f"the loss of {where} is not finite (loss {loss})"
     terms = seen.parts.get(LOSS_TERMS)
     if isinstance(terms, Mapping):
         bad = [p for p in terms if not bool(torch.isfinite(torch.as_tensor(terms[p][0])).all())]
-        text += f"; task(s) whose loss terms are not finite: {_capped(bad, 20)}"
+        text += f"; task(s) whose loss terms are not finite: [{capped(bad, 20)}]"
     else:
         text += "; the criterion gives no per-task terms"
     x = seen.parts.get(INPUTS)
     x = x if isinstance(x, Mapping) else {}
     index = x.get(INDEX)
-    inputs = [(f"X[{k!r}]", rows) for k, rows in _nonfinite_rows(x, skip=(INDEX, "gt"), infinite_only=False)]
+    inputs = [(f"X[{k!r}]", rows) for k, rows in _nonfinite_rows(x, skip=(INDEX, GT), infinite_only=False)]
     if inputs:
         text += "; the inputs hold NaN/inf: " + "; ".join(
-            f"{name} in row(s) {_capped(rows)} of the batch{_dataset_index(index, rows)}" for name, rows in inputs)
+            f"{name} in row(s) [{capped(rows)}] of the batch{_dataset_index(index, rows)}" for name, rows in inputs)
     else:
         text += "; the inputs (X) are finite"
     labels = seen.parts.get(TARGETS)
     for path, rows in _nonfinite_rows(labels if isinstance(labels, Mapping) else {}, infinite_only=True):
-        text += f"; the labels (y) of {path!r} are infinite in row(s) {_capped(rows)}{_dataset_index(index, rows)}"
+        text += f"; the labels (y) of {path!r} are infinite in row(s) [{capped(rows)}]{_dataset_index(index, rows)}"
     if lagged:
         device = seen.loss.device.type if isinstance(seen.loss, Tensor) else "device"
         text += (f". (On {device} the loss is checked one batch late, so as not to wait for the device at every "
@@ -212,7 +200,7 @@ def _describe(seen: _Seen, runner: Any, lagged: bool) -> str:
         params = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())] \
             if isinstance(model, torch.nn.Module) else []
         if params:
-            text += (f"; the model's parameters {_capped(params)} are not finite (training diverged: lower the "
+            text += (f"; the model's parameters [{capped(params)}] are not finite (training diverged: lower the "
                      f"learning rate, clip gradients)")
         else:
             text += "; the model's parameters are finite (an overflow in the model or the loss? e.g. half precision)"
@@ -241,7 +229,7 @@ def _nonfinite_rows(tree: Mapping[str, Any], skip: Iterable[str] = (), infinite_
 def _dataset_index(index: Any, rows: List[int]) -> str:
     if not isinstance(index, Tensor) or index.dim() != 1:
         return ""
-    return f" (dataset index {_capped([int(index[r]) for r in rows if r < len(index)])})"
+    return f" (dataset index [{capped([int(index[r]) for r in rows if r < len(index)])}])"
 
 
 # valid_metric -------------------------------------------------------------------------------------
@@ -325,20 +313,15 @@ class ValidMetricGuard:
                                  f"loaders {loaders}")
             if not known.allows(metric):
                 raise ValueError(f"{who} {metric!r} is not a metric the callbacks produce on loader {loader!r}"
-                                 f"{_suggest(metric, known.names)}; they produce {_capped(known.names, 40)}"
-                                 f"{' and ' + _capped(known.prefixes) + '...' if known.prefixes else ''}")
+                                 f"{did_you_mean(metric, known.names, listed=0)}; they produce [{capped(known.names, 40)}]"
+                                 f"{' and [' + capped(known.prefixes) + ']...' if known.prefixes else ''}")
 
     def _check_produced(self, runner: Any) -> None:
         for (loader, metric), who in self._reads.items():
             produced = list(runner.loader_metrics)
             if loader == runner.loader_key and metric not in produced:
                 raise ValueError(f"{who} {metric!r}: loader {loader!r} produced no metric {metric!r}"
-                                 f"{_suggest(metric, produced)}; it produced {_capped(sorted(produced), 40)}")
-
-
-def _suggest(name: str, names: List[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+                                 f"{did_you_mean(metric, produced, listed=0)}; it produced [{capped(sorted(produced), 40)}]")
 
 
 # The guards together, as the runner calls them -----------------------------------------------------
@@ -387,12 +370,11 @@ class LoaderLossCallback(Callback):
         self._count += n
 
     def on_loader_end(self, runner: Any) -> None:
-        if distributed_world_size() > 1:
+        if distributed.world_size() > 1:
             import torch.distributed as dist
 
-            device = self._sum.device if isinstance(self._sum, Tensor) else torch.device("cpu")
-            if dist.get_backend() == "nccl" and device.type != "cuda":
-                device = torch.device("cuda", torch.cuda.current_device())
+            device = distributed.collective_device(self._sum.device if isinstance(self._sum, Tensor) and
+                                                   self._sum.device.type == "cuda" else None)
             total = torch.tensor([float(self._sum) if self._sum is not None else 0.0, float(self._count)],
                                  dtype=torch.float64, device=device)
             dist.all_reduce(total)
@@ -403,6 +385,6 @@ class LoaderLossCallback(Callback):
 
 def require_batches(result: Mapping[str, Any], what: str) -> None:
     """An error naming `FlowRunner.<what>` when `predict` saw no batch (no logits)."""
-    if not result.get("logits"):
+    if not result.get(LOGITS):
         raise ValueError(f"FlowRunner.{what}: the loader yielded no batches (an empty dataset, or a sampler or "
                          f"drop_last=True leaving none): give it a loader with samples")
