@@ -76,3 +76,16 @@ def per_sample_masked(per_sample: Tensor, mask: Tensor) -> Tensor:
     """Per-sample values with NaN where the precondition mask is false."""
     return torch.where(mask, per_sample, torch.full_like(per_sample, float("nan")))
 
+
+
+# Task kinds' building blocks (module-level functions, so that tasks pickle for DDP workers) --------
+
+
+def nan_available(labels: Tensor) -> Tensor:
+    """Which label elements are present: float labels mark a missing one with NaN."""
+    return ~torch.isnan(labels)
+
+
+def softmax_last(logits: Tensor) -> Tensor:
+    """Softmax over the last dimension (the classes, or a token's vocabulary)."""
+    return torch.softmax(logits, dim=-1)

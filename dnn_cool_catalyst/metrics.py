@@ -44,7 +44,11 @@ import abc
 from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from . import distributed
+from .functional import expand_mask
 
 States = Dict[str, Tensor]
 
@@ -103,15 +107,13 @@ class Metric(abc.ABC):
 
     def all_reduce(self, device: Optional[torch.device] = None) -> None:
         """Sum states across the processes of an initialised `torch.distributed` group (no-op
-        otherwise). States are moved to `device` for the reduction: by default the current CUDA
-        device under the NCCL backend, else where they are."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        otherwise). States are moved for the reduction to `distributed.collective_device(device)`: the
+        CUDA device under the NCCL backend (`device`, by default the current one), else the CPU."""
+        if not distributed.initialized():
             return
-        device = _reduce_device(device)
+        device = distributed.collective_device(device)
         for k in sorted(self.states):
-            t = self.states[k].to(device).clone() if device is not None else self.states[k].clone()
+            t = self.states[k].to(device).clone()
             dist.all_reduce(t)
             self.states[k] = t
 
@@ -121,16 +123,6 @@ class Metric(abc.ABC):
             if s.device != v.device and v.device.type != "mps":  # MPS has no float64: keep such states on the CPU
                 s = s.to(v.device)
             self.states[k] = s + v.detach().to(s.device, s.dtype)
-
-
-def _reduce_device(device: Optional[torch.device]) -> Optional[torch.device]:
-    import torch.distributed as dist
-
-    if device is not None:
-        return torch.device(device)
-    if dist.get_backend() == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
 
 
 def _float(t: Tensor) -> float:
@@ -149,11 +141,6 @@ def _zeros(*names: str, shape=()) -> States:
     return {n: torch.zeros(shape, dtype=torch.float64) for n in names}
 
 
-def expand_to(mask: Tensor, like: Tensor) -> Tensor:
-    """A per-sample mask `(N,)` viewed to broadcast over element tensors `(N, ...)`."""
-    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
-
-
 # Binary decisions (binary tasks, multilabel elements) ---------------------------------------------------------
 
 
@@ -163,7 +150,7 @@ def binary_counts(preds: Tensor, targets: Tensor, mask: Tensor, per_class: bool 
     `per_class`: one count per index of the last dimension (multilabel classes) instead of one in all."""
     if preds.shape != targets.shape:
         preds = preds.reshape(targets.shape)
-    w = ~torch.isnan(targets) & expand_to(mask, targets)
+    w = ~torch.isnan(targets) & expand_mask(mask, targets)
     p = preds.bool()
     pos = (targets > 0.5) & w
     neg = (targets <= 0.5) & w  # NaN compares false: missing elements are in neither
@@ -279,11 +266,9 @@ class MultilabelConfusionMetric(BinaryConfusionMetric):
         return binary_scores(s["tp"].sum(), s["fp"].sum(), s["fn"].sum(), s["tn"].sum(), self.kind)
 
     def all_reduce(self, device: Optional[torch.device] = None) -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed.initialized():
             return
-        device = _reduce_device(device) or self.states["tp"].device
+        device = distributed.collective_device(device)
         names = ("tp", "fp", "fn", "tn")
         size = torch.tensor([self.states["tp"].numel() if self.states["tp"].dim() else 0], dtype=torch.int64,
                             device=device)
@@ -407,11 +392,9 @@ class ConfusionMatrixMetric(Metric):
         self.states["matrix"] = _pad(a, c) + _pad(b, c)
 
     def all_reduce(self, device: Optional[torch.device] = None) -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed.initialized():
             return
-        device = _reduce_device(device) or self.states["matrix"].device
+        device = distributed.collective_device(device)
         size = torch.tensor([self.states["matrix"].shape[0]], dtype=torch.int64, device=device)
         dist.all_reduce(size, op=dist.ReduceOp.MAX)  # a rank that saw nothing has a 0 x 0 matrix
         m = _pad(self.states["matrix"].to(device), int(size))
@@ -478,7 +461,7 @@ class TokenAccuracy(Metric):
         return _zeros("correct", "count")
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
-        w = (targets != -100) & expand_to(mask, targets)
+        w = (targets != -100) & expand_mask(mask, targets)
         top1 = preds[..., 0] if preds.dim() > targets.dim() else preds
         hit = (top1 == targets) & w
         self._add(correct=hit.sum(), count=w.sum())
@@ -497,7 +480,7 @@ class Perplexity(Metric):
         return _zeros("nll_sum", "count")
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
-        w = (targets != -100) & expand_to(mask, targets)
+        w = (targets != -100) & expand_mask(mask, targets)
         # clamped into the vocabulary: a token id beyond it is the flow loss's error to report,
         # never a device-side assert here
         p = preds.gather(-1, targets.clamp(0, preds.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)

@@ -33,14 +33,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-INPUTS = "inputs"
-TARGETS = "targets"
-OUTPUTS = "outputs"
-LOSS_TERMS = "loss_terms"
-METRIC_STATES = "metric_states"
-PER_SAMPLE_LOSS = "per_sample_loss"
-EXPLAIN = "explain"
-INDEX = "index"
+from ..keys import EXPLAIN, INDEX, INPUTS, LOSS_TERMS, METRIC_STATES, OUTPUTS, PER_SAMPLE_LOSS, TARGETS  # noqa: F401
 
 
 class StackedLossTerms(Mapping):

@@ -17,6 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from ..errors import InputError, LabelError
 from ..graph import FlowGraph, lookup
+from ..keys import GT, INDEX
 from .module import read_input
 
 
@@ -122,7 +123,7 @@ class FlowDataset(Dataset):
                  with_index: bool = True, computed: Sequence[str] = ()):
         if not isinstance(inputs, Mapping) or not isinstance(labels, Mapping):
             raise TypeError("get_dataset(inputs, labels) takes two mappings: feature -> array, task path -> labels")
-        reserved = {"gt", "index"} & set(inputs)
+        reserved = {GT, INDEX} & set(inputs)
         if reserved:
             raise InputError(f"inputs must not contain the reserved key(s) {sorted(reserved)}")
         self.with_index = bool(with_index)
@@ -181,9 +182,9 @@ class FlowDataset(Dataset):
         elif not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for a dataset of {self.n} samples")
         x = {k: _take(v, index, k) for k, v in self.inputs.items()}
-        x["gt"] = {p: self.labels[p][index] for p in self.gt_paths}
+        x[GT] = {p: self.labels[p][index] for p in self.gt_paths}
         if self.with_index:
-            x["index"] = torch.as_tensor(index, dtype=torch.int64) % self.n
+            x[INDEX] = torch.as_tensor(index, dtype=torch.int64) % self.n
         y = {p: t[index] for p, t in self.labels.items()}
         return x, y
 
@@ -195,9 +196,9 @@ class FlowDataset(Dataset):
             if lo < 0:
                 index = torch.where(index < 0, index + self.n, index)
         x = {k: _take(v, index, k) for k, v in self.inputs.items()}
-        x["gt"] = {p: self.labels[p].index_select(0, index) for p in self.gt_paths}
+        x[GT] = {p: self.labels[p].index_select(0, index) for p in self.gt_paths}
         if self.with_index:
-            x["index"] = index % self.n
+            x[INDEX] = index % self.n
         y = {p: t.index_select(0, index) for p, t in self.labels.items()}
         return x, y
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..graph import FlowGraph
+from ..keys import ACTIVATED, DECODED, LOGITS, MASK
 from .decoding import as_tensor, ground_truth_masks, prepare_labels
 from .masks import compute_masks
 from .metrics import FlowMetrics
@@ -49,8 +50,8 @@ class FlowEvaluator:
     def __call__(self, predictions: Mapping[str, Any], targets: Mapping[str, Any],
                  preconditions: Union[None, str, Mapping[str, Any]] = None) -> pd.DataFrame:
         mode = self.preconditions if preconditions is None else preconditions
-        if isinstance(predictions, Mapping) and isinstance(predictions.get("activated"), Mapping):
-            predictions = predictions["activated"]
+        if isinstance(predictions, Mapping) and isinstance(predictions.get(ACTIVATED), Mapping):
+            predictions = predictions[ACTIVATED]
         unknown = sorted(set(predictions) - set(self.graph.paths))
         if unknown:
             raise KeyError(f"predictions for unknown task path(s) {unknown}; flow {self.graph.name!r} has "
@@ -70,7 +71,7 @@ class FlowEvaluator:
             decoded = {leaf.path: leaf.task.decode(activated[leaf.path]) for leaf in self.graph.leaves}
             masks = self._masks(mode, labels, decoded, n)
             metrics = FlowMetrics(self.graph)
-            metrics.update({"logits": {}, "activated": activated, "decoded": decoded, "mask": masks}, labels)
+            metrics.update({LOGITS: {}, ACTIVATED: activated, DECODED: decoded, MASK: masks}, labels)
         values = metrics.compute()
         counts = metrics.num_samples()
         rows = [(tm.path, tm.name, values[tm.key], counts[tm.path]) for tm in metrics]

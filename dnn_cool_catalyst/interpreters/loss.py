@@ -26,11 +26,14 @@ import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import LabelError
 from ..functional import expand_mask, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
+from ..keys import LOGITS, MASK
 from ..tasks.base import label_position
 
 
@@ -71,41 +74,27 @@ def check_label_bounds(path: str, labels: Tensor, bound: int) -> None:
                      "(or pass class_names), or fix the labels")
 
 
-def distributed_world_size() -> int:
-    """The number of processes of the initialised default `torch.distributed` group; 1 without one.
-    (`torch.compile(fullgraph=True)` traces it as a constant.)"""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def global_terms(terms: Mapping[str, Tuple[Tensor, Tensor]], world_size: Optional[int] = None,
-                 group: object = None) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """`{path: (world_size * sum, count summed over the ranks)}`: terms that `FlowLoss.combine`
-    turns into a loss whose DDP-averaged gradient is the gradient of the global batch.
-
-    One `all_reduce` of all counts together (no gradient flows through counts); the sums keep
-    their gradient. With one process the terms are returned as they are.
-    """
-    import torch.distributed as dist
-
-    if world_size is None:
-        world_size = distributed_world_size() if group is None else dist.get_world_size(group)
-    if world_size <= 1 or not terms:
-        return dict(terms)
-    paths = list(terms)
-    # float64: counts stay exact whatever the loss dtype (half precision counts only to 2048)
-    counts = torch.stack([terms[p][1].detach().reshape(()).to(torch.float64) for p in paths])
-    dist.all_reduce(counts, group=group)
-    return {p: (terms[p][0] * world_size, counts[i].to(terms[p][1].dtype)) for i, p in enumerate(paths)}
-
-
 def stack_terms(terms: Mapping[str, Tuple[Tensor, Tensor]]) -> Tensor:
     """`(tasks, 2)`: each task's `(sum, count)` as a row, in the order of `terms` (one `torch.stack`,
     through which the sums keep their gradient; dtypes are promoted to a common one)."""
     return torch.stack([t for pair in terms.values() for t in pair]).reshape(len(terms), 2)
+
+
+def global_stacked(stacked: Tensor, group: Any = None) -> Tensor:
+    """`stack_terms(terms)` rows turned into `(world_size * sum, count summed over the ranks)`: the
+    rows from which `FlowLoss.combine_stacked` gives a loss whose DDP-averaged gradient is the
+    gradient of the global batch (the module docstring). The one home of the DDP scaling.
+
+    One `all_reduce` of all counts together (no gradient flows through counts); the sums keep
+    their gradient. With one process the rows are returned as they are.
+    """
+    world = distributed.world_size(group)
+    if world <= 1:
+        return stacked
+    # float64: counts stay exact whatever the loss dtype (half precision counts only to 2048)
+    counts = stacked[:, 1].detach().to(torch.float64)
+    dist.all_reduce(counts, group=group)
+    return torch.stack([stacked[:, 0] * world, counts.to(stacked.dtype)], dim=1)
 
 
 class FlowLoss(nn.Module):
@@ -135,7 +124,7 @@ class FlowLoss(nn.Module):
         Logits and labels outside `S_t` never reach the sums, whatever they are (inf, NaN), and
         the gradient of those logits is exactly 0. Class-index labels are checked against the
         logits' width first (`check_label_bounds`)."""
-        logits, masks = outputs["logits"], outputs["mask"]
+        logits, masks = outputs[LOGITS], outputs[MASK]
         result = {}
         for path, task in self._leaves:
             y = _labels(targets, path, self.graph)
@@ -177,7 +166,7 @@ class FlowLoss(nn.Module):
         not fit its task's logits; synchronises with the device. For diagnosing a batch whose
         loss is not finite."""
         for path, task in self._leaves:
-            y, z = _labels(targets, path, self.graph), outputs["logits"][path]
+            y, z = _labels(targets, path, self.graph), outputs[LOGITS][path]
             bound = task.label_bound(z)
             if bound is not None and y.numel():
                 check_label_bounds(path, y, bound)
@@ -207,22 +196,17 @@ class FlowLoss(nn.Module):
 
     def from_terms(self, terms: Mapping[str, Tuple[Tensor, Tensor]]) -> Tensor:
         """The flow loss from `terms(...)` (or terms merged from replicas), scaled for DDP when a
-        process group is initialised and `distributed` is true."""
-        if self.distributed and distributed_world_size() > 1:
-            return self.combine(global_terms(terms), self.weights)
-        return self.combine(terms, self.weights)
+        process group is initialised and `distributed` is true (`from_stacked` on the stacked terms)."""
+        if not terms:
+            return None
+        return self.from_stacked(stack_terms(terms), list(terms))
 
     def from_stacked(self, stacked: Tensor, paths: Sequence[str]) -> Tensor:
         """`from_terms` on `stack_terms(terms)` (rows in the order of `paths`), with the same DDP
         scaling: the sums times the number of processes over the counts summed over them."""
+        if self.distributed:
+            stacked = global_stacked(stacked)
         weights = self.weights
-        if self.distributed and distributed_world_size() > 1:
-            import torch.distributed as dist
-
-            world = distributed_world_size()
-            counts = stacked[:, 1].detach().to(torch.float64)  # exact whatever the loss dtype
-            dist.all_reduce(counts)
-            stacked = torch.stack([stacked[:, 0] * world, counts.to(stacked.dtype)], dim=1)
         return self.combine_stacked(stacked, [weights[p] for p in paths])
 
     def forward(self, outputs, targets, return_terms: bool = False):
@@ -248,7 +232,7 @@ class FlowPerSampleLoss:
         self._leaves = tuple((leaf.path, leaf.task) for leaf in graph.leaves)
 
     def __call__(self, outputs, targets, overall: bool = True) -> Dict[str, Tensor]:
-        logits, masks = outputs["logits"], outputs["mask"]
+        logits, masks = outputs[LOGITS], outputs[MASK]
         result: Dict[str, Tensor] = {}
         total = None
         for path, task in self._leaves:

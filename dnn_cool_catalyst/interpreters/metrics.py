@@ -5,10 +5,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from .. import distributed
 from ..errors import LabelError
 from ..graph import FlowGraph
+from ..keys import ACTIVATED, DECODED, LOGITS, MASK
 from ..metrics import Metric
 
 
@@ -139,13 +142,9 @@ class FlowMetrics:
         The sample counts and the states of every metric that reduces as `Metric.all_reduce` does
         go in one collective (concatenated in flow order, the same on every rank); metrics with a
         reduction of their own (a confusion matrix a rank saw fewer classes for) use it."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed.initialized():
             return
-        from ..metrics import Metric, _reduce_device
-
-        dev = _reduce_device(device)
+        dev = distributed.collective_device(device)
         slots: List[Tuple[Dict[str, Tensor], str]] = [(self._counts, p) for p in self._counts]
         for g in self.groups:
             metric = g.owner.metric
@@ -156,28 +155,27 @@ class FlowMetrics:
         if not slots:
             return
         values = [d[k] for d, k in slots]
-        target = dev if dev is not None else values[0].device
-        flat = torch.cat([v.detach().reshape(-1).to(target, torch.float64) for v in values])
+        flat = torch.cat([v.detach().reshape(-1).to(dev, torch.float64) for v in values])
         dist.all_reduce(flat)
         offset = 0
         for (d, k), v in zip(slots, values):
             n = v.numel()
-            d[k] = flat[offset:offset + n].reshape(v.shape).to(dev if dev is not None else v.device, v.dtype)
+            d[k] = flat[offset:offset + n].reshape(v.shape).to(dev, v.dtype)
             offset += n
 
     @torch.no_grad()
     def update(self, outputs: Mapping[str, Mapping[str, Tensor]], targets: Mapping[str, Tensor],
                masks: Optional[Mapping[str, Tensor]] = None) -> None:
-        masks = outputs["mask"] if masks is None else masks
-        activated = outputs.get("activated") or {}
-        decoded = outputs.get("decoded") or {}
+        masks = outputs[MASK] if masks is None else masks
+        activated = outputs.get(ACTIVATED) or {}
+        decoded = outputs.get(DECODED) or {}
         cache_a: Dict[str, Tensor] = {}
         cache_d: Dict[str, Tensor] = {}
         for leaf in self.graph.leaves:
             p, task = leaf.path, leaf.task
             a = activated.get(p)
             if a is None:
-                a = task.activate(outputs["logits"][p].detach())
+                a = task.activate(outputs[LOGITS][p].detach())
             cache_a[p] = a
             d = decoded.get(p)
             cache_d[p] = task.decode(a) if d is None else d

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..errors import HeadError, InputError
 from ..graph import FlowGraph, InputKey, lookup
+from ..keys import ACTIVATED, DECODED, GT, LOGITS, MASK
 from .masks import compute_masks
 
 
@@ -86,15 +87,15 @@ class FlowModule(nn.Module):
                 logits[path] = head(value)
             except RuntimeError as e:
                 raise head_error(path, key, head, value, e) from e
-        gt = x.get("gt") if isinstance(x, Mapping) else None
-        out: Dict[str, Dict[str, Tensor]] = {"logits": logits}
+        gt = x.get(GT) if isinstance(x, Mapping) else None
+        out: Dict[str, Dict[str, Tensor]] = {LOGITS: logits}
         decoded = None
         if gt is None or not self.training:
             activated = {path: task.activate(logits[path]) for path, _, _, task in self._routes}
             decoded = {path: task.decode(activated[path]) for path, _, _, task in self._routes}
-            out["activated"], out["decoded"] = activated, decoded
+            out[ACTIVATED], out[DECODED] = activated, decoded
         first = next(iter(logits.values()))
-        out["mask"] = compute_masks(self.graph, first.shape[0], first.device, gt=gt, decoded=decoded)
+        out[MASK] = compute_masks(self.graph, first.shape[0], first.device, gt=gt, decoded=decoded)
         return out
 
     def extra_repr(self) -> str:

@@ -41,8 +41,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..callbacks.batch import EXPLAIN, INDEX, LOSS_TERMS, METRIC_STATES, OUTPUTS, PER_SAMPLE_LOSS
 from ..interpreters.loss import FlowLoss
+from ..keys import ACTIVATED, EXPLAIN, INDEX, LOGITS, LOSS_TERMS, MASK, METRIC_STATES, OUTPUTS, PER_SAMPLE_LOSS
 
 LOSS = "loss"
 
@@ -97,27 +97,27 @@ class ReplicaReducer:
         """The reduced parts of the model's `outputs` for the chunk `(x, y)`."""
         # (1,)-shaped, with their gradient, so that gather stacks them without a warning
         terms = {p: (s.reshape(1), c.reshape(1)) for p, (s, c) in self._loss.terms(outputs, y).items()}
-        logits, masks = outputs["logits"], outputs["mask"]
+        logits, masks = outputs[LOGITS], outputs[MASK]
         first = next(iter(logits.values()))
         with torch.no_grad():
             metrics = self._fresh_metrics(first.device)
             metrics.update(outputs, y)
             states = {k: v.unsqueeze(0) for k, v in metrics.states().items()}
             per_sample = {k: v.detach() for k, v in self._per_sample(outputs, y).items()}
-            activated = outputs.get("activated") or {}
+            activated = outputs.get(ACTIVATED) or {}
             kept = {p: (activated[p] if p in activated else self._tasks[p].activate(logits[p].detach())).detach()
                     for p in self.keep}
             reduced: Reduced = {
                 LOSS_TERMS: terms,
                 METRIC_STATES: states,
                 PER_SAMPLE_LOSS: per_sample,
-                OUTPUTS: {"mask": dict(masks), "activated": kept},
+                OUTPUTS: {MASK: dict(masks), ACTIVATED: kept},
             }
             index = x.get(INDEX) if isinstance(x, Mapping) else None
             if self.explain > 0 and isinstance(index, Tensor):
                 rows = index.reshape(-1) < self.explain
                 reduced[EXPLAIN] = {INDEX: index.reshape(-1)[rows],
-                                    "logits": {p: z.detach()[rows] for p, z in logits.items()}}
+                                    LOGITS: {p: z.detach()[rows] for p, z in logits.items()}}
         return reduced
 
 

@@ -32,13 +32,14 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
   parameters inside each runner checkpoint (see `runners.checkpoints`).
 - `CSVLogger`: Catalyst's writes a second header row into `<loader>.csv` when a run resumes; this
   one keeps one header and the earlier epochs' rows.
-- `allow_generators_across_processes`: a `torch.Generator` (e.g. the seeded generator of a
+- `generators_across_processes`: a `torch.Generator` (e.g. the seeded generator of a
   shuffling loader's `RandomSampler`) cannot be sent through `torch.multiprocessing` to spawned
   DDP workers: the child fails with "unable to resize file <filename not specified> to the right
-  size" (its state tensor goes through shared memory). Registers, with multiprocessing's own
-  `ForkingPickler.register`, a reduction that sends the device, seed and state as bytes.
-- `available_engine`: `catalyst.utils.get_available_engine` with our `DataParallelEngine` and
-  `engines.DistributedDataParallelEngine`.
+  size" (its state tensor goes through shared memory). Inside this context manager, a reduction
+  registered with multiprocessing's own `ForkingPickler.register` sends the device, seed and state
+  as bytes; the registration ends with the block.
+
+This module imports nothing from `runners.engines` (which builds on `DataParallelEngine` here).
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ from catalyst.callbacks.checkpoint import Checkpoint
 from catalyst.core.engine import Engine
 from catalyst.core.misc import callback_isinstance
 from catalyst.utils import pack_checkpoint, unpack_checkpoint
-from catalyst.utils.torch import get_available_engine
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from ..distributed import is_main_process, unwrap
 from ..files import write_atomic, write_json
 from . import checkpoints
 
@@ -78,19 +79,6 @@ class DataParallelEngine(dl.DataParallelEngine):
         if torch.cuda.is_available() and torch.cuda.device_count() > 1 and not isinstance(model, torch.nn.DataParallel):
             model = torch.nn.DataParallel(model)
         return Engine.prepare_model(self, model, device_placement=device_placement, evaluation_mode=evaluation_mode)
-
-
-def available_engine(cpu: bool = False, fp16: bool = False, ddp: bool = False) -> Engine:
-    """The engine Catalyst would choose, with a working `DataParallelEngine` for several GPUs and
-    our `DistributedDataParallelEngine` (torchrun, free port) for `ddp=True` on several GPUs."""
-    engine = get_available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
-    if type(engine) is dl.DataParallelEngine:
-        return DataParallelEngine(fp16=fp16)
-    if type(engine) is dl.DistributedDataParallelEngine:
-        from .engines import DistributedDataParallelEngine
-
-        return DistributedDataParallelEngine(fp16=fp16)
-    return engine
 
 
 class BackwardCallback(dl.BackwardCallback):
@@ -178,17 +166,17 @@ class CheckpointCallback(dl.CheckpointCallback):
         logpath = f"{logprefix}.pth"
         if self.mode == "model" and isinstance(obj, torch.nn.Module):
             runner.engine.wait_for_everyone()  # as Catalyst: every process reaches it
-            obj = _unwrap(runner.engine.unwrap_model(obj)).state_dict()
+            obj = unwrap(runner.engine.unwrap_model(obj)).state_dict()
         elif self.mode == "model":
             obj = pack_checkpoint(model=obj)
         else:
             obj = pack_checkpoint(**obj)
-        if _is_main(runner):
+        if is_main_process():
             checkpoints.save_checkpoint(obj, logpath)
         return logpath
 
     def _load(self, runner: Any, resume_logpath: Any = None, resume_model: Any = None, resume_runner: Any = None) -> None:
-        model = _unwrap(runner.model) if isinstance(runner.model, torch.nn.Module) else runner.model
+        model = unwrap(runner.model) if isinstance(runner.model, torch.nn.Module) else runner.model
         flow = getattr(runner, "flow", None)
         if resume_logpath is not None:
             runner.engine.wait_for_everyone()
@@ -237,7 +225,7 @@ class CheckpointCallback(dl.CheckpointCallback):
             self._save(runner, obj, f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}")
         if self.save_last:
             self._save(runner, obj, f"{self.logdir}/{self.mode}.last")
-        if not _is_main(runner):
+        if not is_main_process():
             return
         for old in dropped:
             if old is not current and os.path.isfile(old.logpath):
@@ -297,17 +285,6 @@ class CSVLogger(dl.CSVLogger):
         self.loggers[loader_key] = open(path, "a", encoding="utf-8")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
-
-
-def _is_main(runner: Any) -> bool:
-    engine = getattr(runner, "engine", None)
-    return bool(getattr(engine, "is_main_process", True)) if engine is not None else True
-
-
 class _BatchFetch(Dataset):
     """A dataset that hands a whole list of indices to the wrapped dataset in one call."""
 
@@ -348,9 +325,27 @@ def _reduce_generator(generator: torch.Generator) -> Any:
     return _rebuild_generator, (str(generator.device), generator.initial_seed(), generator.get_state().cpu().numpy().tobytes())
 
 
-def allow_generators_across_processes() -> None:
-    """Let `torch.Generator`s (their seed and state) reach spawned processes (idempotent)."""
+@contextlib.contextmanager
+def generators_across_processes() -> Iterator[None]:
+    """Inside the block, `torch.Generator`s (their device, seed and state) can be sent to processes
+    that `multiprocessing` starts (`torch.multiprocessing.spawn` pickles its arguments before it
+    returns); on exit the pickler is as it was.
+
+    Scoped, not permanent: a registration would change, for the rest of the process, how every
+    generator is pickled by every user of `multiprocessing`. `ForkingPickler.register` has no
+    inverse, so the exit restores the table it writes (`ForkingPickler._extra_reducers`, the same
+    in CPython 3.8 to 3.13; `tests/runners/test_compat.py` fails if it changes).
+    """
+    reducers = ForkingPickler._extra_reducers
+    before = reducers.get(torch.Generator)
     ForkingPickler.register(torch.Generator, _reduce_generator)
+    try:
+        yield
+    finally:
+        if before is None:
+            reducers.pop(torch.Generator, None)
+        else:
+            reducers[torch.Generator] = before
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@
     processes on other machines the port is Catalyst's 2112 unless given);
   * the backend defaults to NCCL with CUDA and gloo without (Catalyst's always asks for NCCL);
   * loaders with a seeded `torch.Generator` (shuffling) can be sent to the workers
-    (`compat.allow_generators_across_processes`);
+    (`compat.generators_across_processes`, around the spawn only);
   * each worker gets its own copy of the model's CPU tensors (`unshare_tensors`): the runner
     reaches the workers through `torch.multiprocessing`, which puts CPU tensors in shared memory,
     so on the CPU every process's optimizer stepped the same weights (with 2 workers, two updates
@@ -34,10 +34,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from catalyst import dl
 from catalyst.core.engine import Engine
+from catalyst.utils.torch import get_available_engine
 from torch import nn
 
+from ..distributed import unwrap
 from .balance import BalancedDataParallel
-from .compat import DataParallelEngine, allow_generators_across_processes
+from .compat import DataParallelEngine, generators_across_processes
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -69,13 +71,6 @@ def unshare_tensors(module: nn.Module) -> nn.Module:
     return module
 
 
-def is_main_process() -> bool:
-    """Rank 0 of an initialised process group, else whether `RANK` (torchrun) is 0 or unset."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
 class BalancedDataParallelEngine(DataParallelEngine):
     """DataParallel with memory balancing (see `runners.balance`).
 
@@ -104,8 +99,7 @@ class BalancedDataParallelEngine(DataParallelEngine):
                                  "or train with FlowRunner, which passes its own")
             from ..callbacks.common import resolve_flow
 
-            if isinstance(model, nn.DataParallel):
-                model = model.module
+            model = unwrap(model)
             several = self.device.type == "cuda" and torch.cuda.device_count() > 1
             model = BalancedDataParallel(model, resolve_flow(self.flow), device_ids=None if several else [],
                                          keep=self.keep, explain=self.explain)
@@ -153,8 +147,8 @@ class DistributedDataParallelEngine(dl.DistributedDataParallelEngine):
             return fn(int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
         if self._pick_port:
             self._port = free_port(self._address)
-        allow_generators_across_processes()  # seeded shuffling loaders go to the workers too
-        result = mp.spawn(fn, args=(self._world_size,), nprocs=self._num_local_workers, join=True)
+        with generators_across_processes():  # seeded shuffling loaders go to the workers too
+            result = mp.spawn(fn, args=(self._world_size,), nprocs=self._num_local_workers, join=True)
         self.spawned = True
         return result
 
@@ -164,6 +158,9 @@ class DistributedDataParallelEngine(dl.DistributedDataParallelEngine):
             rank = int(os.environ["RANK"])
         else:
             rank = self._workers_global_rank + local_rank
+            # Process-wide on purpose: this runs in a worker that `spawn` started for this run only,
+            # and accelerate's `PartialState` (which the engine starts next) and `init_process_group`'s
+            # default `env://` rendezvous read these variables from the environment, as under torchrun.
             os.environ.update(MASTER_ADDR=str(self._address), MASTER_PORT=str(self._port), WORLD_SIZE=str(world_size),
                               RANK=str(rank), LOCAL_RANK=str(local_rank))
         kwargs = {"backend": default_backend(), "world_size": world_size, "rank": rank, **self._process_group_kwargs}
@@ -175,3 +172,14 @@ class DistributedDataParallelEngine(dl.DistributedDataParallelEngine):
     def prepare_model(self, model: nn.Module, device_placement: Any = None, evaluation_mode: bool = False):
         return super().prepare_model(unshare_tensors(model), device_placement=device_placement,
                                      evaluation_mode=evaluation_mode)
+
+
+def available_engine(cpu: bool = False, fp16: bool = False, ddp: bool = False) -> Engine:
+    """The engine Catalyst would choose, with a working `DataParallelEngine` for several GPUs and
+    our `DistributedDataParallelEngine` (torchrun, free port) for `ddp=True` on several GPUs."""
+    engine = get_available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
+    if type(engine) is dl.DataParallelEngine:
+        return DataParallelEngine(fp16=fp16)
+    if type(engine) is dl.DistributedDataParallelEngine:
+        return DistributedDataParallelEngine(fp16=fp16)
+    return engine

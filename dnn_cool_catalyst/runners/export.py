@@ -13,19 +13,13 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import nn
 
-from ..callbacks.files import read_json, write_atomic, write_json
+from ..distributed import unwrap
+from ..files import read_json, write_atomic, write_json
 
 FORMAT = "dnn_cool_catalyst.export/1"
 WEIGHTS_FILE = "weights.pth"
 TUNED_FILE = "tuned_params.json"
 MANIFEST_FILE = "manifest.json"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside `DataParallel` / `DistributedDataParallel` wrappers."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
 
 
 def manifest_of(flow: Any, model: nn.Module) -> Dict[str, Any]:
@@ -51,7 +45,7 @@ def export_model(directory: str | os.PathLike, flow: Any, model: nn.Module) -> s
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    model = unwrap_model(model)
+    model = unwrap(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_atomic(os.path.join(directory, WEIGHTS_FILE), lambda fh: torch.save(state, fh))
     save_tuned(os.path.join(directory, TUNED_FILE), flow.get_decoder().params())
@@ -107,7 +101,7 @@ def load_model(directory: str | os.PathLike, flow: Any, model: nn.Module,
     decoder.load_tuned(load_tuned(tuned_path), source=tuned_path)  # all or nothing
     try:
         state = torch.load(os.path.join(directory, WEIGHTS_FILE), map_location=map_location, weights_only=True)
-        target = unwrap_model(model)
+        target = unwrap(model)
         missing, unexpected = target.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{os.path.join(directory, WEIGHTS_FILE)} does not fit {type(target).__name__} "

@@ -7,6 +7,7 @@ interpreters and `runners.export`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import OrderedDict
@@ -47,14 +48,15 @@ from ..callbacks.batch import (
 from ..callbacks.common import import_object, resolve_flow
 from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
+from ..distributed import is_main_process, unwrap
 from ..errors import InputError, LabelError
 from ..interpreters.loss import stack_terms
 from ..summary import summary, where_logs_are
 from . import checkpoints, compat
 from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar, stdout_is_terminal
-from .engines import BalancedDataParallelEngine, is_main_process, launched_by_torchrun, unshare_tensors
-from .export import export_model, load_model, unwrap_model
+from .engines import BalancedDataParallelEngine, available_engine, launched_by_torchrun, unshare_tensors
+from .export import export_model, load_model
 from .guards import LoaderLossCallback, RunGuards, require_batches
 from .tensorboard import FlowTensorboardLogger
 
@@ -358,15 +360,15 @@ class FlowRunner(dl.Runner):
         self._verbose_metrics = verbose is True  # per-task lines every epoch (the default console logger)
         if verbose is None:
             verbose = stdout_is_terminal()  # the progress bar
-        if isinstance(engine, dl.DistributedDataParallelEngine):
-            compat.allow_generators_across_processes()  # also for Catalyst's own engine
-        super().train(loaders=loaders, model=model, engine=engine, criterion=self._kept_criterion,
-                      optimizer=optimizer, scheduler=scheduler, callbacks=callbacks, loggers=loggers, seed=seed,
-                      hparams=hparams, num_epochs=num_epochs, logdir=logdir, resume=self._resume_path,
-                      valid_loader=valid_loader, valid_metric=valid_metric,
-                      minimize_valid_metric=minimize_valid_metric, verbose=verbose, timeit=timeit, check=check,
-                      overfit=overfit, profile=profile, load_best_on_end=load_best_on_end, cpu=cpu, fp16=fp16,
-                      ddp=ddp)
+        spawns = isinstance(engine, dl.DistributedDataParallelEngine)  # also Catalyst's own engine
+        with compat.generators_across_processes() if spawns else contextlib.nullcontext():
+            super().train(loaders=loaders, model=model, engine=engine, criterion=self._kept_criterion,
+                          optimizer=optimizer, scheduler=scheduler, callbacks=callbacks, loggers=loggers, seed=seed,
+                          hparams=hparams, num_epochs=num_epochs, logdir=logdir, resume=self._resume_path,
+                          valid_loader=valid_loader, valid_metric=valid_metric,
+                          minimize_valid_metric=minimize_valid_metric, verbose=verbose, timeit=timeit, check=check,
+                          overfit=overfit, profile=profile, load_best_on_end=load_best_on_end, cpu=cpu, fp16=fp16,
+                          ddp=ddp)
         if self._ran_in_spawned_workers():
             self._restore_from_logdir(load_best_on_end)
         if not self._evaluating and is_main_process():
@@ -385,7 +387,7 @@ class FlowRunner(dl.Runner):
                 raise ValueError(f"balance_dataparallel_memory=True needs a BalancedDataParallelEngine (or no engine: "
                                  f"FlowRunner makes one); got {type(chosen).__name__}")
         elif chosen is None:
-            chosen = compat.available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
+            chosen = available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
         if isinstance(chosen, BalancedDataParallelEngine):
             if chosen.flow is None:
                 chosen.flow = self.flow
@@ -420,7 +422,7 @@ class FlowRunner(dl.Runner):
                           f"(a CheckpointCallback of your own?): the model in this process is untrained", stacklevel=3)
             return
         checkpoint = checkpoints.load_checkpoint(path)
-        unwrap_model(self.model).load_state_dict(checkpoint["model_state_dict"])
+        unwrap(self.model).load_state_dict(checkpoint["model_state_dict"])
         if checkpoints.restore_decoder_params(self.flow, checkpoint, path):  # the thresholds of that epoch
             return
         tuned = os.path.join(self._logdir, TUNED_PARAMS_FILE)
@@ -591,7 +593,7 @@ class FlowRunner(dl.Runner):
         self.batch_metrics = {}
 
     def _model_is_flow_module(self) -> bool:
-        return unwrap_model(self.model) is self.flow.torch()
+        return unwrap(self.model) is self.flow.torch()
 
     def handle_batch(self, batch: Any) -> None:
         x, y = split_batch(batch, self.loader_key, allow_inputs_only=self.is_infer_loader)

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LabelError
-from ..functional import accumulation_dtype
+from ..functional import accumulation_dtype, nan_available
+from ..keys import ACTIVATED, DECODED, GT, LOGITS, MASK
 from ..tuning import check_threshold
 
 JSON = Any
@@ -270,10 +271,6 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-def _nan_available(labels: Tensor) -> Tensor:
-    return ~torch.isnan(labels)
-
-
 @dataclass(eq=False)
 class Task(ITask):
     """A task assembled from functions; the predefined kinds are subclasses of it.
@@ -302,7 +299,7 @@ class Task(ITask):
     activation: Callable[[Tensor], Tensor] = _identity
     decoder: Decoder = field(default_factory=lambda: _IdentityDecoder())
     metrics: Sequence[Tuple[str, Any]] = ()
-    available_func: Callable[[Tensor], Tensor] = _nan_available
+    available_func: Callable[[Tensor], Tensor] = nan_available
     missing: Any = math.nan
     label_dtype: torch.dtype = torch.float32
     weight: float = 1.0
@@ -366,7 +363,7 @@ class _IdentityDecoder(Decoder):
         return activated
 
 
-_RESERVED = {"gt", "logits", "activated", "decoded", "mask", "overall"}
+_RESERVED = {GT, LOGITS, ACTIVATED, DECODED, MASK, "overall"}
 
 
 def _as_tensor(values: Any, name: str) -> Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
+from ..functional import nan_available
 from ..metrics import BinaryConfusionMetric
 from .base import Task, ThresholdDecoder, check_vector_labels
 
@@ -17,10 +18,6 @@ def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
     """BCE with logits in the labels' shape (`(N, 1)` logits for `(N,)` labels); 0 where missing."""
     return F.binary_cross_entropy_with_logits(logits.reshape(labels.shape), torch.nan_to_num(labels, nan=0.0),
                                               reduction="none")
-
-
-def _nan_available(labels: Tensor) -> Tensor:
-    return ~torch.isnan(labels)
 
 
 class BinaryClassificationTask(Task):
@@ -38,7 +35,7 @@ class BinaryClassificationTask(Task):
             activation=torch.sigmoid,
             decoder=ThresholdDecoder(threshold, per_class=False),
             metrics=[(k, BinaryConfusionMetric(k)) for k in BinaryConfusionMetric.KINDS],
-            available_func=_nan_available,
+            available_func=nan_available,
             missing=math.nan,
             label_dtype=torch.float32,
             weight=weight,

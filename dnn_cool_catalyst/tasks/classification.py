@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
+from ..functional import softmax_last
 from ..metrics import ConfusionMatrixMetric, TopKAccuracy
 from .base import SortDecoder, Task, check_index_floats, check_vector_labels, raw_labels
 
@@ -20,10 +21,6 @@ def _ce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
 
 def _index_available(labels: Tensor) -> Tensor:
     return labels >= 0
-
-
-def _softmax(logits: Tensor) -> Tensor:
-    return torch.softmax(logits, dim=-1)
 
 
 class ClassificationTask(Task):
@@ -42,7 +39,7 @@ class ClassificationTask(Task):
             name=name,
             module=module,
             loss=_ce_elementwise,
-            activation=_softmax,
+            activation=softmax_last,
             decoder=SortDecoder(),
             metrics=[(f"accuracy_{k}", TopKAccuracy(k)) for k in ks]
             + [(kind, ConfusionMatrixMetric(kind, n)) for kind in ConfusionMatrixMetric.KINDS],

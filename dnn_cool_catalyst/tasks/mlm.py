@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
+from ..functional import softmax_last
 from ..metrics import Perplexity, TokenAccuracy
 from .base import SortDecoder, Task, check_index_floats, raw_labels
 
@@ -25,10 +26,6 @@ def _token_available(labels: Tensor) -> Tensor:
     return labels != IGNORE
 
 
-def _softmax(logits: Tensor) -> Tensor:
-    return torch.softmax(logits, dim=-1)
-
-
 class MaskedLanguageModelingTask(Task):
     """Predict masked tokens. The module outputs `(N, T, V)` logits; labels are token ids `(N, T)`
     with `-100` where a token is not masked. Decoded: the `top_k` most probable token ids per token,
@@ -40,7 +37,7 @@ class MaskedLanguageModelingTask(Task):
             name=name,
             module=module,
             loss=_ce_per_token,
-            activation=_softmax,
+            activation=softmax_last,
             decoder=SortDecoder(top_k),
             metrics=[("accuracy", TokenAccuracy()), ("perplexity", Perplexity())],
             available_func=_token_available,

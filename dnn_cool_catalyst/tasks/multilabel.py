@@ -9,16 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LabelError
+from ..functional import nan_available
 from ..metrics import MultilabelConfusionMetric
 from .base import Task, ThresholdDecoder, raw_labels
 
 
 def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels, nan=0.0), reduction="none")
-
-
-def _nan_available(labels: Tensor) -> Tensor:
-    return ~torch.isnan(labels)
 
 
 class MultilabelClassificationTask(Task):
@@ -39,7 +36,7 @@ class MultilabelClassificationTask(Task):
             # counts per class: the micro values, and the per-class rows of the evaluation table
             metrics=[(kind, MultilabelConfusionMetric(kind, len(self.class_names) if self.class_names else None))
                      for kind in ("accuracy", "f1_score")],
-            available_func=_nan_available,
+            available_func=nan_available,
             missing=math.nan,
             label_dtype=torch.float32,
             weight=weight,

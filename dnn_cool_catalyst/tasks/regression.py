@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LabelError
+from ..functional import nan_available
 from ..metrics import MeanAbsoluteError
 from .base import ScaleDecoder, Task, check_vector_labels
 
@@ -15,10 +16,6 @@ from .base import ScaleDecoder, Task, check_vector_labels
 def _mse_on_sigmoid(logits: Tensor, labels: Tensor) -> Tensor:
     """Squared error of sigmoid(logits) in the labels' shape; finite where labels are missing."""
     return (torch.sigmoid(logits.reshape(labels.shape)) - torch.nan_to_num(labels, nan=0.0)) ** 2
-
-
-def _nan_available(labels: Tensor) -> Tensor:
-    return ~torch.isnan(labels)
 
 
 class BoundedRegressionTask(Task):
@@ -37,7 +34,7 @@ class BoundedRegressionTask(Task):
             decoder=ScaleDecoder(scale),
             metrics=[("mean_absolute_error", MeanAbsoluteError(1.0)),
                      ("mean_absolute_error_decoded", MeanAbsoluteError(scale))],
-            available_func=_nan_available,
+            available_func=nan_available,
             missing=math.nan,
             label_dtype=torch.float32,
             weight=weight,
