@@ -21,7 +21,8 @@ Everything is drawn with numpy from per-sample seeds, so ``security(n, seed)``
 is byte-for-byte reproducible and ``security(100, 0)`` is a prefix of
 ``security(200, 0)``.  Pillow is used only to write and read PNG files.
 
-This module deliberately imports nothing else from ``dnn_cool_catalyst``.
+Of ``dnn_cool_catalyst`` this module imports only ``files`` (atomic writes of the
+table and the images): no task, flow or Catalyst code.
 """
 
 from __future__ import annotations

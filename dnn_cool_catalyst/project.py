@@ -243,6 +243,13 @@ class Project(Tasks):
     among the saved class names, whose values exceed a saved scale, or a told kind, class list or
     scale that differs from the saved one is an error naming the column, both values and the file
     (delete `columns.json` to start afresh). Columns not described yet are added to the file.
+
+    Why the constructor writes files (and only into `project_dir`, only after the table is
+    accepted): the split and the column descriptions are what makes two Projects over one
+    `project_dir` the same project. Every later Project there, in this process or another (a
+    resumed run, the evaluation script, a DDP worker), must see the same validation rows and class
+    indices from its first use on, before any run starts; saving them later (at `runner()` or
+    `train`) would let Projects built in between make their own. `project_dir=None` writes nothing.
     """
 
     def __init__(self, df: pd.DataFrame, input_col: Union[str, Sequence[str]],
