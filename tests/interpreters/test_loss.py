@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dnn_cool_catalyst as dcc
-from dnn_cool_catalyst.interpreters.loss import FlowLoss, stack_terms
+from dnn_cool_catalyst.interpreters.loss import FlowLoss, global_stacked, stack_terms
 
 
 def _flow(weight=1.0):
@@ -98,6 +98,21 @@ def test_from_stacked_equals_from_terms(security_flow, security_data):
     stacked = stack_terms(terms)
     assert stacked.shape == (len(terms), 2)
     torch.testing.assert_close(loss_fn.from_stacked(stacked, list(terms)), loss_fn.from_terms(terms), rtol=1e-6, atol=0)
+
+
+def test_ddp_scaling_leaves_one_process_alone(tmp_path):
+    """`global_stacked` (the one home of the DDP scaling, also behind `from_terms`) returns the
+    rows unchanged in one process, with or without a group; `test_ddp.py` checks two processes."""
+    import torch.distributed as dist
+
+    stacked = torch.tensor([[3.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    assert global_stacked(stacked) is stacked
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert global_stacked(stacked) is stacked
+    finally:
+        dist.destroy_process_group()
+    assert FlowLoss.combine({}, {}) is None
 
 
 def test_missing_target_and_bad_shape_name_the_task():
