@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import FlowDefinitionError, did_you_mean
+from .errors import FlowDefinitionError, capped, did_you_mean
 from .graph import FlowGraph, InputKey, Literal, build_graph
 from .keys import GT
 from .tasks.base import ITask
@@ -368,8 +368,8 @@ def _twice_message(flow: str, node, first: str) -> str:
                 f"Use two tasks with different names, one per place (e.g. {node.name}_a and {node.name}_b), or "
                 f"use it once")
     leaves = [leaf.path for leaf in node.task.graph.leaves]
-    shown = ", ".join(f"{p!r} at {first + '.' + p!r} and {node.path + '.' + p!r}" for p in leaves[:3])
-    more = f" and {len(leaves) - 3} more" if len(leaves) > 3 else ""
+    shown = capped([f"{p!r} at {first + '.' + p!r} and {node.path + '.' + p!r}" for p in leaves[:3]] + leaves[3:],
+                   3, quote=False)
     return (f"flow {flow!r}: flow {node.name!r} is used twice, as {first!r} and {node.path!r}, so its tasks would "
-            f"each share one head and one decoder at two paths: {shown}{more}. Use flows over tasks with "
+            f"each share one head and one decoder at two paths: {shown}. Use flows over tasks with "
             f"different names, one per place, or use it once")

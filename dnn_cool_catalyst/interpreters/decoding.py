@@ -14,6 +14,11 @@ from ..graph import FlowGraph
 from ..tuning import FIX_TUNED, ConfusionMetric
 from .masks import compute_masks
 
+#: What a decoder is tuned for: a name of `tuning.METRICS` or a function of the confusion counts
+#: (not `metrics.Metric`, the per-task metric protocol).
+TuningMetric = Union[str, ConfusionMetric]
+
+
 class FlowActivation:
     """`{path: logits} -> {path: activated}` (paths absent from the input are skipped)."""
 
@@ -69,7 +74,7 @@ class FlowDecoder:
 
     def tune(self, predictions: Optional[Mapping[str, Any]] = None, targets: Optional[Mapping[str, Any]] = None,
              masks: Optional[Mapping[str, Any]] = None,
-             metric: Union[str, ConfusionMetric, Mapping[str, Union[str, ConfusionMetric]]] = "accuracy") -> Dict[str, Dict[str, Any]]:
+             metric: Union[TuningMetric, Mapping[str, TuningMetric]] = "accuracy") -> Dict[str, Dict[str, Any]]:
         """Tune every task decoder that has parameters (thresholds), on the samples of `S_t` only;
         apply the result and return `{path: params}` of plain JSON values.
 

@@ -174,7 +174,8 @@ def claim_logdir(logdir: str | os.PathLike, resume: Any, overwrite: bool) -> Non
     if not found:
         return
     if not overwrite:
-        raise FileExistsError(f"logdir {logdir!r} already holds a run ({capped(found, quote=False)}); a new run there would mix with it. "
+        raise FileExistsError(f"logdir {logdir!r} already holds a run ({capped(found, quote=False)}); a new run there "
+                              f"would mix with it. "
                               f"Pass resume=True to continue that run, overwrite=True to remove its files and start "
                               f"again, or give another logdir")
     for name in found:

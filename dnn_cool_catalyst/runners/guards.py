@@ -313,7 +313,8 @@ class ValidMetricGuard:
                                  f"loaders {loaders}")
             if not known.allows(metric):
                 raise ValueError(f"{who} {metric!r} is not a metric the callbacks produce on loader {loader!r}"
-                                 f"{did_you_mean(metric, known.names, listed=0)}; they produce [{capped(known.names, 40)}]"
+                                 f"{did_you_mean(metric, known.names, listed=0)}; "
+                                 f"they produce [{capped(known.names, 40)}]"
                                  f"{' and [' + capped(known.prefixes) + ']...' if known.prefixes else ''}")
 
     def _check_produced(self, runner: Any) -> None:
@@ -321,7 +322,8 @@ class ValidMetricGuard:
             produced = list(runner.loader_metrics)
             if loader == runner.loader_key and metric not in produced:
                 raise ValueError(f"{who} {metric!r}: loader {loader!r} produced no metric {metric!r}"
-                                 f"{did_you_mean(metric, produced, listed=0)}; it produced [{capped(sorted(produced), 40)}]")
+                                 f"{did_you_mean(metric, produced, listed=0)}; "
+                                 f"it produced [{capped(sorted(produced), 40)}]")
 
 
 # The guards together, as the runner calls them -----------------------------------------------------
