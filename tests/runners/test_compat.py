@@ -150,3 +150,17 @@ def test_generators_reach_spawned_processes_only_inside_the_block():
         copy = ForkingPickler.loads(bytes(ForkingPickler.dumps(generator)))
     assert torch.Generator not in ForkingPickler._extra_reducers  # nothing left process-wide
     assert copy.initial_seed() == 3 and torch.equal(torch.rand(4, generator=copy), torch.rand(4, generator=generator))
+
+
+def test_compat_imports_nothing_from_engines():
+    """`engines` builds on `compat` (its `DataParallelEngine`); the other way round would be a circle."""
+    import ast
+    import inspect
+
+    from dnn_cool_catalyst.runners import compat
+
+    tree = ast.parse(inspect.getsource(compat))
+    imported = {(node.level, node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {(node.level, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+    assert not any(name and name.split(".")[-1] == "engines" for _, name in imported)
