@@ -1,45 +1,132 @@
 """`FlowTensorboardLogger`: Catalyst's TensorBoard logger plus text, precision-recall curves and the
-run's hyperparameters.
+run's hyperparameters, written through `RunWriter`s.
 
-Its writers are tensorboardX's stock `SummaryWriter`s, one per loader (`self.loggers[loader]`).
-tensorboardX computes the CRC-32C of every record with the native `crc32c` package, a dependency of
-this package (without it tensorboardX falls back to a byte-by-byte loop in Python, about 0.1 ms per
-scalar). What tensorboardX lacks is here: `write_scalars` (many scalars at one step, the events of
-`add_scalar` built directly) and `pr_curve_data` (the data of `add_pr_curve`, one `bincount` per row).
+`RunWriter` is one run's event file written in the calling thread by tensorboardX's own synchronous
+`EventsWriter` (its file names, record framing and CRC-32C; the checksums by the native `crc32c`
+package, a dependency of this package, without which tensorboardX computes them byte by byte in
+Python). The summaries are built by tensorboardX's `tensorboardX.summary` functions, as its
+`SummaryWriter.add_*` methods build them. What tensorboardX lacks is here: `RunWriter.add_scalars`
+(many scalars at one step, the events of `add_scalar` built directly) and `pr_curve_data` (the data
+of `add_pr_curve`, one `bincount` per row).
 
-Exit: this module registers no exit handler. `close_log` (Catalyst calls it at the end of a run)
-closes the writers. A writer that is never closed is still written at exit: each tensorboardX
-`FileWriter` registers its own `atexit` cleanup (tensorboardX's behaviour, not ours to change).
+Why not `SummaryWriter` itself: it sends every event through a `multiprocessing.Queue` to a writer
+thread (pickled, piped, unpickled), about 0.1 ms of CPU per event in those threads, 15-20 ms per
+epoch for the ~170 events a flow of 16 tasks logs, against about 2 ms written here (see
+benchmarks/README.md, callbacks_overhead); and each of its `FileWriter`s registers an exit handler
+of its own.
+
+Exit: `FlowTensorboardLogger.close_log` (Catalyst calls it at the end of a run) closes its writers.
+Writers still open when the interpreter exits (a run that raised, a logger never closed) are closed
+by one exit handler for all of them (`_close_open_writers`, registered with the first writer), so
+what they hold reaches the files, as tensorboardX does.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import threading
+import time
+import weakref
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from catalyst.loggers.tensorboard import TensorboardLogger
 from catalyst.settings import SETTINGS
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.summary import hparams as hparams_summaries
+from tensorboardX.summary import image as image_summary
+from tensorboardX.summary import pr_curve_raw, text as text_summary
 
 from .console import BestEpoch
 
 HPARAMS_RUN = "hparams"  # the run (directory) of the hyperparameters and the best epoch's metrics
 EPOCH_RUN = "_epoch_"  # Catalyst's key of the epoch-level metrics (scope "epoch"), a run of its own
+MAX_PR_THRESHOLDS = 127  # as tensorboardX's `pr_curve_raw` (more breaks its protobuf)
+
+_open_writers: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
+_exit_handler_lock = threading.Lock()
+_exit_handler_registered = False
 
 
-def write_scalars(writer: SummaryWriter, values: Mapping[str, float], global_step: Optional[int] = None) -> None:
-    """`writer.add_scalar(tag, value, global_step)` for each item of `values`: the same events, one
-    per value, built directly (tensorboardX's `add_scalar` spends most of its time checking and
-    converting one value, about 30 us each, for the ~150 values an epoch of a flow logs)."""
-    file_writer = writer.file_writer
-    if file_writer is None:  # a closed writer: `add_scalar` opens a new event file, as every `add_*` does
+def _close_open_writers() -> None:
+    """At exit: close every `RunWriter` still open (one handler for all of them)."""
+    for writer in list(_open_writers):
+        writer.close()
+
+
+def _register_exit_handler() -> None:
+    global _exit_handler_registered
+    with _exit_handler_lock:
+        if not _exit_handler_registered:
+            atexit.register(_close_open_writers)
+            _exit_handler_registered = True
+
+
+class RunWriter:
+    """The event file of one TensorBoard run (a directory): `events.out.tfevents.<time>.<host>` in
+    `logdir`, written by tensorboardX's `EventsWriter` in the calling thread; the summaries are
+    tensorboardX's (`add_text`, `add_image`, `add_pr_curve_raw` write what `SummaryWriter`'s methods
+    of those names write). Events reach the file at `flush()` (which also syncs it to disk), at the
+    first event `flush_secs` after the last flush, and at `close()`; after `close()` the next event
+    opens a new file, as tensorboardX's writers do."""
+
+    def __init__(self, logdir: str, flush_secs: float = 120):
+        self.logdir = str(logdir)
+        self.flush_secs = float(flush_secs)
+        self._events: Optional[EventsWriter] = None
+        self._last_flush = time.monotonic()
+        self._open()
+
+    def _open(self) -> EventsWriter:
+        if self._events is None:
+            os.makedirs(self.logdir, exist_ok=True)
+            self._events = EventsWriter(os.path.join(self.logdir, "events"))  # writes the file-version event
+            _register_exit_handler()
+            _open_writers.add(self)
+        return self._events
+
+    def add_summary(self, summary: Summary, global_step: Optional[int] = None) -> None:
+        """One event with `summary` at `global_step` and the current wall time."""
+        event = Event(summary=summary, wall_time=time.time())
+        if global_step is not None:
+            event.step = int(global_step)
+        self._open().write_event(event)
+        if time.monotonic() - self._last_flush >= self.flush_secs:
+            self.flush()
+
+    def add_scalars(self, values: Mapping[str, float], global_step: Optional[int] = None) -> None:
+        """`add_scalar(tag, value, global_step)` of tensorboardX for each item: the same events, one per
+        value, built directly (its `add_scalar` spends most of its time checking and converting one
+        value)."""
         for tag, value in values.items():
-            writer.add_scalar(tag, float(value), global_step)
-        return
-    for tag, value in values.items():
-        file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), global_step)
+            self.add_summary(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), global_step)
+
+    def add_text(self, tag: str, text: str, global_step: Optional[int] = None) -> None:
+        """Markdown `text` under `tag` (TensorBoard's TEXT tab)."""
+        self.add_summary(text_summary(tag, text), global_step)
+
+    def add_image(self, tag: str, image: np.ndarray, global_step: Optional[int] = None) -> None:
+        """An RGB `image` of shape (height, width, 3), uint8 or floats in [0, 1], as a PNG."""
+        self.add_summary(image_summary(tag, image, dataformats="HWC"), global_step)
+
+    def add_pr_curve_raw(self, tag: str, curve: np.ndarray, global_step: Optional[int] = None) -> None:
+        """A precision-recall curve from its rows `tp, fp, tn, fn, precision, recall` (`pr_curve_data`)."""
+        self.add_summary(pr_curve_raw(tag, *curve, num_thresholds=curve.shape[1]), global_step)
+
+    def flush(self) -> None:
+        """Write what is buffered and sync the file to disk."""
+        if self._events is not None:
+            self._events.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close the file (the next event opens a new one)."""
+        if self._events is not None:
+            events, self._events = self._events, None
+            _open_writers.discard(self)
+            events.close()
 
 
 # The logger ---------------------------------------------------------------------------------------------------------
@@ -145,11 +232,10 @@ class FlowTensorboardLogger(TensorboardLogger):
     first epoch, with the metrics of the best epoch so far (`best_epoch_metrics`, by the runner's
     `valid_metric`) as scalars there, updated at every epoch: the HPARAMS tab compares runs by them.
 
-    Its writers are tensorboardX `SummaryWriter`s (`self.loggers[run]`) made with `max_queue` and
-    `flush_secs`: tensorboardX's writer thread writes the events to the file and flushes it every
-    `flush_secs` and at `flush_log` (Catalyst calls it at each epoch's end); `close_log` writes all
-    that is pending and closes the files. (A flush does not wait for the events still queued:
-    tensorboardX's `flush()` flushes what its thread has written.)
+    Its writers are `RunWriter`s (`self.loggers[run]`, see the module docstring), made when a run
+    is first written: events reach the files at each epoch's end (Catalyst's `flush_log`), every
+    `flush_secs` and at `close_log`, which closes the files. `max_queue` is accepted for
+    compatibility with tensorboardX's writers and unused (no queue).
     """
 
     def __init__(self, logdir: str, use_logdir_postfix: bool = False,
@@ -175,11 +261,11 @@ class FlowTensorboardLogger(TensorboardLogger):
         (`<key>` at the epoch step, with `log_epoch_metrics`); then, at the epoch's end, the best
         epoch's metrics in the hyperparameters' run (when `log_hparams` was called)."""
         if scope == "batch" and self.log_batch_metrics:
-            write_scalars(self.writer(runner.loader_key), _suffixed(metrics, "/batch"), runner.sample_step)
+            self.writer(runner.loader_key).add_scalars(_suffixed(metrics, "/batch"), runner.sample_step)
         elif scope == "loader" and self.log_epoch_metrics:
-            write_scalars(self.writer(runner.loader_key), metrics, runner.epoch_step)
+            self.writer(runner.loader_key).add_scalars(metrics, runner.epoch_step)
         elif scope == "epoch" and self.log_epoch_metrics:
-            write_scalars(self.writer(EPOCH_RUN), metrics[EPOCH_RUN], runner.epoch_step)
+            self.writer(EPOCH_RUN).add_scalars(metrics[EPOCH_RUN], runner.epoch_step)
         if scope == "epoch" and self._hparams is not None:
             self._log_best_epoch(metrics, runner)
 
@@ -189,27 +275,25 @@ class FlowTensorboardLogger(TensorboardLogger):
         writer = self.writer(HPARAMS_RUN)
         if not self._hparams_written:
             experiment, session_start, _ = hparams_summaries(run_hparams(runner, self._hparams), values)
-            writer.file_writer.add_summary(experiment)
-            writer.file_writer.add_summary(session_start)
+            writer.add_summary(experiment)
+            writer.add_summary(session_start)
             self._hparams_written = True
-        write_scalars(writer, values, runner.epoch_step)
+        writer.add_scalars(values, runner.epoch_step)
 
     def close_log(self) -> None:
         """Mark the hyperparameter session ended (when one was written), then write what is pending
         and close the writers; a later event opens new ones (new event files in the same runs)."""
         if self._hparams_written and HPARAMS_RUN in self.loggers:
             _, _, session_end = hparams_summaries({}, {})
-            self.loggers[HPARAMS_RUN].file_writer.add_summary(session_end)
+            self.loggers[HPARAMS_RUN].add_summary(session_end)
             self._hparams_written = False
         super().close_log()
-        self.loggers.clear()
 
-    def writer(self, run: Optional[str]) -> SummaryWriter:
+    def writer(self, run: Optional[str]) -> RunWriter:
         """The writer of the run `run` (a loader's key; `_epoch_` for None), made when first asked for."""
         run = run or EPOCH_RUN
         if run not in self.loggers:
-            self.loggers[run] = SummaryWriter(os.path.join(self.logdir, run), max_queue=self.max_queue,
-                                              flush_secs=self.flush_secs)
+            self.loggers[run] = RunWriter(os.path.join(self.logdir, run), flush_secs=self.flush_secs)
         return self.loggers[run]
 
     def log_image(self, tag: str, image: np.ndarray, runner: Any, scope: str = None) -> None:
@@ -217,20 +301,18 @@ class FlowTensorboardLogger(TensorboardLogger):
         if runner.loader_key is None:
             raise ValueError(f"log_image({tag!r}): images are logged per loader, and the runner is not in a loader "
                              "(runner.loader_key is None); log it from a loader's event")
-        self.writer(runner.loader_key).add_image(tag, image, global_step=runner.epoch_step, dataformats="HWC")
+        self.writer(runner.loader_key).add_image(tag, image, runner.epoch_step)
 
     def log_text(self, tag: str, text: str, runner: Any, scope: str = None) -> None:
         """Markdown `text` under `tag`."""
-        self.writer(runner.loader_key).add_text(tag, text, global_step=runner.epoch_step)
+        self.writer(runner.loader_key).add_text(tag, text, runner.epoch_step)
 
     def log_pr_curve(self, tag: str, labels: np.ndarray, scores: np.ndarray, runner: Any,
-                     num_thresholds: int = 127) -> None:
+                     num_thresholds: int = MAX_PR_THRESHOLDS) -> None:
         """A precision-recall curve of 0/1 `labels` against `scores` in [0, 1] (the event
         tensorboardX's `add_pr_curve` writes; see `pr_curve_data`)."""
-        num_thresholds = min(int(num_thresholds), 127)  # as tensorboardX (more breaks its protobuf)
-        tp, fp, tn, fn, precision, recall = pr_curve_data(labels, scores, num_thresholds)
-        self.writer(runner.loader_key).add_pr_curve_raw(tag, tp, fp, tn, fn, precision, recall,
-                                                        global_step=runner.epoch_step, num_thresholds=num_thresholds)
+        curve = pr_curve_data(labels, scores, min(int(num_thresholds), MAX_PR_THRESHOLDS))
+        self.writer(runner.loader_key).add_pr_curve_raw(tag, curve, runner.epoch_step)
 
 
 def _suffixed(metrics: Mapping[str, float], suffix: str) -> Dict[str, float]:

@@ -1,5 +1,5 @@
 """FlowTensorboardLogger writes text and PR curves that TensorBoard reads back per loader, the same
-events tensorboardX writes, through tensorboardX's own writers."""
+events tensorboardX writes, through tensorboardX's own event writer."""
 import os
 
 import numpy as np
@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util.tensor_util import make_ndarray
 
 from dnn_cool_catalyst.runners import FlowTensorboardLogger
-from dnn_cool_catalyst.runners.tensorboard import pr_curve_data, write_scalars
+from dnn_cool_catalyst.runners.tensorboard import RunWriter, pr_curve_data
 
 
 class _Runner:
@@ -74,18 +74,21 @@ def test_the_same_events_as_tensorboardx_writes(tmp_path):
     logger.log_metrics(metrics, scope="loader", runner=type("R", (), {"loader_key": "valid", "epoch_step": 3})())
     logger.log_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", runner=runner)  # > 1 KiB
     logger.log_pr_curve("door_open/pr_curve", labels=labels, scores=scores, runner=runner)
-    logger.flush_log()
-    logger.close_log()
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    logger.log_image("shirt_type/confusion_matrix", image, runner=runner)
+    logger.flush_log()  # everything is on disk at a flush, before close
     written = _events(tmp_path / "flow" / "valid")
+    logger.close_log()
 
     reference = SummaryWriter(str(tmp_path / "tbx"))
     for key, value in metrics.items():
         reference.add_scalar(key, value, 3)  # `<path>/<metric>`, no /epoch
     reference.add_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", global_step=3)
     reference.add_pr_curve("door_open/pr_curve", labels, np.clip(scores, 0, 1), global_step=3)
+    reference.add_image("shirt_type/confusion_matrix", image, global_step=3, dataformats="HWC")
     reference.close()
     assert written == _events(tmp_path / "tbx")
-    assert len(written) == 1 + len(metrics) + 2
+    assert len(written) == 1 + len(metrics) + 3
 
 
 def test_tensorboardx_checksums_with_the_native_crc32c():
@@ -98,23 +101,30 @@ def test_tensorboardx_checksums_with_the_native_crc32c():
     assert tensorboardX.crc32c._crc32c_native is crc32c.crc32c
 
 
-def test_write_scalars_are_add_scalar_events_also_after_close(tmp_path):
+def test_run_writer_scalars_are_add_scalar_events_and_a_closed_writer_opens_a_new_file(tmp_path):
     from tensorboardX import SummaryWriter
 
     values = {"loss": 0.25, "door_open/accuracy": np.float32(0.75), "n": 3}
-    ours, reference = SummaryWriter(str(tmp_path / "ours")), SummaryWriter(str(tmp_path / "tbx"))
-    write_scalars(ours, values, 5)
+    ours, reference = RunWriter(str(tmp_path / "ours")), SummaryWriter(str(tmp_path / "tbx"))
+    ours.add_scalars(values, 5)
     for tag, value in values.items():
         reference.add_scalar(tag, value, 5)
     ours.close()
     reference.close()
     assert _events(tmp_path / "ours") == _events(tmp_path / "tbx")
-    write_scalars(ours, {"loss": 0.5}, 6)  # a closed writer opens a new event file, as tensorboardX's add_* do
+    ours.add_scalars({"loss": 0.5}, 6)  # after close: a new event file, as tensorboardX's writers do
     ours.close()
     ea = EventAccumulator(str(tmp_path / "ours"))
     ea.Reload()
     # (tensorboardX names event files by the second: a file opened within the same second replaces the first)
     assert (6, 0.5) in [(e.step, e.value) for e in ea.Scalars("loss")]
+
+
+def test_run_writer_flushes_every_flush_secs(tmp_path):
+    writer = RunWriter(str(tmp_path), flush_secs=0)  # every event is due
+    writer.add_scalars({"loss": 0.5}, 1)
+    assert [e.step for e in _loaded(tmp_path)] == [0, 1]  # on disk before any flush or close
+    writer.close()
 
 
 def test_pr_curve_data_is_tensorboardx_curve():
@@ -129,18 +139,32 @@ def test_pr_curve_data_is_tensorboardx_curve():
     np.testing.assert_array_equal(pr_curve_data([1, 0, 1], with_nan), pr_curve_data([1, 1], [0.2, 0.9]))
 
 
-def test_pending_events_are_written_at_exit(tmp_path):
-    # The logger registers no exit handler; tensorboardX's FileWriter closes its file at exit.
+def _loaded(directory):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (name,) = [f for f in os.listdir(directory) if f.startswith("events.out.tfevents.")]
+    return list(EventFileLoader(os.path.join(str(directory), name)).Load())
+
+
+def test_pending_events_are_written_at_exit_by_one_handler_for_all_writers(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom dnn_cool_catalyst.runners import FlowTensorboardLogger\n"
-            "runner = type('R', (), {'loader_key': 'valid', 'epoch_step': 7})()\n"
-            "FlowTensorboardLogger(sys.argv[1]).log_metrics({'loss': 0.5}, 'loader', runner)  # never flushed nor closed\n")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
-    ea = EventAccumulator(str(tmp_path / "valid"))
-    ea.Reload()
-    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(7, 0.5)]
+    code = ("import atexit, sys\nfrom dnn_cool_catalyst.runners import FlowTensorboardLogger\n"
+            "registered, register = [], atexit.register\n"
+            "atexit.register = lambda f, *a, **k: (registered.append(f), register(f, *a, **k))[1]  # a spy\n"
+            "logger = FlowTensorboardLogger(sys.argv[1])\n"
+            "for loader in ('train', 'valid'):  # two event files, never flushed nor closed\n"
+            "    runner = type('R', (), {'loader_key': loader, 'epoch_step': 7})()\n"
+            "    logger.log_metrics({'loss': 0.5}, 'loader', runner)\n"
+            "print([f.__qualname__ for f in registered])\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120, capture_output=True,
+                            text=True)
+    assert result.stdout.split("\n")[-2] == "['_close_open_writers']"
+    for loader in ("train", "valid"):
+        ea = EventAccumulator(str(tmp_path / loader))
+        ea.Reload()
+        assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(7, 0.5)]
 
 
 def test_a_logger_closed_and_used_again_writes_new_event_files(tmp_path):
