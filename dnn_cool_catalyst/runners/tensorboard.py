@@ -32,6 +32,9 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 from catalyst.loggers.tensorboard import TensorboardLogger
 from catalyst.settings import SETTINGS
+# tensorboardX 2.6.5: `EventsWriter` is the synchronous writer that its `SummaryWriter`'s thread calls;
+# public by name but not exported from `tensorboardX` itself, so tests/runners/test_tensorboard.py
+# compares our files with `SummaryWriter`'s event by event, read back by TensorBoard's own loader.
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
