@@ -1,247 +1,135 @@
-"""`FlowTensorboardLogger`: Catalyst's TensorBoard logger plus text and precision-recall curves.
+"""`FlowTensorboardLogger`: Catalyst's TensorBoard logger plus text, precision-recall curves and the
+run's hyperparameters, written through `RunWriter`s.
 
-Its writers (`FlowSummaryWriter`) are tensorboardX `SummaryWriter`s that write the same event files
-(same file names, the same events) without tensorboardX's writer thread: tensorboardX sends every
-event through a `multiprocessing.Queue` (pickled, piped, unpickled by a second thread) and computes
-the CRC-32C of each record byte by byte in Python, which cost about 0.1 ms per scalar and 2 ms per
-precision-recall curve, several percent of a small model's epoch for the ~150 values a flow logs.
-Here an event is serialised when it is added and kept in memory; `flush()` (at each epoch's end,
-Catalyst's `flush_log`) frames all pending records at once, with their checksums computed together
-by a vectorised CRC-32C (`masked_crc32c`), and writes them in one call.
+`RunWriter` is one run's event file written in the calling thread by tensorboardX's own synchronous
+`EventsWriter` (its file names, record framing and CRC-32C; the checksums by the native `crc32c`
+package, a dependency of this package, without which tensorboardX computes them byte by byte in
+Python). The summaries are built by tensorboardX's `tensorboardX.summary` functions, as its
+`SummaryWriter.add_*` methods build them. What tensorboardX lacks is here: `RunWriter.add_scalars`
+(many scalars at one step, the events of `add_scalar` built directly) and `pr_curve_data` (the data
+of `add_pr_curve`, one `bincount` per row).
+
+Why not `SummaryWriter` itself: it sends every event through a `multiprocessing.Queue` to a writer
+thread (pickled, piped, unpickled), about 0.1 ms of CPU per event in those threads, 15-20 ms per
+epoch for the ~170 events a flow of 16 tasks logs, against about 2 ms written here (see
+benchmarks/README.md, callbacks_overhead); and each of its `FileWriter`s registers an exit handler
+of its own.
+
+Exit: `FlowTensorboardLogger.close_log` (Catalyst calls it at the end of a run) closes its writers.
+Writers still open when the interpreter exits (a run that raised, a logger never closed) are closed
+by one exit handler for all of them (`_close_open_writers`, registered with the first writer), so
+what they hold reaches the files, as tensorboardX does.
 """
 from __future__ import annotations
 
 import atexit
 import os
-import socket
-import struct
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+import weakref
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from catalyst.loggers.tensorboard import TensorboardLogger
 from catalyst.settings import SETTINGS
-from tensorboardX import SummaryWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
+# tensorboardX 2.6.5: `EventsWriter` is the synchronous writer that its `SummaryWriter`'s thread calls;
+# public by name but not exported from `tensorboardX` itself, so tests/runners/test_tensorboard.py
+# compares our files with `SummaryWriter`'s event by event, read back by TensorBoard's own loader.
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.summary import hparams as hparams_summaries
-from tensorboardX.writer import FileWriter
+from tensorboardX.summary import image as image_summary
+from tensorboardX.summary import pr_curve_raw, text as text_summary
 
 from .console import BestEpoch
 
 HPARAMS_RUN = "hparams"  # the run (directory) of the hyperparameters and the best epoch's metrics
+EPOCH_RUN = "_epoch_"  # Catalyst's key of the epoch-level metrics (scope "epoch"), a run of its own
+MAX_PR_THRESHOLDS = 127  # as tensorboardX's `pr_curve_raw` (more breaks its protobuf)
 
-# CRC-32C (Castagnoli), as TFRecord framing uses it ---------------------------------------------------------------
-
-_POLY = 0x82F63B78  # reflected Castagnoli polynomial
-_SPAN = 1024  # bytes per block of the position tables (1 MiB of uint32)
-_MASK_DELTA = 0xA282EAD8
-_tables: Optional[np.ndarray] = None
-_shift: Optional[List[List[int]]] = None
+_open_writers: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
+_exit_handler_lock = threading.Lock()
+_exit_handler_registered = False
 
 
-def _byte_table() -> np.ndarray:
-    t = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        t = np.where(t & 1, (t >> 1) ^ np.uint32(_POLY), t >> 1).astype(np.uint32)
-    return t
+def _close_open_writers() -> None:
+    """At exit: close every `RunWriter` still open (one handler for all of them)."""
+    for writer in list(_open_writers):
+        writer.close()
 
 
-def _position_tables() -> np.ndarray:
-    """`rows[p, b]`: the CRC register (started at 0) after byte `b` followed by `p` zero bytes.
-
-    The register update is linear over GF(2), so a message's register is the XOR of its bytes'
-    rows at their distance from the end. Rows 0-3 are stepped one by one; then each block of rows
-    is the previous ones shifted by `k` more zero bytes (a register `x` followed by `k >= 4` zero
-    bytes acts as its 4 bytes at distances `k-1 .. k-4` from the end)."""
-    global _tables, _shift
-    if _tables is None:
-        rows = np.empty((_SPAN, 256), dtype=np.uint32)
-        table = _byte_table()
-        rows[0] = table
-        for p in range(1, 4):
-            rows[p] = table[rows[p - 1] & 0xFF] ^ (rows[p - 1] >> 8)
-        k = 4
-        while k < _SPAN:
-            m = min(k, _SPAN - k)
-            block = rows[:m]
-            out = np.zeros_like(block)
-            for j in range(4):
-                out ^= rows[k - 1 - j][(block >> np.uint32(8 * j)) & 0xFF]
-            rows[k:k + m] = out
-            k += m
-        _shift = [rows[_SPAN - 1 - j].tolist() for j in range(4)]
-        _tables = rows
-    return _tables
+def _register_exit_handler() -> None:
+    global _exit_handler_registered
+    with _exit_handler_lock:
+        if not _exit_handler_registered:
+            atexit.register(_close_open_writers)
+            _exit_handler_registered = True
 
 
-def _crc32c_bytewise(data: bytes) -> int:
-    table = _byte_table().tolist()
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+class RunWriter:
+    """The event file of one TensorBoard run (a directory): `events.out.tfevents.<time>.<host>` in
+    `logdir`, written by tensorboardX's `EventsWriter` in the calling thread; the summaries are
+    tensorboardX's (`add_text`, `add_image`, `add_pr_curve_raw` write what `SummaryWriter`'s methods
+    of those names write). Events reach the file at `flush()` (which also syncs it to disk), at the
+    first event `flush_secs` after the last flush, and at `close()`; after `close()` the next event
+    opens a new file, as tensorboardX's writers do."""
 
-
-def crc32c(messages: Sequence[bytes]) -> List[int]:
-    """CRC-32C of each message (as `crc32c` packages compute it), all messages in one pass."""
-    rows = _position_tables()
-    lengths = np.fromiter((len(m) for m in messages), dtype=np.int64, count=len(messages))
-    out = [0] * len(messages)
-    long_enough = lengths >= 4
-    for i in np.flatnonzero(~long_enough).tolist():  # the vectorised form folds the start value into 4 bytes
-        out[i] = _crc32c_bytewise(messages[i])
-    if not long_enough.any():
-        return out
-    which = np.flatnonzero(long_enough)
-    lengths = lengths[which]
-    buf = np.frombuffer(b"".join(messages[i] for i in which.tolist()), dtype=np.uint8).copy()
-    starts = np.cumsum(lengths) - lengths
-    buf[(starts[:, None] + np.arange(4)).reshape(-1)] ^= 0xFF  # the register starts at 0xFFFFFFFF
-    total = int(lengths.sum())
-    distance = np.repeat(starts + lengths - 1, lengths) - np.arange(total)  # from the message's end
-    if int(lengths.max()) <= _SPAN:
-        raw = np.bitwise_xor.reduceat(rows[distance, buf], starts).tolist()
-    else:  # blocks of _SPAN bytes counted from the end, combined by shifting (Horner)
-        within = distance % _SPAN
-        first = np.zeros(total, dtype=bool)
-        first[starts] = True
-        segments = np.flatnonzero(first | (within == _SPAN - 1))
-        parts = np.bitwise_xor.reduceat(rows[within, buf], segments).tolist()
-        owner = np.searchsorted(starts, segments, side="right") - 1
-        raw = [0] * len(lengths)
-        s0, s1, s2, s3 = _shift
-        for part, i in zip(parts, owner.tolist()):  # a message's blocks in order; raw[i] starts at 0
-            acc = raw[i]
-            raw[i] = s0[acc & 0xFF] ^ s1[(acc >> 8) & 0xFF] ^ s2[(acc >> 16) & 0xFF] ^ s3[acc >> 24] ^ part
-    for i, r in zip(which.tolist(), raw):
-        out[i] = r ^ 0xFFFFFFFF
-    return out
-
-
-def masked_crc32c(messages: Sequence[bytes]) -> List[int]:
-    """The masked CRC-32C of TFRecord framing (TensorBoard's event files) of each message."""
-    return [((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF for c in crc32c(messages)]
-
-
-def tf_records(payloads: Sequence[bytes]) -> bytes:
-    """`payloads` framed as TFRecords: length, its masked CRC, the payload, its masked CRC."""
-    headers = [struct.pack("<Q", len(p)) for p in payloads]
-    crcs = masked_crc32c(headers + list(payloads))
-    n = len(payloads)
-    pack = struct.Struct("<I").pack
-    return b"".join(b"".join((h, pack(crcs[i]), p, pack(crcs[n + i]))) for i, (h, p) in enumerate(zip(headers, payloads)))
-
-
-# Writers ------------------------------------------------------------------------------------------------------------
-
-
-class EventFile:
-    """An event file written synchronously: tensorboardX's `EventFileWriter` interface without its
-    queue and thread. Events are serialised by `add_event` and written by `flush()` (also when
-    `max_pending_bytes` are pending, or `flush_secs` after the last write); `close()` flushes,
-    syncs the file to disk and closes it. The file is named as tensorboardX names it,
-    `events.out.tfevents.<time>.<host><suffix>`, and starts with the same version event."""
-
-    def __init__(self, logdir: str, flush_secs: float = 120, filename_suffix: str = "",
-                 max_pending_bytes: int = 1 << 22):
-        self._logdir = str(logdir)
-        self._flush_secs = float(flush_secs)
-        self._suffix = filename_suffix or ""
-        self._max_pending = int(max_pending_bytes)
-        self._lock = threading.Lock()
-        self._file = None
+    def __init__(self, logdir: str, flush_secs: float = 120):
+        self.logdir = str(logdir)
+        self.flush_secs = float(flush_secs)
+        self._events: Optional[EventsWriter] = None
+        self._last_flush = time.monotonic()
         self._open()
 
-    def _open(self) -> None:
-        os.makedirs(self._logdir, exist_ok=True)
-        name = "events.out.tfevents." + str(time.time())[:10] + "." + socket.gethostname() + self._suffix
-        self.path = os.path.join(self._logdir, name)
-        self._file = open(self.path, "wb")
-        self._pending: List[bytes] = []
-        self._pending_bytes = 0
-        self._last_write = time.monotonic()
-        self._closed = False
-        atexit.register(self.close)  # as tensorboardX: what is pending is written at exit
-        self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2"))
+    def _open(self) -> EventsWriter:
+        if self._events is None:
+            os.makedirs(self.logdir, exist_ok=True)
+            self._events = EventsWriter(os.path.join(self.logdir, "events"))  # writes the file-version event
+            _register_exit_handler()
+            _open_writers.add(self)
+        return self._events
 
-    def get_logdir(self) -> str:
-        """The directory of the event file."""
-        return self._logdir
-
-    def add_event(self, event: Event) -> None:
-        """Keep one `Event` (serialised now) for the next write."""
-        if self._closed:
-            return
-        data = event.SerializeToString()
-        with self._lock:
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            due = self._pending_bytes >= self._max_pending or time.monotonic() - self._last_write >= self._flush_secs
-        if due:
+    def add_summary(self, summary: Summary, global_step: Optional[int] = None) -> None:
+        """One event with `summary` at `global_step` and the current wall time."""
+        event = Event(summary=summary, wall_time=time.time())
+        if global_step is not None:
+            event.step = int(global_step)
+        self._open().write_event(event)
+        if time.monotonic() - self._last_flush >= self.flush_secs:
             self.flush()
 
+    def add_scalars(self, values: Mapping[str, float], global_step: Optional[int] = None) -> None:
+        """`add_scalar(tag, value, global_step)` of tensorboardX for each item: the same events, one per
+        value, built directly (its `add_scalar` spends most of its time checking and converting one
+        value)."""
+        for tag, value in values.items():
+            self.add_summary(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), global_step)
+
+    def add_text(self, tag: str, text: str, global_step: Optional[int] = None) -> None:
+        """Markdown `text` under `tag` (TensorBoard's TEXT tab)."""
+        self.add_summary(text_summary(tag, text), global_step)
+
+    def add_image(self, tag: str, image: np.ndarray, global_step: Optional[int] = None) -> None:
+        """An RGB `image` of shape (height, width, 3), uint8 or floats in [0, 1], as a PNG."""
+        self.add_summary(image_summary(tag, image, dataformats="HWC"), global_step)
+
+    def add_pr_curve_raw(self, tag: str, curve: np.ndarray, global_step: Optional[int] = None) -> None:
+        """A precision-recall curve from its rows `tp, fp, tn, fn, precision, recall` (`pr_curve_data`)."""
+        self.add_summary(pr_curve_raw(tag, *curve, num_thresholds=curve.shape[1]), global_step)
+
     def flush(self) -> None:
-        """Write the pending events and flush the file to the operating system."""
-        with self._lock:
-            if self._closed:
-                return
-            pending, self._pending, self._pending_bytes = self._pending, [], 0
-            if pending:
-                self._file.write(tf_records(pending))
-                self._file.flush()
-            self._last_write = time.monotonic()
+        """Write what is buffered and sync the file to disk."""
+        if self._events is not None:
+            self._events.flush()
+        self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Write what is pending, sync the file to disk and close it (later events are dropped)."""
-        if self._closed:
-            return
-        self.flush()
-        with self._lock:
-            self._closed = True
-            os.fsync(self._file.fileno())
-            self._file.close()
-        atexit.unregister(self.close)
-
-    def reopen(self) -> None:
-        """After `close()`: a new event file in the same directory (as tensorboardX does)."""
-        if self._closed:
-            self._open()
-
-
-class _FileWriter(FileWriter):
-    """tensorboardX's `FileWriter` over an `EventFile`."""
-
-    def __init__(self, logdir: str, max_queue: int = 10, flush_secs: float = 120, filename_suffix: str = "", **_: Any):
-        self.event_writer = EventFile(str(logdir), flush_secs=flush_secs, filename_suffix=filename_suffix)
-        self._default_metadata = {}
-
-
-class FlowSummaryWriter(SummaryWriter):
-    """tensorboardX's `SummaryWriter` (every `add_*` method) writing through an `EventFile`:
-    the same event files, written in the calling thread at `flush()`, `close()`, every
-    `flush_secs` or every 4 MiB of pending events (see the module docstring)."""
-
-    def _get_file_writer(self):
-        if not self._write_to_disk:
-            return super()._get_file_writer()
-        if self.all_writers is None or self.file_writer is None:
-            self.file_writer = _FileWriter(self.logdir, self._max_queue, self._flush_secs, self._filename_suffix)
-            if self.purge_step is not None:
-                self.file_writer.add_event(Event(step=self.purge_step, file_version="brain.Event:2"))
-                self.file_writer.add_event(Event(step=self.purge_step, session_log=SessionLog(status=SessionLog.START)))
-            self.all_writers = {self.file_writer.get_logdir(): self.file_writer}
-        return self.file_writer
-
-    def add_simple_scalars(self, values: Mapping[str, float], global_step: Optional[int] = None,
-                           walltime: Optional[float] = None) -> None:
-        """`add_scalar(tag, value, global_step)` for each item, the same events built directly
-        (tensorboardX's `add_scalar` spends most of its time checking and converting one value)."""
-        writer = self._get_file_writer()
-        for tag, value in values.items():
-            writer.add_event(Event(summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])),
-                             global_step, walltime)
+        """Flush and close the file (the next event opens a new one)."""
+        if self._events is not None:
+            events, self._events = self._events, None
+            _open_writers.discard(self)
+            events.close()
 
 
 # The logger ---------------------------------------------------------------------------------------------------------
@@ -340,16 +228,17 @@ class FlowTensorboardLogger(TensorboardLogger):
     tags epoch values `<key>/epoch`.)
     `FlowMetricsCallback` adds, per loader that does not train, PR curves (`<path>/pr_curve`, per
     class `<path>/pr_curve/<class>` for multilabel tasks) and confusion-matrix images
-    (`<path>/confusion_matrix`, through Catalyst's `log_image`).
+    (`<path>/confusion_matrix`, through `log_image`).
 
     Hyperparameters (`log_hparams`, the runner's `train(hparams=...)`, with what the runner knows:
     `run_hparams`) go to TensorBoard's hparams plugin in the run `<logdir>/hparams/` at the end of the
     first epoch, with the metrics of the best epoch so far (`best_epoch_metrics`, by the runner's
     `valid_metric`) as scalars there, updated at every epoch: the HPARAMS tab compares runs by them.
 
-    Its writers are `FlowSummaryWriter`s (`self.loggers[loader]`): events reach the files at each
-    epoch's end (Catalyst flushes the loggers then), every `flush_secs`, or every 4 MiB of
-    pending events. `max_queue` is accepted for compatibility and unused (no queue).
+    Its writers are `RunWriter`s (`self.loggers[run]`, see the module docstring), made when a run
+    is first written: events reach the files at each epoch's end (Catalyst's `flush_log`), every
+    `flush_secs` and at `close_log`, which closes the files. `max_queue` is accepted for
+    compatibility with tensorboardX's writers and unused (no queue).
     """
 
     def __init__(self, logdir: str, use_logdir_postfix: bool = False,
@@ -370,63 +259,64 @@ class FlowTensorboardLogger(TensorboardLogger):
         self._epochs.reset()
 
     def log_metrics(self, metrics: Mapping[str, Any], scope: str, runner: Any) -> None:
-        super().log_metrics(metrics, scope, runner)
+        """Scalars, as Catalyst's logger chooses them: batch values (`<key>/batch` at the sample step,
+        with `log_batch_metrics`), each loader's values at its end and the epoch's `_epoch_` values
+        (`<key>` at the epoch step, with `log_epoch_metrics`); then, at the epoch's end, the best
+        epoch's metrics in the hyperparameters' run (when `log_hparams` was called)."""
+        if scope == "batch" and self.log_batch_metrics:
+            self.writer(runner.loader_key).add_scalars(_suffixed(metrics, "/batch"), runner.sample_step)
+        elif scope == "loader" and self.log_epoch_metrics:
+            self.writer(runner.loader_key).add_scalars(metrics, runner.epoch_step)
+        elif scope == "epoch" and self.log_epoch_metrics:
+            self.writer(EPOCH_RUN).add_scalars(metrics[EPOCH_RUN], runner.epoch_step)
         if scope == "epoch" and self._hparams is not None:
             self._log_best_epoch(metrics, runner)
 
     def _log_best_epoch(self, metrics: Mapping[str, Any], runner: Any) -> None:
         self._epochs.update(metrics, runner)
         values = best_epoch_metrics(self._epochs)
-        self._check_loader_key(HPARAMS_RUN)
-        writer = self.loggers[HPARAMS_RUN]
+        writer = self.writer(HPARAMS_RUN)
         if not self._hparams_written:
             experiment, session_start, _ = hparams_summaries(run_hparams(runner, self._hparams), values)
-            writer.file_writer.add_summary(experiment)
-            writer.file_writer.add_summary(session_start)
+            writer.add_summary(experiment)
+            writer.add_summary(session_start)
             self._hparams_written = True
-        writer.add_simple_scalars(values, runner.epoch_step)
+        writer.add_scalars(values, runner.epoch_step)
 
     def close_log(self) -> None:
-        """Mark the hyperparameter session ended (when one was written), then close the writers."""
+        """Mark the hyperparameter session ended (when one was written), then write what is pending
+        and close the writers; a later event opens new ones (new event files in the same runs)."""
         if self._hparams_written and HPARAMS_RUN in self.loggers:
             _, _, session_end = hparams_summaries({}, {})
-            self.loggers[HPARAMS_RUN].file_writer.add_summary(session_end)
+            self.loggers[HPARAMS_RUN].add_summary(session_end)
             self._hparams_written = False
         super().close_log()
 
-    def _check_loader_key(self, loader_key: str) -> None:
-        if loader_key not in self.loggers:
-            self.loggers[loader_key] = FlowSummaryWriter(os.path.join(self.logdir, loader_key), max_queue=self.max_queue,
-                                                         flush_secs=self.flush_secs)
+    def writer(self, run: Optional[str]) -> RunWriter:
+        """The writer of the run `run` (a loader's key; `_epoch_` for None), made when first asked for."""
+        run = run or EPOCH_RUN
+        if run not in self.loggers:
+            self.loggers[run] = RunWriter(os.path.join(self.logdir, run), flush_secs=self.flush_secs)
+        return self.loggers[run]
 
-    def _log_metrics(self, metrics: Mapping[str, float], step: int, loader_key: str, suffix: str = "") -> None:
-        # Catalyst tags epoch values `<key>/epoch`; here they are `<path>/<metric>` (TensorBoard groups
-        # by the first component: one group per task, each loader a run of its own so that train and
-        # valid overlay). Batch values keep their `/batch` suffix, apart from the epoch curves.
-        if suffix == "/epoch":
-            suffix = ""
-        writer = self.loggers[loader_key]
-        if isinstance(writer, FlowSummaryWriter):
-            writer.add_simple_scalars({f"{key}{suffix}": value for key, value in metrics.items()}, step)
-        else:
-            super()._log_metrics(metrics, step, loader_key, suffix)
+    def log_image(self, tag: str, image: np.ndarray, runner: Any, scope: str = None) -> None:
+        """An RGB `image` (height, width, 3) under `tag` at the current epoch in the current loader's run."""
+        if runner.loader_key is None:
+            raise ValueError(f"log_image({tag!r}): images are logged per loader, and the runner is not in a loader "
+                             "(runner.loader_key is None); log it from a loader's event")
+        self.writer(runner.loader_key).add_image(tag, image, runner.epoch_step)
 
     def log_text(self, tag: str, text: str, runner: Any, scope: str = None) -> None:
         """Markdown `text` under `tag`."""
-        writer = self._writer(runner)
-        writer.add_text(tag, text, global_step=runner.epoch_step)
+        self.writer(runner.loader_key).add_text(tag, text, runner.epoch_step)
 
     def log_pr_curve(self, tag: str, labels: np.ndarray, scores: np.ndarray, runner: Any,
-                     num_thresholds: int = 127) -> None:
+                     num_thresholds: int = MAX_PR_THRESHOLDS) -> None:
         """A precision-recall curve of 0/1 `labels` against `scores` in [0, 1] (the event
         tensorboardX's `add_pr_curve` writes; see `pr_curve_data`)."""
-        writer = self._writer(runner)
-        num_thresholds = min(int(num_thresholds), 127)  # as tensorboardX (more breaks its protobuf)
-        tp, fp, tn, fn, precision, recall = pr_curve_data(labels, scores, num_thresholds)
-        writer.add_pr_curve_raw(tag, tp, fp, tn, fn, precision, recall, global_step=runner.epoch_step,
-                                num_thresholds=num_thresholds)
+        curve = pr_curve_data(labels, scores, min(int(num_thresholds), MAX_PR_THRESHOLDS))
+        self.writer(runner.loader_key).add_pr_curve_raw(tag, curve, runner.epoch_step)
 
-    def _writer(self, runner: Any):
-        key = runner.loader_key or "_epoch_"
-        self._check_loader_key(key)
-        return self.loggers[key]
+
+def _suffixed(metrics: Mapping[str, float], suffix: str) -> Dict[str, float]:
+    return {f"{key}{suffix}": value for key, value in metrics.items()}

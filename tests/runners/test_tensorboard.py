@@ -1,5 +1,5 @@
 """FlowTensorboardLogger writes text and PR curves that TensorBoard reads back per loader, the same
-events tensorboardX writes, with checksums computed in one pass."""
+events tensorboardX writes, through tensorboardX's own event writer."""
 import os
 
 import numpy as np
@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util.tensor_util import make_ndarray
 
 from dnn_cool_catalyst.runners import FlowTensorboardLogger
-from dnn_cool_catalyst.runners.tensorboard import masked_crc32c, pr_curve_data
+from dnn_cool_catalyst.runners.tensorboard import RunWriter, pr_curve_data
 
 
 class _Runner:
@@ -74,6 +74,8 @@ def test_the_same_events_as_tensorboardx_writes(tmp_path):
     logger.log_metrics(metrics, scope="loader", runner=type("R", (), {"loader_key": "valid", "epoch_step": 3})())
     logger.log_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", runner=runner)  # > 1 KiB
     logger.log_pr_curve("door_open/pr_curve", labels=labels, scores=scores, runner=runner)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    logger.log_image("shirt_type/confusion_matrix", image, runner=runner)
     logger.flush_log()  # everything is on disk at a flush, before close
     written = _events(tmp_path / "flow" / "valid")
     logger.close_log()
@@ -83,18 +85,46 @@ def test_the_same_events_as_tensorboardx_writes(tmp_path):
         reference.add_scalar(key, value, 3)  # `<path>/<metric>`, no /epoch
     reference.add_text("explanations/sample_0", "```\n" + "tree " * 400 + "\n```", global_step=3)
     reference.add_pr_curve("door_open/pr_curve", labels, np.clip(scores, 0, 1), global_step=3)
+    reference.add_image("shirt_type/confusion_matrix", image, global_step=3, dataformats="HWC")
     reference.close()
     assert written == _events(tmp_path / "tbx")
-    assert len(written) == 1 + len(metrics) + 2
+    assert len(written) == 1 + len(metrics) + 3
 
 
-def test_vectorised_checksums_match_tensorboardx():
-    from tensorboardX.record_writer import masked_crc32c as reference
+def test_tensorboardx_checksums_with_the_native_crc32c():
+    # The speed of the event files rests on this: tensorboardX 2.6.5 computes each record's CRC-32C
+    # with the `crc32c` package when it imports (`tensorboardX.crc32c._crc32c_native`), else byte by
+    # byte in Python. The private name is read here only, to fail if tensorboardX stops using it.
+    import crc32c
+    import tensorboardX.crc32c
 
-    rng = np.random.default_rng(1)
-    lengths = [0, 1, 3, 4, 5, 8, 42, 1023, 1024, 1025, 2048, 3000, 9000]
-    messages = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths] + [b"\x00" * 2000, b"\xff" * 1500]
-    assert masked_crc32c(messages) == [reference(m) for m in messages]
+    assert tensorboardX.crc32c._crc32c_native is crc32c.crc32c
+
+
+def test_run_writer_scalars_are_add_scalar_events_and_a_closed_writer_opens_a_new_file(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    values = {"loss": 0.25, "door_open/accuracy": np.float32(0.75), "n": 3}
+    ours, reference = RunWriter(str(tmp_path / "ours")), SummaryWriter(str(tmp_path / "tbx"))
+    ours.add_scalars(values, 5)
+    for tag, value in values.items():
+        reference.add_scalar(tag, value, 5)
+    ours.close()
+    reference.close()
+    assert _events(tmp_path / "ours") == _events(tmp_path / "tbx")
+    ours.add_scalars({"loss": 0.5}, 6)  # after close: a new event file, as tensorboardX's writers do
+    ours.close()
+    ea = EventAccumulator(str(tmp_path / "ours"))
+    ea.Reload()
+    # (tensorboardX names event files by the second: a file opened within the same second replaces the first)
+    assert (6, 0.5) in [(e.step, e.value) for e in ea.Scalars("loss")]
+
+
+def test_run_writer_flushes_every_flush_secs(tmp_path):
+    writer = RunWriter(str(tmp_path), flush_secs=0)  # every event is due
+    writer.add_scalars({"loss": 0.5}, 1)
+    assert [e.step for e in _loaded(tmp_path)] == [0, 1]  # on disk before any flush or close
+    writer.close()
 
 
 def test_pr_curve_data_is_tensorboardx_curve():
@@ -109,18 +139,58 @@ def test_pr_curve_data_is_tensorboardx_curve():
     np.testing.assert_array_equal(pr_curve_data([1, 0, 1], with_nan), pr_curve_data([1, 1], [0.2, 0.9]))
 
 
-def test_pending_events_are_written_at_exit(tmp_path):
+def _loaded(directory):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (name,) = [f for f in os.listdir(directory) if f.startswith("events.out.tfevents.")]
+    return list(EventFileLoader(os.path.join(str(directory), name)).Load())
+
+
+def test_pending_events_are_written_at_exit_by_one_handler_for_all_writers(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom tensorboardX.proto.event_pb2 import Event\n"
-            "from dnn_cool_catalyst.runners.tensorboard import EventFile\n"
-            "EventFile(sys.argv[1]).add_event(Event(step=7))  # never flushed nor closed\n")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    code = ("import atexit, sys\nfrom dnn_cool_catalyst.runners import FlowTensorboardLogger\n"
+            "registered, register = [], atexit.register\n"
+            "atexit.register = lambda f, *a, **k: (registered.append(f), register(f, *a, **k))[1]  # a spy\n"
+            "logger = FlowTensorboardLogger(sys.argv[1])\n"
+            "for loader in ('train', 'valid'):  # two event files, never flushed nor closed\n"
+            "    runner = type('R', (), {'loader_key': loader, 'epoch_step': 7})()\n"
+            "    logger.log_metrics({'loss': 0.5}, 'loader', runner)\n"
+            "print([f.__qualname__ for f in registered])\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120, capture_output=True,
+                            text=True)
+    assert result.stdout.split("\n")[-2] == "['_close_open_writers']"
+    for loader in ("train", "valid"):
+        ea = EventAccumulator(str(tmp_path / loader))
+        ea.Reload()
+        assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(7, 0.5)]
 
-    (name,) = os.listdir(tmp_path)
-    assert [e.step for e in EventFileLoader(str(tmp_path / name)).Load()] == [0, 7]
+
+def test_a_logger_closed_and_used_again_writes_new_event_files(tmp_path):
+    class Runner:
+        loader_key, epoch_step, num_epochs = None, 1, 1
+        _valid_loader, _valid_metric, _minimize_valid_metric = "valid", "loss", True
+
+    logger = FlowTensorboardLogger(logdir=str(tmp_path))
+    for epoch in (1, 2):  # two runs with one logger, each closed at its end
+        Runner.epoch_step = epoch
+        logger.log_hparams({"run": epoch}, runner=Runner())
+        logger.log_metrics({"_epoch_": {"lr": 0.1}, "valid": {"loss": 1.0 / epoch}}, scope="epoch", runner=Runner())
+        logger.close_log()
+    # (tensorboardX names event files by the second: a file opened within the same second replaces the first)
+    for run, tag, value in (("_epoch_", "lr", 0.1), ("hparams", "best/valid/loss", 0.5)):
+        ea = EventAccumulator(str(tmp_path / run))
+        ea.Reload()
+        assert (2, pytest.approx(value)) in [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def test_images_outside_a_loader_are_refused_with_the_tag(tmp_path):
+    logger = FlowTensorboardLogger(logdir=str(tmp_path))
+    runner = type("R", (), {"loader_key": None, "epoch_step": 1})()
+    with pytest.raises(ValueError, match="shirt_type/confusion_matrix.*loader_key is None"):
+        logger.log_image("shirt_type/confusion_matrix", np.zeros((2, 2, 3), dtype=np.uint8), runner=runner)
+    logger.close_log()
 
 
 def test_confusion_matrix_images_are_read_back_per_loader(tmp_path):
