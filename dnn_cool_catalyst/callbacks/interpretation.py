@@ -419,7 +419,14 @@ class InterpretationCallback(Callback):
     def on_loader_end(self, runner: Any) -> None:
         if not self._active:
             return
-        self._shared.before_decoding(runner)  # thresholds tuned on this loader decode the captions and trees
+        try:
+            self._shared.before_decoding(runner)  # thresholds tuned on this loader decode the captions and trees
+            self._interpret(runner)
+        finally:
+            self._shared.done(self)
+
+    def _interpret(self, runner: Any) -> None:
+        """Rank the loader's samples per task; write, keep and publish them."""
         self._flush()
         self._gather_across_processes()  # every process takes part, also one without samples
         if not self._indices:

@@ -18,7 +18,8 @@ from the same `Tasks` share it, as they share the decoders; the callbacks never 
 
 Life cycle per loader: every taking-part callback calls `start` in `on_loader_start` (the first
 `start` after a loader that kept or finished something begins a new loader), `add` in
-`on_batch_end` and `before_decoding` / `outputs` in `on_loader_end`.
+`on_batch_end`, `before_decoding` / `outputs` in `on_loader_end` and, last, `done`: once every
+callback that started is done, the kept outputs are freed.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class LoaderOutputs:
         self._buffer = ChunkBuffer()
         self._paths: List[str] = []
         self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
-        self._offered: Dict[int, int] = {}
+        self._offered: Dict[int, int] = {}  # per callback taking part: how many batches it offered
+        self._open: set = set()  # the callbacks taking part that are not done
         self._added = 0
         self._steps: Dict[int, Callable[[Any], None]] = {}
         self._joined: Optional[Kept] = None
@@ -62,6 +64,7 @@ class LoaderOutputs:
         self._paths = []
         self._kept = defaultdict(list)
         self._offered = {}
+        self._open = set()
         self._added = 0
         self._steps = {}
         self._joined = None
@@ -74,12 +77,12 @@ class LoaderOutputs:
         `before_decoding(runner)` runs once at the loader's end before anything decodes."""
         if not self._fresh:  # the first start of a new loader
             self.reset()
+        if paths:
+            wanted = int(buffer_elements)
+            self._buffer.max_elements = min(self._buffer.max_elements, wanted) if self._paths else wanted
         self._paths += [p for p in paths if p not in self._paths]
-        if self._offered:
-            self._buffer.max_elements = min(self._buffer.max_elements, int(buffer_elements))
-        else:
-            self._buffer.max_elements = int(buffer_elements)
         self._offered[id(who)] = 0
+        self._open.add(id(who))
         if before_decoding is not None:
             self._steps[id(who)] = before_decoding
 
@@ -131,8 +134,17 @@ class LoaderOutputs:
             if distributed.world_size() > 1:
                 kept = gather_kept(kept)
             self._kept = defaultdict(list)
-            self._joined = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in kept.items() if chunks}
+            self._joined = {p: tuple(torch.cat(parts) for parts in zip(*chunks))
+                            for p, chunks in kept.items() if chunks}
         return self._joined
+
+    def done(self, who: Any) -> None:
+        """`who` is finished with this loader (the end of its `on_loader_end`); when every callback
+        that started is, the kept outputs are freed."""
+        self._fresh = False
+        self._open.discard(id(who))
+        if not self._open:
+            self.reset()
 
 
 # One per runner and set of tasks; gone with the runner.

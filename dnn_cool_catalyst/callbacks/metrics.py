@@ -240,9 +240,15 @@ class FlowMetricsCallback(Callback):
     def on_loader_end(self, runner: Any) -> None:
         if not self._active:
             return
-        self._shared.before_decoding(runner)  # thresholds tuned on this loader are in place from here on
-        if not (self._states or len(self._buffer)):
-            return
+        try:
+            self._shared.before_decoding(runner)  # thresholds tuned on this loader are in place from here on
+            if self._states or len(self._buffer):
+                self._measure(runner)
+        finally:
+            self._shared.done(self)
+
+    def _measure(self, runner: Any) -> None:
+        """The loader's losses and metrics into `runner.loader_metrics`; PR curves, confusion matrices."""
         self._flush()
         self._merge_states()
         if self._states:

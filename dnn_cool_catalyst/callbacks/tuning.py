@@ -154,12 +154,16 @@ class ThresholdTuningCallback(Callback):
         missing = [leaf.path for leaf in self._leaves if leaf.path not in outputs.get(source, {})]
         if missing:
             raise KeyError(f"ThresholdTuningCallback: the batch outputs have no {source!r} for the tunable task(s) "
-                           f"[{capped(missing)}] (with DataParallel memory balancing, keep them in the gathered outputs)")
+                           f"[{capped(missing)}] (with DataParallel memory balancing, keep them in the gathered "
+                           "outputs)")
         self._shared.add(self, runner)
 
     def on_loader_end(self, runner: Any) -> None:
         if self._active:
-            self._shared.before_decoding(runner)  # runs `_tune`, unless another callback ran it already
+            try:
+                self._shared.before_decoding(runner)  # runs `_tune`, unless another callback ran it already
+            finally:
+                self._shared.done(self)
 
     @torch.no_grad()
     def _tune(self, runner: Any) -> None:

@@ -79,8 +79,8 @@ class FlowDecoder:
                 raise TunedParamsError(f"tuned parameters of task {leaf.path!r}{where}: {e}; {FIX_TUNED}") from None
 
     def fit(self, predictions: Optional[Mapping[str, Any]] = None, targets: Optional[Mapping[str, Any]] = None,
-            masks: Optional[Mapping[str, Any]] = None, metric: Union[Metric, Mapping[str, Metric]] = "accuracy",
-            ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
+            masks: Optional[Mapping[str, Any]] = None,
+            metric: Any = "accuracy") -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
         """`(params, report)`, each `{path: ...}` of plain JSON values: the best parameters of every
         task decoder that has some (thresholds), on the samples of `S_t` only, and what happened.
         Pure: no decoder changes; apply `params` with `load_tuned`.
@@ -151,7 +151,8 @@ class FlowDecoder:
         return merge_report(params, report)
 
 
-def merge_report(params: Mapping[str, Mapping[str, Any]], report: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+def merge_report(params: Mapping[str, Mapping[str, Any]],
+                 report: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """`{path: {**params[path], **report[path]}}`: what `FlowDecoder.tune` returns and
     `tuned_params.json` holds (`load_tuned` skips the report's keys)."""
     return {p: {**values, **report.get(p, {})} for p, values in params.items()}

@@ -726,7 +726,8 @@ class FlowRunner(dl.Runner):
         result = self._predict_with_targets(loader, "tune")
         decoder = self.flow.get_decoder()
         paths = list(decoder.params())
-        params, report = decoder.fit({p: result["activated"][p] for p in paths}, {p: result["targets"][p] for p in paths},
+        params, report = decoder.fit({p: result["activated"][p] for p in paths},
+                                     {p: result["targets"][p] for p in paths},
                                      masks={p: result["mask"][p] for p in paths}, metric=metric)
         if apply:
             decoder.load_tuned(params)

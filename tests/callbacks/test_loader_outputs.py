@@ -24,12 +24,29 @@ def _callbacks():
             "interpretation": InterpretationCallback(top_k=2, explain=2, publishers={"features": None})}
 
 
+class _Probe:
+    """Reads the shared outputs at a loader's end, before the callbacks after it."""
+
+    def __init__(self, flow):
+        self.flow, self.sizes = flow, {}
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda runner: None
+        raise AttributeError(name)
+
+    def on_loader_end(self, runner):
+        kept = shared_outputs(runner, self.flow).outputs()
+        self.sizes[runner.loader_key] = {p: tuple(t.shape[0] for t in v) for p, v in kept.items()}
+
+
 def _run(fake_runner_cls, small_data, names):
     """One epoch (train, valid) of a fresh flow with the named callbacks, in the given order."""
     flow = _fresh_flow()
     ds = flow.get_dataset(*small_data, with_index=True)
     runner = fake_runner_cls(flow)
     made = _callbacks()
+    made["probe"] = _Probe(flow)
     callbacks = [made[n] for n in names]
     runner.start(callbacks)
     runner.epoch(callbacks, {"train": ds.loader(batch_size=32), "valid": ds.loader(batch_size=32)})
@@ -44,7 +61,8 @@ def test_results_do_not_depend_on_the_callbacks_order(fake_runner_cls, small_dat
     runs = {}
     for names in itertools.permutations(("tuning", "metrics", "interpretation")):
         runner, made, flow = _run(fake_runner_cls, small_data, names)
-        runs[names] = (dict(runner.epoch_metrics["valid"]), made["tuning"].tuned, made["interpretation"].results["valid"],
+        runs[names] = (dict(runner.epoch_metrics["valid"]), made["tuning"].tuned,
+                       made["interpretation"].results["valid"],
                        sorted(t for t in runner.logger.texts if t[0] == "valid"), flow.get_decoder().params())
     (first_names, first), *others = runs.items()
     for names, run in others:
@@ -84,11 +102,13 @@ def test_each_callback_works_alone(fake_runner_cls, small_data):
 
 
 def test_each_batch_is_kept_once_for_the_tuning_and_the_metrics(fake_runner_cls, small_data):
-    runner, _, flow = _run(fake_runner_cls, small_data, ("tuning", "metrics"))
-    kept = shared_outputs(runner, flow).outputs()
+    runner, made, flow = _run(fake_runner_cls, small_data, ("probe", "tuning", "metrics"))
     n = len(small_data[1]["camera_blocked"])
-    assert set(kept) >= {"camera_blocked", FACIAL}
-    assert all(a.shape[0] == y.shape[0] == m.shape[0] == n for a, y, m in kept.values())
+    sizes = made["probe"].sizes["valid"]
+    assert {"camera_blocked", FACIAL} <= set(sizes)
+    assert all(s == (n, n, n) for s in sizes.values())
+    assert made["probe"].sizes["train"] == {}  # neither keeps outputs of a loader that trains
+    assert shared_outputs(runner, flow).outputs() == {}  # freed once every callback was done
     # one per runner and set of tasks: other tasks (other decoders) get their own
     assert shared_outputs(runner, flow) is shared_outputs(runner, flow)
     assert shared_outputs(runner, _fresh_flow()) is not shared_outputs(runner, flow)
@@ -102,8 +122,8 @@ class _Runner:
 
 def _batch(values):
     a = torch.tensor(values)
-    return {"inputs": {}, "targets": {"t": (a > 0.5).float()}, "outputs": {"activated": {"t": a},
-                                                                         "mask": {"t": torch.ones(len(values), dtype=torch.bool)}}}
+    mask = torch.ones(len(values), dtype=torch.bool)
+    return {"inputs": {}, "targets": {"t": (a > 0.5).float()}, "outputs": {"activated": {"t": a}, "mask": {"t": mask}}}
 
 
 def test_steps_run_once_per_loader_and_a_new_loader_starts_afresh():
@@ -119,7 +139,9 @@ def test_steps_run_once_per_loader_and_a_new_loader_starts_afresh():
     shared.before_decoding(runner)  # a second caller: the step has run
     assert calls == [("step", 3)]
     assert shared.outputs()["t"][0].tolist() == pytest.approx([0.1, 0.9, 0.7])
-    shared.start(second, ["t"])  # the next loader
+    shared.done(first)
+    assert shared.outputs()["t"][0].shape == (3,)  # `second` is not done: still there
+    shared.start(second, ["t"])  # the next loader (`second` never said it was done)
     runner.batch = _batch([0.3])
     shared.add(second, runner)
     shared.before_decoding(runner)
