@@ -278,7 +278,9 @@ class InterpretationCallback(Callback):
     It also publishes the tree explanations (`flow.get_treelib_explainer()`) of the samples with
     dataset index below `explain` as text (`explanations/sample_<index>`, root
     `inp <index> (row ..., file ...)`), with preconditions decided from the decoded predictions, as
-    at inference.
+    at inference. Captions and trees decode with the thresholds tuned on the same loader
+    (`ThresholdTuningCallback` with `apply=True`), whatever the callbacks' order
+    (`callbacks.loader_outputs`).
 
     Dataset indices come from `X["index"]` (`flow.get_dataset` adds it by default), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
