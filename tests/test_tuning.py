@@ -255,3 +255,16 @@ def test_load_refuses_nan_and_infinity_anywhere_and_entries_that_are_not_objects
     path.write_text('{"door_open": {"threshold": 0.25}, "a.b.facial": {"threshold": [0.1, 1, 0.5], "score": null}}')
     assert load_tuned(path) == {"door_open": {"threshold": 0.25},
                                 "a.b.facial": {"threshold": [0.1, 1, 0.5], "score": None}}
+
+
+def test_best_thresholds_take_every_element_of_a_fully_available_class_and_any_metric():
+    rng = np.random.default_rng(5)
+    scores = rng.random((80, 2))  # float64: the sorted sweep, not the float32 keys
+    labels = rng.random((80, 2)) < scores
+    available = np.ones((80, 2), bool)
+    available[:40, 1] = False
+    tuned = best_thresholds(scores, labels, available, "f1")
+    assert tuned[0] == best_threshold(scores[:, 0], labels[:, 0], "f1")
+    assert tuned[1] == best_threshold(scores[40:, 1], labels[40:, 1], "f1")
+    with pytest.raises(ValueError, match=r"one shape \(N, C\)"):
+        best_thresholds(scores[:, 0], labels[:, 0], available[:, 0])

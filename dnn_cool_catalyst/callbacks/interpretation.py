@@ -16,9 +16,12 @@ import torch
 from catalyst.core.callback import Callback
 from torch import Tensor
 
-from .batch import EXPLAIN, INDEX, PER_SAMPLE_LOSS, ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
+from ..distributed import is_main_process, world_size
+from ..keys import ACTIVATED, EXPLAIN, GT, INDEX, LOGITS, MASK, PER_SAMPLE_LOSS
+from .batch import ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
 from .common import loader_selected, resolve_callback_flow, resolve_logdir
 from .files import write_atomic
+from .loader_outputs import LoaderOutputs, shared_outputs
 from .metrics import METRICS_ORDER
 from .publishers import default_publishers, log_text
 
@@ -218,7 +221,7 @@ def _takes_caption(publisher: Any) -> bool:
 def _flatten(x: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
     if isinstance(x, Mapping):
         for k, v in x.items():
-            if not prefix and k in ("gt", INDEX):
+            if not prefix and k in (GT, INDEX):
                 continue
             yield from _flatten(v, f"{prefix}{k}.")
     else:
@@ -275,7 +278,9 @@ class InterpretationCallback(Callback):
     It also publishes the tree explanations (`flow.get_treelib_explainer()`) of the samples with
     dataset index below `explain` as text (`explanations/sample_<index>`, root
     `inp <index> (row ..., file ...)`), with preconditions decided from the decoded predictions, as
-    at inference.
+    at inference. Captions and trees decode with the thresholds tuned on the same loader
+    (`ThresholdTuningCallback` with `apply=True`), whatever the callbacks' order
+    (`callbacks.loader_outputs`).
 
     Dataset indices come from `X["index"]` (`flow.get_dataset` adds it by default), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
@@ -301,7 +306,7 @@ class InterpretationCallback(Callback):
     def __init__(self, flow: Any = None, top_k: int = 5, loaders: Optional[Sequence[str]] = None,
                  publishers: Optional[Mapping[str, Any]] = None, default_publishers: Optional[Sequence[Any]] = None,
                  explain: int = 3, logdir: Optional[str] = None, buffer_elements: int = 2 ** 24):
-        super().__init__(order=METRICS_ORDER + 1)
+        super().__init__(order=METRICS_ORDER)
         if top_k < 1:
             raise ValueError(f"InterpretationCallback: top_k must be at least 1, got {top_k}")
         self.flow = flow
@@ -314,8 +319,28 @@ class InterpretationCallback(Callback):
         self.buffer_elements = int(buffer_elements)
         self.results: Dict[str, pd.DataFrame] = {}
         self._indexer = SampleIndexer(type(self).__name__)
-        self._active = False
         self._warned_inputs = False
+        # set at the experiment's start
+        self._flow: Any = None
+        self._graph: Any = None
+        self._per_sample: Any = None
+        self._logdir: Optional[str] = None
+        self._explainer: Any = None
+        self._buffer = ChunkBuffer(self.buffer_elements)
+        # set at each loader's start
+        self._reset_loader(active=False)
+
+    def _reset_loader(self, active: bool) -> None:
+        self._active = active
+        self._indexer.reset()
+        self._buffer.clear()
+        self._losses: Dict[str, List[Tensor]] = defaultdict(list)
+        self._indices: List[Tensor] = []
+        self._extremes: Dict[str, _Extremes] = ({leaf.path: _Extremes(self.top_k) for leaf in self._graph.leaves}
+                                                if self._graph is not None else {})
+        self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
+        self._describe: Any = lambda index: {}
+        self._shared: Optional[LoaderOutputs] = None
 
     def on_experiment_start(self, runner: Any) -> None:
         self._flow = resolve_callback_flow(self.flow, runner, type(self).__name__)  # the given flow, else the runner's
@@ -326,15 +351,13 @@ class InterpretationCallback(Callback):
             self.default_publishers = list(default_publishers())
         self._explainer = None
         self._buffer = ChunkBuffer(self.buffer_elements)
+        self._reset_loader(active=False)
 
     def on_loader_start(self, runner: Any) -> None:
-        self._active = loader_selected(runner, self.loaders, "eval")
-        self._indexer.reset()
-        self._buffer.clear()
-        self._losses: Dict[str, List[Tensor]] = defaultdict(list)
-        self._indices: List[Tensor] = []
-        self._extremes = {leaf.path: _Extremes(self.top_k) for leaf in self._graph.leaves}
-        self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
+        self._reset_loader(active=loader_selected(runner, self.loaders, "eval"))
+        if self._active:  # captions and trees decode at the loader's end, after any tuning on it
+            self._shared = shared_outputs(runner, self._flow)
+            self._shared.start(self)
 
     def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
         if not self._active:
@@ -348,8 +371,8 @@ class InterpretationCallback(Callback):
         if per_sample is not None:
             self._add_reduced(index, per_sample, runner.batch.get(EXPLAIN), targets, outputs)
             return
-        self._buffer.add(n, {"logits": outputs["logits"], "mask": outputs["mask"], "targets": targets,
-                             "index": {INDEX: index}})
+        self._buffer.add(n, {LOGITS: outputs[LOGITS], MASK: outputs[MASK], "targets": targets,
+                             INDEX: {INDEX: index}})
         if self._buffer.full:
             self._flush()
 
@@ -358,7 +381,7 @@ class InterpretationCallback(Callback):
                      targets: Mapping[str, Tensor], outputs: Mapping[str, Any]) -> None:
         """A batch whose per-sample losses were computed inside DataParallel replicas (activated
         outputs only of the kept tasks: the others' captions show no prediction)."""
-        activated = outputs.get("activated") or {}
+        activated = outputs.get(ACTIVATED) or {}
         for leaf in self._graph.leaves:
             losses = per_sample[leaf.path].float().cpu()
             self._losses[leaf.path].append(losses)
@@ -367,9 +390,9 @@ class InterpretationCallback(Callback):
         if self.explain > 0 and explain is not None:
             ids = explain[INDEX].reshape(-1).cpu()
             for r in torch.nonzero(ids < self.explain).reshape(-1).tolist():
-                logits = {p: z[r: r + 1].cpu() for p, z in explain["logits"].items()}
+                logits = {p: z[r: r + 1].cpu() for p, z in explain[LOGITS].items()}
                 activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
-                self._explained.append((int(ids[r]), {"logits": logits, "activated": activated}))
+                self._explained.append((int(ids[r]), {LOGITS: logits, ACTIVATED: activated}))
 
     @torch.no_grad()
     def _flush(self) -> None:
@@ -377,27 +400,35 @@ class InterpretationCallback(Callback):
         if not len(self._buffer):
             return
         chunk = self._buffer.take()
-        index = chunk["index"][INDEX]
-        per_sample = self._per_sample({"logits": chunk["logits"], "mask": chunk["mask"]}, chunk["targets"], overall=False)
+        index = chunk[INDEX][INDEX]
+        per_sample = self._per_sample({LOGITS: chunk[LOGITS], MASK: chunk[MASK]}, chunk["targets"], overall=False)
         for leaf in self._graph.leaves:
             losses = per_sample[leaf.path].float().cpu()
             self._losses[leaf.path].append(losses)
-            self._extremes[leaf.path].add(losses, index, chunk["targets"][leaf.path], chunk["logits"][leaf.path],
+            self._extremes[leaf.path].add(losses, index, chunk["targets"][leaf.path], chunk[LOGITS][leaf.path],
                                           leaf.task.activate)
         self._indices.append(index)
         if self.explain > 0:
             rows = torch.nonzero(index < self.explain).reshape(-1)
             if rows.numel():  # the few samples to explain, activated together
-                logits = {p: z[rows].cpu() for p, z in chunk["logits"].items()}
+                logits = {p: z[rows].cpu() for p, z in chunk[LOGITS].items()}
                 activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
                 for i, r in enumerate(rows.tolist()):
                     self._explained.append((int(index[r]), {part: {p: t[i: i + 1] for p, t in values.items()}
-                                                            for part, values in (("logits", logits),
-                                                                                 ("activated", activated))}))
+                                                            for part, values in ((LOGITS, logits),
+                                                                                 (ACTIVATED, activated))}))
 
     def on_loader_end(self, runner: Any) -> None:
         if not self._active:
             return
+        try:
+            self._shared.before_decoding(runner)  # thresholds tuned on this loader decode the captions and trees
+            self._interpret(runner)
+        finally:
+            self._shared.done(self)
+
+    def _interpret(self, runner: Any) -> None:
+        """Rank the loader's samples per task; write, keep and publish them."""
         self._flush()
         self._gather_across_processes()  # every process takes part, also one without samples
         if not self._indices:
@@ -415,7 +446,7 @@ class InterpretationCallback(Callback):
             **{k: np.array([v for columns in named.values() for v in columns[j]], dtype=object)
                for j, k in enumerate(names)}}, columns=list(CSV_COLUMNS) + names)
         self.results[runner.loader_key] = table
-        if getattr(getattr(runner, "engine", None), "is_main_process", True):  # DDP: loggers live on rank 0
+        if is_main_process():  # DDP: loggers live on rank 0
             if self._logdir is not None:
                 _write_ranked_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), ranked,
                                   names, named)
@@ -501,7 +532,7 @@ class InterpretationCallback(Callback):
         # No decoded values nor masks: the explainer decodes with the decoders as they are now
         # (thresholds tuned on this loader included) and takes preconditions from those decisions.
         outputs = {part: {leaf.path: torch.cat([s[1][part][leaf.path] for s in samples]) for leaf in self._graph.leaves}
-                   for part in ("logits", "activated")}
+                   for part in (LOGITS, ACTIVATED)}
         ids = [s[0] for s in samples]
         names = [_sample_name(i, self._describe(i)) for i in ids]  # roots: "inp 3 (row 'r3', file a/3.png)"
         for index, tree in zip(ids, self._explainer(outputs, ids=names)):
@@ -512,7 +543,7 @@ class InterpretationCallback(Callback):
         """Under DDP, every process ranks the losses of all processes (a no-op in one process)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() <= 1:
             return
         gathered: List[Any] = [None] * dist.get_world_size()
         extremes = {p: e.rows for p, e in self._extremes.items()}

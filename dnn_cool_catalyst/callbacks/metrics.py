@@ -2,21 +2,24 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
-from .batch import LOSS_TERMS, gather_kept, METRIC_STATES, ChunkBuffer, StackedLossTerms, batch_parts, batch_size_of
-from .common import loader_selected, resolve_callback_flow
+from ..distributed import collective_device, world_size
+from ..keys import ACTIVATED, DECODED, LOGITS, LOSS_TERMS, MASK, METRIC_STATES
 from ..metrics import ConfusionMatrixMetric
 from ..tasks.base import ThresholdDecoder
+from .batch import ChunkBuffer, StackedLossTerms, batch_parts, batch_size_of
+from .common import loader_selected, resolve_callback_flow
+from .loader_outputs import LoaderOutputs, shared_outputs
 from .publishers import log_confusion_matrix, log_pr_curve
 
-#: Runs at `Metric` order; `ThresholdTuningCallback` runs just before it so that, at a loader's
-#: end, thresholds tuned on that loader are in place when the deferred decoded metrics are computed.
+#: The order of the flow callbacks (metrics, tuning, interpretation). Among themselves they may run
+#: in any order: thresholds tuned on a loader are in place before any of them decodes at its end
+#: (`LoaderOutputs.before_decoding`), whichever comes first.
 METRICS_ORDER = CallbackOrder.Metric
 
 #: With metric states computed inside DataParallel replicas, they are added up every this many batches.
@@ -74,7 +77,35 @@ class FlowMetricsCallback(Callback):
         self.pr_curves = pr_curves
         self.confusion_matrices = confusion_matrices
         self.buffer_elements = int(buffer_elements)
-        self._active = False
+        # set at the experiment's start
+        self._flow: Any = None
+        self._leaves: Sequence[Any] = ()
+        self._paths: List[str] = []
+        self._paths_tuple: Tuple[str, ...] = ()
+        self._loss_keys: List[str] = []
+        self._loss: Any = None
+        self._weights: Dict[str, float] = {}
+        self._metrics: Any = None
+        self._groups: Dict[str, Any] = {}
+        self._tunable: Set[str] = set()
+        self._binary: Set[str] = set()
+        self._curved: Set[str] = set()
+        self._buffer = ChunkBuffer(self.buffer_elements)
+        # set at each loader's start
+        self._reset_loader(active=False)
+
+    def _reset_loader(self, active: bool, defer: Set[str] = frozenset(), keep: Set[str] = frozenset()) -> None:
+        self._active = active
+        self._buffer.clear()
+        self._states: List[Tensor] = []  # per batch: (tasks, 2) loss sums and counts, in flow order
+        self._sums: Optional[Tensor] = None
+        self._counts: Optional[Tensor] = None
+        self._user_loss = [0.0, 0]  # sum of batch losses * batch size, samples (criterion without terms)
+        self._pending_states: List[Dict[str, Tensor]] = []  # metric states reduced in DataParallel replicas
+        self._reduced = False
+        self._defer: Set[str] = set(defer)  # tasks whose decoded metrics wait for the loader's end
+        self._keep: Set[str] = set(keep)  # tasks whose activated outputs are kept over the loader
+        self._shared: Optional[LoaderOutputs] = None
 
     # Setup ---------------------------------------------------------------------------------------
     def on_experiment_start(self, runner: Any) -> None:
@@ -93,23 +124,20 @@ class FlowMetricsCallback(Callback):
         self._curved = self._binary | {leaf.path for leaf in self._leaves
                                        if isinstance(leaf.task.decoder, ThresholdDecoder)}
         self._buffer = ChunkBuffer(self.buffer_elements)
+        self._reset_loader(active=False)
 
     def on_loader_start(self, runner: Any) -> None:
-        self._active = loader_selected(runner, self.loaders, "all")
-        if not self._active:
+        if not loader_selected(runner, self.loaders, "all"):
+            self._reset_loader(active=False)
             return
-        self._metrics.reset()
-        self._buffer.clear()
-        self._states: List[Tensor] = []  # per batch: (tasks, 2) loss sums and counts, in flow order
-        self._sums: Optional[Tensor] = None
-        self._counts: Optional[Tensor] = None
-        self._user_loss = [0.0, 0]  # sum of batch losses * batch size, samples (criterion without terms)
-        self._pending_states: List[Dict[str, Tensor]] = []  # metric states reduced in DataParallel replicas
-        self._reduced = False
         evaluating = not runner.is_train_loader
-        self._defer = self._tunable if self.deferred_decoding and evaluating else set()
-        self._keep = set(self._defer) | (self._curved & self._tunable if self.pr_curves and evaluating else set())
-        self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
+        defer = self._tunable if self.deferred_decoding and evaluating else set()
+        keep = set(defer) | (self._curved & self._tunable if self.pr_curves and evaluating else set())
+        self._reset_loader(active=True, defer=defer, keep=keep)
+        self._metrics.reset()
+        # the activated outputs kept over the loader are shared with the tuning callback
+        self._shared = shared_outputs(runner, self._flow)
+        self._shared.start(self, [p for p in self._paths if p in keep], self.buffer_elements)
 
     # Per batch: losses now, metrics per chunk of batches -------------------------------------------
     # No `torch.no_grad()` around the per-batch handler: switching the grad mode off and on costs
@@ -144,20 +172,22 @@ class FlowMetricsCallback(Callback):
                                             else means.unbind()))
         reduced = runner.batch.get(METRIC_STATES)
         if reduced is not None:
-            self._add_reduced(n, reduced, targets, outputs)
+            self._add_reduced(runner, reduced, outputs)
             return
-        source = "activated" if outputs.get("activated") else "logits"
-        parts = {source: outputs[source], "targets": targets, "mask": outputs["mask"]}
-        if outputs.get("decoded"):  # decisions as taken now, by the decoders of this batch
-            parts["decoded"] = {p: d for p, d in outputs["decoded"].items() if p not in self._defer}
+        if self._keep:
+            self._shared.add(self, runner)
+        source = ACTIVATED if outputs.get(ACTIVATED) else LOGITS
+        parts = {source: outputs[source], "targets": targets, MASK: outputs[MASK]}
+        if outputs.get(DECODED):  # decisions as taken now, by the decoders of this batch
+            parts[DECODED] = {p: d for p, d in outputs[DECODED].items() if p not in self._defer}
         self._buffer.add(n, parts)
         if self._buffer.full:
             self._flush()
 
-    def _add_reduced(self, n: int, states: Dict[str, Tensor], targets: Dict[str, Tensor], outputs: Dict[str, Any]) -> None:
+    def _add_reduced(self, runner: Any, states: Dict[str, Tensor], outputs: Dict[str, Any]) -> None:
         """A batch reduced inside DataParallel replicas: its metric states, and the activated
         outputs of the tasks whose decoded metrics wait for tuning (or get a PR curve)."""
-        activated = outputs.get("activated") or {}
+        activated = outputs.get(ACTIVATED) or {}
         if not self._reduced:  # tasks whose activated outputs were not gathered keep their batch-time metrics
             self._reduced = True
             self._defer = {p for p in self._defer if p in activated}
@@ -166,11 +196,7 @@ class FlowMetricsCallback(Callback):
         if len(self._pending_states) >= STATES_PER_MERGE:
             self._merge_states()
         if self._keep:
-            self._buffer.add(n, {"activated": {p: activated[p] for p in self._keep},
-                                 "targets": {p: targets[p] for p in self._keep},
-                                 "mask": {p: outputs["mask"][p] for p in self._keep}})
-            if self._buffer.full:
-                self._flush()
+            self._shared.add(self, runner)
 
     @torch.no_grad()
     def _merge_states(self) -> None:
@@ -195,17 +221,11 @@ class FlowMetricsCallback(Callback):
         if not len(self._buffer):
             return
         chunk = self._buffer.take()
-        if self._reduced:  # the metrics came as states; keep what deferred decoding and PR curves need
-            for p, a in chunk["activated"].items():
-                self._kept[p].append((a.cpu(), chunk["targets"][p].cpu(), chunk["mask"][p].cpu()))
-            return
-        activated, logits, decoded = chunk.get("activated"), chunk.get("logits"), chunk.get("decoded") or {}
+        activated, logits, decoded = chunk.get(ACTIVATED), chunk.get(LOGITS), chunk.get(DECODED) or {}
         for leaf in self._leaves:
             p = leaf.path
             a = activated[p] if activated is not None else leaf.task.activate(logits[p])
-            y, m = chunk["targets"][p], chunk["mask"][p]
-            if p in self._keep:
-                self._kept[p].append((a.cpu(), y.cpu(), m.cpu()))
+            y, m = chunk["targets"][p], chunk[MASK][p]
             d = decoded.get(p)
             for g in self._groups[p]:
                 if g.uses == "activated":
@@ -218,16 +238,24 @@ class FlowMetricsCallback(Callback):
     # Loader end ----------------------------------------------------------------------------------
     @torch.no_grad()
     def on_loader_end(self, runner: Any) -> None:
-        if not self._active or not (self._states or len(self._buffer)):
+        if not self._active:
             return
+        try:
+            self._shared.before_decoding(runner)  # thresholds tuned on this loader are in place from here on
+            if self._states or len(self._buffer):
+                self._measure(runner)
+        finally:
+            self._shared.done(self)
+
+    def _measure(self, runner: Any) -> None:
+        """The loader's losses and metrics into `runner.loader_metrics`; PR curves, confusion matrices."""
         self._flush()
         self._merge_states()
         if self._states:
             totals = torch.stack(self._states).double().sum(0)
             self._sums, self._counts = totals[:, 0], totals[:, 1]
         self._reduce_across_processes(runner)
-        kept = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in self._kept.items()}
-        self._kept = defaultdict(list)
+        kept = self._shared.outputs() if self._keep else {}
         for leaf in self._leaves:
             if leaf.path in self._defer and leaf.path in kept:
                 a, y, m = kept[leaf.path]
@@ -237,11 +265,11 @@ class FlowMetricsCallback(Callback):
                         g.update(d, y, m)
         metrics: Dict[str, float] = {}
         if self._sums is not None:
-            total = 0.0
             for p, s, c in zip(self._paths, self._sums.tolist(), self._counts.tolist()):
-                total += self._weights.get(p, 1.0) * s / max(c, 1.0)
                 metrics[f"{p}/loss"] = s / c if c > 0 else math.nan
-            metrics["loss"] = total
+            # the flow loss over the loader, from the loader's (global) terms: the loss's own formula
+            terms = {p: (s, c) for p, s, c in zip(self._paths, self._sums, self._counts)}
+            metrics["loss"] = float(self._loss.combine(terms, self._weights))
         if self._user_loss[1] > 0:  # a criterion of the user's: the loader loss is its sample-weighted mean
             metrics["loss"] = self._user_loss[0] / self._user_loss[1]
         metrics.update(self._metrics.compute())
@@ -286,13 +314,14 @@ class FlowMetricsCallback(Callback):
         """Sum the loss terms and metric states of every process (DDP); a no-op in one process.
 
         Sums and counts are added exactly (`Metric.all_reduce`, which also evens out confusion
-        matrices a process saw fewer classes for); kept activated outputs are gathered as objects.
+        matrices a process saw fewer classes for); the kept activated outputs are gathered by
+        `LoaderOutputs.outputs`.
         """
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() <= 1:
             return
-        device = _collective_device(runner)
+        device = collective_device(getattr(getattr(runner, "engine", None), "device", None))
         if self._sums is not None:
             t = torch.stack([self._sums, self._counts]).to(device)
             dist.all_reduce(t)
@@ -301,15 +330,3 @@ class FlowMetricsCallback(Callback):
         dist.all_reduce(user)
         self._user_loss = [float(user[0]), int(user[1])]
         self._metrics.all_reduce(device)  # each shared state once; one collective for the scalar states
-        if self._keep:
-            self._kept = gather_kept(self._kept)
-
-
-def _collective_device(runner: Any) -> torch.device:
-    """Where tensors must be for collectives: the CUDA device under NCCL, else the CPU."""
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        device = getattr(getattr(runner, "engine", None), "device", None)
-        return torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -5,16 +5,19 @@ import json
 import math
 import os
 import warnings
-from collections import defaultdict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from catalyst.core.callback import Callback
-from torch import Tensor
 
-from .batch import ChunkBuffer, gather_kept, batch_parts, batch_size_of
+from ..distributed import is_main_process
+from ..errors import capped
+from ..interpreters.decoding import merge_report
+from ..keys import ACTIVATED, LOGITS
+from .batch import batch_parts
 from .common import resolve_callback_flow, resolve_logdir
 from .files import read_json, write_atomic
+from .loader_outputs import LoaderOutputs, shared_outputs
 from .metrics import METRICS_ORDER
 
 TUNED_PARAMS_FILE = "tuned_params.json"
@@ -64,11 +67,18 @@ class ThresholdTuningCallback(Callback):
     activated outputs and targets of the whole loader (only samples in `S_t`).
 
     Then it logs the tuned values into `runner.loader_metrics` (`<path>/tuned/threshold`, per class
-    for multilabel tasks), writes `tuned_params.json` (what `decoder.tune` returned) and
-    `tuned_params_history.json` (per epoch) atomically into the logdir, and, with `apply=True`,
-    keeps the tuned parameters in the decoders, so that the epoch's decoded metrics (computed by
-    `FlowMetricsCallback` after this callback at the loader's end) and later epochs use them. With
-    `apply=False` the decoders are left as they were.
+    for multilabel tasks), writes `tuned_params.json` (what `decoder.tune` returns: the parameters
+    and the report of `decoder.fit`) and `tuned_params_history.json` (per epoch) atomically into the
+    logdir, and, with `apply=True`, loads the tuned parameters into the decoders, so that the epoch's
+    decoded metrics (`FlowMetricsCallback`), the interpretation's captions and trees, and later epochs
+    use them. With `apply=False` the decoders are left as they are.
+
+    The decoders are the tasks' (`FlowDecoder`): every flow and runner built from the same `Tasks`
+    decodes with the thresholds tuned here.
+
+    The tuning runs once per loader before any flow callback decodes at the loader's end, whatever
+    the callbacks' order, and the activated outputs are kept once for the callbacks that need them
+    (`callbacks.loader_outputs`).
 
     On a resumed run (the first epoch of the experiment is not epoch 1) the parameters of the last
     epoch before it are loaded back from the history file, so decoding continues as it stopped.
@@ -87,7 +97,7 @@ class ThresholdTuningCallback(Callback):
     def __init__(self, flow: Any = None, metric: Any = "accuracy", apply: bool = True,
                  loaders: Optional[Sequence[str]] = None, logdir: Optional[str] = None,
                  buffer_elements: int = 2 ** 24):
-        super().__init__(order=METRICS_ORDER - 1)
+        super().__init__(order=METRICS_ORDER)
         self.flow = flow
         self.metric = metric
         self.apply = apply
@@ -95,7 +105,16 @@ class ThresholdTuningCallback(Callback):
         self.logdir = logdir
         self.buffer_elements = int(buffer_elements)
         self.tuned: Dict[str, Dict[str, Any]] = {}
+        # set at the experiment's start
+        self._flow: Any = None
+        self._leaves: List[Any] = []
+        self._decoder: Any = None
+        self._logdir: Optional[str] = None
+        self._first_epoch = True
+        self._history: Optional[HistoryFile] = None  # the history file's content, read once per experiment
+        # set at each loader's start
         self._active = False
+        self._shared: Optional[LoaderOutputs] = None
 
     def on_experiment_start(self, runner: Any) -> None:
         self._flow = resolve_callback_flow(self.flow, runner, type(self).__name__)  # the given flow, else the runner's
@@ -103,7 +122,8 @@ class ThresholdTuningCallback(Callback):
         self._decoder = self._flow.get_decoder()
         self._logdir = resolve_logdir(self.logdir, runner)
         self._first_epoch = True
-        self._history: Optional[HistoryFile] = None  # the history file's content, read once per experiment
+        self._history = None
+        self._active, self._shared = False, None
 
     def on_epoch_start(self, runner: Any) -> None:
         if self._first_epoch:
@@ -118,64 +138,53 @@ class ThresholdTuningCallback(Callback):
 
     def on_loader_start(self, runner: Any) -> None:
         self._active = bool(self._leaves) and self._selected(runner)
-        self._buffer = ChunkBuffer(self.buffer_elements)
-        self._kept: Dict[str, List[Tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
+        self._shared = None
+        if self._active:
+            self._shared = shared_outputs(runner, self._flow)
+            self._shared.start(self, [leaf.path for leaf in self._leaves], self.buffer_elements,
+                               before_decoding=self._tune)
 
     def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
         if not self._active:
             return
-        inputs, targets, outputs = batch_parts(runner, type(self).__name__)
+        _, targets, outputs = batch_parts(runner, type(self).__name__)
         if not targets:  # an inference loader without labels: nothing to measure
             return
-        source = "activated" if outputs.get("activated") else "logits"
-        paths = [leaf.path for leaf in self._leaves]
-        missing = [p for p in paths if p not in outputs.get(source, {})]
+        source = ACTIVATED if outputs.get(ACTIVATED) else LOGITS
+        missing = [leaf.path for leaf in self._leaves if leaf.path not in outputs.get(source, {})]
         if missing:
             raise KeyError(f"ThresholdTuningCallback: the batch outputs have no {source!r} for the tunable task(s) "
-                           f"{missing} (with DataParallel memory balancing, keep them in the gathered outputs)")
-        self._buffer.add(batch_size_of(targets, inputs), {source: {p: outputs[source][p] for p in paths},
-                                                          "targets": {p: targets[p] for p in paths},
-                                                          "mask": {p: outputs["mask"][p] for p in paths}})
-        if self._buffer.full:
-            self._move_to_cpu()
+                           f"[{capped(missing)}] (with DataParallel memory balancing, keep them in the gathered "
+                           "outputs)")
+        self._shared.add(self, runner)
 
-    @torch.no_grad()
-    def _move_to_cpu(self) -> None:
-        """Keep the buffered batches on the CPU (activated), freeing the device."""
-        if not len(self._buffer):
-            return
-        chunk = self._buffer.take()
-        for leaf in self._leaves:
-            p = leaf.path
-            a = chunk["activated"][p] if "activated" in chunk else leaf.task.activate(chunk["logits"][p])
-            self._kept[p].append((a.cpu(), chunk["targets"][p].cpu(), chunk["mask"][p].cpu()))
-
-    @torch.no_grad()
     def on_loader_end(self, runner: Any) -> None:
-        if not self._active:
+        if self._active:
+            try:
+                self._shared.before_decoding(runner)  # runs `_tune`, unless another callback ran it already
+            finally:
+                self._shared.done(self)
+
+    @torch.no_grad()
+    def _tune(self, runner: Any) -> None:
+        """Fit on the whole loader's outputs, apply (with `apply`), log and write."""
+        kept = self._shared.outputs()
+        kept = {leaf.path: kept[leaf.path] for leaf in self._leaves if leaf.path in kept}
+        if not kept:
             return
-        self._move_to_cpu()
-        self._gather_across_processes()
-        if not self._kept:
-            return
-        joined = {p: tuple(torch.cat(parts) for parts in zip(*chunks)) for p, chunks in self._kept.items()}
-        self._kept = defaultdict(list)
-        predictions = {p: v[0] for p, v in joined.items()}
-        targets = {p: v[1] for p, v in joined.items()}
-        masks = {p: v[2] for p, v in joined.items()}
-        before = self._decoder.params()
-        tuned = self._decoder.tune(predictions, targets, masks=masks, metric=self.metric)
-        # Decoders take a `tune` result back as it is (the report keys are ignored).
-        self._decoder.load_tuned(tuned if self.apply else before)
-        self.tuned = {p: dict(v) for p, v in tuned.items()}
+        params, report = self._decoder.fit({p: v[0] for p, v in kept.items()}, {p: v[1] for p, v in kept.items()},
+                                           masks={p: v[2] for p, v in kept.items()}, metric=self.metric)
+        if self.apply:
+            self._decoder.load_tuned(params)
+        self.tuned = merge_report(params, report)
         for leaf in self._leaves:
-            if leaf.path in tuned:
-                values = numeric_params(leaf.path, tuned[leaf.path], getattr(leaf.task, "class_names", None))
+            if leaf.path in self.tuned:
+                values = numeric_params(leaf.path, self.tuned[leaf.path], getattr(leaf.task, "class_names", None))
                 runner.loader_metrics.update({k: v for k, v in values.items() if math.isfinite(v)})
         self._write(runner)
 
     def _write(self, runner: Any) -> None:
-        if self._logdir is None or not _is_main_process(runner):
+        if self._logdir is None or not is_main_process():
             return
         from ..tuning import save_tuned
 
@@ -200,16 +209,3 @@ class ThresholdTuningCallback(Callback):
         self.tuned = history[str(max(epochs))]
         if self.apply:
             self._decoder.load_tuned(self.tuned)
-
-    def _gather_across_processes(self) -> None:
-        """Under DDP, every process tunes on the outputs of all processes (a no-op in one process)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        self._kept = gather_kept(self._kept)
-
-
-def _is_main_process(runner: Any) -> bool:
-    engine = getattr(runner, "engine", None)
-    return getattr(engine, "is_main_process", True) if engine is not None else True

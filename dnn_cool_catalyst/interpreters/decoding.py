@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,14 @@ class FlowDecoder:
     """`{path: activated} -> {path: decoded}` with the tasks' current (tuned) parameters.
 
     The decoders belong to the tasks, so parameters loaded here are also what `flow.torch()` uses
-    to decode and to evaluate preconditions at inference.
+    to decode and to evaluate preconditions at inference. Tasks belong to their `Tasks` registry:
+    every flow built from one `Tasks` (and every runner, module, evaluator and callback of those
+    flows) shares one set of tuned parameters, by design: thresholds tuned by one runner are the
+    ones the others decode with. For independent parameters, build the tasks twice (call the
+    function that builds the `Tasks` again).
+
+    Tuning is pure: `fit(...)` returns `(params, report)` and changes nothing; `load_tuned(params)`
+    applies. `tune(...)` does both and returns `merge_report(params, report)`.
     """
 
     def __init__(self, graph: FlowGraph):
@@ -72,24 +79,25 @@ class FlowDecoder:
                     done.task.decoder.load_tuned(before[done.path])
                 raise TunedParamsError(f"tuned parameters of task {leaf.path!r}{where}: {e}; {FIX_TUNED}") from None
 
-    def tune(self, predictions: Optional[Mapping[str, Any]] = None, targets: Optional[Mapping[str, Any]] = None,
-             masks: Optional[Mapping[str, Any]] = None,
-             metric: Union[TuningMetric, Mapping[str, TuningMetric]] = "accuracy") -> Dict[str, Dict[str, Any]]:
-        """Tune every task decoder that has parameters (thresholds), on the samples of `S_t` only;
-        apply the result and return `{path: params}` of plain JSON values.
+    def fit(self, predictions: Optional[Mapping[str, Any]] = None, targets: Optional[Mapping[str, Any]] = None,
+            masks: Optional[Mapping[str, Any]] = None,
+            metric: Union[TuningMetric, Mapping[str, TuningMetric]] = "accuracy") -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
+        """`(params, report)`, each `{path: ...}` of plain JSON values: the best parameters of every
+        task decoder that has some (thresholds), on the samples of `S_t` only, and what happened.
+        Pure: no decoder changes; apply `params` with `load_tuned`.
 
         `predictions`: `{path: activated (N, ...)}` (tensors or arrays); tasks absent from it are
-        left alone. `targets`: `{path: labels}` in the tasks' label format. `masks`: `{path: bool
+        left out. `targets`: `{path: labels}` in the tasks' label format. `masks`: `{path: bool
         (N,)}`, or None to take them from the targets with ground-truth precondition semantics (then
         `targets` must also hold the labels of the precondition tasks). `metric`: a name of
         `dnn_cool_catalyst.tuning.METRICS` ("accuracy", "f1", "balanced_accuracy", "youden"), a
         callable `f(tp, fp, fn, tn) -> scores` on arrays of confusion counts, or `{path: metric}`
         (paths not named use "accuracy").
 
-        Each value is what the task's decoder reports (`ThresholdDecoder.tune`), e.g.
-        `{"threshold": 0.43, "tuned": true, "metric": "accuracy", "score": 0.91, "num_samples": 812}`,
-        or `{"threshold": 0.5, "tuned": false, "reason": "no samples in S_t"}` for a task without
-        samples (it keeps its current parameters). `load_tuned` accepts these dicts as they are.
+        Per task, the decoder's `fit` (`ThresholdDecoder.fit`): params e.g. `{"threshold": 0.43}`,
+        report `{"tuned": true, "metric": "accuracy", "score": 0.91, "num_samples": 812}`, or the
+        current params and `{"tuned": false, "reason": "no samples in S_t"}` for a task without
+        samples.
         """
         if predictions is None or targets is None:
             raise TypeError(_TUNE_NEEDS)
@@ -107,13 +115,14 @@ class FlowDecoder:
             metrics = {p: metric for p in paths}
         leaves = [leaf for leaf in self.graph.leaves if leaf.path in predictions and leaf.task.decoder.params()]
         if not leaves:
-            return {}
+            return {}, {}
         activated = {leaf.path: as_tensor(predictions[leaf.path], leaf.path, "predictions") for leaf in leaves}
         n = activated[leaves[0].path].shape[0]
         labels = prepare_labels(self.graph, targets, [leaf.path for leaf in leaves], n)
         if masks is None:
             masks = ground_truth_masks(self.graph, targets, n, labels)
-        result: Dict[str, Dict[str, Any]] = {}
+        params: Dict[str, Dict[str, Any]] = {}
+        report: Dict[str, Dict[str, Any]] = {}
         for leaf in leaves:
             p = leaf.path
             a, y = activated[p], labels[p]
@@ -127,10 +136,27 @@ class FlowDecoder:
             avail = leaf.task.available(y)
             in_s = avail & expand_mask(m, avail)
             try:
-                result[p] = leaf.task.decoder.tune(a, y, in_s, metric=metrics[p])
+                params[p], report[p] = leaf.task.decoder.fit(a, y, in_s, metric=metrics[p])
             except ValueError as e:
                 raise ValueError(f"tuning task {p!r}: {e}") from e
-        return result
+        return params, report
+
+    def tune(self, predictions: Optional[Mapping[str, Any]] = None, targets: Optional[Mapping[str, Any]] = None,
+             masks: Optional[Mapping[str, Any]] = None,
+             metric: Union[TuningMetric, Mapping[str, TuningMetric]] = "accuracy") -> Dict[str, Dict[str, Any]]:
+        """`fit(...)`, then `load_tuned(params)` (all or nothing); returns `{path: {**params,
+        **report}}` (`merge_report`), e.g. `{"threshold": 0.43, "tuned": true, "metric": "accuracy",
+        "score": 0.91, "num_samples": 812}`. `load_tuned` accepts these dicts as they are."""
+        params, report = self.fit(predictions, targets, masks=masks, metric=metric)
+        self.load_tuned(params)
+        return merge_report(params, report)
+
+
+def merge_report(params: Mapping[str, Mapping[str, Any]],
+                 report: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """`{path: {**params[path], **report[path]}}`: what `FlowDecoder.tune` returns and
+    `tuned_params.json` holds (`load_tuned` skips the report's keys)."""
+    return {p: {**values, **report.get(p, {})} for p, values in params.items()}
 
 
 # The seed's `flow.get_decoder().tune()` took no arguments; a decoder here records nothing, so it

@@ -721,14 +721,19 @@ class FlowRunner(dl.Runner):
     def tune(self, loader: Any, metric: Any = "accuracy", apply: bool = True, save: bool = True) -> Dict[str, Dict[str, Any]]:
         """Tune every tunable decoder on `loader` (samples in `S_t`, from `X["gt"]`) for `metric`;
         returns `{path: params}`. `apply` keeps them in the decoders; `save` writes
-        `tuned_params.json` into the logdir (when there is one; under torchrun, rank 0 only)."""
+        `tuned_params.json` into the logdir (when there is one; under torchrun, rank 0 only).
+        The decoders are the tasks', shared by every runner of flows from one `Tasks` (`FlowDecoder`)."""
+        from ..interpreters.decoding import merge_report
+
         result = self._predict_with_targets(loader, "tune")
         decoder = self.flow.get_decoder()
-        before = decoder.params()
-        paths = [p for p in before]
-        tuned = decoder.tune({p: result["activated"][p] for p in paths}, {p: result["targets"][p] for p in paths},
-                             masks={p: result["mask"][p] for p in paths}, metric=metric)
-        decoder.load_tuned(tuned if apply else before)
+        paths = list(decoder.params())
+        params, report = decoder.fit({p: result["activated"][p] for p in paths},
+                                     {p: result["targets"][p] for p in paths},
+                                     masks={p: result["mask"][p] for p in paths}, metric=metric)
+        if apply:
+            decoder.load_tuned(params)
+        tuned = merge_report(params, report)
         if save and self._logdir is not None and is_main_process():
             from ..tuning import save_tuned
 

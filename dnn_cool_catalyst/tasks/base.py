@@ -32,7 +32,12 @@ JSON = Any
 
 
 class Decoder(abc.ABC):
-    """Turns activated outputs into decoded predictions; tunable parameters are plain JSON values."""
+    """Turns activated outputs into decoded predictions; tunable parameters are plain JSON values.
+
+    Tuning is two acts: `fit` computes parameters (pure: the decoder is not changed) and
+    `load_tuned` applies them. `tune` does both, for callers that want the seed's one call. A
+    decoder of your own with parameters overrides `params`, `load_tuned` and `fit`.
+    """
 
     def __call__(self, activated: Tensor) -> Tensor:
         return self.decode(activated)
@@ -46,21 +51,32 @@ class Decoder(abc.ABC):
         return {}
 
     def load_tuned(self, params: Dict[str, JSON]) -> None:
-        """Apply parameters previously returned by `tune` or `params` (the report keys of `tune`,
-        `TUNING_INFO_KEYS`, are ignored)."""
+        """Apply parameters as `fit`, `params` or `tune` give them (the keys of a `fit` report,
+        `TUNING_INFO_KEYS`, are skipped: `tune`'s result and `tuned_params.json` hold both)."""
         params = {k: v for k, v in params.items() if k not in TUNING_INFO_KEYS}
         if params:
             raise ValueError(f"{type(self).__name__} has no tunable parameters, got {sorted(params)}")
 
+    def fit(self, activated: Tensor, labels: Tensor, available: Tensor,
+            **kwargs) -> Tuple[Dict[str, JSON], Dict[str, JSON]]:
+        """`(params, report)`: the best parameters on `activated`/`labels` restricted to `available`
+        (element shape: the elements of `S_t`), and what happened (see `ThresholdDecoder.fit`).
+        Pure: apply `params` with `load_tuned`. Decoders without parameters give `({}, {})`."""
+        return {}, {}
+
     def tune(self, activated: Tensor, labels: Tensor, available: Tensor, **kwargs) -> Dict[str, JSON]:
-        """Find the best parameters on `activated`/`labels` restricted to `available` (element
-        shape: the elements of `S_t`), apply them and return them with a report (see
-        `ThresholdDecoder.tune`). Decoders without parameters return `{}`."""
-        return {}
+        """`fit`, then `load_tuned(params)`; returns the parameters and the report in one dict
+        (`{**params, **report}`, the format of `tuned_params.json`)."""
+        params, report = self.fit(activated, labels, available, **kwargs)
+        self.load_tuned(params)
+        return {**params, **report}
 
 
-# Keys that `tune` adds to the parameters it returns, to report what happened; `load_tuned` skips them.
+# The keys of a `fit` report. `tune`'s result and `tuned_params.json` put them next to the
+# parameters (a public file format), so `load_tuned` skips them there.
 TUNING_INFO_KEYS = frozenset({"tuned", "reason", "metric", "score", "num_samples", "untuned_classes"})
+
+NO_SAMPLES = "no samples in S_t"
 
 
 class ThresholdDecoder(Decoder):
@@ -70,6 +86,10 @@ class ThresholdDecoder(Decoder):
     (a binary task), `classes` fixes the length of a per-class list (a multilabel task with class
     names); a bad value is refused by the constructor and by `load_tuned`, leaving the decoder as
     it was.
+
+    The decoder belongs to its task, and the task to its `Tasks` registry: every flow, module,
+    evaluator and runner built from one `Tasks` decodes with the same thresholds (see
+    `FlowDecoder`).
     """
 
     def __init__(self, threshold: float | Sequence[float] = 0.5, per_class: bool = True,
@@ -102,19 +122,20 @@ class ThresholdDecoder(Decoder):
             self.threshold = check_threshold(params["threshold"], self.per_class, self.classes)
             self._cache.clear()
 
-    def tune(self, activated: Tensor, labels: Tensor, available: Tensor, metric: Any = "accuracy") -> Dict[str, JSON]:
-        """Exact best threshold(s) on the elements where `available` holds (`dnn_cool_catalyst.tuning`);
-        applies and returns them.
+    def fit(self, activated: Tensor, labels: Tensor, available: Tensor,
+            metric: Any = "accuracy") -> Tuple[Dict[str, JSON], Dict[str, JSON]]:
+        """Exact best threshold(s) on the elements where `available` holds (`dnn_cool_catalyst.tuning`),
+        without changing the decoder: `({"threshold": t}, report)`, plain JSON.
 
         One threshold for outputs `(N,)` / `(N, 1)`, one per class for `(N, C)` (or when thresholds are
         already per class). `metric`: a name of `tuning.METRICS` or a callable on `(tp, fp, fn, tn)`.
-        Returned (plain JSON): `{"threshold": t, "tuned": true, "metric": name, "score": value or null,
-        "num_samples": n}`; without any element: `{"threshold": <current>, "tuned": false, "reason":
-        "no samples in S_t"}`. Per class, `threshold`, `score` and `num_samples` are lists,
-        `"untuned_classes"` lists the classes without elements (they keep their threshold) and
-        `"tuned"` is false only when no class had any.
+        Report: `{"tuned": true, "metric": name, "score": value or null, "num_samples": n}`; without
+        any element the current threshold and `{"tuned": false, "reason": "no samples in S_t"}`. Per
+        class, `threshold`, `score` and `num_samples` are lists, `"untuned_classes"` lists the
+        classes without elements (they keep their threshold) and `"tuned"` is false only when no
+        class had any.
         """
-        from ..tuning import as_numpy, best_threshold, metric_function
+        from ..tuning import as_numpy, best_threshold, best_thresholds, metric_function
 
         name, fn = metric_function(metric)
         a, y, w = as_numpy(activated), as_numpy(labels), as_numpy(available).astype(bool)
@@ -125,40 +146,27 @@ class ThresholdDecoder(Decoder):
                 raise ValueError(f"tune: activated {a.shape}, labels {y.shape} and available {w.shape} "
                                  "must have one element per sample")
             if not w.any():
-                return {"threshold": self.threshold, "tuned": False, "reason": "no samples in S_t"}
+                return self.params(), {"tuned": False, "reason": NO_SAMPLES}
             if not w.all():
                 a, y = a[w], y[w]
             r = best_threshold(a, y > 0.5, fn)
-            self.load_tuned({"threshold": r.threshold})
-            return {"threshold": r.threshold, "tuned": True, "metric": name, "score": _json_score(r.score),
-                    "num_samples": r.num_samples}
+            return {"threshold": r.threshold}, {"tuned": True, "metric": name, "score": _json_score(r.score),
+                                                "num_samples": r.num_samples}
         c = a.shape[-1]
         if y.shape != a.shape or w.shape != a.shape:
             raise ValueError(f"tune: activated {a.shape}, labels {y.shape} and available {w.shape} must have one shape")
         current = list(self.threshold) if isinstance(self.threshold, list) else [self.threshold] * c
         if len(current) != c:
             raise ValueError(f"{len(current)} thresholds for outputs with {c} classes")
-        # one contiguous row per class: cheaper to slice than strided columns
-        a, y, w = (np.ascontiguousarray(v.reshape(-1, c).T) for v in (a, y, w))
         if not w.any():
-            return {"threshold": self.threshold, "tuned": False, "reason": "no samples in S_t"}
-        thresholds, scores, counts, untuned = [], [], [], []
-        for k in range(c):
-            wk = w[k]
-            if wk.any():
-                ak, yk = (a[k], y[k]) if wk.all() else (a[k][wk], y[k][wk])
-                r = best_threshold(ak, yk > 0.5, fn)
-                thresholds.append(r.threshold)
-                scores.append(_json_score(r.score))
-                counts.append(r.num_samples)
-            else:
-                thresholds.append(current[k])
-                scores.append(None)
-                counts.append(0)
-                untuned.append(k)
-        self.load_tuned({"threshold": thresholds})
-        return {"threshold": thresholds, "tuned": True, "metric": name, "score": scores, "num_samples": counts,
-                "untuned_classes": untuned}
+            return self.params(), {"tuned": False, "reason": NO_SAMPLES}
+        found = best_thresholds(a.reshape(-1, c), y.reshape(-1, c), w.reshape(-1, c), fn)
+        thresholds = [r.threshold if r is not None else current[k] for k, r in enumerate(found)]
+        report = {"tuned": True, "metric": name,
+                  "score": [_json_score(r.score) if r is not None else None for r in found],
+                  "num_samples": [r.num_samples if r is not None else 0 for r in found],
+                  "untuned_classes": [k for k, r in enumerate(found) if r is None]}
+        return {"threshold": thresholds}, report
 
     def __getstate__(self):  # cached device tensors are not part of the state
         return {"threshold": self.threshold, "per_class": self.per_class, "classes": self.classes}

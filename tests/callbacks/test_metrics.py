@@ -92,7 +92,8 @@ def test_criterion_without_terms_gives_sample_weighted_loss(small_flow, small_da
 
 
 class SetThresholdAtLoaderEnd:
-    """Stands in for the tuning callback, which runs just before the metrics at a loader's end."""
+    """A callback that changes a threshold at a loader's end and runs before the metrics there (the
+    tuning callback instead runs through `LoaderOutputs.before_decoding`, in any order)."""
 
     def __init__(self, flow, path, threshold):
         self.flow, self.path, self.threshold = flow, path, threshold

@@ -8,6 +8,7 @@ from torch import nn
 
 import dnn_cool_catalyst as dcc
 from dnn_cool_catalyst.story import security_labels, security_tasks
+from dnn_cool_catalyst.interpreters.decoding import merge_report
 from dnn_cool_catalyst.tuning import best_threshold
 
 FACIAL = "person_regression.face_regression.facial_characteristics"
@@ -232,3 +233,60 @@ def test_tune_without_predictions_says_what_to_pass():
     with torch.no_grad():
         activated = flow.torch().eval()(x)["activated"]
     assert decoder.tune(activated, y)["camera_blocked"]["tuned"] is True
+
+
+def test_fit_is_pure_and_tune_is_fit_then_load_tuned():
+    labels = security_labels(300, seed=21, missing_rate=0.1)
+    preds = _predictions(labels, seed=22)
+    flow = security_tasks(features=8).get_full_flow()
+    decoder = flow.get_decoder()
+    before = decoder.params()
+    params, report = decoder.fit(preds, labels, metric="f1")
+    assert decoder.params() == before  # nothing applied
+    assert set(params) == set(report) == set(before)
+    assert all(set(v) == {"threshold"} for v in params.values())  # parameters only: the report is apart
+    assert report["door_open"]["metric"] == "f1" and report["door_open"]["tuned"] is True
+    assert params["door_open"] != before["door_open"]
+    decoder.load_tuned(params)
+    assert decoder.params() == params
+    other = security_tasks(features=8).get_full_flow()
+    assert other.get_decoder().tune(preds, labels, metric="f1") == merge_report(params, report)
+    assert other.get_decoder().params() == params
+
+
+@pytest.mark.parametrize("shape", [(60,), (60, 3)])
+def test_threshold_decoder_fit_leaves_the_decoder_alone(shape):
+    rng = np.random.default_rng(23)
+    scores = torch.from_numpy(rng.random(shape).astype(np.float32))
+    labels = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < scores).float()
+    decoder = dcc.MultilabelClassificationTask("m", nn.Linear(2, 3)).decoder if len(shape) == 2 else \
+        dcc.BinaryClassificationTask("b", nn.Linear(2, 1)).decoder
+    params, report = decoder.fit(scores, labels, torch.ones(shape, dtype=torch.bool))
+    assert decoder.threshold == 0.5 and params["threshold"] != 0.5
+    assert report["tuned"] is True and "threshold" not in report
+    assert decoder.tune(scores, labels, torch.ones(shape, dtype=torch.bool)) == {**params, **report}
+    assert decoder.params() == params
+
+
+def test_a_failing_task_leaves_every_decoder_as_it_was():
+    """Tuning fits every task before it applies any: an error in the last task (here outputs of
+    the wrong width) no longer leaves the first ones tuned."""
+    labels = security_labels(100, seed=24)
+    preds = _predictions(labels, seed=25)
+    preds[FACIAL] = preds[FACIAL][:, :2]
+    flow = security_tasks(features=8).get_full_flow()
+    before = flow.get_decoder().params()
+    with pytest.raises(ValueError, match=f"tuning task '{FACIAL}'"):
+        flow.get_decoder().tune(preds, labels)
+    assert flow.get_decoder().params() == before
+
+
+def test_flows_of_one_tasks_registry_share_tuned_thresholds():
+    """Decoders belong to the tasks: documented sharing between flows (and their runners) of one
+    `Tasks`; a second `Tasks` is independent."""
+    tasks = security_tasks(features=8)
+    full, again = tasks.get_full_flow(), tasks.get_full_flow()
+    separate = security_tasks(features=8).get_full_flow()
+    full.get_decoder().load_tuned({"door_open": {"threshold": 0.25}})
+    assert again.get_decoder().params()["door_open"] == {"threshold": 0.25}
+    assert separate.get_decoder().params()["door_open"] == {"threshold": 0.5}
