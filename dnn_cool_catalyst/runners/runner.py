@@ -17,13 +17,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import pandas as pd
 import torch
 from catalyst import dl
-from catalyst.core.callback import (
-    Callback,
-    IBackwardCallback,
-    ICheckpointCallback,
-    IOptimizerCallback,
-    ISchedulerCallback,
-)
+from catalyst.core.callback import (Callback, IBackwardCallback, ICheckpointCallback, IOptimizerCallback,
+                                    ISchedulerCallback)
 from catalyst.core.misc import callback_isinstance, get_original_callback, sort_callbacks_by_order
 from catalyst.callbacks.misc import TqdmCallback
 from catalyst.loggers.console import ConsoleLogger
@@ -433,7 +428,8 @@ class FlowRunner(dl.Runner):
             self.batch[LOSS_TERMS] = terms
         self.batch_metrics["loss"] = loss
 
-    def forward_flow(self, x: Mapping[str, Any], y: Optional[Mapping[str, Tensor]]) -> Tuple[Mapping[str, Any], Mapping[str, Any]]:
+    def forward_flow(self, x: Mapping[str, Any],
+                     y: Optional[Mapping[str, Tensor]]) -> Tuple[Mapping[str, Any], Mapping[str, Any]]:
         """`(outputs, reduced)` for the batch: the model's outputs for `x`, and what the model
         reduced itself: `{}` (the criterion computes the loss terms from the outputs), or, as a
         `BalancedDataParallel` model returns it, a mapping with `"loss_terms"` and any of

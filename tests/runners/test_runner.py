@@ -347,3 +347,9 @@ def test_catalyst_private_methods_overridden_are_as_in_22_4(name):
     source = inspect.getsource(method)
     assert hashlib.sha256(source.encode("utf-8")).hexdigest()[:16] == digest, (
         f"Catalyst's IRunner.{name} changed: check FlowRunner.{name} in runners/runner.py")
+
+
+def test_flow_runner_overrides_only_the_known_private_methods_of_catalyst():
+    own = {n for n, v in vars(FlowRunner).items() if n.startswith("_") and not n.startswith("__") and callable(v)}
+    bases = [b for b in FlowRunner.__mro__[1:] if b.__module__.startswith("catalyst.")]
+    assert {n for n in own if any(n in vars(b) for b in bases)} == {"_setup_callbacks", "_run_event"}
