@@ -123,6 +123,7 @@ class FlowRunner(dl.Runner):
         self.flow = flow
         self.flow_loss = flow.get_loss()
         self._kept_criterion: Any = self.flow_loss
+        self._loss_step: Optional[LossStep] = None  # the criterion of the run, adapted at its start
         self._logdir = os.fspath(logdir) if logdir is not None else None
         self._evaluating = False
         self._lr = 1e-3
@@ -365,7 +366,7 @@ class FlowRunner(dl.Runner):
 
     def on_experiment_start(self, runner: Any) -> None:
         super().on_experiment_start(runner)  # builds the components and the callbacks
-        self._loss_step: LossStep = loss_step(self.criterion if self.criterion is not None else self._kept_criterion)
+        self._loss_step = loss_step(self.criterion if self.criterion is not None else self._kept_criterion)
         if isinstance(self.model, BalancedDataParallel):
             self.model.reducer.explain = max(self.model.reducer.explain, self._samples_to_explain())
 
