@@ -22,14 +22,15 @@ Each piece names the problem it works around (measured; see CATALYST.md of the p
   no one set. This one logs `momentum` only for optimizers that have that hyperparameter (SGD,
   RMSprop); `lr` always. `SchedulerCallback`: the same for the values Catalyst's writes after a
   scheduler step (batch metrics, or the epoch-scope `runner.epoch_metrics["_epoch_"]`).
-- `CheckpointCallback`: Catalyst writes checkpoints with `torch.save` straight onto the final path
-  (a kill or a full disk leaves a truncated `runner.last.pth`), from every DDP process at once, and
+- `CheckpointCallback`: Catalyst's writes checkpoints with `torch.save` straight onto the final
+  path (a kill or a full disk leaves a truncated `runner.last.pth`), from every DDP process at once, and
   rewrites `runner.best.pth` at every epoch from the live model; it loads them with `torch.load`
   without `weights_only` (unsafe before torch 2.6) into the wrapped model (`DistributedDataParallel`,
   `DataParallel`: "Missing key(s) module...."), and starts its best-so-far bookkeeping empty on a
   resumed run. This one writes atomically from the main process only, loads with
   `weights_only=True` into the unwrapped model, and keeps the bookkeeping and the decoder
-  parameters inside each runner checkpoint (see `runners.checkpoints`).
+  parameters inside each runner checkpoint (see `runners.checkpoints`). It is written on Catalyst's
+  public `ICheckpointCallback`, overriding none of `dl.CheckpointCallback`'s private methods.
 - `CSVLogger`: Catalyst's writes a second header row into `<loader>.csv` when a run resumes; this
   one keeps one header and the earlier epochs' rows.
 - `generators_across_processes`: a `torch.Generator` (e.g. the seeded generator of a
@@ -48,7 +49,7 @@ import csv
 import os
 import warnings
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Iterator
+from typing import Any, Iterator, List, Optional
 
 import torch
 from catalyst import dl
@@ -139,7 +140,7 @@ def lr_momentum_stats(optimizer: Any, lr_key: str = "lr", momentum_key: str = "m
     return stats
 
 
-class CheckpointCallback(dl.CheckpointCallback):
+class CheckpointCallback(dl.ICheckpointCallback):
     """Catalyst's checkpointing (same arguments, same files), made safe to interrupt and to resume.
 
     - Every file is written atomically (`checkpoints.save_checkpoint`), by the main process only
@@ -154,13 +155,49 @@ class CheckpointCallback(dl.CheckpointCallback):
     - `<mode>.best.pth` is written only when the epoch is the best so far (Catalyst rewrites it at
       every epoch from the live model, so it held the last epoch's weights).
 
-    Catalyst 22.4 has no public seam for any of this: `_save`, `_load` and `_handle_epoch` and the
-    public `on_epoch_end_best` are replaced (not extended); `on_experiment_start` (empties
-    `_storage`, then `_load(runner, resume_runner=..., resume_model=...)`) and `on_experiment_end`
-    (`_load(runner, resume_logpath=_storage[0].logpath)`) are Catalyst's.
-    `tests/runners/test_checkpoints.py::test_catalyst_checkpoint_callback_is_the_one_overridden`
-    fails when these methods change.
+    Built on Catalyst's public callback interface (`ICheckpointCallback` and its events) rather
+    than on `dl.CheckpointCallback`, whose private `_save`, `_load`, `_handle_epoch` and `_storage`
+    would all have to be replaced: nothing of Catalyst's checkpoint code is reused. Without
+    `minimize` the `topk` last epochs are kept, as Catalyst's.
     """
+
+    def __init__(self, logdir: str, loader_key: Optional[str] = None, metric_key: Optional[str] = None,
+                 minimize: Optional[bool] = None, topk: int = 1, mode: str = "model", save_last: bool = True,
+                 save_best: bool = True, resume_model: Optional[str] = None, resume_runner: Optional[str] = None,
+                 load_best_on_end: bool = False):
+        super().__init__()
+        if topk < 1:
+            raise ValueError(f"CheckpointCallback: topk must be at least 1, got {topk}")
+        if mode not in ("model", "runner"):
+            raise ValueError(f"CheckpointCallback: mode must be 'model' or 'runner', got {mode!r}")
+        if minimize is not None and metric_key is None:
+            raise ValueError("CheckpointCallback: minimize= ranks epochs by a metric: give metric_key= too")
+        self.logdir, self.loader_key, self.metric_key, self.topk, self.mode = logdir, loader_key, metric_key, topk, mode
+        self.by_metric = minimize is not None  # else the score is the epoch number: the last epochs are kept
+        self.minimize = bool(minimize)
+        self.save_last, self.save_best, self.load_best_on_end = save_last, save_best, load_best_on_end
+        self.resume_model, self.resume_runner = resume_model, resume_runner
+        self.storage: List[Checkpoint] = []  # best first
+        os.makedirs(self.logdir, exist_ok=True)
+
+    def on_experiment_start(self, runner: Any) -> None:
+        self.storage = []
+        self._load(runner, resume_runner=self.resume_runner, resume_model=self.resume_model)
+
+    def on_epoch_end(self, runner: Any) -> None:
+        if not self.by_metric:
+            self._keep_epoch(runner, score=runner.epoch_step)
+            return
+        metrics = runner.epoch_metrics[self.loader_key] if self.loader_key is not None else runner.epoch_metrics
+        self._keep_epoch(runner, score=metrics[self.metric_key])
+        if self.save_best and self.storage[0].obj is not None:  # this epoch is the best so far
+            self._save(runner, self.storage[0].obj, f"{self.logdir}/{self.mode}.best")
+
+    def on_experiment_end(self, runner: Any) -> None:
+        if runner.engine.process_index == 0:  # as Catalyst's
+            print("Top models:\n" + "\n".join(f"{c.logpath}\t{c.metric:3.4f}" for c in self.storage))
+        if self.load_best_on_end:
+            self._load(runner, resume_logpath=self.storage[0].logpath)
 
     def _save(self, runner: Any, obj: Any, logprefix: str) -> str:
         logpath = f"{logprefix}.pth"
@@ -195,14 +232,14 @@ class CheckpointCallback(dl.CheckpointCallback):
             checkpoints.restore_decoder_params(flow, checkpoint, resume_runner)
             kept = checkpoints.storage_from(checkpoint, self.logdir, resume_runner)
             if kept is not None:
-                self._storage = [Checkpoint(obj=None, logpath=p, metric=m) for p, m in kept if os.path.isfile(p)]
+                self.storage = [Checkpoint(obj=None, logpath=p, metric=m) for p, m in kept if os.path.isfile(p)]
         if resume_model is not None:
             runner.engine.wait_for_everyone()
             checkpoint = checkpoints.load_checkpoint(resume_model)
             model.load_state_dict(checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict)
                                   else checkpoint)
 
-    def _handle_epoch(self, runner: Any, score: float) -> None:
+    def _keep_epoch(self, runner: Any, score: float) -> None:
         if self.mode == "model":
             obj: Any = runner.model
         else:
@@ -213,15 +250,15 @@ class CheckpointCallback(dl.CheckpointCallback):
         # hold this epoch's weights.
         current = Checkpoint(obj=obj, logpath=f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}.pth",
                              metric=float(score))
-        ranked = checkpoints.best_first([c._replace(obj=None) for c in self._storage] + [current], self._minimize)
-        self._storage, dropped = ranked[: self.topk], ranked[self.topk:]
+        ranked = checkpoints.best_first([c._replace(obj=None) for c in self.storage] + [current], self.minimize)
+        self.storage, dropped = ranked[: self.topk], ranked[self.topk:]
         if self.mode == "runner":
-            obj[checkpoints.STORAGE_KEY] = checkpoints.storage_entries(self._storage)
+            obj[checkpoints.STORAGE_KEY] = checkpoints.storage_entries(self.storage)
             decoder = checkpoints.decoder_params_json(runner)
             if decoder is not None:
                 obj[checkpoints.DECODER_KEY] = decoder
         # An epoch outside the top k is not written (Catalyst wrote it, then removed it).
-        if any(c is current for c in self._storage):
+        if any(c is current for c in self.storage):
             self._save(runner, obj, f"{self.logdir}/{self.mode}.{runner.epoch_step:04d}")
         if self.save_last:
             self._save(runner, obj, f"{self.logdir}/{self.mode}.last")
@@ -230,17 +267,10 @@ class CheckpointCallback(dl.CheckpointCallback):
         for old in dropped:
             if old is not current and os.path.isfile(old.logpath):
                 os.remove(old.logpath)
-        stats = checkpoints.storage_json(self._storage, logdir=str(self.logdir), topk=self.topk,
+        stats = checkpoints.storage_json(self.storage, logdir=str(self.logdir), topk=self.topk,
                                          loader_key=self.loader_key, metric_key=self.metric_key,
-                                         minimize=self._minimize)
+                                         minimize=self.minimize)
         write_json(f"{self.logdir}/{self.mode}.storage.json", stats, fsync=True)
-
-    def on_epoch_end_best(self, runner: Any) -> None:
-        score = (runner.epoch_metrics[self.loader_key][self.metric_key] if self.loader_key is not None
-                 else runner.epoch_metrics[self.metric_key])
-        self._handle_epoch(runner=runner, score=score)
-        if self.save_best and self._storage[0].obj is not None:  # this epoch is the best so far
-            self._save(runner, self._storage[0].obj, f"{self.logdir}/{self.mode}.best")
 
 
 class CSVLogger(dl.CSVLogger):

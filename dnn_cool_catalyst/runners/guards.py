@@ -11,7 +11,6 @@
   before anything reads it.
 - `LoaderLossCallback`: a loader `loss` where `FlowMetricsCallback` is switched off, so that the
   default checkpoint (which selects by `loss`) still works.
-- `require_batches`: an error naming the method when a loader yielded no batches.
 
 Cost of the non-finite check: on the CPU the loss is looked at every batch (a read, no wait). On
 an accelerator, waiting for the device at every batch would stall the queue of work, so in
@@ -384,9 +383,3 @@ class LoaderLossCallback(Callback):
         if self._count and "loss" not in runner.loader_metrics:
             runner.loader_metrics["loss"] = float(self._sum) / self._count
 
-
-def require_batches(result: Mapping[str, Any], what: str) -> None:
-    """An error naming `FlowRunner.<what>` when `predict` saw no batch (no logits)."""
-    if not result.get(LOGITS):
-        raise ValueError(f"FlowRunner.{what}: the loader yielded no batches (an empty dataset, or a sampler or "
-                         f"drop_last=True leaving none): give it a loader with samples")

@@ -1,72 +1,59 @@
 """`FlowRunner`: Catalyst's `Runner` for a task flow, with flow-aware defaults.
 
 The runner orchestrates: it feeds batches to the model, computes the flow loss, and adds the
-callbacks, optimizer, checkpointing and loggers a flow needs where the user gave none. Metrics,
-tuning, interpretation, evaluation and persistence live in the callbacks, the flow's
-interpreters and `runners.export`.
+callbacks, optimizer, checkpointing and loggers a flow needs where the user gave none. Batches are
+checked in `dnn_cool_catalyst.batches`, predictions, tuning and evaluation over a loader are
+`dnn_cool_catalyst.inference`, the loss goes through `runners.criterion`, DDP's padding copies are
+found by `runners.padding`, resuming and restoring from the logdir is `runners.restore`; metrics,
+tuning and interpretation during training live in the callbacks, persistence in `runners.export`.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import pandas as pd
 import torch
 from catalyst import dl
-from catalyst.core.callback import (
-    Callback,
-    IBackwardCallback,
-    ICheckpointCallback,
-    IOptimizerCallback,
-    ISchedulerCallback,
-)
-from catalyst.core.misc import callback_isinstance, sort_callbacks_by_order
+from catalyst.core.callback import (Callback, IBackwardCallback, ICheckpointCallback, IOptimizerCallback,
+                                    ISchedulerCallback)
+from catalyst.core.misc import callback_isinstance, get_original_callback, sort_callbacks_by_order
 from catalyst.callbacks.misc import TqdmCallback
 from catalyst.loggers.console import ConsoleLogger
 from catalyst.loggers.csv import CSVLogger
 from catalyst.loggers.tensorboard import TensorboardLogger
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler
 
+from .. import inference
+from ..batches import check_first_batch, inputs_batch_size, split_batch, take_rows
 from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
-from ..callbacks.batch import (
-    EXPLAIN,
-    INDEX,
-    INPUTS,
-    LOSS_TERMS,
-    METRIC_STATES,
-    OUTPUTS,
-    PER_SAMPLE_LOSS,
-    TARGETS,
-    StackedLossTerms,
-    batch_size_of,
-)
+from ..callbacks.batch import batch_size_of
 from ..callbacks.common import import_object, resolve_flow
 from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..distributed import is_main_process, unwrap
-from ..errors import InputError, LabelError
-from ..interpreters.loss import stack_terms
+from ..errors import capped, did_you_mean
+from ..keys import EXPLAIN, GT, INPUTS, LOSS_TERMS, METRIC_STATES, OUTPUTS, PER_SAMPLE_LOSS, TARGETS
 from ..summary import summary, where_logs_are
 from . import checkpoints, compat
 from .balance import BalancedDataParallel
 from .console import FlowConsoleLogger, FlowProgressBar, stdout_is_terminal
-from .engines import BalancedDataParallelEngine, available_engine, launched_by_torchrun, unshare_tensors
+from .criterion import FlowCriterion, LossStep, loss_step
+from .engines import BalancedDataParallelEngine, available_engine, unshare_tensors
 from .export import export_model, load_model
-from .guards import LoaderLossCallback, RunGuards, require_batches
+from .guards import LoaderLossCallback, RunGuards
+from .padding import PaddingLayout, ddp_padding_layout
+from .restore import ran_in_spawned_workers, restore_from_logdir, resume_checkpoint
 from .tensorboard import FlowTensorboardLogger
 
-_MODE_WORDS = {"gt": "the labels", "predicted": "the predictions"}
-LAST_CHECKPOINT = os.path.join("checkpoints", "runner.last.pth")
-BEST_CHECKPOINT = os.path.join("checkpoints", "runner.best.pth")
+_MODE_WORDS = {GT: "the labels", "predicted": "the predictions"}
 EVALUATION_FILE = "evaluation.csv"
-
-
-# Building the runner from objects or dotted paths (YAML) -------------------------------------------
+# Catalyst's own `train` arguments, which `FlowRunner.train` passes on (all but `loaders`).
+CATALYST_TRAIN_ARGS = {name: p.default for name, p in inspect.signature(dl.Runner.train).parameters.items()
+                       if name not in ("self", "loaders")}
 
 
 def resolve_model(model: Any, flow: Any) -> nn.Module:
@@ -84,134 +71,6 @@ def resolve_model(model: Any, flow: Any) -> nn.Module:
             raise TypeError(f"the model factory {model!r} returned {type(built).__name__}, not an nn.Module")
         return built
     raise TypeError(f"model must be an nn.Module, a factory model(flow) or its dotted path, got {type(model).__name__}")
-
-
-# Batches ------------------------------------------------------------------------------------------
-
-
-def split_batch(batch: Any, loader_key: Optional[str], allow_inputs_only: bool = False) -> Tuple[Mapping, Optional[Mapping]]:
-    """`(X, y)` from a batch; a `TypeError` naming the loader and what it yielded otherwise."""
-    if isinstance(batch, Mapping) and allow_inputs_only:
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping) and isinstance(batch[1], Mapping):
-        return batch[0], batch[1]
-    if isinstance(batch, (tuple, list)):
-        got = f"a {type(batch).__name__} of {len(batch)} item(s): ({', '.join(type(b).__name__ for b in batch[:4])})"
-    else:
-        got = f"a {type(batch).__name__}"
-    raise TypeError(f"loader {loader_key!r} yielded {got}; FlowRunner needs (X, y) pairs: X a mapping of input "
-                    f"features (with X['gt'] for the precondition tasks), y a mapping task path -> labels, "
-                    f"as flow.get_dataset(inputs, labels) produces")
-
-
-def check_first_batch(flow: Any, x: Mapping, y: Optional[Mapping], loader_key: Optional[str],
-                      reads_inputs: bool) -> None:
-    """Errors naming the task or key when a batch cannot feed the flow: labels missing for a task,
-    no ground truth for a precondition task in a labelled batch, or (when the model is the flow
-    module itself) a feature the flow reads missing from X."""
-    from ..interpreters.module import read_input
-
-    graph = flow.graph
-    where = f"loader {loader_key!r}: the first batch"
-    if y is not None:
-        missing = [p for p in graph.paths if p not in y]
-        if missing:
-            raise LabelError(f"{where} has no labels (y) for task(s) {missing} of flow {graph.name!r}; y has {sorted(y)}")
-    conditions = graph.condition_paths
-    if conditions and y is not None:  # without labels (inference) masks come from the predictions
-        gt = x.get("gt")
-        if not isinstance(gt, Mapping):
-            raise InputError(f"{where} has no X['gt'] (the labels of the precondition tasks {list(conditions)}); "
-                             f"X has {sorted(x)}. Build it with flow.get_dataset(inputs, labels)")
-        missing = [p for p in conditions if p not in gt]
-        if missing:
-            raise InputError(f"{where}: X['gt'] has no labels for precondition task(s) {missing}; it has {sorted(gt)}")
-    if reads_inputs:
-        problems = []
-        for leaf in graph.leaves:
-            try:
-                read_input(x, leaf.input_key, leaf.path)
-            except InputError as e:
-                problems.append(str(e))
-        if problems:
-            raise InputError(f"{where} lacks inputs the flow reads: " + "; ".join(dict.fromkeys(problems)))
-
-
-def to_device(tree: Any, device: torch.device) -> Any:
-    """Nested mappings/sequences with every tensor moved to `device`."""
-    if isinstance(tree, Tensor):
-        return tree.to(device, non_blocking=True)
-    if isinstance(tree, Mapping):
-        return {k: to_device(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_device(v, device) for v in tree)
-    return tree
-
-
-def _concat(chunks: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
-
-
-def take_rows(tree: Any, n: int, batch: int) -> Any:
-    """The first `n` samples of a batch of `batch` samples: tensors (and lists) of length `batch`
-    are cut along the first dimension, mappings recursively, anything else kept."""
-    if isinstance(tree, Tensor):
-        return tree[:n] if tree.dim() > 0 and tree.shape[0] == batch else tree
-    if isinstance(tree, Mapping):
-        return {k: take_rows(v, n, batch) for k, v in tree.items()}
-    if isinstance(tree, list) and len(tree) == batch:
-        return tree[:n]
-    return tree
-
-
-# DDP: the duplicated samples with which accelerate evens out the shards ----------------------------
-
-
-@dataclass(frozen=True)
-class PaddingLayout:
-    """Where one process's batches sit in the epoch's stream of samples (accelerate's
-    `BatchSamplerShard` with `even_batches`): the stream is cut into batches of `batch_size` and
-    dealt to the processes in turn (or each batch split among them, `split`); the last ones are
-    completed with samples from the start of the epoch. Positions from `total` on are those copies."""
-
-    world: int
-    rank: int
-    batch_size: int
-    total: int
-    split: bool
-
-    def real_rows(self, step: int, n: int) -> int:
-        """How many of the `n` samples of this process's batch number `step` (from 0) are not copies
-        (the copies come last in a batch)."""
-        if self.split:
-            start = step * self.batch_size + self.rank * (self.batch_size // self.world)
-        else:
-            start = (step * self.world + self.rank) * self.batch_size
-        return max(0, min(n, self.total - start))
-
-
-def ddp_padding_layout(loader: Any) -> Optional[PaddingLayout]:
-    """The `PaddingLayout` of a loader prepared by accelerate for several processes, when it pads
-    (even batches, no `drop_last`) over a standard `BatchSampler`; None otherwise."""
-    try:
-        from accelerate.data_loader import BatchSamplerShard
-    except ImportError:  # pragma: no cover - accelerate is a dependency of Catalyst
-        return None
-    shard = getattr(loader, "batch_sampler", None)
-    if not isinstance(shard, BatchSamplerShard) or shard.num_processes <= 1 or not shard.even_batches or shard.drop_last:
-        return None
-    inner = shard.batch_sampler
-    if not isinstance(inner, BatchSampler) or not inner.batch_size or inner.drop_last:
-        return None
-    try:
-        total = len(inner.sampler)
-    except TypeError:
-        return None
-    return PaddingLayout(world=shard.num_processes, rank=shard.process_index, batch_size=int(inner.batch_size),
-                         total=int(total), split=bool(shard.split_batches))
-
-
-# The runner ---------------------------------------------------------------------------------------
 
 
 class FlowRunner(dl.Runner):
@@ -265,6 +124,7 @@ class FlowRunner(dl.Runner):
         self.flow = flow
         self.flow_loss = flow.get_loss()
         self._kept_criterion: Any = self.flow_loss
+        self._loss_step: Optional[LossStep] = None  # the criterion of the run, adapted at its start
         self._logdir = os.fspath(logdir) if logdir is not None else None
         self._evaluating = False
         self._lr = 1e-3
@@ -284,18 +144,14 @@ class FlowRunner(dl.Runner):
         return self._valid_loader
 
     # Training -------------------------------------------------------------------------------------
-    def train(self, *, loaders: "OrderedDict[str, Any]", model: Any = None, engine: Any = None,
-              criterion: Any = None, optimizer: Any = None, scheduler: Any = None,
-              callbacks: Union[List[Callback], Mapping[str, Callback], None] = None,
-              loggers: Optional[Mapping[str, Any]] = None, seed: int = 42, hparams: Optional[Dict[str, Any]] = None,
-              num_epochs: int = 1, logdir: Optional[str] = None, resume: Union[str, bool, None] = None,
-              valid_loader: Optional[str] = None, valid_metric: Optional[str] = None,
-              minimize_valid_metric: Optional[bool] = None, verbose: Optional[bool] = None, timeit: bool = False,
-              check: bool = False, overfit: bool = False, profile: bool = False, load_best_on_end: bool = False,
-              cpu: bool = False, fp16: bool = False, ddp: bool = False,
-              lr: float = 1e-3, flow_metrics: bool = True, interpretation: bool = True,
-              threshold_tuning: bool = True, nonfinite: str = "raise", overwrite: bool = False) -> None:
-        """Catalyst's `train` (every one of its arguments), with defaults added only where none was given:
+    def train(self, *, loaders: "OrderedDict[str, Any]", lr: float = 1e-3, flow_metrics: bool = True,
+              interpretation: bool = True, threshold_tuning: bool = True, nonfinite: str = "raise",
+              overwrite: bool = False, **catalyst_args: Any) -> None:
+        """Catalyst's `train`: `catalyst_args` are Catalyst's own arguments (`model`, `engine`,
+        `criterion`, `optimizer`, `scheduler`, `callbacks`, `loggers`, `seed`, `hparams`,
+        `num_epochs`, `logdir`, `resume`, `valid_loader`, `valid_metric`, `minimize_valid_metric`,
+        `verbose`, `timeit`, `check`, `overfit`, `profile`, `load_best_on_end`, `cpu`, `fp16`,
+        `ddp`), passed on, with defaults added only where none was given:
 
         - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
         - `optimizer`: `AdamW(lr=lr)` when a loader trains; an optimizer may also be a factory
@@ -320,7 +176,7 @@ class FlowRunner(dl.Runner):
           `resume` continues that run or `overwrite=True` removes those files first (two runs never mix);
         - `load_best_on_end`: the best epoch's weights and the decoder parameters (thresholds) it had.
 
-        Extra arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
+        The flow's own arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
         `threshold_tuning` switch the default callbacks off (without `FlowMetricsCallback` the loader
         `loss` is the batch-size-weighted mean of the batch losses). `nonfinite`: "raise" (default)
         stops at the first batch whose loss is NaN or infinite, naming the loader, batch, tasks and
@@ -332,47 +188,55 @@ class FlowRunner(dl.Runner):
         """
         if not isinstance(loaders, Mapping) or not loaders:
             raise TypeError(f"loaders must be a non-empty mapping name -> DataLoader, got {type(loaders).__name__}")
+        args = self._catalyst_train_args(catalyst_args)
+        logdir = args["logdir"]
         if self._evaluating:
             logdir = None
         else:
             logdir = os.fspath(logdir) if logdir is not None else self._logdir
             self._logdir = logdir
-        if criterion is not None:
-            self._kept_criterion = criterion
+        if args["criterion"] is not None:
+            self._kept_criterion = args["criterion"]
         trains = any(str(k).startswith("train") for k in loaders)
         self._lr = lr
-        self._make_default_optimizer = optimizer is None and trains and not self._evaluating
+        self._make_default_optimizer = args["optimizer"] is None and trains and not self._evaluating
         self._default_callbacks = {"flow_metrics": flow_metrics, "interpretation": interpretation and not self._evaluating,
                                    "threshold_tuning": threshold_tuning and not self._evaluating}
+        valid_loader = args["valid_loader"]
         if valid_loader is None:
             valid_loader = next((k for k in loaders if str(k).startswith("valid")), next(iter(loaders)))
         elif valid_loader not in loaders:
             raise KeyError(f"valid_loader {valid_loader!r} is not one of the loaders {list(loaders)}")
-        self._guards = RunGuards(nonfinite, valid_loader, valid_metric)  # valid_metric as given (None: the default)
-        if valid_metric is None:
-            valid_metric = "loss"
-        if minimize_valid_metric is None:
-            minimize_valid_metric = True
+        self._guards = RunGuards(nonfinite, valid_loader, args["valid_metric"])  # as given (None: the default)
         if logdir is not None and not self._evaluating and is_main_process():
-            checkpoints.claim_logdir(logdir, resume=resume, overwrite=overwrite)
-        self._resume_path = self._resume_checkpoint(resume, logdir, callbacks)
-        engine = self._choose_engine(engine, cpu=cpu, fp16=fp16, ddp=ddp)
+            checkpoints.claim_logdir(logdir, resume=args["resume"], overwrite=overwrite)
+        self._resume_path = resume_checkpoint(args["resume"], logdir, args["callbacks"])
+        engine = self._choose_engine(args["engine"], cpu=args["cpu"], fp16=args["fp16"], ddp=args["ddp"])
+        verbose = catalyst_args.get("verbose")  # None (not given): a progress bar on a terminal
         self._verbose_metrics = verbose is True  # per-task lines every epoch (the default console logger)
-        if verbose is None:
-            verbose = stdout_is_terminal()  # the progress bar
+        args.update(loaders=loaders, engine=engine, criterion=self._kept_criterion, logdir=logdir,
+                    resume=self._resume_path, valid_loader=valid_loader,
+                    valid_metric="loss" if args["valid_metric"] is None else args["valid_metric"],
+                    minimize_valid_metric=True if args["minimize_valid_metric"] is None else args["minimize_valid_metric"],
+                    verbose=stdout_is_terminal() if verbose is None else verbose)
         spawns = isinstance(engine, dl.DistributedDataParallelEngine)  # also Catalyst's own engine
         with compat.generators_across_processes() if spawns else contextlib.nullcontext():
-            super().train(loaders=loaders, model=model, engine=engine, criterion=self._kept_criterion,
-                          optimizer=optimizer, scheduler=scheduler, callbacks=callbacks, loggers=loggers, seed=seed,
-                          hparams=hparams, num_epochs=num_epochs, logdir=logdir, resume=self._resume_path,
-                          valid_loader=valid_loader, valid_metric=valid_metric,
-                          minimize_valid_metric=minimize_valid_metric, verbose=verbose, timeit=timeit, check=check,
-                          overfit=overfit, profile=profile, load_best_on_end=load_best_on_end, cpu=cpu, fp16=fp16,
-                          ddp=ddp)
-        if self._ran_in_spawned_workers():
-            self._restore_from_logdir(load_best_on_end)
+            super().train(**args)
+        if ran_in_spawned_workers(self.engine):
+            restore_from_logdir(self._logdir, self.model, self.flow, args["load_best_on_end"])
         if not self._evaluating and is_main_process():
             print(where_logs_are(self._logdir))
+
+    @staticmethod
+    def _catalyst_train_args(given: Mapping[str, Any]) -> Dict[str, Any]:
+        """Every argument of Catalyst's `train` but `loaders`: those `given`, else Catalyst's defaults."""
+        unknown = [name for name in given if name not in CATALYST_TRAIN_ARGS]
+        if unknown:
+            own = [n for n in inspect.signature(FlowRunner.train).parameters if n not in ("self", "catalyst_args")]
+            raise TypeError(f"FlowRunner.train got unknown argument(s) {capped(unknown)}"
+                            f"{did_you_mean(unknown[0], [*CATALYST_TRAIN_ARGS, *own], listed=0)}; it takes Catalyst's "
+                            f"train arguments ({capped(CATALYST_TRAIN_ARGS, 30)}) and the flow's ({capped(own)})")
+        return {**CATALYST_TRAIN_ARGS, **given}
 
     def _choose_engine(self, engine: Any, cpu: bool, fp16: bool, ddp: bool) -> Any:
         chosen = engine if engine is not None else self.engine
@@ -391,63 +255,11 @@ class FlowRunner(dl.Runner):
         if isinstance(chosen, BalancedDataParallelEngine):
             if chosen.flow is None:
                 chosen.flow = self.flow
-            if not hasattr(self._kept_criterion, "terms"):
+            if not isinstance(self._kept_criterion, FlowCriterion):
                 raise ValueError(f"DataParallel memory balancing reduces the flow loss inside the replicas; it cannot "
                                  f"use the criterion {type(self._kept_criterion).__name__} (no .terms): leave "
                                  f"criterion=None")
         return chosen
-
-    def _ran_in_spawned_workers(self) -> bool:
-        """Whether the last run happened in worker processes spawned by a DDP engine (this process
-        is their parent and holds neither the trained weights nor the metrics)."""
-        import torch.distributed as dist
-
-        engine = self.engine
-        if not isinstance(engine, dl.DistributedDataParallelEngine) or launched_by_torchrun():
-            return False
-        if dist.is_available() and dist.is_initialized():
-            return False
-        return bool(getattr(engine, "spawned", True))
-
-    def _restore_from_logdir(self, load_best_on_end: bool) -> None:
-        """Load what the DDP workers left in the logdir: weights and tuned decoder parameters."""
-        if self._logdir is None:
-            warnings.warn("FlowRunner: training ran in spawned DDP workers and there is no logdir to read the "
-                          "trained weights back from: the model in this process is untrained. Give a logdir.",
-                          stacklevel=3)
-            return
-        path = os.path.join(self._logdir, BEST_CHECKPOINT if load_best_on_end else LAST_CHECKPOINT)
-        if not os.path.isfile(path):
-            warnings.warn(f"FlowRunner: training ran in spawned DDP workers but there is no checkpoint {path!r} "
-                          f"(a CheckpointCallback of your own?): the model in this process is untrained", stacklevel=3)
-            return
-        checkpoint = checkpoints.load_checkpoint(path)
-        unwrap(self.model).load_state_dict(checkpoint["model_state_dict"])
-        if checkpoints.restore_decoder_params(self.flow, checkpoint, path):  # the thresholds of that epoch
-            return
-        tuned = os.path.join(self._logdir, TUNED_PARAMS_FILE)
-        if os.path.isfile(tuned):
-            from ..tuning import load_tuned
-
-            self.flow.get_decoder().load_tuned(load_tuned(tuned), source=tuned)
-
-    @staticmethod
-    def _resume_checkpoint(resume: Any, logdir: Optional[str], callbacks: Any) -> Optional[str]:
-        if resume is None or resume is False:
-            return None
-        if resume is True or resume == "last":
-            if logdir is None:
-                raise ValueError("resume=True continues from <logdir>/checkpoints/runner.last.pth: give a logdir")
-            path = os.path.join(logdir, LAST_CHECKPOINT)
-        else:
-            path = os.fspath(resume)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"cannot resume: no checkpoint {path!r}")
-        given = sort_callbacks_by_order(callbacks).values()
-        if any(callback_isinstance(c, ICheckpointCallback) for c in given):
-            raise ValueError("resume= works with FlowRunner's own checkpointing; with a CheckpointCallback of your own, "
-                             "give it resume_runner=... instead")
-        return path
 
     def evaluate_loader(self, loader: Any, callbacks: Any = None, model: Any = None, engine: Any = None,
                         seed: int = 42, verbose: bool = False) -> Dict[str, Any]:
@@ -536,25 +348,35 @@ class FlowRunner(dl.Runner):
         return super().get_callbacks()
 
     def _setup_callbacks(self) -> None:
-        # The loss is computed in handle_batch and the step callbacks are added above.
+        # Catalyst 22.4 has no seam between building the callbacks and `check_callbacks`, which warns
+        # "No I*Callback" because the loss is computed in handle_batch (the step callbacks are added
+        # in get_callbacks): only those three warnings are silenced, around Catalyst's own method.
+        # tests/runners/test_runner.py::test_catalyst_private_methods_overridden_are_as_in_22_4
         with compat.quiet_step_callback_check():
             super()._setup_callbacks()
 
     def _run_event(self, event: str) -> None:
         # Catalyst 22.4 (IRunner._run_loader) runs a batch as on_batch_start, handle_batch,
-        # on_batch_end: the guards look at the loss before any callback, so that a skipped batch
-        # reaches none (no backward pass, optimizer step or metrics). Tested in test_guards.py.
+        # on_batch_end, each through _run_event: the guards look at the loss before any callback,
+        # so that a skipped batch reaches none (no backward pass, optimizer step or metrics); no
+        # public hook sits between handle_batch and the callbacks' on_batch_end. Tested in
+        # test_guards.py, and by test_catalyst_private_methods_overridden_are_as_in_22_4.
         if self._guards.before(event, self):
             super()._run_event(event)
             self._guards.after(event, self)
 
     def on_experiment_start(self, runner: Any) -> None:
-        super().on_experiment_start(runner)
+        super().on_experiment_start(runner)  # builds the components and the callbacks
+        self._loss_step = loss_step(self.criterion if self.criterion is not None else self._kept_criterion)
         if isinstance(self.model, BalancedDataParallel):
-            # the replicas keep the logits of the samples the interpretation callbacks explain
-            explain = [getattr(c, "explain", 0) for c in self.callbacks.values()
-                       if callback_isinstance(c, InterpretationCallback)]
-            self.model.reducer.explain = max([self.model.reducer.explain, *explain])
+            self.model.reducer.explain = max(self.model.reducer.explain, self._samples_to_explain())
+
+    def _samples_to_explain(self) -> int:
+        """How many samples (the lowest dataset indices) the run's `InterpretationCallback`s explain
+        as trees (their `explain` argument): memory-balanced replicas keep those samples' logits."""
+        explain = [get_original_callback(c).explain for c in self.callbacks.values()
+                   if callback_isinstance(c, InterpretationCallback)]
+        return max(explain, default=0)
 
     def on_experiment_end(self, runner: Any) -> None:
         super().on_experiment_end(runner)
@@ -573,68 +395,52 @@ class FlowRunner(dl.Runner):
         self._loader_step = 0
 
     def on_batch_start(self, runner: Any) -> None:
-        # Catalyst takes len(batch[0]) as the batch size, which is the number of keys of X here.
         x, y = split_batch(self.batch, self.loader_key, allow_inputs_only=self.is_infer_loader)
+        size = batch_size_of(y, x) if y is not None else inputs_batch_size(x)
         if self._padding is not None:
-            n = batch_size_of(y, x) if y is not None else _inputs_batch_size(x)
-            real = self._padding.real_rows(self._loader_step, n)
-            if real < n:  # the copies with which accelerate evened out the shards: every sample counts once
-                x, y = take_rows(x, real, n), (take_rows(y, real, n) if y is not None else None)
-                self.batch = (x, y) if y is not None else x
+            real = self._padding.real_rows(self._loader_step, size)
+            if real < size:  # the copies with which accelerate evened out the shards: every sample counts once
+                x, y = take_rows(x, real, size), (take_rows(y, real, size) if y is not None else None)
+                self.batch, size = ((x, y) if y is not None else x), real
         self._loader_step += 1
         if self.loader_batch_step == 0:
             check_first_batch(self.flow, x, y, self.loader_key, reads_inputs=self._model_is_flow_module())
-        self.batch_size = batch_size_of(y, x) if y is not None else _inputs_batch_size(x)
-        steps = self.engine.num_processes
-        self.batch_step += steps
-        self.loader_batch_step += steps
-        self.sample_step += self.batch_size * steps
-        self.loader_sample_step += self.batch_size * steps
-        self.batch_metrics = {}
+        # Catalyst's step counters, with its batch size corrected: Catalyst 22.4 takes len(batch[0]),
+        # which for an (X, y) pair is the number of keys of X. Tested in test_runner.py.
+        super().on_batch_start(runner)
+        self.sample_step += (size - self.batch_size) * self.engine.num_processes
+        self.loader_sample_step += (size - self.batch_size) * self.engine.num_processes
+        self.batch_size = size
 
     def _model_is_flow_module(self) -> bool:
         return unwrap(self.model) is self.flow.torch()
 
     def handle_batch(self, batch: Any) -> None:
         x, y = split_batch(batch, self.loader_key, allow_inputs_only=self.is_infer_loader)
-        outputs, parts = self.forward_flow(x, y)
+        outputs, reduced = self.forward_flow(x, y)
         self.batch = {INPUTS: x, TARGETS: y if y is not None else {}, OUTPUTS: outputs}
         if y is None:
             return
-        criterion = self.criterion if self.criterion is not None else self._kept_criterion
-        terms = parts
-        if isinstance(parts, Mapping) and LOSS_TERMS in parts:  # reduced inside the model (balanced replicas)
-            terms = parts[LOSS_TERMS]
-            for key in (METRIC_STATES, PER_SAMPLE_LOSS, EXPLAIN):
-                if key in parts:
-                    self.batch[key] = parts[key]
-        if terms is None and hasattr(criterion, "terms") and hasattr(criterion, "combine"):
-            terms = criterion.terms(outputs, y)
-        if terms is not None and hasattr(criterion, "from_stacked"):
-            # one stack for the loss and the callbacks; FlowLoss scales for DDP under a process group
-            paths = tuple(terms)
-            stacked = stack_terms(terms)
-            loss = criterion.from_stacked(stacked, paths)
-            self.batch[LOSS_TERMS] = StackedLossTerms(paths, stacked.detach())
-        elif terms is not None:
-            loss = (criterion.from_terms(terms) if hasattr(criterion, "from_terms")
-                    else criterion.combine(terms, criterion.weights))
-            self.batch[LOSS_TERMS] = {p: (s.detach(), c.detach()) for p, (s, c) in terms.items()}
-        else:
-            loss = criterion(outputs, y)
+        for key in (METRIC_STATES, PER_SAMPLE_LOSS, EXPLAIN):  # reduced inside the model (balanced replicas)
+            if key in reduced:
+                self.batch[key] = reduced[key]
+        # one stack of the terms for the loss and the callbacks; FlowLoss scales for DDP under a process group
+        loss, terms = self._loss_step(outputs, y, reduced.get(LOSS_TERMS))
+        if terms is not None:
+            self.batch[LOSS_TERMS] = terms
         self.batch_metrics["loss"] = loss
 
-    def forward_flow(self, x: Mapping[str, Any], y: Optional[Mapping[str, Tensor]]) -> Tuple[Mapping[str, Any], Any]:
-        """`(outputs, parts)` for the batch: the model's outputs for `x`, and what the model
-        computed itself: None (the criterion computes the loss terms from the outputs), the loss
-        terms `{path: (sum, count)}`, or a mapping with `"loss_terms"` and any of
-        `"metric_states"`, `"per_sample_loss"`, `"explain"` (see `callbacks.batch`), as a
-        `BalancedDataParallel` model returns them (its outputs then hold only masks and the
-        activated outputs of the kept tasks)."""
+    def forward_flow(self, x: Mapping[str, Any],
+                     y: Optional[Mapping[str, Tensor]]) -> Tuple[Mapping[str, Any], Mapping[str, Any]]:
+        """`(outputs, reduced)` for the batch: the model's outputs for `x`, and what the model
+        reduced itself: `{}` (the criterion computes the loss terms from the outputs), or, as a
+        `BalancedDataParallel` model returns it, a mapping with `"loss_terms"` and any of
+        `"metric_states"`, `"per_sample_loss"`, `"explain"` (see `callbacks.batch`; the outputs
+        then hold only masks and the activated outputs of the kept tasks)."""
         if y is not None and isinstance(self.model, BalancedDataParallel):
             reduced = self.model(x, y)
             return reduced[OUTPUTS], reduced
-        return self.model(x), None
+        return self.model(x), {}
 
     @torch.no_grad()
     def predict_batch(self, batch: Any, **kwargs) -> Mapping[str, Any]:
@@ -642,62 +448,10 @@ class FlowRunner(dl.Runner):
         x, _ = split_batch(batch, self.loader_key, allow_inputs_only=True)
         return self.model(x)
 
-    # After training ------------------------------------------------------------------------------
-    @torch.no_grad()
+    # After training: `dnn_cool_catalyst.inference` over the runner's model and flow --------------
     def predict(self, loader: Any, preconditions: str = "predicted") -> Dict[str, Any]:
         """Like `infer`, with torch tensors on the CPU instead of numpy arrays."""
-        return self._predict(loader, preconditions, "predict")
-
-    @torch.no_grad()
-    def _predict(self, loader: Any, preconditions: str, what: str) -> Dict[str, Any]:
-        if preconditions not in ("predicted", "gt"):
-            raise ValueError(f"preconditions must be 'predicted' or 'gt', got {preconditions!r}")
-        model = self.model
-        if model is None:
-            raise ValueError("FlowRunner has no model")
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            # each process predicts alone (after training under torchrun the process group is gone)
-            model = model.module
-        was_training = model.training
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        parts: Dict[str, List[Dict[str, Tensor]]] = {k: [] for k in ("logits", "activated", "decoded", "mask")}
-        targets: List[Dict[str, Tensor]] = []
-        indices: List[Tensor] = []
-        first = True
-        try:
-            for batch in loader:
-                x, y = split_batch(batch, "infer", allow_inputs_only=True)
-                if first and preconditions == "gt":
-                    check_first_batch(self.flow, x, y, "infer", reads_inputs=self._model_is_flow_module())
-                first = False
-                if preconditions == "predicted":
-                    x = {k: v for k, v in x.items() if k != "gt"}
-                out = model(to_device(x, device))
-                activated = out.get("activated") or self.flow.get_activation()(out["logits"])
-                decoded = out.get("decoded") or self.flow.get_decoder()(activated)
-                for key, value in (("logits", out["logits"]), ("activated", activated), ("decoded", decoded),
-                                   ("mask", out["mask"])):
-                    parts[key].append({p: t.detach().cpu() for p, t in value.items()})
-                if y is not None:
-                    targets.append({p: t.detach().cpu() for p, t in y.items()})
-                if isinstance(x.get(INDEX), Tensor):
-                    indices.append(x[INDEX].detach().cpu().reshape(-1))
-        finally:
-            model.train(was_training)
-        result: Dict[str, Any] = {k: _concat(v) for k, v in parts.items()}
-        require_batches(result, what)
-        result["targets"] = _concat(targets) if targets else None
-        n = next(iter(result["logits"].values())).shape[0] if result["logits"] else 0
-        index = torch.cat(indices) if indices else torch.arange(n)
-        if indices and index.numel() == n:
-            order = torch.argsort(index, stable=True)
-            for key in ("logits", "activated", "decoded", "mask", "targets"):
-                if result[key] is not None:
-                    result[key] = {p: t[order] for p, t in result[key].items()}
-            index = index[order]
-        result["index"] = index
-        return result
+        return inference.predict(self.model, self.flow, loader, preconditions, name="FlowRunner.predict")
 
     def infer(self, loader: Any, preconditions: str = "predicted") -> Dict[str, Any]:
         """Predictions over a loader, in dataset order (by `X["index"]` when batches carry it).
@@ -707,33 +461,14 @@ class FlowRunner(dl.Runner):
         `preconditions="predicted"` (default) computes masks from the decoded predictions, as at
         inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`.
         """
-        result = self._predict(loader, preconditions, "infer")
-        out: Dict[str, Any] = {}
-        for key, value in result.items():
-            if isinstance(value, Mapping):
-                out[key] = {p: t.numpy() for p, t in value.items()}
-            elif isinstance(value, Tensor):
-                out[key] = value.numpy()
-            else:
-                out[key] = value
-        return out
+        return inference.infer(self.model, self.flow, loader, preconditions, name="FlowRunner.infer")
 
     def tune(self, loader: Any, metric: Any = "accuracy", apply: bool = True, save: bool = True) -> Dict[str, Dict[str, Any]]:
         """Tune every tunable decoder on `loader` (samples in `S_t`, from `X["gt"]`) for `metric`;
         returns `{path: params}`. `apply` keeps them in the decoders; `save` writes
         `tuned_params.json` into the logdir (when there is one; under torchrun, rank 0 only).
         The decoders are the tasks', shared by every runner of flows from one `Tasks` (`FlowDecoder`)."""
-        from ..interpreters.decoding import merge_report
-
-        result = self._predict_with_targets(loader, "tune")
-        decoder = self.flow.get_decoder()
-        paths = list(decoder.params())
-        params, report = decoder.fit({p: result["activated"][p] for p in paths},
-                                     {p: result["targets"][p] for p in paths},
-                                     masks={p: result["mask"][p] for p in paths}, metric=metric)
-        if apply:
-            decoder.load_tuned(params)
-        tuned = merge_report(params, report)
+        tuned = inference.tune(self.model, self.flow, loader, metric=metric, apply=apply, name="FlowRunner.tune")
         if save and self._logdir is not None and is_main_process():
             from ..tuning import save_tuned
 
@@ -746,19 +481,12 @@ class FlowRunner(dl.Runner):
         `evaluation.csv` into the logdir when there is one and `save` is true (under torchrun,
         rank 0 only). `verbose` prints it in full, one line per task (`summary.format_table`),
         and where the logs are."""
-        result = self._predict_with_targets(loader, "evaluate")
-        table = self.flow.get_evaluator()(result["activated"], result["targets"], preconditions=preconditions)
+        table = inference.evaluate(self.model, self.flow, loader, preconditions, name="FlowRunner.evaluate")
         if save and self._logdir is not None and is_main_process():
             write_csv(os.path.join(self._logdir, EVALUATION_FILE), table)
         if verbose and is_main_process():
             print(summary(table, self._logdir, title=f"Evaluation (preconditions from {_MODE_WORDS[preconditions]})"))
         return table
-
-    def _predict_with_targets(self, loader: Any, what: str) -> Dict[str, Any]:
-        result = self._predict(loader, "gt", what)
-        if result["targets"] is None:
-            raise TypeError(f"{what} needs labels: the loader must yield (X, y) pairs")
-        return result
 
     # Persistence ---------------------------------------------------------------------------------
     def export(self, directory: Union[str, os.PathLike]) -> str:
@@ -774,12 +502,3 @@ class FlowRunner(dl.Runner):
         runner = cls(flow, model=model, **kwargs)
         load_model(directory, runner.flow, runner.model, map_location=map_location)
         return runner
-
-
-def _inputs_batch_size(x: Mapping[str, Any]) -> int:
-    for value in x.values():
-        if isinstance(value, Tensor):
-            return int(value.shape[0])
-        if isinstance(value, Mapping):
-            return _inputs_batch_size(value)
-    raise ValueError("cannot tell the batch size of an X without tensors")

@@ -268,3 +268,88 @@ def test_train_and_evaluate_say_where_the_logs_are_and_print_the_table(data, flo
     assert max(len(line) for line in lines if not line.startswith(("Logs", "TensorBoard"))) <= 100
     runner.evaluate(loaders_for(flow, data)["valid"], verbose=False)
     assert capsys.readouterr().out == "" and len(table) > 0
+
+
+def test_step_counters_count_samples_not_keys(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    loaders = loaders_for(flow, data)
+    loaders["valid"] = flow.get_dataset(*data, with_index=True, computed=["features"]).loader(batch_size=40)
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders, num_epochs=1, interpretation=False, threshold_tuning=False)
+    # Catalyst's counters, with the batch size corrected: Catalyst 22.4 would count len(X) = 3 keys per batch
+    assert (runner.batch_step, runner.sample_step) == (6 + 3, 96 + 96)
+    assert (runner.loader_batch_step, runner.loader_sample_step, runner.batch_size) == (3, 96, 16)  # 40, 40, 16
+
+
+def test_unknown_train_arguments_are_named_with_the_closest_one(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) 'num_epoch'; did you mean 'num_epochs'"):
+        runner.train(loaders=loaders_for(flow, data), num_epoch=1)
+    with pytest.raises(TypeError, match=r"'treshold_tuning'; did you mean 'threshold_tuning'"):
+        runner.train(loaders=loaders_for(flow, data), treshold_tuning=False)
+
+
+def test_a_plain_criterion_trains_without_loss_terms(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, criterion=PlainLoss(flow.get_loss()),
+                 flow_metrics=False, interpretation=False, threshold_tuning=False)
+    assert runner.epoch_metrics["valid"]["loss"] > 0 and "loss_terms" not in runner.batch
+
+
+class PlainLoss:
+    """A criterion(outputs, targets) -> loss that is no FlowLoss."""
+
+    def __init__(self, flow_loss):
+        self.flow_loss = flow_loss
+
+    def __call__(self, outputs, targets):
+        return self.flow_loss(outputs, targets)
+
+
+def test_balanced_replicas_keep_the_samples_a_wrapped_interpretation_callback_explains(data, flow_and_model,
+                                                                                     loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balance_dataparallel_memory=True)
+    wrapped = dl.ControlFlowCallbackWrapper(InterpretationCallback(explain=5), loaders=["valid"])
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, callbacks={"interpretation": wrapped},
+                 threshold_tuning=False)
+    assert runner.model.reducer.explain == 5  # the wrapper hid the callback's `explain` before
+
+
+# The Catalyst 22.4 code FlowRunner relies on (DESIGN.md principle 11) ---------------------------
+
+CATALYST_RUNNER_SOURCES = {
+    # `_setup_callbacks` is wrapped to silence check_callbacks' three "No I*Callback" warnings;
+    # `_run_event` is wrapped by the guards, which rely on `_run_loader` running on_batch_start,
+    # handle_batch, on_batch_end through it; `on_batch_start` is called, then its batch size
+    # (len(batch[0])) corrected. A new hash means: re-read Catalyst's code, check the override
+    # still fits, then update the hash.
+    "_setup_callbacks": ("(self)", "09c07a9b6f22f78b"),
+    "_run_event": ("(self, event: str) -> None", "a8f1d67e36a69e84"),
+    "_run_loader": ("(self) -> None", "180bb2c17cea4e5a"),
+    "on_batch_start": ("(self, runner: 'IRunner')", "2ab2af3cdef453b2"),
+}
+
+
+@pytest.mark.parametrize("name", list(CATALYST_RUNNER_SOURCES))
+def test_catalyst_private_methods_overridden_are_as_in_22_4(name):
+    import hashlib
+    import inspect
+
+    from catalyst.core.runner import IRunner
+
+    signature, digest = CATALYST_RUNNER_SOURCES[name]
+    method = getattr(super(FlowRunner, FlowRunner), name)
+    assert method is getattr(IRunner, name), f"Catalyst's Runner now overrides IRunner.{name}: check runners/runner.py"
+    assert str(inspect.signature(method)) == signature
+    source = inspect.getsource(method)
+    assert hashlib.sha256(source.encode("utf-8")).hexdigest()[:16] == digest, (
+        f"Catalyst's IRunner.{name} changed: check FlowRunner.{name} in runners/runner.py")
+
+
+def test_flow_runner_overrides_only_the_known_private_methods_of_catalyst():
+    own = {n for n, v in vars(FlowRunner).items() if n.startswith("_") and not n.startswith("__") and callable(v)}
+    bases = [b for b in FlowRunner.__mro__[1:] if b.__module__.startswith("catalyst.")]
+    assert {n for n in own if any(n in vars(b) for b in bases)} == {"_setup_callbacks", "_run_event"}

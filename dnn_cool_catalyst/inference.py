@@ -1,0 +1,141 @@
+"""Predict, infer, tune and evaluate over a loader: plain functions of `(model, flow, loader)`.
+
+Core (torch, numpy, pandas; never Catalyst): usable from a plain PyTorch loop, e.g.
+
+    predictions = inference.infer(model, flow, test_loader)        # {part: {path: numpy array}}
+    table = inference.evaluate(model, flow, valid_loader)           # the flow's evaluation table
+    tuned = inference.tune(model, flow, valid_loader, metric="f1")  # {path: params}, kept in the decoders
+
+`FlowRunner.predict` / `infer` / `tune` / `evaluate` call these with the runner's model and flow.
+`model` is anything that maps `X` to the flow module's outputs (`{"logits", "mask", ...}`):
+`flow.torch()` itself, or a module that computes features and calls it. The loader yields `(X, y)`
+pairs as `flow.get_dataset(inputs, labels)` builds them, or `X` alone (`predict`/`infer` only).
+`name` (keyword) is how errors name the caller, e.g. `"FlowRunner.infer"`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .batches import check_first_batch, concat_rows, split_batch, to_device
+from .distributed import unwrap
+from .keys import ACTIVATED, DECODED, GT, INDEX, LOGITS, MASK
+
+PARTS = (LOGITS, ACTIVATED, DECODED, MASK)
+PRECONDITIONS = ("predicted", "gt")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "predicted", *,
+            name: str = "predict") -> Dict[str, Any]:
+    """Predictions over `loader`, in dataset order (by `X["index"]` when batches carry it).
+
+    Returns `{"logits", "activated", "decoded", "mask", "targets"}`, each `{path: tensor}` on the
+    CPU (`targets` None when the loader yields only `X`), and `"index"` (dataset indices).
+    `preconditions="predicted"` (default) computes masks from the decoded predictions, as at
+    inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`. The model runs in eval mode and gets
+    its training mode back afterwards; a `DistributedDataParallel` wrapper is bypassed (each
+    process predicts alone).
+    """
+    if preconditions not in PRECONDITIONS:
+        raise ValueError(f"preconditions must be 'predicted' or 'gt', got {preconditions!r}")
+    if model is None:
+        raise ValueError(f"{name}: there is no model")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # after training under torchrun the process group is gone
+    reads_inputs = unwrap(model) is flow.torch()
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    parts: Dict[str, List[Dict[str, Tensor]]] = {k: [] for k in PARTS}
+    targets: List[Dict[str, Tensor]] = []
+    indices: List[Tensor] = []
+    first = True
+    try:
+        for batch in loader:
+            x, y = split_batch(batch, "infer", allow_inputs_only=True)
+            if first and preconditions == "gt":
+                check_first_batch(flow, x, y, "infer", reads_inputs=reads_inputs)
+            first = False
+            if preconditions == "predicted":
+                x = {k: v for k, v in x.items() if k != GT}
+            out = model(to_device(x, device))
+            activated = out.get(ACTIVATED) or flow.get_activation()(out[LOGITS])
+            decoded = out.get(DECODED) or flow.get_decoder()(activated)
+            for key, value in ((LOGITS, out[LOGITS]), (ACTIVATED, activated), (DECODED, decoded), (MASK, out[MASK])):
+                parts[key].append({p: t.detach().cpu() for p, t in value.items()})
+            if y is not None:
+                targets.append({p: t.detach().cpu() for p, t in y.items()})
+            if isinstance(x.get(INDEX), Tensor):
+                indices.append(x[INDEX].detach().cpu().reshape(-1))
+    finally:
+        model.train(was_training)
+    result: Dict[str, Any] = {k: concat_rows(v) for k, v in parts.items()}
+    if not result[LOGITS]:
+        raise ValueError(f"{name}: the loader yielded no batches (an empty dataset, or a sampler or "
+                         f"drop_last=True leaving none): give it a loader with samples")
+    result["targets"] = concat_rows(targets) if targets else None
+    n = next(iter(result[LOGITS].values())).shape[0]
+    index = torch.cat(indices) if indices else torch.arange(n)
+    if indices and index.numel() == n:
+        order = torch.argsort(index, stable=True)
+        for key in (*PARTS, "targets"):
+            if result[key] is not None:
+                result[key] = {p: t[order] for p, t in result[key].items()}
+        index = index[order]
+    result[INDEX] = index
+    return result
+
+
+def infer(model: nn.Module, flow: Any, loader: Any, preconditions: str = "predicted", *,
+          name: str = "infer") -> Dict[str, Any]:
+    """`predict` with numpy arrays instead of tensors: `{"logits", "activated", "decoded", "mask",
+    "targets"}`, each `{path: numpy array}` (`targets` None without labels), and `"index"`."""
+    result = predict(model, flow, loader, preconditions, name=name)
+    out: Dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, Mapping):
+            out[key] = {p: t.numpy() for p, t in value.items()}
+        elif isinstance(value, Tensor):
+            out[key] = value.numpy()
+        else:
+            out[key] = value
+    return out
+
+
+def predict_labelled(model: nn.Module, flow: Any, loader: Any, *, name: str) -> Dict[str, Any]:
+    """`predict` with preconditions from `X["gt"]`, for a loader that must yield `(X, y)` pairs."""
+    result = predict(model, flow, loader, "gt", name=name)
+    if result["targets"] is None:
+        raise TypeError(f"{name} needs labels: the loader must yield (X, y) pairs")
+    return result
+
+
+def tune(model: nn.Module, flow: Any, loader: Any, metric: Any = "accuracy", apply: bool = True, *,
+         name: str = "tune") -> Dict[str, Dict[str, Any]]:
+    """Tune every tunable decoder of `flow` on `loader` (samples in `S_t`, from `X["gt"]`) for
+    `metric`; returns `{path: params}`. `apply` keeps them in the decoders (else they are left as
+    they were). The decoders are the tasks', shared by every flow of one `Tasks`
+    (`FlowDecoder`)."""
+    from .interpreters.decoding import merge_report
+
+    result = predict_labelled(model, flow, loader, name=name)
+    decoder = flow.get_decoder()
+    paths = list(decoder.params())
+    params, report = decoder.fit({p: result[ACTIVATED][p] for p in paths}, {p: result["targets"][p] for p in paths},
+                                 masks={p: result[MASK][p] for p in paths}, metric=metric)
+    if apply:  # fitting is pure: applying is this function's act
+        decoder.load_tuned(params)
+    return merge_report(params, report)
+
+
+def evaluate(model: nn.Module, flow: Any, loader: Any, preconditions: str = "gt", *,
+             name: str = "evaluate") -> pd.DataFrame:
+    """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res, num_samples`):
+    `flow.get_evaluator()` on the activated predictions (made with masks from `X["gt"]`), with
+    the evaluator's preconditions from the labels (`"gt"`) or from the predictions (`"predicted"`)."""
+    result = predict_labelled(model, flow, loader, name=name)
+    return flow.get_evaluator()(result[ACTIVATED], result["targets"], preconditions=preconditions)
