@@ -48,9 +48,6 @@ class BinaryClassificationTask(Task):
     def can_condition(self) -> bool:
         return True
 
-    def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return _bce_elementwise(logits, labels)
-
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)
         bad = ~(torch.isnan(t) | (t == 0) | (t == 1))

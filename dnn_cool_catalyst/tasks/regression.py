@@ -43,9 +43,6 @@ class BoundedRegressionTask(Task):
             weight=weight,
         )
 
-    def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return _mse_on_sigmoid(logits, labels)
-
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)
         bad = (t < 0) | (t > 1)

@@ -160,3 +160,39 @@ def test_seed_task_positional_order_and_reduced_loss_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the predefined kinds pass neither labels nor inputs
         _kinds()
+
+
+def test_replacing_the_loss_changes_the_loss_of_every_kind(kind):
+    """Binary and bounded-regression tasks called the loss they were built with, whatever
+    `task.loss` was replaced by (the replacement was silently ignored)."""
+    task, raw = kind
+    labels = task.prepare_labels(raw)
+    logits = task.module(torch.randn(N, 4)).detach()
+    before = task.elementwise_loss(logits, labels)
+    before_per_sample = task.sample_loss(logits, labels)
+    calls = []
+
+    def doubled(z, y, original=task.loss):
+        calls.append(1)
+        return 2 * original(z, y)
+
+    task.loss = doubled
+    torch.testing.assert_close(task.elementwise_loss(logits, labels), 2 * before)
+    torch.testing.assert_close(task.sample_loss(logits, labels), 2 * before_per_sample, equal_nan=True)
+    assert calls
+
+
+def test_replacing_the_loss_changes_the_flow_loss():
+    task = dcc.BinaryClassificationTask("b", nn.Linear(4, 1))
+    tasks = dcc.Tasks([task])
+
+    @tasks.add_flow
+    def f(flow, x, out):
+        out += flow.b(x.f)
+        return out
+
+    x, y = f.get_dataset({"f": torch.randn(4, 4)}, {"b": [1.0, 0.0, float("nan"), 1.0]})[[0, 1, 2, 3]]
+    out = f.torch().train()(x)
+    before = f.get_loss()(out, y).detach()
+    task.loss = lambda z, labels: torch.zeros_like(labels)
+    assert float(f.get_loss()(out, y)) == 0.0 and float(before) > 0
