@@ -25,6 +25,8 @@ class BoundedRegressionTask(Task):
     """A value in `[0, scale]`. The module outputs one logit per sample; labels are already divided
     by `scale` (in [0, 1]), NaN for missing. Decoded: `sigmoid(logits) * scale`."""
 
+    kind = "BoundedRegressionTask"
+
     def __init__(self, name: str, module: nn.Module, scale: float = 1.0, weight: float = 1.0):
         if not scale > 0:
             raise ValueError(f"task {name!r}: scale must be positive, got {scale}")
