@@ -1,7 +1,8 @@
 """`flow.get_treelib_explainer()`: one `treelib.Tree` per sample, pruned where masks are false.
 
 A tree has a root per sample (`"inp 0"`, or `root_format.format(id)` for the ids given), and a
-node per task whose mask is true, tagged `"<name> | decoded: [...], activated: [...], logits: [...]"`:
+node per task whose mask is true, tagged `"<name> | <text>"`, the text being what the task's
+`describe` says about the sample (`ITask.describe`), `"decoded: [...], activated: [...], logits: [...]"`:
 
 - binary task: the decision with the probability and the threshold it was compared with,
   `decoded: [True (0.3068 > 0.0297)], logits: [-0.8153]` (`<=` where the probability does not
@@ -15,7 +16,8 @@ node per task whose mask is true, tagged `"<name> | decoded: [...], activated: [
   `decoded: [glasses: True (0.81 > 0.42), beard: False (0.03 <= 0.5), hat: True (0.88 > 0.5)], logits: [...]`;
 - masked language modeling: the most probable token id per position (the first `max_values`),
   with its probability and logit;
-- bounded regression and any other task: the values, flattened (the first `max_values`).
+- bounded regression and any other task (unless it overrides `describe`): the values,
+  flattened (the first `max_values`).
 
 Numbers are printed with `digits` significant digits. A task preconditioned on another task
 of its flow hangs below that task (below the latest one when there are several), as in the seed's
@@ -23,225 +25,26 @@ README: `camera_blocked` > `door_open` > `person_present` > `person_regression` 
 `face_x1`. Nested flows are inner nodes, shown when any task inside them is. Node identifiers are
 the task and flow paths (the root's is `"/"`), so `tree["door_open"]` finds a task's node.
 
-Speed: tensors are converted to NumPy once per call and each task's tags are formatted for the
-whole batch at once; nodes are linked directly into treelib's node tables when a self-check at
-import shows that this gives trees identical to `Tree.add_node` (otherwise `add_node` is used).
+Speed: tensors are converted to NumPy once per call, each task describes the whole batch at once,
+each shape of tree (which nodes show, below which parent) is laid out once, and trees get
+identifiers (treelib draws a uuid per tree otherwise). The trees are built with treelib's public
+`Tree.add_node` only, which takes most of the time (about 10 us per node).
 """
 from __future__ import annotations
 
-import gc
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from treelib import Node, Tree
 
-from ..graph import FlowGraph, Node as GraphNode
-from ..tasks.base import SortDecoder, ThresholdDecoder
+from ..graph import FlowGraph, Leaf, Node as GraphNode
 from ..tuning import as_numpy
 from .masks import compute_masks
 
 ROOT_ID = "/"
-
-
-# Building trees quickly --------------------------------------------------------------------------------------------
-
-
-def _fill_fast(tree: Tree, entries: Sequence[Tuple[str, str, Optional[str]]]) -> None:
-    """What `tree.add_node(Node(tag, nid), parent)` does for each `(nid, tag, parent)` (parents
-    first), minus its checks and indirections."""
-    tid = tree._identifier
-    nodes = tree._nodes
-    for nid, tag, parent in entries:
-        node = Node(tag, nid)
-        node._predecessor[tid] = parent
-        node._initial_tree_id = tid
-        nodes[nid] = node
-        if parent is None:
-            tree.root = nid
-        else:
-            nodes[parent]._successors.setdefault(tid, []).append(nid)
-
-
-def _fill_public(tree: Tree, entries: Sequence[Tuple[str, str, Optional[str]]]) -> None:
-    for nid, tag, parent in entries:
-        tree.add_node(Node(tag, nid), parent=parent)
-
-
-def _same_trees(a: Tree, b: Tree) -> bool:
-    def state(t: Tree):
-        tid = t.identifier
-        return {nid: (n.tag, n.predecessor(tid), list(n.successors(tid)), n.is_leaf(tid), n.is_root(tid),
-                      {k: v for k, v in vars(n).items() if k not in ("_predecessor", "_successors", "_initial_tree_id")},
-                      n._initial_tree_id == tid)
-                for nid, n in t.nodes.items()}
-
-    return (state(a) == state(b) and a.root == b.root and a.depth() == b.depth()
-            and a.paths_to_leaves() == b.paths_to_leaves() and a.show(stdout=False) == b.show(stdout=False)
-            and [c.identifier for c in a.children(ROOT_ID)] == [c.identifier for c in b.children(ROOT_ID)]
-            and a.parent("y").identifier == b.parent("y").identifier == "x")
-
-
-def _fast_path_works() -> bool:
-    """Whether `_fill_fast` builds the same trees as `Tree.add_node` with the installed treelib."""
-    entries = [(ROOT_ID, "root", None), ("x", "x tag", ROOT_ID), ("y", "y tag", "x"), ("z", "z tag", ROOT_ID),
-               ("w", "w tag", "x")]
-    try:
-        trees = []
-        for fill in (_fill_public, _fill_fast):
-            t = Tree()
-            fill(t, entries)
-            trees.append(t)
-        return _same_trees(*trees)
-    except Exception:  # any change of treelib's internals: use the public API
-        return False
-
-
-_FILL = _fill_fast if _fast_path_works() else _fill_public
-
-
-# Formatting one task for a whole batch -------------------------------------------------------------------------------
-
-
-def _values(row, digits: int, limit: int) -> str:
-    vals = row[:limit]
-    text = ", ".join(f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in vals)
-    return text + (f", ... ({len(row)} values)" if len(row) > limit else "")
-
-
-def _rows(x: Optional[np.ndarray], n: int) -> List[list]:
-    if x is None or n == 0:
-        return [[] for _ in range(n)]
-    return x.reshape(n, -1).tolist()
-
-
-def _joined(count: int, spec: str) -> str:
-    return ", ".join([spec] * count)
-
-
-def _format_scalar(name, logits, activated, decoded, digits, limit) -> List[str]:
-    """One value per sample (binary, bounded regression): `name | decoded: [v], activated: [v], logits: [v]`."""
-    n = decoded.shape[0]
-    if not (decoded.size == n and activated.size == n and (logits is None or logits.size == n)):
-        return _format_values(name, logits, activated, decoded, digits, limit)
-    g = f"%.{digits}g"
-    dspec = "%s" if decoded.dtype == np.bool_ else g
-    cols = [decoded.reshape(-1).tolist(), activated.reshape(-1).tolist()]
-    template = f"{name} | decoded: [{dspec}], activated: [{g}]"
-    if logits is not None:
-        cols.append(logits.reshape(-1).tolist())
-        template += f", logits: [{g}]"
-    return [template % row for row in zip(*cols)]
-
-
-def _format_values(name, logits, activated, decoded, digits, limit) -> List[str]:
-    """Any shape: the values of each sample, flattened, the first `limit` shown."""
-    n = decoded.shape[0]
-    d, a, lg = _rows(decoded, n), _rows(activated, n), _rows(logits, n)
-    out = []
-    for i in range(n):
-        text = f"{name} | decoded: [{_values(d[i], digits, limit)}], activated: [{_values(a[i], digits, limit)}]"
-        if logits is not None:
-            text += f", logits: [{_values(lg[i], digits, limit)}]"
-        out.append(text)
-    return out
-
-
-def _format_ranked(class_names, top_k):
-    """Classification: the top-k classes with their probabilities and logits, in rank order."""
-
-    def fmt(name, logits, activated, decoded, digits, limit) -> List[str]:
-        if activated.ndim > 2:  # a sequence (masked language modeling): the top-1 entry per position
-            return _format_positions(name, logits, activated, decoded, digits, limit)
-        k = min(top_k, decoded.shape[-1])
-        idx = decoded[:, :k].astype(np.int64)
-        g = f"%.{digits}g"
-        parts = [np.asarray(class_names, dtype=object)[idx] if class_names else idx,
-                 np.take_along_axis(activated, idx, axis=-1)]
-        template = f"{name} | decoded: [{_joined(k, '%s')}], activated: [{_joined(k, g)}]"
-        if logits is not None:
-            parts.append(np.take_along_axis(logits, idx, axis=-1))
-            template += f", logits: [{_joined(k, g)}]"
-        rows = np.concatenate([p.astype(object) for p in parts], axis=1).tolist()
-        return [template % tuple(row) for row in rows]
-
-    return fmt
-
-
-def _format_positions(name, logits, activated, decoded, digits, limit) -> List[str]:
-    top = decoded[..., :1].astype(np.int64)  # (N, T, 1)
-    probs = np.take_along_axis(activated, top, axis=-1)[..., 0]
-    lgs = np.take_along_axis(logits, top, axis=-1)[..., 0] if logits is not None else None
-    return _format_values(name, lgs, probs, top[..., 0], digits, limit)
-
-
-def _format_flags(class_names, decoder=None):
-    """Thresholded outputs: one value for a binary task, every class for a multilabel task, each
-    decision with `(activated > threshold)` from `decoder.threshold` as it is at the call."""
-
-    def fmt(name, logits, activated, decoded, digits, limit) -> List[str]:
-        n = decoded.shape[0]
-        threshold = getattr(decoder, "threshold", None)
-        if decoded.ndim != 2 or (decoded.shape[1] == 1 and not class_names):  # a binary task
-            if isinstance(threshold, float) and decoded.size == n and activated.size == n:
-                return _format_decisions(name, logits, activated.reshape(n, 1), decoded.reshape(n, 1), None,
-                                         [threshold], digits)
-            return _format_scalar(name, logits, activated, decoded, digits, limit)
-        c = decoded.shape[1]
-        names = list(class_names) if class_names and len(class_names) == c else [str(j) for j in range(c)]
-        thresholds = [threshold] * c if isinstance(threshold, float) else threshold
-        if isinstance(thresholds, list) and len(thresholds) == c and activated.size == decoded.size:
-            return _format_decisions(name, logits, activated.reshape(decoded.shape), decoded, names, thresholds,
-                                     digits)
-        g = f"%.{digits}g"
-        flags = ", ".join(f"{k.replace('%', '%%')}: %s" for k in names)
-        parts = [decoded, activated.reshape(decoded.shape)]
-        template = f"{name} | decoded: [{flags}], activated: [{_joined(c, g)}]"
-        if logits is not None:
-            parts.append(logits.reshape(decoded.shape))
-            template += f", logits: [{_joined(c, g)}]"
-        rows = np.concatenate([p.astype(object) for p in parts], axis=1).tolist()
-        return [template % tuple(row) for row in rows]
-
-    return fmt
-
-
-def _format_decisions(name, logits, activated, decoded, names, thresholds, digits) -> List[str]:
-    """`name | decoded: [<class>: <decision> (<activated> > <threshold>), ...], logits: [...]` for
-    `(N, C)` arrays (`names` None: one unnamed column, a binary task)."""
-    n, c = decoded.shape
-    g = f"%.{digits}g"
-    # compared in the precision the decoder compares in (at least float32), so that `>` / `<=`
-    # agrees with a decision taken by the same threshold
-    a = activated.astype(np.promote_types(activated.dtype, np.float32), copy=False)
-    above = a > np.asarray(thresholds, dtype=a.dtype)
-    ops = np.where(above, ">", "<=").astype(object)
-    labels = [""] * c if names is None else [f"{k.replace('%', '%%')}: " for k in names]
-    cells = ", ".join(f"{label}%s ({g} %s {t:.{digits}g})" for label, t in zip(labels, thresholds))
-    parts = np.stack([decoded.astype(object), activated.astype(object), ops], axis=2).reshape(n, 3 * c)
-    template = f"{name} | decoded: [{cells}]"
-    if logits is not None:
-        parts = np.concatenate([parts, logits.reshape(n, c).astype(object)], axis=1)
-        template += f", logits: [{_joined(c, g)}]"
-    return [template % tuple(row) for row in parts.tolist()]
-
-
-def formatter_for(task: Any, top_k: int) -> Callable[..., List[str]]:
-    """The tag formatter of a task: its own `explain(name, logits, activated, decoded, digits,
-    limit) -> [str]` when it defines one (NumPy arrays of the batch in, one string per sample out),
-    else one chosen by its decoder."""
-    own = getattr(task, "explain", None)
-    if callable(own):
-        return own
-    decoder = getattr(task, "decoder", None)
-    names = getattr(task, "class_names", None)
-    if isinstance(decoder, SortDecoder):
-        return _format_ranked(names, top_k)
-    if isinstance(decoder, ThresholdDecoder):
-        return _format_flags(names, decoder)
-    return _format_scalar
 
 
 # The plan: tree nodes in flow order ---------------------------------------------------------------------------------
@@ -280,6 +83,17 @@ def _plan(graph: FlowGraph) -> List[_Item]:
     return items
 
 
+def _layout(items: Sequence[_Item], shown: Sequence[bool]) -> List[Tuple[str, Optional[int], str, str]]:
+    """`(node id, leaf index or None, flow tag, parent id)` of the nodes of a tree that shows the
+    items where `shown` is true, parents first: below the best candidate parent that is shown."""
+    out = []
+    for item, here in zip(items, shown):
+        if here:
+            parent = next((items[c].path for c in item.parents if c >= 0 and shown[c]), ROOT_ID)
+            out.append((item.path, item.leaf, item.tag, parent))
+    return out
+
+
 class TreeExplainer:
     """`explainer(outputs, ids=None) -> [treelib.Tree]`, one tree per sample (see the module doc).
 
@@ -297,7 +111,6 @@ class TreeExplainer:
         self.graph = graph
         self.top_k, self.digits, self.max_values, self.root_format = int(top_k), int(digits), int(max_values), root_format
         self._items = _plan(graph)
-        self._formatters = [formatter_for(leaf.task, self.top_k) for leaf in graph.leaves]
 
     def __call__(self, outputs: Mapping[str, Mapping[str, Any]], ids: Optional[Sequence[Any]] = None) -> List[Tree]:
         logits, activated, decoded, masks = self._complete(outputs)
@@ -308,40 +121,35 @@ class TreeExplainer:
         leaf_mask = np.stack([masks[p].reshape(-1).astype(bool) for p in paths], axis=1)  # (N, L)
         if leaf_mask.shape[0] != n:
             raise ValueError(f"masks have {leaf_mask.shape[0]} samples, decoded outputs {n}")
-        present = np.stack([leaf_mask[:, it.leaves].any(1) for it in self._items], axis=1).tolist()
-        items = [(it.path, it.tag, it.leaf, it.parents) for it in self._items]
-        trees: List[Tree] = []
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # tens of thousands of small acyclic objects: collection passes would dominate the time
-        try:
-            tags = [self._formatters[i](leaf.path.rsplit(".", 1)[-1], logits.get(leaf.path), activated[leaf.path],
-                                        decoded[leaf.path], self.digits, self.max_values)
-                    for i, leaf in enumerate(self.graph.leaves)]
-            self._build(trees, range(n) if ids is None else ids, present, items, tags, _FILL)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-        return trees
-
-    def _build(self, trees, names, present, items, tags, fill) -> None:
+        present = np.stack([leaf_mask[:, it.leaves].any(1) for it in self._items], axis=1).tolist()  # (N, items)
+        tags = [self._tags(leaf, logits.get(leaf.path), activated[leaf.path], decoded[leaf.path], n)
+                for leaf in self.graph.leaves]
         fmt = self.root_format
         batch = uuid.uuid4().hex  # tree identifiers: unique, without a uuid per tree (slow)
-        for i, name in enumerate(names):
+        trees: List[Tree] = []
+        layouts: Dict[Tuple[bool, ...], list] = {}  # samples share a few shapes of tree: each laid out once
+        for i, name in enumerate(range(n) if ids is None else ids):
+            shape = tuple(present[i])
+            layout = layouts.get(shape)
+            if layout is None:
+                layout = layouts[shape] = _layout(self._items, shape)
             tree = Tree(identifier=f"{batch}-{i}")
-            row = present[i]
-            entries = [(ROOT_ID, fmt.format(name), None)]
-            for k, (path, tag, leaf, parents) in enumerate(items):
-                if row[k]:
-                    parent = ROOT_ID
-                    for c in parents:
-                        if c < 0:
-                            break
-                        if row[c]:
-                            parent = items[c][0]
-                            break
-                    entries.append((path, tag if leaf is None else tags[leaf][i], parent))
-            fill(tree, entries)
+            tree.add_node(Node(fmt.format(name), ROOT_ID))
+            for nid, leaf, tag, parent in layout:
+                tree.add_node(Node(tag if leaf is None else tags[leaf][i], nid), parent)
             trees.append(tree)
+        return trees
+
+    def _tags(self, leaf: Leaf, logits: Optional[np.ndarray], activated: np.ndarray, decoded: np.ndarray,
+              n: int) -> List[str]:
+        """`"<name> | <the task's description>"` for each sample."""
+        texts = leaf.task.describe(decoded, activated, logits, digits=self.digits, max_values=self.max_values,
+                                   top_k=self.top_k)
+        if len(texts) != n:
+            raise ValueError(f"task {leaf.path!r}: describe() returned {len(texts)} texts for {n} samples; "
+                             "it must return one text per sample")
+        prefix = f"{leaf.path.rsplit('.', 1)[-1]} | "
+        return [prefix + text for text in texts]
 
     def _complete(self, outputs):
         """NumPy logits/activated/decoded/masks, computing what is missing."""

@@ -33,7 +33,7 @@ def manifest_of(flow: Any, model: nn.Module) -> Dict[str, Any]:
         "versions": {"dnn_cool_catalyst": __version__, "torch": torch.__version__,
                      "catalyst": catalyst.__version__, "python": platform.python_version()},
         "flow": flow.name,
-        "tasks": [{"path": leaf.path, "kind": type(leaf.task).__name__} for leaf in flow.graph.leaves],
+        "tasks": [{"path": leaf.path, "kind": leaf.task.kind} for leaf in flow.graph.leaves],  # `ITask.kind`
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "files": {"weights": WEIGHTS_FILE, "tuned_params": TUNED_FILE},
     }
@@ -68,7 +68,7 @@ def read_manifest(directory: str | os.PathLike) -> Dict[str, Any]:
 def check_compatible(manifest: Dict[str, Any], flow: Any) -> None:
     """Raise `ValueError` naming the task paths or kinds in which `flow` differs from the manifest."""
     saved = {t["path"]: t["kind"] for t in manifest["tasks"]}
-    current = {leaf.path: type(leaf.task).__name__ for leaf in flow.graph.leaves}
+    current = {leaf.path: leaf.task.kind for leaf in flow.graph.leaves}
     problems = []
     if sorted(set(saved) - set(current)):
         problems.append(f"tasks only in the export: {sorted(set(saved) - set(current))}")

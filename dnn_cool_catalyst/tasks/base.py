@@ -27,6 +27,7 @@ from ..errors import LabelError
 from ..functional import accumulation_dtype, nan_available
 from ..keys import ACTIVATED, DECODED, GT, LOGITS, MASK
 from ..tuning import check_threshold
+from .describe import describe_values
 
 JSON = Any
 
@@ -212,6 +213,34 @@ class ITask(abc.ABC):
     module: nn.Module
     decoder: Decoder  # holds the tuned parameters; shared by the module, decoder and evaluator
     weight: float = 1.0
+    # The classes' names, in the order of the last dimension of the outputs, for tasks with named
+    # classes (classification, multilabel); None for any other task. Shown by the explainer, the
+    # per-class metrics and the evaluation table (indices where None).
+    class_names: Optional[List[str]] = None
+    # A stable name of the task's kind, recorded in an export's manifest and compared when it is
+    # loaded. Each predefined kind sets its own; any other subclass gets its class name (see
+    # `__init_subclass__`) unless it sets `kind` itself.
+    kind: str = "ITask"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" not in vars(cls):
+            cls.kind = cls.__name__
+
+    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
+                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
+        """For people: one text per sample about a batch of this task's outputs (NumPy arrays, batch
+        dimension first; `logits` None when unknown); `flow.get_treelib_explainer()` tags the task's
+        nodes with them. Numbers get `digits` significant digits, vectors show their first
+        `max_values` values, rankings their `top_k` best entries.
+
+        The default shows the values of each sample, flattened: `"decoded: [12.5], activated:
+        [0.625], logits: [0.51]"` (`describe.describe_values`); the predefined kinds show
+        thresholded decisions with their threshold (`describe.describe_decisions`) or the best
+        classes by name (`describe.describe_ranked`). Override it to describe your own task's
+        outputs; it works on the whole batch at once, as the explainer formats thousands of samples.
+        """
+        return describe_values(decoded, activated, logits, digits, max_values)
 
     @property
     def can_condition(self) -> bool:

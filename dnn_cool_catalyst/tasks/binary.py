@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from ..errors import LabelError
 from ..functional import nan_available
 from ..metrics import BinaryConfusionMetric
 from .base import Task, ThresholdDecoder, check_vector_labels
+from .describe import describe_decisions
 
 
 def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
@@ -26,6 +29,8 @@ class BinaryClassificationTask(Task):
     Decoded `True` where the probability exceeds the (tunable) threshold; usable as a condition
     (`out.<name>`, `~out.<name>`) for later tasks of a flow.
     """
+
+    kind = "BinaryClassificationTask"
 
     def __init__(self, name: str, module: nn.Module, threshold: float = 0.5, weight: float = 1.0):
         super().__init__(
@@ -45,8 +50,11 @@ class BinaryClassificationTask(Task):
     def can_condition(self) -> bool:
         return True
 
-    def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return _bce_elementwise(logits, labels)
+    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
+                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
+        """`decoded: [True (0.3068 > 0.0297)], logits: [-0.8153]`: the decision with the probability
+        and the decoder's threshold as it is now (`<=` where the probability does not exceed it)."""
+        return describe_decisions(decoded, activated, logits, self.decoder.threshold, None, digits, max_values)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)

@@ -1,7 +1,9 @@
 """Multi-class classification: softmax, classes sorted by probability, cross entropy; labels int, -1 missing."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from ..errors import LabelError
 from ..functional import softmax_last
 from ..metrics import ConfusionMatrixMetric, TopKAccuracy
 from .base import SortDecoder, Task, check_index_floats, check_vector_labels, raw_labels
+from .describe import describe_ranked
 
 
 def _ce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
@@ -28,6 +31,8 @@ class ClassificationTask(Task):
     `-1` (or NaN in a float array) for missing. Decoded: class indices by declining probability;
     metrics report top-1/3/5 accuracy (those `k <= top_k` and, when `class_names` tell the number of
     classes, `k < C`) and macro f1_score, precision and recall of the top-1 class."""
+
+    kind = "ClassificationTask"
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
                  top_k: int = 5, weight: float = 1.0):
@@ -51,6 +56,12 @@ class ClassificationTask(Task):
 
     def label_bound(self, logits: Tensor) -> Optional[int]:
         return logits.shape[-1]
+
+    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
+                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
+        """`decoded: [hoodie, polo, shirt], activated: [0.61, 0.2, 0.09], logits: [2.1, 1.0, 0.2]`: the
+        `top_k` classes by declining probability (by name when the task has `class_names`)."""
+        return describe_ranked(decoded, activated, logits, self.class_names, top_k, digits, max_values)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(raw_labels(values, self.name), self.name)

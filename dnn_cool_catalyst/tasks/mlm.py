@@ -1,7 +1,9 @@
 """Masked language modeling: softmax over the vocabulary, top token ids, cross entropy per masked token."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from ..errors import LabelError
 from ..functional import softmax_last
 from ..metrics import Perplexity, TokenAccuracy
 from .base import SortDecoder, Task, check_index_floats, raw_labels
+from .describe import describe_ranked
 
 IGNORE = -100
 
@@ -32,6 +35,8 @@ class MaskedLanguageModelingTask(Task):
     by declining probability (a full sort of a large vocabulary is never needed). Metrics: token
     accuracy of the top-1 token and perplexity over the masked tokens."""
 
+    kind = "MaskedLanguageModelingTask"
+
     def __init__(self, name: str, module: nn.Module, top_k: int = 5, weight: float = 1.0):
         super().__init__(
             name=name,
@@ -48,6 +53,12 @@ class MaskedLanguageModelingTask(Task):
 
     def label_bound(self, logits: Tensor) -> Optional[int]:
         return logits.shape[-1]
+
+    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
+                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
+        """The most probable token id of each position (the first `max_values` positions), with its
+        probability and logit: `decoded: [17, 4, ...], activated: [0.31, 0.12, ...], logits: [...]`."""
+        return describe_ranked(decoded, activated, logits, None, top_k, digits, max_values)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = raw_labels(values, self.name)

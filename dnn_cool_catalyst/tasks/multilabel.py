@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from ..errors import LabelError
 from ..functional import nan_available
 from ..metrics import MultilabelConfusionMetric
 from .base import Task, ThresholdDecoder, raw_labels
+from .describe import describe_decisions
 
 
 def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
@@ -23,6 +26,8 @@ class MultilabelClassificationTask(Task):
     0/1 with NaN for a missing element. Decoded: `activated > thresholds` (one per class once tuned).
     Metrics: accuracy per available element and micro F1 over the available elements (counted per
     class, for the per-class precision / recall / F1 of the evaluation table)."""
+
+    kind = "MultilabelClassificationTask"
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
                  weight: float = 1.0):
@@ -41,6 +46,14 @@ class MultilabelClassificationTask(Task):
             label_dtype=torch.float32,
             weight=weight,
         )
+
+    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
+                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
+        """`decoded: [glasses: True (0.81 > 0.42), beard: False (0.03 <= 0.5)], logits: [...]`: every
+        class (by name when the task has `class_names`) with its decision, probability and the
+        decoder's threshold as it is now."""
+        return describe_decisions(decoded, activated, logits, self.decoder.threshold, self.class_names, digits,
+                                  max_values)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = raw_labels(values, self.name).to(torch.float32)

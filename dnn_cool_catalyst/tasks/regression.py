@@ -22,6 +22,8 @@ class BoundedRegressionTask(Task):
     """A value in `[0, scale]`. The module outputs one logit per sample; labels are already divided
     by `scale` (in [0, 1]), NaN for missing. Decoded: `sigmoid(logits) * scale`."""
 
+    kind = "BoundedRegressionTask"
+
     def __init__(self, name: str, module: nn.Module, scale: float = 1.0, weight: float = 1.0):
         if not scale > 0:
             raise ValueError(f"task {name!r}: scale must be positive, got {scale}")
@@ -39,9 +41,6 @@ class BoundedRegressionTask(Task):
             label_dtype=torch.float32,
             weight=weight,
         )
-
-    def elementwise_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return _mse_on_sigmoid(logits, labels)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)

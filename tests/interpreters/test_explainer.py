@@ -1,11 +1,10 @@
-"""`flow.get_treelib_explainer()`: pruning, nesting, tag format, and the fast tree builder."""
+"""`flow.get_treelib_explainer()`: pruning, nesting, tag format (`ITask.describe`), plain treelib trees."""
 import pytest
 import torch
 from torch import nn
 from treelib import Tree
 
 import dnn_cool_catalyst as dcc
-from dnn_cool_catalyst.interpreters import explainer as ex
 from dnn_cool_catalyst.story import security_tasks
 
 FACE = "person_regression.face_regression"
@@ -115,35 +114,74 @@ def test_custom_and_sequence_tasks_are_formatted_generically():
     assert tree["depth"].tag.startswith(f"depth | decoded: [{d[0]:.4g}, {d[1]:.4g}], activated: [")
 
 
-def test_fast_builder_is_used_and_builds_the_same_trees_as_add_node():
-    assert ex._FILL is ex._fill_fast  # the installed treelib passes the self-check
+def test_trees_are_ordinary_trees_built_through_the_public_api():
+    """The same trees as `Tree.create_node` gives, node by node in flow order, and trees that can
+    be edited like any other."""
     flow, out = _outputs(30)
-    explain = flow.get_treelib_explainer()
-    fast = explain(out)
-    try:
-        ex._FILL = ex._fill_public
-        public = explain(out)
-    finally:
-        ex._FILL = ex._fill_fast
-    for a, b in zip(fast, public):
-        assert a.show(stdout=False) == b.show(stdout=False)
-        assert a.to_dict(with_data=False) == b.to_dict(with_data=False)
-        assert {n: a.level(n) for n in a.nodes} == {n: b.level(n) for n in b.nodes}
-    tree = fast[0]
-    tree.create_node("extra", "extra", parent="camera_blocked")  # the trees stay ordinary, editable trees
+    trees = flow.get_treelib_explainer()(out)
+    for tree in trees:
+        again = Tree()
+        for nid in tree.expand_tree(mode=Tree.WIDTH, sorting=False):
+            parent = tree.parent(nid)
+            again.create_node(tree[nid].tag, nid, parent=parent.identifier if parent else None)
+        assert tree.show(stdout=False) == again.show(stdout=False)
+        assert tree.to_dict(with_data=False) == again.to_dict(with_data=False)
+        assert {n: tree.level(n) for n in tree.nodes} == {n: again.level(n) for n in again.nodes}
+    assert len({t.identifier for t in trees}) == len(trees)
+    tree = trees[0]
+    tree.create_node("extra", "extra", parent="camera_blocked")
     assert tree.parent("extra").identifier == "camera_blocked"
     assert "extra" in tree.show(stdout=False)
-    sub = tree.subtree("camera_blocked")
-    assert sub.root == "camera_blocked"
+    assert tree.subtree("camera_blocked").root == "camera_blocked"
 
 
-def test_gc_state_is_restored():
+class _Depth(dcc.Task):
+    """A task of the user's own that describes its outputs in its own words."""
+
+    def describe(self, decoded, activated, logits=None, *, digits=4, max_values=16, top_k=3):
+        import gc
+
+        self.collector_was_on = gc.isenabled()
+        return [f"{v:.1f} m" for v in decoded.reshape(-1)]
+
+
+def _depth_flow(task):
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(4, 1)), task])
+
+    @tasks.add_flow
+    def flow(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.depth(x.f) | out.gate
+        return out
+
+    return tasks.get_full_flow()
+
+
+def test_a_task_describes_its_own_nodes_with_the_collector_left_on():
+    """Tags come from `task.describe`; the explainer no longer switches the garbage collector
+    off (process-wide) while it formats them."""
     import gc
 
-    flow, out = _outputs(5)
-    assert gc.isenabled()
-    flow.get_treelib_explainer()(out)
-    assert gc.isenabled()
+    task = _Depth(name="depth", module=nn.Linear(4, 1), loss=lambda z, y: (z - y) ** 2)
+    flow = _depth_flow(task)
+    with torch.no_grad():
+        out = flow.torch().eval()({"f": torch.randn(4, 4)})
+    out["mask"]["depth"] = torch.ones(4, dtype=torch.bool)
+    trees = flow.get_treelib_explainer()(out)
+    assert [t["depth"].tag for t in trees] == [f"depth | {float(v):.1f} m" for v in out["decoded"]["depth"]]
+    assert task.collector_was_on and gc.isenabled()
+
+
+def test_a_description_per_sample_is_required():
+    class Short(_Depth):
+        def describe(self, decoded, activated, logits=None, **options):
+            return ["one"]
+
+    flow = _depth_flow(Short(name="depth", module=nn.Linear(4, 1), loss=lambda z, y: (z - y) ** 2))
+    with torch.no_grad():
+        out = flow.torch().eval()({"f": torch.randn(3, 4)})
+    with pytest.raises(ValueError, match=r"task 'depth': describe\(\) returned 1 texts for 3 samples"):
+        flow.get_treelib_explainer()(out)
 
 
 def test_thresholded_nodes_show_the_tuned_threshold():

@@ -98,3 +98,40 @@ def test_tuned_params_are_restored_when_the_weights_do_not_fit(flow_and_model, t
     with pytest.raises(ValueError, match="missing keys"):
         FlowRunner.load(tmp_path, other)
     assert other.get_decoder().params()["door_open"] == {"threshold": 0.5}
+
+
+def _one_task_flow(task_class):
+    import dnn_cool_catalyst as dcc
+
+    tasks = dcc.Tasks([task_class("door", torch.nn.Linear(8, 1))])
+
+    @tasks.add_flow
+    def flow(flow, x, out):
+        out += flow.door(x.features)
+        return out
+
+    return tasks.get_full_flow()
+
+
+def test_manifest_records_and_compares_the_tasks_kind_not_its_class(tmp_path):
+    """`ITask.kind` goes into the manifest: a class renamed or moved keeps its exports loadable, a
+    changed kind is named."""
+    import dnn_cool_catalyst as dcc
+    from dnn_cool_catalyst.runners.export import check_compatible, export_model, manifest_of
+
+    class DoorV1(dcc.BinaryClassificationTask):
+        kind = "door"
+
+    class DoorV2(dcc.BinaryClassificationTask):  # another class, the same kind
+        kind = "door"
+
+    class Window(dcc.BinaryClassificationTask):  # no kind of its own: its class name
+        pass
+
+    flow = _one_task_flow(DoorV1)
+    model = flow.torch()
+    assert manifest_of(flow, model)["tasks"] == [{"path": "door", "kind": "door"}]
+    export_model(tmp_path, flow, model)
+    FlowRunner.load(tmp_path, _one_task_flow(DoorV2), model=_one_task_flow(DoorV2).torch())
+    with pytest.raises(ValueError, match=r"task kinds differ: \['door \(door exported, Window now\)'\]"):
+        check_compatible(read_manifest(tmp_path), _one_task_flow(Window))

@@ -160,3 +160,89 @@ def test_seed_task_positional_order_and_reduced_loss_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the predefined kinds pass neither labels nor inputs
         _kinds()
+
+
+KIND_NAMES = {"binary": "BinaryClassificationTask", "classification": "ClassificationTask",
+              "multilabel": "MultilabelClassificationTask", "regression": "BoundedRegressionTask",
+              "mlm": "MaskedLanguageModelingTask"}
+
+
+@pytest.mark.parametrize("name", sorted(KIND_NAMES))
+def test_each_kind_names_itself_stably(name):
+    """`kind` is what export manifests record: the predefined kinds keep the names older manifests
+    hold, set in their own class, not derived from a class name that a subclass changes."""
+    task, _ = _kinds()[name]
+    assert task.kind == KIND_NAMES[name] and "kind" in vars(type(task))
+
+
+def test_replacing_the_loss_changes_the_loss_of_every_kind(kind):
+    """Binary and bounded-regression tasks called the loss they were built with, whatever
+    `task.loss` was replaced by (the replacement was silently ignored)."""
+    task, raw = kind
+    labels = task.prepare_labels(raw)
+    logits = task.module(torch.randn(N, 4)).detach()
+    before = task.elementwise_loss(logits, labels)
+    before_per_sample = task.sample_loss(logits, labels)
+    calls = []
+
+    def doubled(z, y, original=task.loss):
+        calls.append(1)
+        return 2 * original(z, y)
+
+    task.loss = doubled
+    torch.testing.assert_close(task.elementwise_loss(logits, labels), 2 * before)
+    torch.testing.assert_close(task.sample_loss(logits, labels), 2 * before_per_sample, equal_nan=True)
+    assert calls
+
+
+def test_replacing_the_loss_changes_the_flow_loss():
+    task = dcc.BinaryClassificationTask("b", nn.Linear(4, 1))
+    tasks = dcc.Tasks([task])
+
+    @tasks.add_flow
+    def f(flow, x, out):
+        out += flow.b(x.f)
+        return out
+
+    x, y = f.get_dataset({"f": torch.randn(4, 4)}, {"b": [1.0, 0.0, float("nan"), 1.0]})[[0, 1, 2, 3]]
+    out = f.torch().train()(x)
+    before = f.get_loss()(out, y).detach()
+    task.loss = lambda z, labels: torch.zeros_like(labels)
+    assert float(f.get_loss()(out, y)) == 0.0 and float(before) > 0
+
+
+@pytest.mark.parametrize("name", sorted(KIND_NAMES))
+def test_describe_gives_one_text_per_sample(name):
+    task, _ = _kinds()[name]
+    with torch.no_grad():
+        logits = task.module(torch.randn(N, 4))
+        activated = task.activate(logits)
+        decoded = task.decode(activated)
+    texts = task.describe(decoded.numpy(), activated.numpy(), logits.numpy(), digits=3)
+    assert len(texts) == N and all(t.startswith("decoded: [") for t in texts)
+    assert all(", logits: [" in t for t in texts)
+    without_logits = task.describe(decoded.numpy(), activated.numpy())
+    assert len(without_logits) == N and not any("logits" in t for t in without_logits)
+
+
+def test_describe_per_kind():
+    k = _kinds()
+    binary = k["binary"][0]
+    binary.decoder.load_tuned({"threshold": 0.25})
+    assert binary.describe(np.array([True, False]), np.array([0.3, 0.2], np.float32), np.array([-0.85, -1.4])) == [
+        "decoded: [True (0.3 > 0.25)], logits: [-0.85]", "decoded: [False (0.2 <= 0.25)], logits: [-1.4]"]
+    cls = k["classification"][0]  # class names "abcde"
+    assert cls.describe(np.array([[4, 0, 1, 2, 3]]), np.array([[0.2, 0.1, 0.05, 0.05, 0.6]]), None, top_k=2) == [
+        "decoded: [e, a], activated: [0.6, 0.2]"]
+    multi = k["multilabel"][0]  # no class names: classes by index
+    assert multi.describe(np.array([[True, False]]), np.array([[0.75, 0.5]], np.float32)) == [
+        "decoded: [0: True (0.75 > 0.5), 1: False (0.5 <= 0.5)]"]
+    reg = k["regression"][0]  # scale 20
+    assert reg.describe(np.array([5.0]), np.array([0.25]), np.array([-1.0986])) == [
+        "decoded: [5], activated: [0.25], logits: [-1.099]"]
+    mlm = k["mlm"][0]  # the top token of each position, the first `max_values` positions
+    decoded = np.array([[[7, 1], [3, 2], [9, 0]]])
+    activated = np.zeros((1, 3, 10))
+    activated[0, [0, 1, 2], [7, 3, 9]] = [0.5, 0.25, 0.125]
+    assert mlm.describe(decoded, activated, None, max_values=2) == [
+        "decoded: [7, 3, ... (3 values)], activated: [0.5, 0.25, ... (3 values)]"]

@@ -1,0 +1,138 @@
+"""Texts for people about a batch of a task's outputs: what `ITask.describe` returns.
+
+Each function takes the NumPy outputs of one task for a whole batch, `decoded`, `activated` and
+`logits` (None when unknown), and returns one text per sample, e.g.
+`"decoded: [True (0.3068 > 0.0297)], logits: [-0.8153]"`. Numbers are printed with `digits`
+significant digits; vectors show their first `limit` values.
+
+They work on the batch at once (one `%`-template per task, not per value): the tree explainer
+formats every task of thousands of samples through them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["describe_decisions", "describe_ranked", "describe_values"]
+
+
+def _values(row: list, digits: int, limit: int) -> str:
+    vals = row[:limit]
+    text = ", ".join(f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in vals)
+    return text + (f", ... ({len(row)} values)" if len(row) > limit else "")
+
+
+def _rows(x: Optional[np.ndarray], n: int) -> List[list]:
+    if x is None or n == 0:
+        return [[] for _ in range(n)]
+    return x.reshape(n, -1).tolist()
+
+
+def _joined(count: int, spec: str) -> str:
+    return ", ".join([spec] * count)
+
+
+def describe_values(decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray],
+                    digits: int = 4, limit: int = 16) -> List[str]:
+    """Any task: `decoded: [v, ...], activated: [v, ...], logits: [v, ...]`, the values of each sample
+    flattened (bounded regression: one value each)."""
+    n = decoded.shape[0]
+    if decoded.size == n and activated.size == n and (logits is None or logits.size == n):
+        # one value per sample: one template for the whole batch
+        g = f"%.{digits}g"
+        dspec = "%s" if decoded.dtype == np.bool_ else g
+        cols = [decoded.reshape(-1).tolist(), activated.reshape(-1).tolist()]
+        template = f"decoded: [{dspec}], activated: [{g}]"
+        if logits is not None:
+            cols.append(logits.reshape(-1).tolist())
+            template += f", logits: [{g}]"
+        return [template % row for row in zip(*cols)]
+    return _flattened(decoded, activated, logits, digits, limit)
+
+
+def _flattened(decoded, activated, logits, digits, limit) -> List[str]:
+    """Each sample's values flattened, the first `limit` shown (floats with `digits` digits)."""
+    n = decoded.shape[0]
+    d, a, lg = _rows(decoded, n), _rows(activated, n), _rows(logits, n)
+    out = []
+    for i in range(n):
+        text = f"decoded: [{_values(d[i], digits, limit)}], activated: [{_values(a[i], digits, limit)}]"
+        if logits is not None:
+            text += f", logits: [{_values(lg[i], digits, limit)}]"
+        out.append(text)
+    return out
+
+
+def describe_ranked(decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray],
+                    class_names: Optional[Sequence[str]] = None, top_k: int = 3, digits: int = 4,
+                    limit: int = 16) -> List[str]:
+    """Sorted indices (classification): the `top_k` classes, by name when `class_names` are given,
+    with their probabilities and logits in rank order, `decoded: [hoodie, polo], activated: [0.61,
+    0.2], logits: [2.1, 1.0]`. For a sequence (`activated` of shape `(N, T, V)`, masked language
+    modeling): the top-1 index per position, with its probability and logit."""
+    if activated.ndim > 2:
+        top = decoded[..., :1].astype(np.int64)  # (N, T, 1)
+        probs = np.take_along_axis(activated, top, axis=-1)[..., 0]
+        lgs = np.take_along_axis(logits, top, axis=-1)[..., 0] if logits is not None else None
+        return _flattened(top[..., 0], probs, lgs, digits, limit)
+    k = min(top_k, decoded.shape[-1])
+    idx = decoded[:, :k].astype(np.int64)
+    g = f"%.{digits}g"
+    parts = [np.asarray(class_names, dtype=object)[idx] if class_names else idx,
+             np.take_along_axis(activated, idx, axis=-1)]
+    template = f"decoded: [{_joined(k, '%s')}], activated: [{_joined(k, g)}]"
+    if logits is not None:
+        parts.append(np.take_along_axis(logits, idx, axis=-1))
+        template += f", logits: [{_joined(k, g)}]"
+    rows = np.concatenate([p.astype(object) for p in parts], axis=1).tolist()
+    return [template % tuple(row) for row in rows]
+
+
+def describe_decisions(decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray],
+                       threshold: float | Sequence[float] | None, class_names: Optional[Sequence[str]] = None,
+                       digits: int = 4, limit: int = 16) -> List[str]:
+    """Thresholded decisions: one for a binary task, `decoded: [True (0.81 > 0.5)], logits: [1.45]`;
+    one per class for a multilabel task, `decoded: [glasses: True (0.81 > 0.42), beard: False (0.03
+    <= 0.5)], logits: [...]` (classes by name when `class_names` fit, else by index). `threshold`:
+    one, or one per class; when it does not fit the outputs, the decisions and probabilities are
+    shown without it."""
+    n = decoded.shape[0]
+    if decoded.ndim != 2 or (decoded.shape[1] == 1 and not class_names):  # a binary task
+        if isinstance(threshold, float) and decoded.size == n and activated.size == n:
+            return _decisions(logits, activated.reshape(n, 1), decoded.reshape(n, 1), None, [threshold], digits)
+        return describe_values(decoded, activated, logits, digits, limit)
+    c = decoded.shape[1]
+    names = list(class_names) if class_names and len(class_names) == c else [str(j) for j in range(c)]
+    thresholds = [threshold] * c if isinstance(threshold, float) else threshold
+    if isinstance(thresholds, list) and len(thresholds) == c and activated.size == decoded.size:
+        return _decisions(logits, activated.reshape(decoded.shape), decoded, names, thresholds, digits)
+    g = f"%.{digits}g"
+    flags = ", ".join(f"{k.replace('%', '%%')}: %s" for k in names)
+    parts = [decoded, activated.reshape(decoded.shape)]
+    template = f"decoded: [{flags}], activated: [{_joined(c, g)}]"
+    if logits is not None:
+        parts.append(logits.reshape(decoded.shape))
+        template += f", logits: [{_joined(c, g)}]"
+    rows = np.concatenate([p.astype(object) for p in parts], axis=1).tolist()
+    return [template % tuple(row) for row in rows]
+
+
+def _decisions(logits, activated, decoded, names, thresholds, digits) -> List[str]:
+    """`decoded: [<class>: <decision> (<activated> > <threshold>), ...], logits: [...]` for `(N, C)`
+    arrays (`names` None: one unnamed column, a binary task)."""
+    n, c = decoded.shape
+    g = f"%.{digits}g"
+    # compared in the precision the decoder compares in (at least float32), so that `>` / `<=`
+    # agrees with a decision taken by the same threshold
+    a = activated.astype(np.promote_types(activated.dtype, np.float32), copy=False)
+    above = a > np.asarray(thresholds, dtype=a.dtype)
+    ops = np.where(above, ">", "<=").astype(object)
+    labels = [""] * c if names is None else [f"{k.replace('%', '%%')}: " for k in names]
+    cells = ", ".join(f"{label}%s ({g} %s {t:.{digits}g})" for label, t in zip(labels, thresholds))
+    parts = np.stack([decoded.astype(object), activated.astype(object), ops], axis=2).reshape(n, 3 * c)
+    template = f"decoded: [{cells}]"
+    if logits is not None:
+        parts = np.concatenate([parts, logits.reshape(n, c).astype(object)], axis=1)
+        template += f", logits: [{_joined(c, g)}]"
+    return [template % tuple(row) for row in parts.tolist()]
