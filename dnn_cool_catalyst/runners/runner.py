@@ -1,7 +1,8 @@
 """`FlowRunner`: Catalyst's `Runner` for a task flow, with flow-aware defaults.
 
 The runner orchestrates: it feeds batches to the model, computes the flow loss, and adds the
-callbacks, optimizer, checkpointing and loggers a flow needs where the user gave none. Batches are
+callbacks, optimizer, checkpointing and loggers a flow needs where the user gave none (built in
+`runners.defaults`; the engine is chosen by `runners.engines.choose_engine`). Batches are
 checked in `dnn_cool_catalyst.batches`, predictions, tuning and evaluation over a loader are
 `dnn_cool_catalyst.inference`, the loss goes through `runners.criterion`, DDP's padding copies are
 found by `runners.padding`, resuming and restoring from the logdir is `runners.restore`; metrics,
