@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -68,6 +68,29 @@ def batch_parts(runner: Any, who: str) -> Tuple[Mapping[str, Any], Mapping[str, 
         raise KeyError(f"{who} needs runner.batch with {OUTPUTS!r} and {TARGETS!r} as FlowRunner.handle_batch "
                        f"leaves them (see dnn_cool_catalyst.callbacks.batch); runner.batch has {have}")
     return batch.get(INPUTS) or {}, batch[TARGETS], batch[OUTPUTS]
+
+
+class LabelledBatch(NamedTuple):
+    """The current batch's parts, as the callbacks that measure read them (`labelled_batch`)."""
+
+    inputs: Mapping[str, Any]
+    targets: Mapping[str, Tensor]
+    outputs: Mapping[str, Any]
+
+    @property
+    def size(self) -> int:
+        """The number of samples (`batch_size_of`)."""
+        return batch_size_of(self.targets, self.inputs)
+
+
+def labelled_batch(runner: Any, who: str, active: bool = True) -> Optional[LabelledBatch]:
+    """The current batch's `(inputs, targets, outputs)` for a callback's `on_batch_end`; None when
+    the callback is not `active` on this loader or the batch has no labels (an inference loader:
+    nothing to measure). An error naming `who` when the batch lacks the parts (`batch_parts`)."""
+    if not active:
+        return None
+    batch = LabelledBatch(*batch_parts(runner, who))
+    return batch if batch.targets else None
 
 
 def gather_kept(kept: Mapping[str, list]) -> Dict[str, list]:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..distributed import is_main_process, world_size
 from ..keys import ACTIVATED, EXPLAIN, GT, INDEX, LOGITS, MASK, PER_SAMPLE_LOSS
-from .batch import ChunkBuffer, SampleIndexer, batch_parts, batch_size_of
+from .batch import ChunkBuffer, SampleIndexer, labelled_batch
 from .common import loader_selected, resolve_callback_flow, resolve_logdir
 from .files import write_atomic
 from .loader_outputs import LoaderOutputs, shared_outputs
@@ -135,59 +135,22 @@ def sample_describer(loader: Any) -> Optional[Any]:
     return None
 
 
-def _number(v: float, digits: int) -> str:
-    return f"{v:.{digits}g}"
+def label_and_prediction(task: Any, label: Tensor, activated: Optional[Tensor], digits: int = 4) -> Tuple[str, str]:
+    """One sample's label and prediction as short texts, in the task's terms (`ITask.describe_sample`:
+    class names for classification, `True`/`False` with the probability for a binary task, the
+    classes set for a multilabel task, decoded values otherwise). The prediction is `"?"` when the
+    outputs are unknown; the raw values when the task cannot describe them."""
+    try:
+        return task.describe_sample(label, activated, digits=digits)
+    except Exception:  # a task of the user's own whose decoder takes other shapes: the raw values
+        label = torch.as_tensor(label).detach().cpu()
+        return _numbers(label, digits), _numbers(activated.detach().cpu(), digits) if activated is not None else "?"
 
 
 def _numbers(t: Tensor, digits: int, limit: int = 8) -> str:
     values = t.reshape(-1).tolist()
-    shown = ", ".join(_number(v, digits) if isinstance(v, float) else str(v) for v in values[:limit])
+    shown = ", ".join(f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in values[:limit])
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
-
-
-def _class_name(names: Optional[Sequence[str]], i: int) -> str:
-    return str(names[i]) if names and 0 <= i < len(names) else str(i)
-
-
-def label_and_prediction(task: Any, label: Tensor, activated: Optional[Tensor], digits: int = 4) -> Tuple[str, str]:
-    """One sample's label and prediction as short texts, in the task's terms: class names for
-    classification (the top class with its probability), `True`/`False` with the probability for a
-    binary task, the classes set for a multilabel task, decoded values otherwise (labels decoded as
-    the predictions are, e.g. in pixels). The prediction is `"?"` when the outputs are unknown."""
-    from ..tasks.base import SortDecoder, ThresholdDecoder
-
-    decoder, names = getattr(task, "decoder", None), getattr(task, "class_names", None)
-    label, act = torch.as_tensor(label).detach().cpu(), activated.detach().cpu() if activated is not None else None
-    try:
-        if isinstance(decoder, SortDecoder) and label.numel() == 1:
-            label_text = _class_name(names, int(label.reshape(-1)[0]))
-            if act is None:
-                return label_text, "?"
-            top = int(task.decode(act.unsqueeze(0))[0].reshape(-1)[0])
-            return label_text, f"{_class_name(names, top)} ({_number(float(act.reshape(-1)[top]), digits)})"
-        if isinstance(decoder, ThresholdDecoder):
-            flat = label.reshape(-1).float()
-            if flat.numel() == 1 and not names:  # a binary task
-                label_text = str(bool(flat[0] > 0.5))
-                if act is None:
-                    return label_text, "?"
-                decided = bool(task.decode(act.reshape(1, -1)).reshape(-1)[0])
-                return label_text, f"{decided} ({_number(float(act.reshape(-1)[0]), digits)})"
-
-            def classes(flags: Sequence[Any]) -> str:  # the classes set; `name?` where the label is missing
-                return "[" + ", ".join(_class_name(names, j) + ("?" if f is None else "")
-                                       for j, f in enumerate(flags) if f is None or f) + "]"
-
-            label_text = classes([None if v != v else v > 0.5 for v in flat.tolist()])
-            if act is None:
-                return label_text, "?"
-            return label_text, classes(task.decode(act.reshape(1, -1)).reshape(-1).tolist())
-        with torch.no_grad():
-            label_text = _numbers(task.decode(label.unsqueeze(0).float())[0], digits)
-            prediction = _numbers(task.decode(act.unsqueeze(0))[0], digits) if act is not None else "?"
-        return label_text, prediction
-    except Exception:  # a task of the user's own whose decoder takes other shapes: the raw values
-        return _numbers(label, digits), _numbers(act, digits) if act is not None else "?"
 
 
 def sample_caption(label: str, prediction: str, loss: float, info: Optional[Mapping[str, Any]] = None) -> str:
@@ -360,12 +323,11 @@ class InterpretationCallback(Callback):
             self._shared.start(self)
 
     def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
-        if not self._active:
+        batch = labelled_batch(runner, type(self).__name__, self._active)
+        if batch is None:
             return
-        inputs, targets, outputs = batch_parts(runner, type(self).__name__)
-        if not targets:  # an inference loader without labels: nothing to measure
-            return
-        n = batch_size_of(targets, inputs)
+        inputs, targets, outputs = batch
+        n = batch.size
         index = self._indexer(inputs, n, runner.loader_key)
         per_sample = runner.batch.get(PER_SAMPLE_LOSS)
         if per_sample is not None:

@@ -11,8 +11,7 @@ from torch import Tensor
 from ..distributed import collective_device, world_size
 from ..keys import ACTIVATED, DECODED, LOGITS, LOSS_TERMS, MASK, METRIC_STATES
 from ..metrics import ConfusionMatrixMetric
-from ..tasks.base import ThresholdDecoder
-from .batch import ChunkBuffer, StackedLossTerms, batch_parts, batch_size_of
+from .batch import ChunkBuffer, StackedLossTerms, labelled_batch
 from .common import loader_selected, resolve_callback_flow
 from .loader_outputs import LoaderOutputs, shared_outputs
 from .publishers import log_confusion_matrix, log_pr_curve
@@ -121,8 +120,7 @@ class FlowMetricsCallback(Callback):
         self._tunable = {leaf.path for leaf in self._leaves if leaf.task.decoder.params()}
         self._binary = {leaf.path for leaf in self._leaves if leaf.task.can_condition}
         # PR curves: binary tasks, and per class the thresholded tasks with several classes (multilabel)
-        self._curved = self._binary | {leaf.path for leaf in self._leaves
-                                       if isinstance(leaf.task.decoder, ThresholdDecoder)}
+        self._curved = self._binary | {leaf.path for leaf in self._leaves if leaf.task.decides_by_threshold}
         self._buffer = ChunkBuffer(self.buffer_elements)
         self._reset_loader(active=False)
 
@@ -144,12 +142,11 @@ class FlowMetricsCallback(Callback):
     # more than the rest of it in a training loop, and nothing here records a graph (loss terms
     # come detached, kept tensors are detached, the rest runs under no_grad where it computes).
     def on_batch_end(self, runner: Any) -> None:
-        if not self._active:
+        batch = labelled_batch(runner, type(self).__name__, self._active)
+        if batch is None:  # not measured here, or an inference loader without labels
             return
-        inputs, targets, outputs = batch_parts(runner, type(self).__name__)
-        if not targets:  # an inference loader without labels: nothing to measure
-            return
-        n = batch_size_of(targets, inputs)
+        _, targets, outputs = batch
+        n = batch.size
         terms = runner.batch.get(LOSS_TERMS)
         if terms is None:
             with torch.no_grad():
@@ -289,7 +286,7 @@ class FlowMetricsCallback(Callback):
                 a, y = a[:, :1], y[:, :1]
             available = (leaf.task.available(y).reshape(y.shape) & m.reshape(-1, 1)).numpy()
             labels, scores = y.double().numpy() > 0.5, a.double().numpy()
-            names = getattr(leaf.task, "class_names", None)
+            names = leaf.task.class_names
             for k in range(y.shape[1]):
                 sel = available[:, k]
                 if not sel.any():
@@ -307,8 +304,7 @@ class FlowMetricsCallback(Callback):
                 continue
             matrix = metric.states["matrix"].detach().cpu().numpy()
             if matrix.size and matrix.sum() > 0:
-                log_confusion_matrix(runner, f"{g.path}/confusion_matrix", matrix,
-                                     getattr(g.owner.task, "class_names", None))
+                log_confusion_matrix(runner, f"{g.path}/confusion_matrix", matrix, g.owner.task.class_names)
 
     def _reduce_across_processes(self, runner: Any) -> None:
         """Sum the loss terms and metric states of every process (DDP); a no-op in one process.

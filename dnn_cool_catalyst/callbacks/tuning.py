@@ -14,7 +14,7 @@ from ..distributed import is_main_process
 from ..errors import capped
 from ..interpreters.decoding import merge_report
 from ..keys import ACTIVATED, LOGITS
-from .batch import batch_parts
+from .batch import labelled_batch
 from .common import resolve_callback_flow, resolve_logdir
 from .files import read_json, write_atomic
 from .loader_outputs import LoaderOutputs, shared_outputs
@@ -145,11 +145,10 @@ class ThresholdTuningCallback(Callback):
                                before_decoding=self._tune)
 
     def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
-        if not self._active:
+        batch = labelled_batch(runner, type(self).__name__, self._active)
+        if batch is None:
             return
-        _, targets, outputs = batch_parts(runner, type(self).__name__)
-        if not targets:  # an inference loader without labels: nothing to measure
-            return
+        outputs = batch.outputs
         source = ACTIVATED if outputs.get(ACTIVATED) else LOGITS
         missing = [leaf.path for leaf in self._leaves if leaf.path not in outputs.get(source, {})]
         if missing:
@@ -179,7 +178,7 @@ class ThresholdTuningCallback(Callback):
         self.tuned = merge_report(params, report)
         for leaf in self._leaves:
             if leaf.path in self.tuned:
-                values = numeric_params(leaf.path, self.tuned[leaf.path], getattr(leaf.task, "class_names", None))
+                values = numeric_params(leaf.path, self.tuned[leaf.path], leaf.task.class_names)
                 runner.loader_metrics.update({k: v for k, v in values.items() if math.isfinite(v)})
         self._write(runner)
 

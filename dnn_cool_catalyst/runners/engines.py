@@ -21,6 +21,7 @@
 
   The parent process of a spawned run gets back nothing (the runner was pickled into the
   workers); `FlowRunner.train` reads the trained weights and tuned parameters back from the logdir.
+- `choose_engine`: the engine `FlowRunner.train` runs a flow with.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from torch import nn
 from ..distributed import unwrap
 from .balance import BalancedDataParallel
 from .compat import DataParallelEngine, generators_across_processes
+from .criterion import FlowCriterion
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -183,3 +185,31 @@ def available_engine(cpu: bool = False, fp16: bool = False, ddp: bool = False) -
     if type(engine) is dl.DistributedDataParallelEngine:
         return DistributedDataParallelEngine(fp16=fp16)
     return engine
+
+
+def choose_engine(engine: Any, flow: Any, criterion: Any, balance_dataparallel_memory: bool = False,
+                  cpu: bool = False, fp16: bool = False, ddp: bool = False) -> Engine:
+    """The engine for a run of `flow`: `engine` when given, else `available_engine(cpu, fp16, ddp)`;
+    with `balance_dataparallel_memory` a `BalancedDataParallelEngine` (made when `engine` is None).
+    A `BalancedDataParallelEngine` gets `flow` when it has none and needs a `FlowCriterion`
+    (it reduces the flow loss inside the replicas)."""
+    chosen = engine
+    if balance_dataparallel_memory:
+        if chosen is None:
+            chosen = BalancedDataParallelEngine(flow=flow, **({"fp16": True} if fp16 else {}))
+        elif isinstance(chosen, dl.DistributedDataParallelEngine):
+            raise ValueError("balance_dataparallel_memory=True is for DataParallel (one process, several GPUs); "
+                             "under DistributedDataParallel each process reduces its own batch already: "
+                             "drop the flag")
+        elif not isinstance(chosen, BalancedDataParallelEngine):
+            raise ValueError(f"balance_dataparallel_memory=True needs a BalancedDataParallelEngine (or no engine: "
+                             f"FlowRunner makes one); got {type(chosen).__name__}")
+    elif chosen is None:
+        chosen = available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
+    if isinstance(chosen, BalancedDataParallelEngine):
+        if chosen.flow is None:
+            chosen.flow = flow
+        if not isinstance(criterion, FlowCriterion):
+            raise ValueError(f"DataParallel memory balancing reduces the flow loss inside the replicas; it cannot "
+                             f"use the criterion {type(criterion).__name__} (no .terms): leave criterion=None")
+    return chosen

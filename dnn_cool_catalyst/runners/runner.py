@@ -1,7 +1,8 @@
 """`FlowRunner`: Catalyst's `Runner` for a task flow, with flow-aware defaults.
 
 The runner orchestrates: it feeds batches to the model, computes the flow loss, and adds the
-callbacks, optimizer, checkpointing and loggers a flow needs where the user gave none. Batches are
+callbacks, optimizer, checkpointing and loggers a flow needs where the user gave none (built in
+`runners.defaults`; the engine is chosen by `runners.engines.choose_engine`). Batches are
 checked in `dnn_cool_catalyst.batches`, predictions, tuning and evaluation over a loader are
 `dnn_cool_catalyst.inference`, the loss goes through `runners.criterion`, DDP's padding copies are
 found by `runners.padding`, resuming and restoring from the logdir is `runners.restore`; metrics,
@@ -18,59 +19,33 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import pandas as pd
 import torch
 from catalyst import dl
-from catalyst.core.callback import (Callback, IBackwardCallback, ICheckpointCallback, IOptimizerCallback,
-                                    ISchedulerCallback)
-from catalyst.core.misc import callback_isinstance, get_original_callback, sort_callbacks_by_order
-from catalyst.callbacks.misc import TqdmCallback
-from catalyst.loggers.console import ConsoleLogger
-from catalyst.loggers.csv import CSVLogger
-from catalyst.loggers.tensorboard import TensorboardLogger
+from catalyst.core.callback import Callback
+from catalyst.core.misc import callback_isinstance, get_original_callback
 from torch import Tensor, nn
 
 from .. import inference
 from ..batches import check_first_batch, inputs_batch_size, split_batch, take_rows
-from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
+from ..callbacks import InterpretationCallback
 from ..callbacks.batch import batch_size_of
-from ..callbacks.common import import_object, resolve_flow
+from ..callbacks.common import resolve_flow
 from ..callbacks.files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..distributed import is_main_process, unwrap
-from ..errors import capped, did_you_mean
 from ..keys import EXPLAIN, GT, INPUTS, LOSS_TERMS, METRIC_STATES, OUTPUTS, PER_SAMPLE_LOSS, TARGETS
 from ..summary import summary, where_logs_are
-from . import checkpoints, compat
+from . import checkpoints, compat, defaults
 from .balance import BalancedDataParallel
-from .console import FlowConsoleLogger, FlowProgressBar, stdout_is_terminal
-from .criterion import FlowCriterion, LossStep, loss_step
-from .engines import BalancedDataParallelEngine, available_engine, unshare_tensors
+from .console import stdout_is_terminal
+from .criterion import LossStep, loss_step
+from .defaults import CATALYST_TRAIN_ARGS, resolve_model  # noqa: F401  (importable from here, as before)
+from .engines import choose_engine, unshare_tensors
 from .export import export_model, load_model
-from .guards import LoaderLossCallback, RunGuards
+from .guards import RunGuards
 from .padding import PaddingLayout, ddp_padding_layout
 from .restore import ran_in_spawned_workers, restore_from_logdir, resume_checkpoint
-from .tensorboard import FlowTensorboardLogger
 
 _MODE_WORDS = {GT: "the labels", "predicted": "the predictions"}
 EVALUATION_FILE = "evaluation.csv"
-# Catalyst's own `train` arguments, which `FlowRunner.train` passes on (all but `loaders`).
-CATALYST_TRAIN_ARGS = {name: p.default for name, p in inspect.signature(dl.Runner.train).parameters.items()
-                       if name not in ("self", "loaders")}
-
-
-def resolve_model(model: Any, flow: Any) -> nn.Module:
-    """The model: `flow.torch()` when None, a module as it is, or `factory(flow)` for a factory
-    (or the dotted path of one), e.g. a wrapper that computes features and calls the flow module."""
-    if model is None:
-        return flow.torch()
-    if isinstance(model, str):
-        model = import_object(model)
-    if isinstance(model, nn.Module):
-        return model
-    if callable(model):
-        built = model(flow)
-        if not isinstance(built, nn.Module):
-            raise TypeError(f"the model factory {model!r} returned {type(built).__name__}, not an nn.Module")
-        return built
-    raise TypeError(f"model must be an nn.Module, a factory model(flow) or its dotted path, got {type(model).__name__}")
 
 
 class FlowRunner(dl.Runner):
@@ -86,22 +61,14 @@ class FlowRunner(dl.Runner):
     in `runner.batch_metrics["loss"]`. The first batch of each loader is checked: a loader that does
     not yield `(X, y)`, labels missing for a task or a missing key fail there, naming it.
 
-    Several devices:
-
-    - `balance_dataparallel_memory=True`: DataParallel over all GPUs with the loss terms, metric
-      states and per-sample losses reduced inside each replica (`BalancedDataParallelEngine`,
-      `runners.balance`); only small tensors reach the first GPU, and losses and metrics are
-      exactly those of the whole batch. Also used when the engine given is a
-      `BalancedDataParallelEngine`.
-    - DDP (`engines.DistributedDataParallelEngine`, or Catalyst's): the flow loss scales itself
-      so that DDP's averaged gradients are those of the global batch; loader metrics sum their
-      states over the processes; tuning and interpretation run on the outputs of all processes;
-      only the main process writes files. The copies of samples with which accelerate evens out
-      the shards are dropped from each batch (`drop_ddp_padding`), so that training, metrics and
-      tuning see every sample exactly once. When the engine spawned the processes, `train`
-      loads the trained weights (`runner.best.pth` with `load_best_on_end`, else `runner.last.pth`)
-      and the tuned parameters back from the logdir into this process's model and flow (the
-      loader metrics are in `<logdir>/csv_logger` and TensorBoard; `epoch_metrics` stays empty).
+    Several devices (engines in `runners.engines`): `balance_dataparallel_memory=True` (or a
+    `BalancedDataParallelEngine`) reduces loss terms, metric states and per-sample losses inside
+    each DataParallel replica (`runners.balance`), with the losses and metrics of the whole batch.
+    Under DDP the flow loss scales itself so that the averaged gradients are the global batch's;
+    metrics, tuning and interpretation see the outputs of all processes, each sample once (the
+    copies accelerate pads the shards with are dropped: `drop_ddp_padding`); only the main process
+    writes files. When the engine spawned the processes, `train` loads the trained weights and
+    tuned parameters back from the logdir (`runners.restore`; `epoch_metrics` stays empty).
 
     Example::
 
@@ -147,48 +114,39 @@ class FlowRunner(dl.Runner):
     def train(self, *, loaders: "OrderedDict[str, Any]", lr: float = 1e-3, flow_metrics: bool = True,
               interpretation: bool = True, threshold_tuning: bool = True, nonfinite: str = "raise",
               overwrite: bool = False, **catalyst_args: Any) -> None:
-        """Catalyst's `train`: `catalyst_args` are Catalyst's own arguments (`model`, `engine`,
-        `criterion`, `optimizer`, `scheduler`, `callbacks`, `loggers`, `seed`, `hparams`,
-        `num_epochs`, `logdir`, `resume`, `valid_loader`, `valid_metric`, `minimize_valid_metric`,
-        `verbose`, `timeit`, `check`, `overfit`, `profile`, `load_best_on_end`, `cpu`, `fp16`,
-        `ddp`), passed on, with defaults added only where none was given:
+        """Catalyst's `train`: `catalyst_args` are Catalyst's own arguments (`criterion`, `optimizer`,
+        `callbacks`, `loggers`, `num_epochs`, `logdir`, `resume`, `valid_loader`, `valid_metric`,
+        `verbose`, `load_best_on_end`, ...), passed on, with defaults (`runners.defaults`) only
+        where none was given:
 
         - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
-        - `optimizer`: `AdamW(lr=lr)` when a loader trains; an optimizer may also be a factory
-          `optimizer(params)` and a scheduler a factory `scheduler(optimizer)` (YAML partials);
+        - `optimizer`: `AdamW(lr=lr)` when a loader trains; an optimizer may be a factory
+          `optimizer(params)`, a scheduler a factory `scheduler(optimizer)` (YAML partials);
         - callbacks: `FlowMetricsCallback`, `InterpretationCallback`, `ThresholdTuningCallback`
-          (each unless one of its type is given or its flag is false), backward and optimizer
-          steps, a scheduler step, and with a `logdir` a runner checkpoint (`<logdir>/checkpoints`)
-          keeping the best epoch by `valid_metric` ("loss", minimised) on `valid_loader` (the first
-          loader whose name starts with "valid", else the first loader);
-        - loggers: a `FlowTensorboardLogger` in `<logdir>/tensorboard` (with the run's hyperparameters:
-          `hparams` and what the runner knows), a console logger (`FlowConsoleLogger`: one line per
-          epoch with each loader's loss and the `valid_metric`, the per-task metrics of the best
-          epoch at the end), Catalyst's CSV logger;
-        - `verbose`: None (default) shows a progress bar of the overall batch metrics
-          (`FlowProgressBar`) when standard output is a terminal; True shows it always and prints
-          every loader's per-task metrics at every epoch; False shows no bar;
-        - `resume`: True (or "last") continues from `<logdir>/checkpoints/runner.last.pth`, a path
-          from that checkpoint: model, optimizer, scheduler, epoch and tuned thresholds; give the
-          total `num_epochs` and fresh loaders. The best-so-far bookkeeping continues (`runner.best.pth`
-          changes only when an epoch beats every earlier one) and the CSV logs keep one header;
-        - a `logdir` that holds a run's files (checkpoints, logs, tuned parameters) is an error unless
-          `resume` continues that run or `overwrite=True` removes those files first (two runs never mix);
-        - `load_best_on_end`: the best epoch's weights and the decoder parameters (thresholds) it had.
+          (unless one of its type is given or its flag is false), backward, optimizer and scheduler
+          steps, and with a `logdir` a checkpoint (`<logdir>/checkpoints`) keeping the best epoch by
+          `valid_metric` ("loss", minimised) on `valid_loader` (the first "valid*" loader, else the first);
+        - loggers: `FlowTensorboardLogger` (`<logdir>/tensorboard`, with the run's hyperparameters),
+          `FlowConsoleLogger` (a line per epoch; the best epoch's per-task metrics at the end), CSV;
+        - `verbose`: None shows a progress bar when standard output is a terminal; True always,
+          with every loader's per-task metrics each epoch; False none;
+        - `resume`: True (or "last") or a path continues from `<logdir>/checkpoints/runner.last.pth`
+          (model, optimizer, scheduler, epoch, tuned thresholds, best-so-far); give the total
+          `num_epochs` and fresh loaders. A `logdir` holding a run's files is an error unless
+          `resume` continues it or `overwrite=True` removes them first (two runs never mix);
+        - `load_best_on_end`: the best epoch's weights and the decoder parameters it had.
 
-        The flow's own arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
-        `threshold_tuning` switch the default callbacks off (without `FlowMetricsCallback` the loader
-        `loss` is the batch-size-weighted mean of the batch losses). `nonfinite`: "raise" (default)
-        stops at the first batch whose loss is NaN or infinite, naming the loader, batch, tasks and
-        inputs; "skip" leaves such batches out (no backward pass, optimizer step or metrics),
-        counts them in the loader metric `nonfinite_batches` and warns (see `runners.guards`).
-        `valid_metric` is checked before the first batch against the metrics the callbacks produce
-        (when all callbacks are known; else when the loader ends). `overwrite`: see `logdir` above.
-        `evaluate_loader` runs through here without tuning, interpretation, default optimizer or files.
+        The flow's arguments: `lr` of the default optimizer; `flow_metrics`, `interpretation`,
+        `threshold_tuning` switch default callbacks off (without `FlowMetricsCallback` the loader
+        `loss` is the batch-size-weighted mean of the batch losses); `nonfinite`: "raise" (default)
+        stops at the first batch with a NaN/infinite loss, naming loader, batch, tasks and inputs,
+        "skip" leaves such batches out and counts them as `nonfinite_batches` (`runners.guards`,
+        which also checks `valid_metric` against the metrics the callbacks produce); `overwrite`.
         """
         if not isinstance(loaders, Mapping) or not loaders:
             raise TypeError(f"loaders must be a non-empty mapping name -> DataLoader, got {type(loaders).__name__}")
-        args = self._catalyst_train_args(catalyst_args)
+        own = [n for n in inspect.signature(FlowRunner.train).parameters if n not in ("self", "catalyst_args")]
+        args = defaults.catalyst_train_args(catalyst_args, own)
         logdir = args["logdir"]
         if self._evaluating:
             logdir = None
@@ -197,21 +155,18 @@ class FlowRunner(dl.Runner):
             self._logdir = logdir
         if args["criterion"] is not None:
             self._kept_criterion = args["criterion"]
-        trains = any(str(k).startswith("train") for k in loaders)
         self._lr = lr
-        self._make_default_optimizer = args["optimizer"] is None and trains and not self._evaluating
+        self._make_default_optimizer = args["optimizer"] is None and defaults.any_trains(loaders) and not self._evaluating
         self._default_callbacks = {"flow_metrics": flow_metrics, "interpretation": interpretation and not self._evaluating,
                                    "threshold_tuning": threshold_tuning and not self._evaluating}
-        valid_loader = args["valid_loader"]
-        if valid_loader is None:
-            valid_loader = next((k for k in loaders if str(k).startswith("valid")), next(iter(loaders)))
-        elif valid_loader not in loaders:
-            raise KeyError(f"valid_loader {valid_loader!r} is not one of the loaders {list(loaders)}")
+        valid_loader = defaults.valid_loader_of(loaders, args["valid_loader"])
         self._guards = RunGuards(nonfinite, valid_loader, args["valid_metric"])  # as given (None: the default)
         if logdir is not None and not self._evaluating and is_main_process():
             checkpoints.claim_logdir(logdir, resume=args["resume"], overwrite=overwrite)
         self._resume_path = resume_checkpoint(args["resume"], logdir, args["callbacks"])
-        engine = self._choose_engine(args["engine"], cpu=args["cpu"], fp16=args["fp16"], ddp=args["ddp"])
+        engine = choose_engine(args["engine"] if args["engine"] is not None else self.engine, self.flow,
+                               self._kept_criterion, self.balance_dataparallel_memory,
+                               cpu=args["cpu"], fp16=args["fp16"], ddp=args["ddp"])
         verbose = catalyst_args.get("verbose")  # None (not given): a progress bar on a terminal
         self._verbose_metrics = verbose is True  # per-task lines every epoch (the default console logger)
         args.update(loaders=loaders, engine=engine, criterion=self._kept_criterion, logdir=logdir,
@@ -226,40 +181,6 @@ class FlowRunner(dl.Runner):
             restore_from_logdir(self._logdir, self.model, self.flow, args["load_best_on_end"])
         if not self._evaluating and is_main_process():
             print(where_logs_are(self._logdir))
-
-    @staticmethod
-    def _catalyst_train_args(given: Mapping[str, Any]) -> Dict[str, Any]:
-        """Every argument of Catalyst's `train` but `loaders`: those `given`, else Catalyst's defaults."""
-        unknown = [name for name in given if name not in CATALYST_TRAIN_ARGS]
-        if unknown:
-            own = [n for n in inspect.signature(FlowRunner.train).parameters if n not in ("self", "catalyst_args")]
-            raise TypeError(f"FlowRunner.train got unknown argument(s) {capped(unknown)}"
-                            f"{did_you_mean(unknown[0], [*CATALYST_TRAIN_ARGS, *own], listed=0)}; it takes Catalyst's "
-                            f"train arguments ({capped(CATALYST_TRAIN_ARGS, 30)}) and the flow's ({capped(own)})")
-        return {**CATALYST_TRAIN_ARGS, **given}
-
-    def _choose_engine(self, engine: Any, cpu: bool, fp16: bool, ddp: bool) -> Any:
-        chosen = engine if engine is not None else self.engine
-        if self.balance_dataparallel_memory:
-            if chosen is None:
-                chosen = BalancedDataParallelEngine(flow=self.flow, **({"fp16": True} if fp16 else {}))
-            elif isinstance(chosen, dl.DistributedDataParallelEngine):
-                raise ValueError("balance_dataparallel_memory=True is for DataParallel (one process, several GPUs); "
-                                 "under DistributedDataParallel each process reduces its own batch already: "
-                                 "drop the flag")
-            elif not isinstance(chosen, BalancedDataParallelEngine):
-                raise ValueError(f"balance_dataparallel_memory=True needs a BalancedDataParallelEngine (or no engine: "
-                                 f"FlowRunner makes one); got {type(chosen).__name__}")
-        elif chosen is None:
-            chosen = available_engine(cpu=cpu, fp16=fp16, ddp=ddp)
-        if isinstance(chosen, BalancedDataParallelEngine):
-            if chosen.flow is None:
-                chosen.flow = self.flow
-            if not isinstance(self._kept_criterion, FlowCriterion):
-                raise ValueError(f"DataParallel memory balancing reduces the flow loss inside the replicas; it cannot "
-                                 f"use the criterion {type(self._kept_criterion).__name__} (no .terms): leave "
-                                 f"criterion=None")
-        return chosen
 
     def evaluate_loader(self, loader: Any, callbacks: Any = None, model: Any = None, engine: Any = None,
                         seed: int = 42, verbose: bool = False) -> Dict[str, Any]:
@@ -288,63 +209,21 @@ class FlowRunner(dl.Runner):
         return self._kept_criterion
 
     def get_optimizer(self, model: Any) -> Any:
-        optimizer = self._optimizer
-        if optimizer is None and self._make_default_optimizer:
-            return torch.optim.AdamW(model.parameters(), lr=self._lr)
-        if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-            return optimizer(model.parameters())
-        return optimizer
+        return defaults.optimizer_for(self._optimizer, model, self._lr, self._make_default_optimizer)
 
     def get_scheduler(self, optimizer: Any) -> Any:
-        scheduler = self._scheduler
-        if scheduler is not None and callable(scheduler) and not hasattr(scheduler, "step"):
-            return scheduler(optimizer)
-        return scheduler
+        return defaults.scheduler_for(self._scheduler, optimizer)
 
     def get_loggers(self) -> Dict[str, Any]:
-        loggers = dict(self._loggers or {})
-        if not any(isinstance(lg, ConsoleLogger) for lg in loggers.values()):
-            loggers["_console"] = FlowConsoleLogger(verbose=getattr(self, "_verbose_metrics", False))
-        if self._logdir is not None and not any(isinstance(lg, CSVLogger) for lg in loggers.values()):
-            loggers["_csv"] = compat.CSVLogger(logdir=self._logdir, use_logdir_postfix=True)  # one header on resume
-        if self._logdir is not None and not any(isinstance(lg, TensorboardLogger) for lg in loggers.values()):
-            loggers["_tensorboard"] = FlowTensorboardLogger(logdir=os.path.join(self._logdir, "tensorboard"))
-        self._loggers = loggers
+        self._loggers = defaults.default_loggers(self._loggers, self._logdir, getattr(self, "_verbose_metrics", False))
         return super().get_loggers()
 
     def get_callbacks(self) -> "OrderedDict[str, Callback]":
-        callbacks = sort_callbacks_by_order(self._callbacks)
-
-        def exists(kind) -> bool:
-            return any(callback_isinstance(c, kind) for c in callbacks.values())
-
-        flags = self._default_callbacks
-        if flags["flow_metrics"] and not exists(FlowMetricsCallback):
-            callbacks["_flow_metrics"] = FlowMetricsCallback()
-        if not exists(FlowMetricsCallback) and not exists(LoaderLossCallback):  # a loader loss for the checkpoint
-            callbacks["_loader_loss"] = LoaderLossCallback()
-        if flags["interpretation"] and not exists(InterpretationCallback):
-            callbacks["_interpretation"] = InterpretationCallback()
-        if flags["threshold_tuning"] and not exists(ThresholdTuningCallback):
-            callbacks["_threshold_tuning"] = ThresholdTuningCallback()
-        trains = any(str(k).startswith("train") for k in self._loaders)
-        if trains and self.optimizer is not None:
-            if not exists(IBackwardCallback):
-                callbacks["_backward"] = compat.BackwardCallback(metric_key="loss")
-            if not exists(IOptimizerCallback):
-                callbacks["_optimizer"] = compat.OptimizerCallback(metric_key="loss")  # no betas as momentum
-        if self.scheduler is not None and not exists(ISchedulerCallback):
-            plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            callbacks["_scheduler"] = (compat.SchedulerCallback(loader_key=self._valid_loader, metric_key=self._valid_metric)
-                                       if plateau else compat.SchedulerCallback())  # no betas as momentum
-        if self._verbose and not exists(TqdmCallback):
-            callbacks["_verbose"] = FlowProgressBar()
-        if self._logdir is not None and not exists(ICheckpointCallback):
-            callbacks["_checkpoint"] = compat.CheckpointCallback(
-                logdir=os.path.join(self._logdir, "checkpoints"), loader_key=self._valid_loader,
-                metric_key=self._valid_metric, minimize=self._minimize_valid_metric, mode="runner",
-                resume_runner=self._resume_path, load_best_on_end=self._load_best_on_end)
-        self._callbacks = callbacks
+        self._callbacks = defaults.default_callbacks(
+            self._callbacks, self._default_callbacks, trains=defaults.any_trains(self._loaders),
+            optimizer=self.optimizer, scheduler=self.scheduler, valid_loader=self._valid_loader,
+            valid_metric=self._valid_metric, minimize_valid_metric=self._minimize_valid_metric, verbose=self._verbose,
+            logdir=self._logdir, resume_path=self._resume_path, load_best_on_end=self._load_best_on_end)
         return super().get_callbacks()
 
     def _setup_callbacks(self) -> None:

@@ -27,7 +27,7 @@ from ..errors import LabelError
 from ..functional import accumulation_dtype, nan_available
 from ..keys import ACTIVATED, DECODED, GT, LOGITS, MASK
 from ..tuning import check_threshold
-from .describe import describe_values
+from .describe import describe_ranked, describe_values, sample_decisions, sample_ranked, sample_values
 
 JSON = Any
 
@@ -242,6 +242,31 @@ class ITask(abc.ABC):
         """
         return describe_values(decoded, activated, logits, digits, max_values)
 
+    def describe_sample(self, label: Tensor, activated: Optional[Tensor], *, digits: int = 4) -> Tuple[str, str]:
+        """For people: one sample's label and prediction as short texts (`activated` None: the
+        prediction is `"?"`); the interpretation callback captions the samples it ranks with them.
+
+        The default reads the decoder: a thresholded task (`decides_by_threshold`) shows decisions,
+        `"True"` / `"False (0.25)"` for one value, else the classes set (`describe.sample_decisions`);
+        ranked classes (`SortDecoder`) with one label show the class names (`describe.sample_ranked`);
+        any other task the label and the prediction decoded alike (`describe.sample_values`).
+        Override it to describe your own task's samples.
+        """
+        label = torch.as_tensor(label).detach().cpu()
+        activated = activated.detach().cpu() if activated is not None else None
+        if self.decides_by_threshold:
+            return sample_decisions(self.decode, label, activated, self.class_names, digits)
+        if isinstance(getattr(self, "decoder", None), SortDecoder) and label.numel() == 1:
+            return sample_ranked(self.decode, label, activated, self.class_names, digits)
+        return sample_values(self.decode, label, activated, digits)
+
+    @property
+    def decides_by_threshold(self) -> bool:
+        """Whether the decoded outputs are yes/no decisions `activated > threshold`, one per value of
+        the last dimension (binary, multilabel): such tasks get precision-recall curves and show
+        their decisions. The default: whether the decoder is a `ThresholdDecoder`."""
+        return isinstance(getattr(self, "decoder", None), ThresholdDecoder)
+
     @property
     def can_condition(self) -> bool:
         """Whether `out.<task>` may precondition other tasks (binary tasks)."""
@@ -393,6 +418,23 @@ class Task(ITask):
 
     def create_metrics(self) -> List[Tuple[str, Any]]:
         return [(name, copy.deepcopy(m)) for name, m in self.metrics]
+
+
+class RankedTask(Task):
+    """A task whose labels index the last dimension of the logits (class indices, token ids) and
+    whose decoder ranks that dimension by declining probability: what `ClassificationTask` and
+    `MaskedLanguageModelingTask` share."""
+
+    def label_bound(self, logits: Tensor) -> Optional[int]:
+        return logits.shape[-1]
+
+    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
+                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
+        """`decoded: [hoodie, polo, shirt], activated: [0.61, 0.2, 0.09], logits: [2.1, 1.0, 0.2]`: the
+        `top_k` classes by declining probability (by name when the task has `class_names`); for a
+        sequence (masked language modeling) the most probable token id of each position (the first
+        `max_values` positions) with its probability and logit (`describe.describe_ranked`)."""
+        return describe_ranked(decoded, activated, logits, self.class_names, top_k, digits, max_values)
 
 
 class _IdentityDecoder(Decoder):

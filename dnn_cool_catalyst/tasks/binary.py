@@ -33,18 +33,10 @@ class BinaryClassificationTask(Task):
     kind = "BinaryClassificationTask"
 
     def __init__(self, name: str, module: nn.Module, threshold: float = 0.5, weight: float = 1.0):
-        super().__init__(
-            name=name,
-            module=module,
-            loss=_bce_elementwise,
-            activation=torch.sigmoid,
-            decoder=ThresholdDecoder(threshold, per_class=False),
-            metrics=[(k, BinaryConfusionMetric(k)) for k in BinaryConfusionMetric.KINDS],
-            available_func=nan_available,
-            missing=math.nan,
-            label_dtype=torch.float32,
-            weight=weight,
-        )
+        super().__init__(name=name, module=module, loss=_bce_elementwise, activation=torch.sigmoid,
+                         decoder=ThresholdDecoder(threshold, per_class=False),
+                         metrics=[(k, BinaryConfusionMetric(k)) for k in BinaryConfusionMetric.KINDS],
+                         available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
 
     @property
     def can_condition(self) -> bool:

@@ -1,9 +1,7 @@
 """Multi-class classification: softmax, classes sorted by probability, cross entropy; labels int, -1 missing."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
-
-import numpy as np
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +10,7 @@ from torch import Tensor, nn
 from ..errors import LabelError
 from ..functional import softmax_last
 from ..metrics import ConfusionMatrixMetric, TopKAccuracy
-from .base import SortDecoder, Task, check_index_floats, check_vector_labels, raw_labels
-from .describe import describe_ranked
+from .base import RankedTask, SortDecoder, check_index_floats, check_vector_labels, raw_labels
 
 
 def _ce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
@@ -26,7 +23,7 @@ def _index_available(labels: Tensor) -> Tensor:
     return labels >= 0
 
 
-class ClassificationTask(Task):
+class ClassificationTask(RankedTask):
     """One of C classes. The module outputs `(N, C)` logits; labels are class indices `(N,)`,
     `-1` (or NaN in a float array) for missing. Decoded: class indices by declining probability;
     metrics report top-1/3/5 accuracy (those `k <= top_k` and, when `class_names` tell the number of
@@ -40,28 +37,10 @@ class ClassificationTask(Task):
         self.top_k = int(top_k)
         n = len(self.class_names) if self.class_names is not None else None
         ks = [k for k in (1, 3, 5) if k <= self.top_k and (n is None or k == 1 or k < n)]
-        super().__init__(
-            name=name,
-            module=module,
-            loss=_ce_elementwise,
-            activation=softmax_last,
-            decoder=SortDecoder(),
-            metrics=[(f"accuracy_{k}", TopKAccuracy(k)) for k in ks]
-            + [(kind, ConfusionMatrixMetric(kind, n)) for kind in ConfusionMatrixMetric.KINDS],
-            available_func=_index_available,
-            missing=-1,
-            label_dtype=torch.int64,
-            weight=weight,
-        )
-
-    def label_bound(self, logits: Tensor) -> Optional[int]:
-        return logits.shape[-1]
-
-    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
-                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
-        """`decoded: [hoodie, polo, shirt], activated: [0.61, 0.2, 0.09], logits: [2.1, 1.0, 0.2]`: the
-        `top_k` classes by declining probability (by name when the task has `class_names`)."""
-        return describe_ranked(decoded, activated, logits, self.class_names, top_k, digits, max_values)
+        super().__init__(name=name, module=module, loss=_ce_elementwise, activation=softmax_last, decoder=SortDecoder(),
+                         metrics=[(f"accuracy_{k}", TopKAccuracy(k)) for k in ks]
+                         + [(kind, ConfusionMatrixMetric(kind, n)) for kind in ConfusionMatrixMetric.KINDS],
+                         available_func=_index_available, missing=-1, label_dtype=torch.int64, weight=weight)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(raw_labels(values, self.name), self.name)

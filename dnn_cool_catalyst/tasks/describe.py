@@ -7,14 +7,21 @@ significant digits; vectors show their first `limit` values.
 
 They work on the batch at once (one `%`-template per task, not per value): the tree explainer
 formats every task of thousands of samples through them.
+
+`ITask.describe_sample` texts one sample's label and prediction (the interpretation callback's
+captions) through `sample_values`, `sample_decisions` or `sample_ranked`; each takes the task's
+`decode`, the label and the activated outputs (torch tensors; None: unknown, shown as `"?"`).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from torch import Tensor
 
-__all__ = ["describe_decisions", "describe_ranked", "describe_values"]
+__all__ = ["describe_decisions", "describe_ranked", "describe_values", "sample_decisions", "sample_ranked",
+           "sample_values"]
 
 
 def _values(row: list, digits: int, limit: int) -> str:
@@ -136,3 +143,63 @@ def _decisions(logits, activated, decoded, names, thresholds, digits) -> List[st
         parts = np.concatenate([parts, logits.reshape(n, c).astype(object)], axis=1)
         template += f", logits: [{_joined(c, g)}]"
     return [template % tuple(row) for row in parts.tolist()]
+
+
+# One sample's label and prediction -----------------------------------------------------------------
+Decode = Callable[[Tensor], Tensor]
+
+
+def _number(v: float, digits: int) -> str:
+    return f"{v:.{digits}g}"
+
+
+def _numbers(t: Tensor, digits: int, limit: int = 8) -> str:
+    values = t.reshape(-1).tolist()
+    shown = ", ".join(_number(v, digits) if isinstance(v, float) else str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _class_name(names: Optional[Sequence[str]], i: int) -> str:
+    return str(names[i]) if names and 0 <= i < len(names) else str(i)
+
+
+def sample_values(decode: Decode, label: Tensor, activated: Optional[Tensor], digits: int = 4) -> Tuple[str, str]:
+    """Any task: the label and the prediction decoded alike (e.g. both in pixels), `("[32]", "[16]")`."""
+    with torch.no_grad():
+        label_text = _numbers(decode(label.unsqueeze(0).float())[0], digits)
+        prediction = _numbers(decode(activated.unsqueeze(0))[0], digits) if activated is not None else "?"
+    return label_text, prediction
+
+
+def sample_decisions(decode: Decode, label: Tensor, activated: Optional[Tensor],
+                     class_names: Optional[Sequence[str]] = None, digits: int = 4) -> Tuple[str, str]:
+    """Thresholded decisions: one label without class names (a binary task) as `("True", "False
+    (0.25)")`, the decision with its probability; else the classes set, `("[glasses, hat]",
+    "[glasses]")`, by name where `class_names` has it (`name?` where the label is missing)."""
+    flat = label.reshape(-1).float()
+    if flat.numel() == 1 and not class_names:  # a binary task
+        label_text = str(bool(flat[0] > 0.5))
+        if activated is None:
+            return label_text, "?"
+        decided = bool(decode(activated.reshape(1, -1)).reshape(-1)[0])
+        return label_text, f"{decided} ({_number(float(activated.reshape(-1)[0]), digits)})"
+
+    def classes(flags: Sequence[Any]) -> str:  # the classes set; `name?` where the label is missing
+        return "[" + ", ".join(_class_name(class_names, j) + ("?" if f is None else "")
+                               for j, f in enumerate(flags) if f is None or f) + "]"
+
+    label_text = classes([None if v != v else v > 0.5 for v in flat.tolist()])
+    if activated is None:
+        return label_text, "?"
+    return label_text, classes(decode(activated.reshape(1, -1)).reshape(-1).tolist())
+
+
+def sample_ranked(decode: Decode, label: Tensor, activated: Optional[Tensor],
+                  class_names: Optional[Sequence[str]] = None, digits: int = 4) -> Tuple[str, str]:
+    """A class index (classification): the labelled class and the top-ranked one with its
+    probability, `("hoodie", "tee (0.7)")`, by name where `class_names` has it."""
+    label_text = _class_name(class_names, int(label.reshape(-1)[0]))
+    if activated is None:
+        return label_text, "?"
+    top = int(decode(activated.unsqueeze(0))[0].reshape(-1)[0])
+    return label_text, f"{_class_name(class_names, top)} ({_number(float(activated.reshape(-1)[top]), digits)})"

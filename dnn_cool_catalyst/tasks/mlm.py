@@ -1,9 +1,7 @@
 """Masked language modeling: softmax over the vocabulary, top token ids, cross entropy per masked token."""
 from __future__ import annotations
 
-from typing import Any, List, Optional
-
-import numpy as np
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +10,7 @@ from torch import Tensor, nn
 from ..errors import LabelError
 from ..functional import softmax_last
 from ..metrics import Perplexity, TokenAccuracy
-from .base import SortDecoder, Task, check_index_floats, raw_labels
-from .describe import describe_ranked
+from .base import RankedTask, SortDecoder, check_index_floats, raw_labels
 
 IGNORE = -100
 
@@ -29,7 +26,7 @@ def _token_available(labels: Tensor) -> Tensor:
     return labels != IGNORE
 
 
-class MaskedLanguageModelingTask(Task):
+class MaskedLanguageModelingTask(RankedTask):
     """Predict masked tokens. The module outputs `(N, T, V)` logits; labels are token ids `(N, T)`
     with `-100` where a token is not masked. Decoded: the `top_k` most probable token ids per token,
     by declining probability (a full sort of a large vocabulary is never needed). Metrics: token
@@ -38,27 +35,10 @@ class MaskedLanguageModelingTask(Task):
     kind = "MaskedLanguageModelingTask"
 
     def __init__(self, name: str, module: nn.Module, top_k: int = 5, weight: float = 1.0):
-        super().__init__(
-            name=name,
-            module=module,
-            loss=_ce_per_token,
-            activation=softmax_last,
-            decoder=SortDecoder(top_k),
-            metrics=[("accuracy", TokenAccuracy()), ("perplexity", Perplexity())],
-            available_func=_token_available,
-            missing=IGNORE,
-            label_dtype=torch.int64,
-            weight=weight,
-        )
-
-    def label_bound(self, logits: Tensor) -> Optional[int]:
-        return logits.shape[-1]
-
-    def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
-                 digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:
-        """The most probable token id of each position (the first `max_values` positions), with its
-        probability and logit: `decoded: [17, 4, ...], activated: [0.31, 0.12, ...], logits: [...]`."""
-        return describe_ranked(decoded, activated, logits, None, top_k, digits, max_values)
+        super().__init__(name=name, module=module, loss=_ce_per_token, activation=softmax_last,
+                         decoder=SortDecoder(top_k),
+                         metrics=[("accuracy", TokenAccuracy()), ("perplexity", Perplexity())],
+                         available_func=_token_available, missing=IGNORE, label_dtype=torch.int64, weight=weight)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = raw_labels(values, self.name)

@@ -32,20 +32,13 @@ class MultilabelClassificationTask(Task):
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
                  weight: float = 1.0):
         self.class_names = list(class_names) if class_names is not None else None
-        super().__init__(
-            name=name,
-            module=module,
-            loss=_bce_elementwise,
-            activation=torch.sigmoid,
-            decoder=ThresholdDecoder(0.5, classes=len(self.class_names) if self.class_names is not None else None),
-            # counts per class: the micro values, and the per-class rows of the evaluation table
-            metrics=[(kind, MultilabelConfusionMetric(kind, len(self.class_names) if self.class_names else None))
-                     for kind in ("accuracy", "f1_score")],
-            available_func=nan_available,
-            missing=math.nan,
-            label_dtype=torch.float32,
-            weight=weight,
-        )
+        n = len(self.class_names) if self.class_names is not None else None
+        super().__init__(name=name, module=module, loss=_bce_elementwise, activation=torch.sigmoid,
+                         decoder=ThresholdDecoder(0.5, classes=n),
+                         # counts per class: the micro values, and the per-class rows of the evaluation table
+                         metrics=[(kind, MultilabelConfusionMetric(kind, n or None))
+                                  for kind in ("accuracy", "f1_score")],
+                         available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
 
     def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
                  digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:

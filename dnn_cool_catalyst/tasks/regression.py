@@ -28,19 +28,11 @@ class BoundedRegressionTask(Task):
         if not scale > 0:
             raise ValueError(f"task {name!r}: scale must be positive, got {scale}")
         self.scale = float(scale)
-        super().__init__(
-            name=name,
-            module=module,
-            loss=_mse_on_sigmoid,
-            activation=torch.sigmoid,
-            decoder=ScaleDecoder(scale),
-            metrics=[("mean_absolute_error", MeanAbsoluteError(1.0)),
-                     ("mean_absolute_error_decoded", MeanAbsoluteError(scale))],
-            available_func=nan_available,
-            missing=math.nan,
-            label_dtype=torch.float32,
-            weight=weight,
-        )
+        super().__init__(name=name, module=module, loss=_mse_on_sigmoid, activation=torch.sigmoid,
+                         decoder=ScaleDecoder(scale),
+                         metrics=[("mean_absolute_error", MeanAbsoluteError(1.0)),
+                                  ("mean_absolute_error_decoded", MeanAbsoluteError(scale))],
+                         available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)

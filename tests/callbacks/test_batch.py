@@ -1,9 +1,11 @@
 """ChunkBuffer: batches kept as references, concatenated in order, detached; mismatched batches named.
 StackedLossTerms: the runner's loss terms as a mapping over one tensor."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from dnn_cool_catalyst.callbacks.batch import ChunkBuffer, StackedLossTerms
+from dnn_cool_catalyst.callbacks.batch import ChunkBuffer, StackedLossTerms, labelled_batch
 
 
 def test_chunks_concatenate_in_order_detached_and_bounded():
@@ -38,3 +40,17 @@ def test_stacked_loss_terms_read_rows_as_pairs():
     assert {p: (float(s), float(c)) for p, (s, c) in terms.items()} == {"a": (1.5, 3.0), "b.c": (0.0, 0.0), "d": (2.0, 4.0)}
     with pytest.raises(ValueError, match=r"\(3, 2\)"):
         StackedLossTerms(("a", "b", "c"), torch.zeros(2, 2))
+
+
+def test_labelled_batch_parts_size_and_when_there_is_nothing_to_measure():
+    x = {"index": torch.arange(3)}
+    runner = SimpleNamespace(batch={"inputs": x, "targets": {"a": torch.zeros(3)}, "outputs": {"logits": {}}})
+    batch = labelled_batch(runner, "Mine")
+    inputs, targets, outputs = batch
+    assert inputs is x and set(targets) == {"a"} and outputs == {"logits": {}} and batch.size == 3
+    assert labelled_batch(runner, "Mine", active=False) is None
+    runner.batch["targets"] = {}  # an inference loader: no labels
+    assert labelled_batch(runner, "Mine") is None
+    runner.batch = {"logits": {}}
+    with pytest.raises(KeyError, match="Mine needs runner.batch"):
+        labelled_batch(runner, "Mine")

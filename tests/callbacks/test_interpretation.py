@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import dnn_cool_catalyst as dcc
 from dnn_cool_catalyst.callbacks import InterpretationCallback, rank_samples
 from dnn_cool_catalyst.callbacks.interpretation import (CSV_COLUMNS, _Extremes, _ranked, label_and_prediction,
                                                         sample_caption, sample_describer)
@@ -290,3 +291,24 @@ def test_kept_candidates_hold_every_ranked_sample():
         for i in ranked.tolist():
             label, activated = kept.rows[i]
             assert float(label) == i * 10 and float(activated[0]) == i * 10 + 1
+
+
+def test_label_and_prediction_asks_the_task():
+    class Sky(dcc.Task):
+        """A kind of the user's own that describes its samples itself."""
+
+        def describe_sample(self, label, activated, *, digits=4):
+            return f"sky {float(label):.1f}", "clear" if activated is not None else "?"
+
+    sky = Sky(name="sky", module=nn.Linear(1, 1), loss=lambda z, y: z)
+    assert label_and_prediction(sky, torch.tensor(0.5), torch.tensor([0.2])) == ("sky 0.5", "clear")
+    assert label_and_prediction(sky, torch.tensor(0.5), None) == ("sky 0.5", "?")
+
+
+def test_label_and_prediction_falls_back_to_raw_values_when_the_task_cannot_describe():
+    class Broken(dcc.Task):
+        def describe_sample(self, label, activated, *, digits=4):
+            raise ValueError("other shapes")
+
+    broken = Broken(name="broken", module=nn.Linear(1, 1), loss=lambda z, y: z)
+    assert label_and_prediction(broken, torch.tensor([0.5, 2]), torch.tensor([0.25])) == ("[0.5, 2]", "[0.25]")

@@ -215,3 +215,48 @@ def test_the_flow_may_be_given_as_a_dotted_path(fake_runner_cls, small_flow):
     assert cb._flow.name == "full_flow" and cb._flow is not small_flow
     with pytest.raises(ValueError, match="FlowMetricsCallback: no flow"):
         FlowMetricsCallback().on_experiment_start(object())
+
+
+def test_a_custom_kind_that_decides_by_threshold_gets_a_pr_curve(fake_runner_cls):
+    import dnn_cool_catalyst as dcc
+    from torch import nn
+    from torch.nn import functional as F
+
+    from dnn_cool_catalyst.tasks import Decoder
+
+    class Above(Decoder):  # a decoder of the user's own, with a tunable cut
+        def decode(self, activated):
+            return activated > 0.3
+
+        def params(self):
+            return {"cut": 0.3}
+
+    class Gate(dcc.Task):
+        @property
+        def decides_by_threshold(self):
+            return True
+
+    torch.manual_seed(0)
+    gate = Gate(name="gate", module=nn.Linear(4, 1), activation=torch.sigmoid, decoder=Above(),
+                loss=lambda z, y: F.binary_cross_entropy_with_logits(z.reshape(y.shape), y.nan_to_num(),
+                                                                     reduction="none"))
+    tasks = dcc.Tasks([gate])
+
+    @tasks.add_flow
+    def full(flow, x, out):
+        out += flow.gate(x.features)
+        return out
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(40) > 0.5).astype(np.float32)
+    labels[:5] = np.nan
+    ds = tasks.get_full_flow().get_dataset({"features": rng.normal(size=(40, 4)).astype(np.float32)},
+                                           {"gate": labels})
+    runner = fake_runner_cls(tasks.get_full_flow())
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=16))
+    [(key, tag, got, scores)] = runner.logger.pr_curves
+    assert (key, tag) == ("valid", "gate/pr_curve")
+    np.testing.assert_array_equal(got, labels[5:] > 0.5)  # the available labels only
+    assert len(scores) == 35

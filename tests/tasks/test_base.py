@@ -55,3 +55,42 @@ def test_class_names_are_the_tasks_own_or_none():
     assert dcc.MultilabelClassificationTask("m", nn.Linear(1, 2)).class_names is None
     assert dcc.BinaryClassificationTask("b", nn.Linear(1, 1)).class_names is None
     assert dcc.Task(name="t", module=nn.Linear(1, 1), loss=lambda z, y: z).class_names is None
+
+
+def test_describe_sample_of_a_task_of_ones_own_decodes_label_and_prediction_alike():
+    task = Depth()
+    assert not task.decides_by_threshold
+    assert task.describe_sample(torch.tensor([0.5, 0.1]), torch.tensor([0.2, 0.25])) == ("[5, 1]", "[2, 2.5]")
+    assert task.describe_sample(torch.tensor([0.5, 0.1]), None) == ("[5, 1]", "?")
+
+
+def test_a_custom_task_with_a_threshold_decoder_decides_and_describes_decisions():
+    from dnn_cool_catalyst.tasks import ThresholdDecoder
+
+    gate = dcc.Task(name="gate", module=nn.Linear(1, 1), loss=lambda z, y: z, activation=torch.sigmoid,
+                    decoder=ThresholdDecoder(0.5))
+    assert gate.decides_by_threshold
+    assert gate.describe_sample(torch.tensor(1.0), torch.tensor([0.25])) == ("True", "False (0.25)")
+    gate.class_names = ["a", "b"]
+    assert gate.describe_sample(torch.tensor([1.0, 0.0]), torch.tensor([0.75, 0.25])) == ("[a]", "[a]")
+
+
+def test_predefined_kinds_say_whether_they_decide_by_threshold():
+    assert dcc.BinaryClassificationTask("b", nn.Linear(1, 1)).decides_by_threshold
+    assert dcc.MultilabelClassificationTask("m", nn.Linear(1, 2)).decides_by_threshold
+    assert not dcc.ClassificationTask("c", nn.Linear(1, 3)).decides_by_threshold
+    assert not dcc.BoundedRegressionTask("r", nn.Linear(1, 1)).decides_by_threshold
+    assert not dcc.MaskedLanguageModelingTask("t", nn.Linear(1, 3)).decides_by_threshold
+
+
+def test_ranked_kinds_share_label_bound_and_description():
+    from dnn_cool_catalyst.tasks.base import RankedTask
+
+    shirt = dcc.ClassificationTask("c", nn.Linear(1, 3), class_names=["polo", "tee", "hoodie"])
+    tokens = dcc.MaskedLanguageModelingTask("t", nn.Linear(1, 3))
+    assert isinstance(shirt, RankedTask) and isinstance(tokens, RankedTask)
+    assert shirt.kind == "ClassificationTask" and tokens.kind == "MaskedLanguageModelingTask"
+    assert shirt.label_bound(torch.zeros(2, 3)) == 3 and tokens.label_bound(torch.zeros(2, 4, 7)) == 7
+    assert shirt.describe_sample(torch.tensor(2), torch.tensor([0.1, 0.7, 0.2])) == ("hoodie", "tee (0.7)")
+    texts = shirt.describe(np.array([[1, 2, 0]]), np.array([[0.2, 0.7, 0.1]]), None, top_k=2)
+    assert texts == ["decoded: [tee, hoodie], activated: [0.7, 0.1]"]
