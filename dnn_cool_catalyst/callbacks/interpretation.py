@@ -20,7 +20,7 @@ from ..distributed import is_main_process, world_size
 from ..keys import ACTIVATED, EXPLAIN, GT, INDEX, LOGITS, MASK, PER_SAMPLE_LOSS
 from .batch import ChunkBuffer, SampleIndexer, labelled_batch
 from .common import loader_selected, resolve_callback_flow, resolve_logdir
-from .files import write_atomic
+from ..files import write_atomic
 from .loader_outputs import LoaderOutputs, shared_outputs
 from .metrics import METRICS_ORDER
 from .publishers import default_publishers, log_text

@@ -16,7 +16,7 @@ from ..interpreters.decoding import merge_report
 from ..keys import ACTIVATED, LOGITS
 from .batch import labelled_batch
 from .common import resolve_callback_flow, resolve_logdir
-from .files import read_json, write_atomic
+from ..files import read_json, write_atomic
 from .loader_outputs import LoaderOutputs, shared_outputs
 from .metrics import METRICS_ORDER
 

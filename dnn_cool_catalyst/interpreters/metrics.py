@@ -211,7 +211,7 @@ class FlowMetrics:
             per_class = getattr(g.owner.metric, "per_class", None)
             if not callable(per_class):
                 continue
-            names = getattr(g.owner.task, "class_names", None)
+            names = g.owner.task.class_names
             for r in per_class():
                 name = names[r.index] if names is not None and r.index < len(names) else str(r.index)
                 rows += [(g.path, f"{kind}/{name}", value, r.support) for kind, value in r.scores.items()]

@@ -28,7 +28,7 @@ from ..batches import check_first_batch, inputs_batch_size, split_batch, take_ro
 from ..callbacks import InterpretationCallback
 from ..callbacks.batch import batch_size_of
 from ..callbacks.common import resolve_flow
-from ..callbacks.files import write_csv
+from ..files import write_csv
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..distributed import is_main_process, unwrap
 from ..keys import EXPLAIN, GT, INPUTS, LOSS_TERMS, METRIC_STATES, OUTPUTS, PER_SAMPLE_LOSS, TARGETS
