@@ -9,7 +9,7 @@ from dnn_cool_catalyst import balancing
 
 def test_update_rule_against_hand_computation():
     b = balancing.UncertaintyWeighting().bind(["a", "b", "c"])
-    assert [float(p) for p in b.parameters()] == [0.0, 0.0, 0.0]  # sigma = 1 at the start
+    assert [p.item() for p in b.parameters()] == [0.0, 0.0, 0.0]  # sigma = 1 at the start
     with torch.no_grad():
         b.log_vars[0].fill_(0.5)
         b.log_vars[2].fill_(-1.0)
@@ -19,8 +19,8 @@ def test_update_rule_against_hand_computation():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     # d/ds_t = -0.5 exp(-s_t) L_t + 0.5; the absent task's s is not in the graph
-    assert float(b.log_vars[0].grad) == pytest.approx(-0.5 * math.exp(-0.5) * 2.0 + 0.5, rel=1e-6)
-    assert float(b.log_vars[2].grad) == pytest.approx(-0.5 * math.exp(1.0) * 3.0 + 0.5, rel=1e-6)
+    assert b.log_vars[0].grad.item() == pytest.approx(-0.5 * math.exp(-0.5) * 2.0 + 0.5, rel=1e-6)
+    assert b.log_vars[2].grad.item() == pytest.approx(-0.5 * math.exp(1.0) * 3.0 + 0.5, rel=1e-6)
     assert b.log_vars[1].grad is None
     assert losses.grad[0] == pytest.approx(0.5 * math.exp(-0.5)) and losses.grad[1] == 0.0
     assert b.effective_weights()["c"] == pytest.approx(0.5 * math.exp(1.0), rel=1e-6)
@@ -34,4 +34,4 @@ def test_learned_weight_tends_to_the_inverse_loss():
         opt.zero_grad()
         b(torch.tensor([4.0]), [True], update=True).backward()
         opt.step()
-    assert math.exp(float(b.log_vars[0])) == pytest.approx(4.0, rel=1e-3)
+    assert math.exp(b.log_vars[0].item()) == pytest.approx(4.0, rel=1e-3)
