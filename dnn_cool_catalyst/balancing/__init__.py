@@ -12,9 +12,10 @@ citing its paper, with the paper's defaults. Core: no Catalyst import.
 from .base import Balancer
 from .dwa import DynamicWeightAverage
 from .equal import EqualWeighting
+from .famo import FAMO
 from .gls import GeometricLossStrategy
 from .rlw import RandomLossWeighting
 from .uncertainty import UncertaintyWeighting
 
 __all__ = ["Balancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
-           "GeometricLossStrategy"]
+           "GeometricLossStrategy", "FAMO"]

@@ -14,6 +14,7 @@ METHODS = {
     "dwa": balancing.DynamicWeightAverage,
     "rlw": balancing.RandomLossWeighting,
     "gls": balancing.GeometricLossStrategy,
+    "famo": balancing.FAMO,
 }
 
 

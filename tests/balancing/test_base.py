@@ -11,7 +11,7 @@ from dnn_cool_catalyst.interpreters.loss import BalancedFlowLoss, FlowLoss
 
 METHODS = {"equal": balancing.EqualWeighting, "uncertainty": balancing.UncertaintyWeighting,
            "dwa": balancing.DynamicWeightAverage, "rlw": balancing.RandomLossWeighting,
-           "gls": balancing.GeometricLossStrategy}
+           "gls": balancing.GeometricLossStrategy, "famo": balancing.FAMO}
 PATHS = ("gate", "value", "tags", "kind")
 
 

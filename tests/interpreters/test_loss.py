@@ -366,7 +366,7 @@ def train(name, world, rank, distributed):
 
 
 names = ["EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
-         "GeometricLossStrategy"]
+         "GeometricLossStrategy", "FAMO"]
 # rank 0 also trains alone on the whole batch (distributed=False: no collective), the reference
 result = {"ddp": {n: train(n, world, rank, True) for n in names},
           "one": {n: train(n, 1, 0, False) for n in names} if rank == 0 else {}}
