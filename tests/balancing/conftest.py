@@ -12,6 +12,7 @@ METHODS = {
     "equal": balancing.EqualWeighting,
     "uncertainty": balancing.UncertaintyWeighting,
     "dwa": balancing.DynamicWeightAverage,
+    "dwa_per_step": lambda: balancing.DynamicWeightAverage(period=1),
     "rlw": balancing.RandomLossWeighting,
     "gls": balancing.GeometricLossStrategy,
     "famo": balancing.FAMO,

@@ -10,7 +10,8 @@ from dnn_cool_catalyst import balancing
 from dnn_cool_catalyst.interpreters.loss import BalancedFlowLoss, FlowLoss
 
 METHODS = {"equal": balancing.EqualWeighting, "uncertainty": balancing.UncertaintyWeighting,
-           "dwa": balancing.DynamicWeightAverage, "rlw": balancing.RandomLossWeighting,
+           "dwa": balancing.DynamicWeightAverage, "dwa_per_step": lambda: balancing.DynamicWeightAverage(period=1),
+           "rlw": balancing.RandomLossWeighting,
            "gls": balancing.GeometricLossStrategy, "famo": balancing.FAMO}
 PATHS = ("gate", "value", "tags", "kind")
 
