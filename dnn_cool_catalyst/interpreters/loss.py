@@ -19,6 +19,10 @@ gradients over the ranks, and that average is then exactly the gradient of the l
 batch on one process, however unevenly each task's samples fall on the ranks (a rank without
 samples of a task contributes 0 for it). Every head is in every rank's graph (masked, not
 indexed), so DDP needs no `find_unused_parameters`.
+
+`flow.get_loss(balancer=b)` gives a `BalancedFlowLoss`: the per-task means of the global batch
+(`global_means`) are combined by a `dnn_cool_catalyst.balancing` method instead of summed; tasks
+with an empty `S_t` take no part in the step. Without a balancer nothing of that runs.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import distributed
-from ..errors import LabelError
+from ..errors import LabelError, capped
 from ..functional import expand_mask, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
 from ..keys import LOGITS, MASK
@@ -230,6 +234,11 @@ class FlowLoss(nn.Module):
         return loss.detach()
 
 
+def local_means(stacked: Tensor) -> Tuple[Tensor, Tensor]:
+    """`(sum / max(count, 1), count)` per task of `stack_terms(terms)` rows (this process only)."""
+    return stacked[:, 0] / stacked[:, 1].clamp_min(1), stacked[:, 1]
+
+
 def global_means(stacked: Tensor, group: Any = None) -> Tuple[Tensor, Tensor]:
     """`(means, counts)` per task of the global batch from `stack_terms(terms)` rows, for a balancer.
 
@@ -245,7 +254,7 @@ def global_means(stacked: Tensor, group: Any = None) -> Tuple[Tensor, Tensor]:
     `global_stacked`."""
     world = distributed.world_size(group)
     if world <= 1:
-        return stacked[:, 0] / stacked[:, 1].clamp_min(1), stacked[:, 1]
+        return local_means(stacked)
     # float64: counts stay exact whatever the loss dtype
     total = stacked.detach().to(torch.float64)
     dist.all_reduce(total, group=group)
@@ -280,15 +289,13 @@ class BalancedFlowLoss(FlowLoss):
     def from_stacked(self, stacked: Tensor, paths: Sequence[str]) -> Tensor:
         """The balanced loss from `stack_terms(terms)` rows in the order of `paths`."""
         if tuple(paths) != self._paths:
-            unknown = sorted(set(self._paths).symmetric_difference(paths))
-            if unknown:
-                raise ValueError(f"flow {self.graph.name!r}: the balanced loss needs terms of exactly its tasks "
-                                 f"{list(self._paths)}; these differ: {unknown}")
+            missing, extra = sorted(set(self._paths) - set(paths)), sorted(set(paths) - set(self._paths))
+            if missing or extra:
+                raise ValueError(f"flow {self.graph.name!r}: the balanced loss needs the terms of exactly its "
+                                 f"{len(self._paths)} tasks; missing: {capped(missing) or 'none'}; not tasks of "
+                                 f"the flow: {capped(extra) or 'none'}")
             stacked = stacked[[list(paths).index(p) for p in self._paths]]
-        if self.distributed:
-            means, counts = global_means(stacked)
-        else:
-            means, counts = stacked[:, 0] / stacked[:, 1].clamp_min(1), stacked[:, 1]
+        means, counts = global_means(stacked) if self.distributed else local_means(stacked)
         losses = means * torch.tensor(self._static, dtype=means.dtype, device=means.device)
         present = (counts > 0).tolist()
         return self.balancer(losses, present, update=self.training and torch.is_grad_enabled())
