@@ -18,7 +18,8 @@ class RandomLossWeighting(Balancer):
     drawn afresh at every training step. `K` normals are drawn at every training step (so the draws
     follow the step count, whatever is present) from a `torch.Generator` seeded with `seed`; the
     softmax runs over the tasks present in the step. The same seed gives the same draws on every
-    rank and in every run. Outside training steps (`update` false: validation, `eval()`), no draw is
+    rank and in every run, and the generator's state is saved in `state_dict()` (a resumed run
+    continues the draws). Outside training steps (`update` false: validation, `eval()`), no draw is
     made and the expected weight `1 / K_present` is used, so validation does not shift the draws.
     """
 
@@ -26,6 +27,12 @@ class RandomLossWeighting(Balancer):
         super().__init__()
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
 
     def forward(self, losses: Tensor, present: Sequence[bool], update: bool) -> Tensor:
         where, idx = present_index(present, losses.device)

@@ -21,6 +21,8 @@ def _task_state(balancer, i):
     n = len(balancer.paths)
     found = []
     for name, t in balancer.state_dict().items():
+        if not torch.is_tensor(t):  # RandomLossWeighting's generator: draws follow the steps, not the tasks
+            continue
         if name.endswith(f".{i}"):
             found.append(t.clone())
         elif t.dim() >= 1 and t.shape[0] == n:
@@ -72,7 +74,7 @@ def test_no_task_present_gives_zero_loss_and_no_state_change(method, gated_flow,
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     assert all(p.grad is None for p in loss_fn.parameters())
-    assert all(torch.equal(state[k], v) for k, v in loss_fn.balancer.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in loss_fn.balancer.state_dict().items() if torch.is_tensor(v))
 
 
 def test_default_loss_is_unchanged_and_equal_weighting_reproduces_it(gated_flow, make_batch):
@@ -121,7 +123,7 @@ def test_state_advances_only_on_training_steps(method, gated_flow, make_batch):
         loss_fn(model(x), y)
     loss_fn.eval()
     loss_fn(model(x), y)
-    assert all(torch.equal(state[k], v) for k, v in loss_fn.balancer.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in loss_fn.balancer.state_dict().items() if torch.is_tensor(v))
     if generator is not None:
         assert torch.equal(drawn, generator.get_state())
 

@@ -28,3 +28,15 @@ def test_same_seed_same_draws_and_no_draw_outside_training():
         [float(two(losses, [True, True], update=True)) for _ in range(3)]
     assert float(balancing.RandomLossWeighting(seed=8).bind(["a", "b"])(losses, [True, True], update=True)) != \
         float(balancing.RandomLossWeighting(seed=7).bind(["a", "b"])(losses, [True, True], update=True))
+
+
+def test_the_draws_continue_after_a_state_dict_round_trip(tmp_path):
+    losses = torch.tensor([1.0, 3.0])
+    first = balancing.RandomLossWeighting(seed=5).bind(["a", "b"])
+    first(losses, [True, True], update=True)
+    torch.save(first.state_dict(), tmp_path / "rlw.pt")
+    resumed = balancing.RandomLossWeighting(seed=5).bind(["a", "b"])
+    resumed.load_state_dict(torch.load(tmp_path / "rlw.pt", weights_only=True))
+    assert resumed(losses, [True, True], update=True).item() == first(losses, [True, True], update=True).item()
+    fresh = balancing.RandomLossWeighting(seed=5).bind(["a", "b"])
+    assert fresh(losses, [True, True], update=True).item() != resumed(losses, [True, True], update=True).item()
