@@ -200,11 +200,17 @@ class TaskFlow:
             self._module = FlowModule(self.graph)
         return self._module
 
-    def get_loss(self, **kwargs):
-        """The masked flow loss `loss(outputs, targets) -> scalar` (an `nn.Module`)."""
-        from .interpreters.loss import FlowLoss
+    def get_loss(self, balancer: Any = None, **kwargs):
+        """The masked flow loss `loss(outputs, targets) -> scalar` (an `nn.Module`).
 
-        return FlowLoss(self.graph, **kwargs)
+        `balancer` (a `dnn_cool_catalyst.balancing.Balancer`, e.g. `UncertaintyWeighting()`):
+        combine the tasks' losses with it instead of their weighted sum (`BalancedFlowLoss`; its
+        learnable parameters are `loss_fn.parameters()`). None: the weighted sum, as always."""
+        from .interpreters.loss import BalancedFlowLoss, FlowLoss
+
+        if balancer is None:
+            return FlowLoss(self.graph, **kwargs)
+        return BalancedFlowLoss(self.graph, balancer, **kwargs)
 
     def get_per_sample_loss(self):
         """`(outputs, targets) -> {path: (N,), "overall": (N,)}`, NaN outside a task's mask."""

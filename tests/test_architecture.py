@@ -18,7 +18,7 @@ LAYERS = {
     # 1 task kinds and their metrics
     "metrics": 1, "tasks": 1,
     # 2 the traced graph and its interpreters
-    "graph": 2, "interpreters": 2,
+    "graph": 2, "interpreters": 2, "balancing": 2,
     # 3 the user's front door over the graph
     "dsl": 3, "batches": 3, "inference": 3,
     # 4 data: tables, converters, projects, the synthetic story

@@ -19,18 +19,22 @@ gradients over the ranks, and that average is then exactly the gradient of the l
 batch on one process, however unevenly each task's samples fall on the ranks (a rank without
 samples of a task contributes 0 for it). Every head is in every rank's graph (masked, not
 indexed), so DDP needs no `find_unused_parameters`.
+
+`flow.get_loss(balancer=b)` gives a `BalancedFlowLoss`: the per-task means of the global batch
+(`global_means`) are combined by a `dnn_cool_catalyst.balancing` method instead of summed; tasks
+with an empty `S_t` take no part in the step. Without a balancer nothing of that runs.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import distributed
-from ..errors import LabelError
+from ..errors import LabelError, capped
 from ..functional import expand_mask, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
 from ..keys import LOGITS, MASK
@@ -217,6 +221,84 @@ class FlowLoss(nn.Module):
         if return_terms:
             return total, {p: (s / c.clamp_min(1)).detach() for p, (s, c) in terms.items()}
         return total
+
+    def backward(self, outputs, targets, shared_parameters: Optional[Iterable[Tensor]] = None) -> Tensor:
+        """Compute the loss and fill the `.grad` of every parameter it reaches (the model's and the
+        balancer's, `self.parameters()`); returns the loss, detached, for logging.
+
+        `shared_parameters` (those every task shares, e.g. `model.backbone.parameters()`) is for
+        balancers that act on gradients; for the plain loss and loss-weighting balancers this is
+        `loss = self(outputs, targets); loss.backward()`, and that stays equally valid."""
+        loss = self(outputs, targets)
+        loss.backward()
+        return loss.detach()
+
+
+def local_means(stacked: Tensor) -> Tuple[Tensor, Tensor]:
+    """`(sum / max(count, 1), count)` per task of `stack_terms(terms)` rows (this process only)."""
+    return stacked[:, 0] / stacked[:, 1].clamp_min(1), stacked[:, 1]
+
+
+def global_means(stacked: Tensor, group: Any = None) -> Tuple[Tensor, Tensor]:
+    """`(means, counts)` per task of the global batch from `stack_terms(terms)` rows, for a balancer.
+
+    With one process: `sum / max(count, 1)` and the counts. Under DDP, one `all_reduce` of the
+    detached sums and counts together; `counts` are then global and the *value* of `means` is the
+    global mean, the same on every rank (so every rank's balancer computes and updates its state
+    from the same numbers), while its *gradient* is this rank's share
+    `world_size * d sum_t(rank) / count_t(all ranks)` (the value `share - share.detach() + global`).
+    For any combination `f(means)` DDP's average of the model's gradients over the ranks is then
+    `sum_t df/dL_t * dL_t`, the gradient of the global batch on one process (`df/dL_t` is taken at
+    the global values, equal on every rank), and the balancer's own parameters, which DDP does not
+    average, get that same global gradient on every rank. The balanced counterpart of
+    `global_stacked`."""
+    world = distributed.world_size(group)
+    if world <= 1:
+        return local_means(stacked)
+    # float64: counts stay exact whatever the loss dtype
+    total = stacked.detach().to(torch.float64)
+    dist.all_reduce(total, group=group)
+    counts = total[:, 1].clamp_min(1)
+    share = stacked[:, 0] * world / counts.to(stacked.dtype)
+    exact = (total[:, 0] / counts).to(stacked.dtype)
+    return share - share.detach() + exact, total[:, 1].to(stacked.dtype)
+
+
+class BalancedFlowLoss(FlowLoss):
+    """A `FlowLoss` whose task losses `L_t = weight_t * mean_{S_t} loss_t` are combined by a
+    balancer (`flow.get_loss(balancer=...)`, see `dnn_cool_catalyst.balancing`) instead of summed.
+
+    The balancer is bound to the flow's leaf paths and is a submodule: its learnable parameters are
+    `loss_fn.parameters()` (give them to the optimizer; move `loss_fn` to the model's device) and
+    its state is in `loss_fn.state_dict()`. A task is present in a step when its `S_t` is not empty
+    over the whole batch (all ranks); absent tasks take no part (`balancing.base`). Deciding that
+    reads the counts on the host once per step. Under DDP the balancer sees the global means
+    (`global_means`), so its update is the one-process update on the global batch. The balancer's
+    state advances only in training mode with gradients enabled.
+    """
+
+    def __init__(self, graph: FlowGraph, balancer: nn.Module, distributed: bool = True):
+        super().__init__(graph, distributed=distributed)
+        if not callable(getattr(balancer, "bind", None)) or not isinstance(balancer, nn.Module):
+            raise TypeError(f"balancer must be a dnn_cool_catalyst.balancing.Balancer (e.g. "
+                            f"balancing.UncertaintyWeighting()), got {type(balancer).__name__}")
+        self._paths = tuple(path for path, _ in self._leaves)
+        self.balancer = balancer.bind(self._paths)
+        self._static = tuple(float(task.weight) for _, task in self._leaves)
+
+    def from_stacked(self, stacked: Tensor, paths: Sequence[str]) -> Tensor:
+        """The balanced loss from `stack_terms(terms)` rows in the order of `paths`."""
+        if tuple(paths) != self._paths:
+            missing, extra = sorted(set(self._paths) - set(paths)), sorted(set(paths) - set(self._paths))
+            if missing or extra:
+                raise ValueError(f"flow {self.graph.name!r}: the balanced loss needs the terms of exactly its "
+                                 f"{len(self._paths)} tasks; missing: {capped(missing) or 'none'}; not tasks of "
+                                 f"the flow: {capped(extra) or 'none'}")
+            stacked = stacked[[list(paths).index(p) for p in self._paths]]
+        means, counts = global_means(stacked) if self.distributed else local_means(stacked)
+        losses = means * torch.tensor(self._static, dtype=means.dtype, device=means.device)
+        present = (counts > 0).tolist()
+        return self.balancer(losses, present, update=self.training and torch.is_grad_enabled())
 
 
 class FlowPerSampleLoss:

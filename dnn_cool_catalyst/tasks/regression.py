@@ -1,4 +1,4 @@
-"""Bounded regression: sigmoid, `activated * scale`, MSE on the sigmoid; labels in [0, 1], NaN missing."""
+"""Bounded regression: sigmoid, `activated * scale`, MSE (or L1, smooth L1) on the sigmoid; labels in [0, 1], NaN missing."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..errors import LabelError
 from ..functional import nan_available
@@ -18,17 +19,46 @@ def _mse_on_sigmoid(logits: Tensor, labels: Tensor) -> Tensor:
     return (torch.sigmoid(logits.reshape(labels.shape)) - torch.nan_to_num(labels, nan=0.0)) ** 2
 
 
+def _l1_on_sigmoid(logits: Tensor, labels: Tensor) -> Tensor:
+    """Absolute error of sigmoid(logits) in the labels' shape; finite where labels are missing."""
+    return (torch.sigmoid(logits.reshape(labels.shape)) - torch.nan_to_num(labels, nan=0.0)).abs()
+
+
+SMOOTH_L1_BETA = 0.1  # a tenth of the label range; torch's beta=1 would be half the MSE on all of [0, 1]
+
+
+def _smooth_l1_on_sigmoid(logits: Tensor, labels: Tensor) -> Tensor:
+    """Smooth L1 (Huber, `beta=SMOOTH_L1_BETA`) of sigmoid(logits); finite where labels are missing."""
+    return F.smooth_l1_loss(torch.sigmoid(logits.reshape(labels.shape)), torch.nan_to_num(labels, nan=0.0),
+                            reduction="none", beta=SMOOTH_L1_BETA)
+
+
+LOSSES = {"mse": _mse_on_sigmoid, "l1": _l1_on_sigmoid, "smooth_l1": _smooth_l1_on_sigmoid}
+
+
 class BoundedRegressionTask(Task):
     """A value in `[0, scale]`. The module outputs one logit per sample; labels are already divided
-    by `scale` (in [0, 1]), NaN for missing. Decoded: `sigmoid(logits) * scale`."""
+    by `scale` (in [0, 1]), NaN for missing. Decoded: `sigmoid(logits) * scale`.
+
+    `loss` compares the activated value `sigmoid(logits)` with the label:
+    - `"mse"` (default): squared error. Its gradient shrinks with the error and with the sigmoid's
+      slope, so near the target such a task pulls little on a shared backbone;
+    - `"l1"`: absolute error, a gradient of constant size (times the sigmoid's slope); favours
+      the median, robust to outlying labels;
+    - `"smooth_l1"`: Huber with `beta=0.1` (`SMOOTH_L1_BETA`): squared below an error of 0.1
+      (smooth at the target), absolute above it.
+    """
 
     kind = "BoundedRegressionTask"
 
-    def __init__(self, name: str, module: nn.Module, scale: float = 1.0, weight: float = 1.0):
+    def __init__(self, name: str, module: nn.Module, scale: float = 1.0, weight: float = 1.0, loss: str = "mse"):
         if not scale > 0:
             raise ValueError(f"task {name!r}: scale must be positive, got {scale}")
+        if loss not in LOSSES:
+            raise ValueError(f"task {name!r}: loss must be one of {sorted(LOSSES)}, got {loss!r}")
         self.scale = float(scale)
-        super().__init__(name=name, module=module, loss=_mse_on_sigmoid, activation=torch.sigmoid,
+        self.loss_name = loss
+        super().__init__(name=name, module=module, loss=LOSSES[loss], activation=torch.sigmoid,
                          decoder=ScaleDecoder(scale),
                          metrics=[("mean_absolute_error", MeanAbsoluteError(1.0)),
                                   ("mean_absolute_error_decoded", MeanAbsoluteError(scale))],

@@ -315,3 +315,83 @@ def test_out_of_range_class_index_on_cuda_first_batch_error_then_nan_without_dev
     torch.cuda.synchronize()
     with pytest.raises(dcc.LabelError, match="label 7"):
         loss_fn.check_labels(module(x), bad)
+
+
+_BALANCED_WORKER = '''
+import json, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+import dnn_cool_catalyst as dcc
+from dnn_cool_catalyst import balancing
+
+rank, world, store, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+
+
+def train(name, world, rank, distributed):
+    torch.manual_seed(0)
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)),
+                       dcc.BoundedRegressionTask("value", nn.Linear(3, 1)),
+                       dcc.ClassificationTask("kind", nn.Linear(3, 4))])
+
+    @tasks.add_flow
+    def full(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.value(x.f) | out.gate
+        out += flow.kind(x.f) | ~out.gate
+        return out
+
+    model = full.torch()
+    options = {"period": 1} if name == "DynamicWeightAverage" else {}  # weights that move within 3 steps
+    loss_fn = full.get_loss(balancer=getattr(balancing, name)(**options), distributed=distributed)
+    opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        gate = torch.tensor([1, 1, 0, 1, 0, 0, 0, 0], dtype=torch.float32)  # rank 1 of 2: no sample of value
+        if step == 2:
+            gate = torch.zeros(8)  # value absent on every rank
+        y = {"gate": gate, "value": torch.rand(8, generator=g), "kind": torch.randint(0, 4, (8,), generator=g)}
+        x = {"f": torch.randn(8, 3, generator=g), "gt": {"gate": gate}}
+        shard = slice(0, 8) if world == 1 else (slice(0, 5) if rank == 0 else slice(5, 8))  # uneven shards
+        xs = {"f": x["f"][shard], "gt": {"gate": gate[shard]}}
+        ys = {k: v[shard] for k, v in y.items()}
+        opt.zero_grad(set_to_none=True)
+        loss_fn.backward(model(xs), ys)
+        for p in model.parameters():  # what DDP does: the mean of the ranks' gradients
+            if world > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+    return [p.detach().reshape(-1).tolist() for p in [*model.parameters(), *loss_fn.parameters()]]
+
+
+names = ["EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
+         "GeometricLossStrategy", "FAMO"]
+# rank 0 also trains alone on the whole batch (distributed=False: no collective), the reference
+result = {"ddp": {n: train(n, world, rank, True) for n in names},
+          "one": {n: train(n, 1, 0, False) for n in names} if rank == 0 else {}}
+with open(out, "w") as f:
+    json.dump(result, f)
+'''
+
+
+def test_balanced_loss_under_ddp_gives_the_one_process_update(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_BALANCED_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(tmp_path / "store"),
+                               str(tmp_path / f"out{r}.json")], env=env) for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    ranks = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(2)]
+    for name, params in ranks[0]["one"].items():
+        for r in range(2):
+            for a, b in zip(params, ranks[r]["ddp"][name]):
+                # float32 sums taken in another order on two processes: rounding only
+                np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{name}, rank {r}")

@@ -1,0 +1,25 @@
+"""Loss balancing: how the flow loss weighs its tasks, respecting each task's sample set `S_t`.
+
+    from dnn_cool_catalyst import balancing
+    loss_fn = flow.get_loss(balancer=balancing.UncertaintyWeighting())
+    optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()])
+    loss = loss_fn.backward(outputs, targets)   # or loss_fn(outputs, targets).backward()
+
+`loss_fn.parameters()` are the balancer's learnable parameters (UncertaintyWeighting's log-variances;
+the others have none); move `loss_fn` to the model's device. DynamicWeightAverage works on epoch means:
+call `loss_fn.balancer.epoch_end()` after each training epoch (or give it `period=`).
+
+A task whose `S_t` is empty in a step (over all ranks) takes no part in it: no term, a zero gradient
+for its head, no update of its learned weight or history (`base.Balancer`). Each method is one file
+citing its paper, with the paper's defaults. Core: no Catalyst import.
+"""
+from .base import Balancer
+from .dwa import DynamicWeightAverage
+from .equal import EqualWeighting
+from .famo import FAMO
+from .gls import GeometricLossStrategy
+from .rlw import RandomLossWeighting
+from .uncertainty import UncertaintyWeighting
+
+__all__ = ["Balancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
+           "GeometricLossStrategy", "FAMO"]

@@ -1,0 +1,68 @@
+"""Fixtures of the balancing tests: a small gated flow (`value` and `tags` apply where `gate` is 1,
+`kind` where it is 0) and its batches (handed out as fixtures: tests are imported with
+--import-mode=importlib)."""
+import pytest
+import torch
+from torch import nn
+
+import dnn_cool_catalyst as dcc
+from dnn_cool_catalyst import balancing
+
+METHODS = {
+    "equal": balancing.EqualWeighting,
+    "uncertainty": balancing.UncertaintyWeighting,
+    "dwa": balancing.DynamicWeightAverage,
+    "dwa_per_step": lambda: balancing.DynamicWeightAverage(period=1),
+    "rlw": balancing.RandomLossWeighting,
+    "gls": balancing.GeometricLossStrategy,
+    "famo": balancing.FAMO,
+}
+
+
+def _gated_flow(value_weight=1.0):
+    torch.manual_seed(0)
+    tasks = dcc.Tasks([
+        dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)),
+        dcc.BoundedRegressionTask("value", nn.Linear(3, 1), weight=value_weight),
+        dcc.MultilabelClassificationTask("tags", nn.Linear(3, 2)),
+        dcc.ClassificationTask("kind", nn.Linear(3, 4)),
+    ])
+
+    @tasks.add_flow
+    def full(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.value(x.f) | out.gate
+        out += flow.tags(x.f) | out.gate
+        out += flow.kind(x.f) | ~out.gate
+        return out
+
+    return full
+
+
+def _batch(gate, seed=0, missing=False):
+    """`gate` per sample; `missing=True`: every label missing (no task present)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(gate)
+    gate_t = torch.tensor(gate, dtype=torch.float32)
+    y = {"gate": gate_t, "value": torch.rand(n, generator=g), "tags": (torch.rand(n, 2, generator=g) > 0.5).float(),
+         "kind": torch.randint(0, 4, (n,), generator=g)}
+    if missing:
+        y = {"gate": torch.full((n,), float("nan")), "value": torch.full((n,), float("nan")),
+             "tags": torch.full((n, 2), float("nan")), "kind": torch.full((n,), -1)}
+    x = {"f": torch.randn(n, 3, generator=g), "gt": {"gate": y["gate"]}}
+    return x, y
+
+
+@pytest.fixture(params=sorted(METHODS))
+def method(request):
+    return METHODS[request.param]
+
+
+@pytest.fixture
+def gated_flow():
+    return _gated_flow
+
+
+@pytest.fixture
+def make_batch():
+    return _batch
