@@ -3,7 +3,7 @@
 Declare tasks, compose them into flows with preconditions, and get the module, the masked loss,
 metrics, decoders, evaluation, explanations and datasets from that one description.
 """
-from . import datasets
+from . import balancing, datasets
 from .converters import Column, Converters, ImageFiles, TableError
 from .dsl import Tasks, TaskFlow
 from .errors import FlowDefinitionError, HeadError, InputError, LabelError, TunedParamsError
@@ -28,7 +28,7 @@ __all__ = [
     "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
     "FlowGraph", "HeadError", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask",
     "MultilabelClassificationTask", "Task", "TaskFlow", "Tasks", "TunedParamsError", "__version__",
-    "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep",
+    "balancing", "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep",
 ]
 
 _LAZY_SUBPACKAGES = ("callbacks", "runners")  # Catalyst adapters: imported on first access only
