@@ -79,13 +79,31 @@ def any_trains(loaders: Mapping[str, Any]) -> bool:
     return any(str(k).startswith("train") for k in loaders)
 
 
-def optimizer_for(optimizer: Any, model: nn.Module, lr: float, make_default: bool) -> Any:
+def optimizer_for(optimizer: Any, model: nn.Module, lr: float, make_default: bool,
+                  criterion_parameters: Sequence[nn.Parameter] = ()) -> Any:
     """The optimizer given, built when it is a factory `optimizer(params)` (YAML partials), or
-    `AdamW(lr=lr)` when none was given and `make_default`."""
+    `AdamW(lr=lr)` when none was given and `make_default`.
+
+    `criterion_parameters` (a balancer's learnable parameters, `FlowRunner(balancer=...)`) join
+    the default optimizer and a factory's as a second parameter group without weight decay (a
+    decay would pull e.g. uncertainty log-variances towards 0, which the papers do not do). An
+    optimizer instance given without them is an error: they would never be learned."""
+    params: Any = model.parameters()
+    if criterion_parameters:
+        params = [{"params": list(model.parameters())},
+                  {"params": list(criterion_parameters), "weight_decay": 0.0}]
     if optimizer is None and make_default:
-        return torch.optim.AdamW(model.parameters(), lr=lr)
+        return torch.optim.AdamW(params, lr=lr)
     if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer(model.parameters())
+        return optimizer(params)
+    if isinstance(optimizer, torch.optim.Optimizer) and criterion_parameters:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [i for i, p in enumerate(criterion_parameters) if id(p) not in held]
+        if missing:
+            raise ValueError(f"the optimizer given does not hold {len(missing)} of the balancer's "
+                             f"{len(criterion_parameters)} learnable parameters, which would then never be "
+                             f"learned: add runner.flow_loss.parameters() to it, or give a factory "
+                             f"optimizer(params) (it receives them), or leave optimizer=None")
     return optimizer
 
 

@@ -54,7 +54,11 @@ class FlowRunner(dl.Runner):
     `FlowRunner(flow, model=None)`: `flow` is a `TaskFlow`, a `Tasks` registry (its full flow), a
     factory of one or its dotted path (for YAML); `model` defaults to `flow.torch()`, or is any
     module (e.g. a backbone computing the features the heads read, then calling the flow module
-    with `gt` passed through) or a factory `model(flow)` / its dotted path.
+    with `gt` passed through) or a factory `model(flow)` / its dotted path. `balancer` (a
+    `dnn_cool_catalyst.balancing.Balancer`, e.g. `UncertaintyWeighting()`): the default criterion
+    is `flow.get_loss(balancer=balancer)`, moved to the model's device, its learnable parameters
+    join the default optimizer (`runners.defaults.optimizer_for`); with a criterion given to
+    `train` it is an error.
 
     `handle_batch` feeds `X` (with `X["gt"]`) to the model and leaves `inputs`, `targets`, `outputs`
     and the loss terms in `runner.batch` (see `dnn_cool_catalyst.callbacks.batch`), the flow loss
@@ -81,7 +85,7 @@ class FlowRunner(dl.Runner):
     """
 
     def __init__(self, flow: Any, model: Any = None, engine: Any = None, logdir: Optional[str] = None,
-                 balance_dataparallel_memory: bool = False, drop_ddp_padding: bool = True):
+                 balance_dataparallel_memory: bool = False, drop_ddp_padding: bool = True, balancer: Any = None):
         flow = resolve_flow(flow)
         super().__init__(model=resolve_model(model, flow), engine=engine)
         self.balance_dataparallel_memory = bool(balance_dataparallel_memory)
@@ -89,7 +93,8 @@ class FlowRunner(dl.Runner):
         self._padding: Optional[PaddingLayout] = None
         self._loader_step = 0
         self.flow = flow
-        self.flow_loss = flow.get_loss()
+        self.balancer = balancer
+        self.flow_loss = flow.get_loss(balancer=balancer)
         self._kept_criterion: Any = self.flow_loss
         self._loss_step: Optional[LossStep] = None  # the criterion of the run, adapted at its start
         self._logdir = os.fspath(logdir) if logdir is not None else None
@@ -153,6 +158,10 @@ class FlowRunner(dl.Runner):
         else:
             logdir = os.fspath(logdir) if logdir is not None else self._logdir
             self._logdir = logdir
+        if args["criterion"] is not None and self.balancer is not None:
+            raise ValueError(f"FlowRunner was given balancer={type(self.balancer).__name__}(...), which makes the "
+                             f"criterion (flow.get_loss(balancer=...)), and train got criterion="
+                             f"{type(args['criterion']).__name__} too: give one of them")
         if args["criterion"] is not None:
             self._kept_criterion = args["criterion"]
         self._lr = lr
@@ -206,10 +215,16 @@ class FlowRunner(dl.Runner):
         return model
 
     def get_criterion(self) -> Any:
-        return self._kept_criterion
+        criterion = self._kept_criterion
+        if self.balancer is not None and criterion is self.flow_loss:
+            if isinstance(self.engine, dl.DistributedDataParallelEngine):
+                unshare_tensors(criterion)  # as the model (get_model): each worker learns its own copy
+            criterion.to(self.engine.device)  # in place: the parameter objects stay the same
+        return criterion
 
     def get_optimizer(self, model: Any) -> Any:
-        return defaults.optimizer_for(self._optimizer, model, self._lr, self._make_default_optimizer)
+        learnable = list(self.flow_loss.parameters()) if self.balancer is not None else []
+        return defaults.optimizer_for(self._optimizer, model, self._lr, self._make_default_optimizer, learnable)
 
     def get_scheduler(self, optimizer: Any) -> Any:
         return defaults.scheduler_for(self._scheduler, optimizer)

@@ -1,0 +1,69 @@
+"""`FlowRunner(flow, model, balancer=...)`: the balanced loss as the default criterion, its
+learnable parameters in the default optimizer, and the balancer's per-epoch hooks and logs."""
+from functools import partial
+
+import pytest
+import torch
+
+from dnn_cool_catalyst import balancing
+from dnn_cool_catalyst.runners import FlowRunner
+
+QUIET = dict(flow_metrics=False, interpretation=False, threshold_tuning=False, verbose=False)
+
+
+def test_uncertainty_log_variances_are_learned_by_the_default_optimizer(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=balancing.UncertaintyWeighting())
+    assert runner.flow_loss.balancer is runner.balancer
+    before = [p.detach().clone() for p in runner.flow_loss.parameters()]
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, lr=0.05, **QUIET)
+    assert runner.criterion is runner.flow_loss
+    after = list(runner.flow_loss.parameters())
+    assert len(after) == len(flow.get_loss()._leaves) and all(p.device == runner.engine.device for p in after)
+    assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after))
+    groups = runner.optimizer.param_groups
+    assert groups[1]["weight_decay"] == 0.0 and {id(p) for p in groups[1]["params"]} == {id(p) for p in after}
+
+
+def test_a_factory_optimizer_receives_the_balancers_parameters(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=balancing.UncertaintyWeighting())
+    before = [p.detach().clone() for p in runner.flow_loss.parameters()]
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, optimizer=partial(torch.optim.SGD, lr=0.5), **QUIET)
+    assert any(not torch.equal(b, a.detach()) for b, a in zip(before, runner.flow_loss.parameters()))
+
+
+def test_an_optimizer_without_the_balancers_parameters_is_an_error(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=balancing.UncertaintyWeighting())
+    with pytest.raises(ValueError, match="balancer's .* learnable parameters"):
+        runner.train(loaders=loaders_for(flow, data), num_epochs=1,
+                     optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **QUIET)
+
+
+def test_a_criterion_and_a_balancer_together_are_an_error(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=balancing.EqualWeighting())
+    with pytest.raises(ValueError, match="balancer=EqualWeighting.*criterion=FlowLoss.*give one of them"):
+        runner.train(loaders=loaders_for(flow, data), num_epochs=1, criterion=flow.get_loss(), **QUIET)
+
+
+def test_without_a_balancer_the_criterion_and_optimizer_are_as_before(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model)
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, **QUIET)
+    assert runner.balancer is None and type(runner.criterion).__name__ == "FlowLoss"
+    assert len(runner.optimizer.param_groups) == 1
+
+
+def test_optimizer_for_puts_criterion_parameters_in_a_group_without_decay():
+    from torch import nn
+
+    from dnn_cool_catalyst.runners import defaults
+
+    model, extra = nn.Linear(2, 2), [nn.Parameter(torch.zeros(()))]
+    built = defaults.optimizer_for(None, model, 0.1, True, extra)
+    assert [len(g["params"]) for g in built.param_groups] == [2, 1] and built.param_groups[1]["weight_decay"] == 0.0
+    assert len(defaults.optimizer_for(None, model, 0.1, True).param_groups) == 1
+    given = torch.optim.SGD([*model.parameters(), *extra], lr=0.1)
+    assert defaults.optimizer_for(given, model, 0.1, False, extra) is given
