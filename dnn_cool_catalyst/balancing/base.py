@@ -50,6 +50,10 @@ class Balancer(nn.Module):
         """`{path: effective weight in the last step}` (0 where the task was absent)."""
         return {p: float(w) for p, w in zip(self.paths, self.last_weights.tolist())}
 
+    def epoch_end(self) -> None:
+        """Called after each training epoch (`FlowRunner` does; a plain loop calls
+        `loss_fn.balancer.epoch_end()`). Nothing by default; DynamicWeightAverage closes its period."""
+
     def _record(self, idx: Tensor, weights: Tensor) -> None:
         full = torch.zeros(len(self.paths), dtype=weights.dtype, device=weights.device)
         self.last_weights = full.index_copy(0, idx, weights.detach())

@@ -23,7 +23,7 @@ from catalyst.loggers.csv import CSVLogger
 from catalyst.loggers.tensorboard import TensorboardLogger
 from torch import nn
 
-from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
+from ..callbacks import BalancerCallback, FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
 from ..callbacks.common import import_object
 from ..errors import capped, did_you_mean
 from . import compat
@@ -136,7 +136,8 @@ def default_callbacks(callbacks: Mapping[str, Callback], flags: Mapping[str, boo
                       verbose: bool, logdir: Optional[str], resume_path: Optional[str],
                       load_best_on_end: bool) -> "OrderedDict[str, Callback]":
     """`callbacks` (sorted by order) with the flow's defaults added, each unless one of its kind is
-    given: the callbacks `flags` switch on (`flow_metrics`, `interpretation`, `threshold_tuning`),
+    given: the callbacks `flags` switch on (`flow_metrics`, `interpretation`, `threshold_tuning`,
+    `balancer`: a `BalancerCallback` for a balanced criterion),
     a loader loss without `FlowMetricsCallback`, backward and optimizer steps when a loader `trains`
     with an optimizer, a scheduler step, a progress bar when `verbose`, and with a `logdir` a runner
     checkpoint keeping the best epoch by `valid_metric` on `valid_loader` (see `FlowRunner.train`)."""
@@ -153,6 +154,8 @@ def default_callbacks(callbacks: Mapping[str, Callback], flags: Mapping[str, boo
         callbacks["_interpretation"] = InterpretationCallback()
     if flags["threshold_tuning"] and not exists(ThresholdTuningCallback):
         callbacks["_threshold_tuning"] = ThresholdTuningCallback()
+    if flags.get("balancer", False) and not exists(BalancerCallback):
+        callbacks["_balancer"] = BalancerCallback()
     if trains and optimizer is not None:
         if not exists(IBackwardCallback):
             callbacks["_backward"] = compat.BackwardCallback(metric_key="loss")

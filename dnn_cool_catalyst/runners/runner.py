@@ -57,8 +57,9 @@ class FlowRunner(dl.Runner):
     with `gt` passed through) or a factory `model(flow)` / its dotted path. `balancer` (a
     `dnn_cool_catalyst.balancing.Balancer`, e.g. `UncertaintyWeighting()`): the default criterion
     is `flow.get_loss(balancer=balancer)`, moved to the model's device, its learnable parameters
-    join the default optimizer (`runners.defaults.optimizer_for`); with a criterion given to
-    `train` it is an error.
+    join the default optimizer (`runners.defaults.optimizer_for`), and a `BalancerCallback` logs
+    each task's effective weight per epoch (`<path>/balance/weight`) and calls the balancer's
+    `epoch_end()`; with a criterion given to `train` it is an error.
 
     `handle_batch` feeds `X` (with `X["gt"]`) to the model and leaves `inputs`, `targets`, `outputs`
     and the loss terms in `runner.batch` (see `dnn_cool_catalyst.callbacks.batch`), the flow loss
@@ -167,7 +168,8 @@ class FlowRunner(dl.Runner):
         self._lr = lr
         self._make_default_optimizer = args["optimizer"] is None and defaults.any_trains(loaders) and not self._evaluating
         self._default_callbacks = {"flow_metrics": flow_metrics, "interpretation": interpretation and not self._evaluating,
-                                   "threshold_tuning": threshold_tuning and not self._evaluating}
+                                   "threshold_tuning": threshold_tuning and not self._evaluating,
+                                   "balancer": self.balancer is not None and not self._evaluating}
         valid_loader = defaults.valid_loader_of(loaders, args["valid_loader"])
         self._guards = RunGuards(nonfinite, valid_loader, args["valid_metric"])  # as given (None: the default)
         if logdir is not None and not self._evaluating and is_main_process():

@@ -67,3 +67,35 @@ def test_optimizer_for_puts_criterion_parameters_in_a_group_without_decay():
     assert len(defaults.optimizer_for(None, model, 0.1, True).param_groups) == 1
     given = torch.optim.SGD([*model.parameters(), *extra], lr=0.1)
     assert defaults.optimizer_for(given, model, 0.1, False, extra) is given
+
+
+def test_dwa_closes_a_period_per_epoch_and_weights_are_logged_per_epoch(data, flow_and_model, loaders_for, tmp_path):
+    import os
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flow, model = flow_and_model()
+    dwa = balancing.DynamicWeightAverage()
+    runner = FlowRunner(flow, model=model, balancer=dwa)
+    logdir = str(tmp_path / "run")
+    runner.train(loaders=loaders_for(flow, data), num_epochs=3, logdir=logdir, **QUIET)
+    assert type(runner.callbacks["_balancer"]).__name__ == "BalancerCallback"
+    # every task appears in the training data: three epochs, three closed periods (not one per step)
+    assert dwa.seen.tolist() == [3] * len(dwa.paths) and int(dwa.steps.sum()) == 0
+    train = runner.epoch_metrics["train"]
+    keys = [f"{p}/balance/weight" for p in dwa.paths]
+    assert all(k in train for k in keys) and not any(k in runner.epoch_metrics["valid"] for k in keys)
+    acc = EventAccumulator(os.path.join(logdir, "tensorboard", "train")).Reload()
+    for key in keys:
+        logged = acc.Scalars(key)
+        assert [e.step for e in logged] == [1, 2, 3]
+        # the paper's w = 1 while a task has fewer than two closed periods; then the loss ratios decide
+        assert [e.value for e in logged[:2]] == [1.0, 1.0] and logged[2].value == pytest.approx(train[key])
+    assert any(train[k] != 1.0 for k in keys)
+
+
+def test_epoch_end_is_a_no_op_by_default():
+    balancer = balancing.UncertaintyWeighting().bind(["a", "b"])
+    state = {k: v.clone() for k, v in balancer.state_dict().items()}
+    balancer.epoch_end()
+    assert all(torch.equal(state[k], v) for k, v in balancer.state_dict().items())
