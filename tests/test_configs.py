@@ -34,6 +34,9 @@ def test_config_runs_end_to_end(overlay, tmp_path):
     assert "TensorBoard: tensorboard --logdir" in result.stdout, result.stdout[-3000:]
     assert "Evaluation (preconditions from the labels):" in result.stdout
     assert any(line.startswith("camera_blocked ") for line in result.stdout.splitlines())
+    if overlay is not None and overlay.name == "balancing.yml":  # the balancer reached the runner
+        train = pd.read_csv(logdir / "csv_logger" / "train.csv")
+        assert "person_regression.body_regression.shirt_type/balance/weight" in train.columns, list(train.columns)
     if overlay is None:
         # the base config passes `overwrite: true`: a second run in the same place replaces the
         # first (never mixes with it), and gives the same table to the last digit
