@@ -99,3 +99,16 @@ def test_epoch_end_is_a_no_op_by_default():
     state = {k: v.clone() for k, v in balancer.state_dict().items()}
     balancer.epoch_end()
     assert all(torch.equal(state[k], v) for k, v in balancer.state_dict().items())
+
+
+@pytest.mark.parametrize("name", [n for n in balancing.__all__ if n != "Balancer"])
+def test_every_method_trains_through_the_runner(name, data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=getattr(balancing, name)())
+    before = [p.detach().clone() for p in model.parameters()]
+    runner.train(loaders=loaders_for(flow, data), num_epochs=2, **QUIET)
+    train = runner.epoch_metrics["train"]
+    weights = {k: v for k, v in train.items() if k.endswith("/balance/weight")}
+    assert len(weights) == len(runner.balancer.paths) and all(v > 0 and v == v for v in weights.values())
+    assert abs(train["loss"]) < float("inf")  # FAMO sums log-losses: may be negative
+    assert any(not torch.equal(b, a.detach()) for b, a in zip(before, model.parameters()))
