@@ -125,9 +125,11 @@ class FlowRunner(dl.Runner):
         `verbose`, `load_best_on_end`, ...), passed on, with defaults (`runners.defaults`) only
         where none was given:
 
-        - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`);
+        - `criterion`: the flow loss (kept across calls, also for `evaluate_loader`), balanced by
+          the constructor's `balancer` when given (then a `criterion` here is an error);
         - `optimizer`: `AdamW(lr=lr)` when a loader trains; an optimizer may be a factory
-          `optimizer(params)`, a scheduler a factory `scheduler(optimizer)` (YAML partials);
+          `optimizer(params)`, a scheduler a factory `scheduler(optimizer)` (YAML partials); a
+          balancer's learnable parameters join either as a second group without weight decay;
         - callbacks: `FlowMetricsCallback`, `InterpretationCallback`, `ThresholdTuningCallback`
           (unless one of its type is given or its flag is false), backward, optimizer and scheduler
           steps, and with a `logdir` a checkpoint (`<logdir>/checkpoints`) keeping the best epoch by

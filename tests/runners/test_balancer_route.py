@@ -112,3 +112,32 @@ def test_every_method_trains_through_the_runner(name, data, flow_and_model, load
     assert len(weights) == len(runner.balancer.paths) and all(v > 0 and v == v for v in weights.values())
     assert abs(train["loss"]) < float("inf")  # FAMO sums log-losses: may be negative
     assert any(not torch.equal(b, a.detach()) for b, a in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["UncertaintyWeighting", "DynamicWeightAverage"])
+def test_resume_continues_the_balancer_as_if_uninterrupted(name, data, flow_and_model, loaders_for, tmp_path):
+    from catalyst import dl
+
+    class Stop(dl.Callback):
+        def __init__(self):
+            super().__init__(order=dl.CallbackOrder.External)
+
+        def on_batch_end(self, runner):
+            if runner.epoch_step == 3 and runner.loader_batch_step == 2:
+                raise KeyboardInterrupt
+
+    def run(logdir, callbacks=None, resume=None):
+        flow, model = flow_and_model()
+        runner = FlowRunner(flow, model=model, balancer=getattr(balancing, name)())
+        runner.train(loaders=loaders_for(flow, data), num_epochs=4, logdir=logdir, seed=3, lr=1e-2,
+                     callbacks=callbacks, resume=resume, interpretation=False, verbose=False)
+        return runner
+
+    whole = run(str(tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "cut"), callbacks=[Stop()])
+    resumed = run(str(tmp_path / "cut"), resume=True)
+    for a, b in [(whole.model.state_dict(), resumed.model.state_dict()),
+                 (whole.flow_loss.state_dict(), resumed.flow_loss.state_dict())]:
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(whole.flow_loss.state_dict()) > 0  # the balancer's parameters or history were compared
