@@ -34,7 +34,7 @@ from catalyst.core.misc import callback_isinstance
 from torch import Tensor
 
 from .. import distributed
-from ..callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
+from ..callbacks import BalancerCallback, FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
 from ..callbacks.common import resolve_callback_flow
 from ..errors import NonFiniteLossError, capped, did_you_mean
 from ..keys import GT, INDEX, INPUTS, LOGITS, LOSS_TERMS, TARGETS
@@ -233,8 +233,9 @@ def _dataset_index(index: Any, rows: List[int]) -> str:
 
 # valid_metric -------------------------------------------------------------------------------------
 
-#: Callbacks that put no loader metrics of their own (beyond those `known_metrics` lists).
-_SILENT = (InterpretationCallback, dl.IBackwardCallback, dl.ISchedulerCallback, dl.ICheckpointCallback,
+#: Callbacks that put no metrics of their own on the valid loader (beyond those `known_metrics`
+#: lists; `BalancerCallback` logs its weights on the training loaders only).
+_SILENT = (InterpretationCallback, BalancerCallback, dl.IBackwardCallback, dl.ISchedulerCallback, dl.ICheckpointCallback,
            dl.ICriterionCallback, dl.TqdmCallback, dl.TimerCallback, dl.CheckRunCallback, dl.BatchOverfitCallback,
            dl.ProfilerCallback, dl.EarlyStoppingCallback)
 

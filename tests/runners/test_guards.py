@@ -288,3 +288,19 @@ def test_an_empty_loader_is_named(flow_and_model, what):
     runner = FlowRunner(flow, model=model)
     with pytest.raises(ValueError, match=rf"FlowRunner.{what}: the loader yielded no batches"):
         getattr(runner, what)(DataLoader([], batch_size=4))
+
+
+def test_a_misspelled_valid_metric_with_a_balancer_still_fails_before_training(data, flow_and_model, loaders_for,
+                                                                               tmp_path):
+    # the balancer's callback is known to the guard (it logs on the training loaders only), so the
+    # valid metric is still checked before the first batch
+    from dnn_cool_catalyst import balancing
+
+    flow, model = flow_and_model()
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match=r"valid_metric 'door_open/acuracy'") as info:
+        FlowRunner(flow, model=model, balancer=balancing.UncertaintyWeighting()).train(
+            loaders=loaders_for(flow, data), num_epochs=1, logdir=str(tmp_path), valid_metric="door_open/acuracy",
+            minimize_valid_metric=False)
+    assert forwards == []
