@@ -284,7 +284,9 @@ class BalancedFlowLoss(FlowLoss):
                             f"balancing.UncertaintyWeighting()), got {type(balancer).__name__}")
         self._paths = tuple(path for path, _ in self._leaves)
         self.balancer = balancer.bind(self._paths)
-        self._static = tuple(float(task.weight) for _, task in self._leaves)
+        # the tasks' own `weight=`, moved with the module (`loss_fn.to(device)`): no tensor built per step
+        self.register_buffer("_static", torch.tensor([float(task.weight) for _, task in self._leaves]),
+                             persistent=False)
 
     def from_stacked(self, stacked: Tensor, paths: Sequence[str]) -> Tensor:
         """The balanced loss from `stack_terms(terms)` rows in the order of `paths`."""
@@ -296,7 +298,7 @@ class BalancedFlowLoss(FlowLoss):
                                  f"the flow: {capped(extra) or 'none'}")
             stacked = stacked[[list(paths).index(p) for p in self._paths]]
         means, counts = global_means(stacked) if self.distributed else local_means(stacked)
-        losses = means * torch.tensor(self._static, dtype=means.dtype, device=means.device)
+        losses = means * self._static.to(dtype=means.dtype, device=means.device)
         present = (counts > 0).tolist()
         return self.balancer(losses, present, update=self.training and torch.is_grad_enabled())
 
