@@ -18,8 +18,9 @@ from .dwa import DynamicWeightAverage
 from .equal import EqualWeighting
 from .famo import FAMO
 from .gls import GeometricLossStrategy
+from .gradient import GradientBalancer
 from .rlw import RandomLossWeighting
 from .uncertainty import UncertaintyWeighting
 
-__all__ = ["Balancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
+__all__ = ["Balancer", "GradientBalancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
            "GeometricLossStrategy", "FAMO"]
