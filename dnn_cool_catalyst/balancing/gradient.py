@@ -36,7 +36,7 @@ training and evaluation alike; only the gradients follow the method.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -61,6 +61,20 @@ class GradientBalancer(Balancer):
             raise ValueError(f"{type(self).__name__} needs the gradient vectors of the shared parameters and has no "
                              f"representation variant: leave representation=False")
         self.representation = bool(representation)
+
+    def transform(self, losses: Tensor, index: Tensor) -> Tensor:
+        """The present tasks' losses `(P,)` (with their graph) as the method differentiates them:
+        `g_t` is the gradient of `transform(losses)[t]`. Identity by default; IMTL scales them by
+        learned `exp(s_t)`, DB-MTL takes their logarithm. May involve the method's own parameters,
+        which then get their gradient through the heads' term `sum_t h_t transform(L)_t`."""
+        return losses
+
+    def auxiliary_loss(self) -> Optional[Tensor]:
+        """A scalar the loss adds to the step's backward with its value removed (the logged loss is
+        unchanged), whose gradient is the update of the method's own learnable parameters
+        (GradNorm's gradient-norm loss for its weights). Set by `weigh`/`direction` for the current
+        step (read once, right after them); None by default."""
+        return None
 
     def weigh(self, gram: Tensor, losses: Tensor, index: Tensor, update: bool) -> Tuple[Tensor, Tensor]:
         """`(c, h)` from the Gram matrix `gram = G G^T` `(P, P)` (float64) of the present tasks'
