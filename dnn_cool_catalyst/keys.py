@@ -4,7 +4,9 @@ Input mapping `X` (what a loader yields, what `flow.get_dataset` builds):
 
 - `GT` (`X["gt"]`): the precondition labels `{path: labels}` that the masks read during training;
 - `INDEX` (`X["index"]`): each sample's index in its dataset (int64), added by `flow.get_dataset`
-  unless `with_index=False`.
+  unless `with_index=False`; from a `MixedDataset`, the index within the sample's source;
+- `SOURCE` (`X["source"]`): from a `MixedDataset`, the position of each sample's source in its
+  `source_names` (int64).
 
 `runner.batch` after `FlowRunner.handle_batch` (the layout the callbacks read; see
 `dnn_cool_catalyst.callbacks.batch` for what each holds): `INPUTS`, `TARGETS`, `OUTPUTS`,
@@ -15,6 +17,7 @@ A flow module's outputs (`flow.torch()(X)`): `LOGITS`, `MASK`, `ACTIVATED`, `DEC
 
 GT = "gt"
 INDEX = "index"
+SOURCE = "source"
 
 INPUTS = "inputs"
 TARGETS = "targets"
