@@ -248,6 +248,14 @@ class TaskFlow:
 
         return FlowEvaluator(self.graph, **kwargs)
 
+    def get_filter(self, output: str = "decoded", preconditions: Optional[str] = None, elements: bool = False):
+        """`(outputs, targets) -> {path: (predictions, labels)}` restricted to the samples where each
+        task applies (precondition not FALSE, a label present), for scoring with your own metrics
+        (scikit-learn, torchmetrics). See `interpreters.filtering.FlowFilter` for the options."""
+        from .interpreters.filtering import FlowFilter
+
+        return FlowFilter(self.graph, output=output, preconditions=preconditions, elements=elements)
+
     def get_treelib_explainer(self, **kwargs):
         """`(outputs) -> [treelib.Tree]`, one per sample, branches of false preconditions pruned."""
         from .interpreters.explainer import TreeExplainer

@@ -69,7 +69,7 @@ class FlowEvaluator:
         labels = prepare_labels(self.graph, targets, self.graph.paths, n)
         with torch.no_grad():
             decoded = {leaf.path: leaf.task.decode(activated[leaf.path]) for leaf in self.graph.leaves}
-            masks = self._masks(mode, labels, decoded, n)
+            masks = precondition_masks(self.graph, mode, labels, decoded, n)
             metrics = FlowMetrics(self.graph)
             metrics.update({LOGITS: {}, ACTIVATED: activated, DECODED: decoded, MASK: masks}, labels)
         values = metrics.compute()
@@ -81,20 +81,25 @@ class FlowEvaluator:
             rows.sort(key=lambda row: order[row[0]])  # stable: a task's per-class rows after its overall rows
         return pd.DataFrame(rows, columns=COLUMNS)
 
-    def _masks(self, mode, labels: Dict[str, Tensor], decoded: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
-        if isinstance(mode, Mapping):
-            masks = {}
-            for p in self.graph.paths:
-                if p not in mode:
-                    raise KeyError(f"preconditions (masks) have no entry for task {p!r}; they have {sorted(mode)}")
-                m = as_tensor(mode[p], p, "masks").reshape(-1).bool()
-                if m.shape[0] != n:
-                    raise ValueError(f"mask of task {p!r} has {m.shape[0]} entries for {n} samples")
-                masks[p] = m
-            return masks
-        if _check_mode(mode) == "gt":
-            return ground_truth_masks(self.graph, labels, n, labels)
-        return compute_masks(self.graph, n, torch.device("cpu"), decoded=decoded)
+
+def precondition_masks(graph: FlowGraph, mode: Union[str, Mapping[str, Any]], labels: Dict[str, Tensor],
+                       decoded: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
+    """`{path: bool (N,)}`: where each task applies. `mode`: `"gt"` (from the prepared `labels`,
+    three-valued), `"predicted"` (from the `decoded` predictions) or a mapping of masks `{path: (N,)}`
+    (checked: one per task, `n` entries each)."""
+    if isinstance(mode, Mapping):
+        masks = {}
+        for p in graph.paths:
+            if p not in mode:
+                raise KeyError(f"preconditions (masks) have no entry for task {p!r}; they have {sorted(mode)}")
+            m = as_tensor(mode[p], p, "masks").reshape(-1).bool()
+            if m.shape[0] != n:
+                raise ValueError(f"mask of task {p!r} has {m.shape[0]} entries for {n} samples")
+            masks[p] = m
+        return masks
+    if _check_mode(mode) == "gt":
+        return ground_truth_masks(graph, labels, n, labels)
+    return compute_masks(graph, n, torch.device("cpu"), decoded=decoded)
 
 
 def _check_mode(mode: Any) -> str:
