@@ -13,11 +13,12 @@ Conventions (checked against scikit-learn in the tests):
 - A ratio whose denominator is zero although samples were seen (precision without predicted
   positives, recall without positive labels, F1 without either) is 0, as scikit-learn's
   `zero_division=0`.
-- Classification precision, recall and F1 are *macro* averages over the classes that occur among
-  the labels or the top-1 predictions of `S_t` (scikit-learn's `average="macro"`), from a confusion
-  matrix state.
-- Multilabel F1 is *micro* over the available elements: one tp/fp/fn count over all (sample,
-  class) elements of `S_t` (scikit-learn's `average="micro"` when no element is missing).
+- Classification precision, recall and F1 are *macro* averages by default over the classes that
+  occur among the labels or the top-1 predictions of `S_t` (scikit-learn's `average="macro"`), from
+  a confusion matrix state; `average="micro"` or `"weighted"` selects scikit-learn's others.
+- Multilabel F1 is *micro* by default over the available elements: one tp/fp/fn count over all
+  (sample, class) elements of `S_t` (scikit-learn's `average="micro"` when no element is missing);
+  `average="macro"` / `"weighted"` average the classes' scores instead.
 - Per class (`per_class()` of `ConfusionMatrixMetric` and `MultilabelConfusionMetric`, the
   per-class rows of the evaluation table): precision, recall and F1 of each class from the same
   states, as scikit-learn's `precision_recall_fscore_support(..., zero_division=0)` gives them,
@@ -244,11 +245,17 @@ class MultilabelConfusionMetric(BinaryConfusionMetric):
     """`BinaryConfusionMetric` (element accuracy, micro precision / recall / F1 over the available
     elements) with its counts kept per class: the same values, plus `per_class()`.
 
+    `average` (precision, recall, f1_score): `"micro"` (the default: one count over all available
+    elements), `"macro"` (the mean of the classes' scores) or `"weighted"` (weighted by each class's
+    positive labels), over the classes with at least one available element. Accuracy is always
+    per element.
+
     States are `(C,)` vectors; without `num_classes` they start as scalar zeros (zero for every
     class) and take the classes of the first update."""
 
-    def __init__(self, kind: str = "f1_score", num_classes: Optional[int] = None) -> None:
+    def __init__(self, kind: str = "f1_score", num_classes: Optional[int] = None, average: str = "micro") -> None:
         self.num_classes = num_classes
+        self.average = check_average(average)
         super().__init__(kind)
 
     def initial_states(self) -> States:
@@ -263,7 +270,10 @@ class MultilabelConfusionMetric(BinaryConfusionMetric):
 
     def compute(self) -> float:
         s = self.states
-        return binary_scores(s["tp"].sum(), s["fp"].sum(), s["fn"].sum(), s["tn"].sum(), self.kind)
+        if self.kind == "accuracy" or self.average == "micro" or s["tp"].dim() == 0:
+            return binary_scores(s["tp"].sum(), s["fp"].sum(), s["fn"].sum(), s["tn"].sum(), self.kind)
+        seen = s["tp"] + s["fp"] + s["fn"] + s["tn"]
+        return averaged_scores(s["tp"], s["fp"], s["fn"], seen > 0, self.kind, self.average)
 
     def all_reduce(self, device: Optional[torch.device] = None) -> None:
         if not distributed.initialized():
@@ -331,39 +341,73 @@ def confusion_matrix(top1: Tensor, targets: Tensor, mask: Tensor, num_classes: i
     return counts.reshape(num_classes, num_classes)
 
 
-def macro_scores(matrix: Tensor, kind: str) -> float:
-    """Macro precision / recall / f1_score over the classes present among labels or predictions."""
-    m = matrix.double()
-    tp = m.diagonal()
-    pred = m.sum(0)
-    true = m.sum(1)
-    present = (pred + true) > 0
-    if not bool(present.any()):
+AVERAGES = ("macro", "micro", "weighted")
+
+
+def check_average(average: str) -> str:
+    """`average` if it is one of `AVERAGES`, else a `ValueError` listing them."""
+    if average not in AVERAGES:
+        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+    return average
+
+
+def averaged_name(kind: str, average: str, default: str) -> str:
+    """The metric's name in the evaluation table and TensorBoard: `kind` for the task's default
+    averaging (the seed's names), `<kind>_<average>` for another (`f1_score_micro`)."""
+    return kind if check_average(average) == default else f"{kind}_{average}"
+
+
+def averaged_scores(tp: Tensor, fp: Tensor, fn: Tensor, classes: Tensor, kind: str, average: str) -> float:
+    """Precision / recall / f1_score over the classes where `classes` (bool `(C,)`) holds, from
+    per-class counts `(C,)`, as scikit-learn's `average=`: `"macro"` the mean of the per-class
+    scores, `"micro"` the score of the counts summed over the classes, `"weighted"` the per-class
+    scores weighted by their support (`tp + fn`, the labels of the class; 0 when no class has any).
+    A zero division inside a class's score gives 0; NaN when no class is selected."""
+    if not bool(classes.any()):
         return float("nan")
+    tp, fp, fn = (v.double()[classes] for v in (tp, fp, fn))
     if kind == "precision":
-        num, den = tp, pred
+        num, den = tp, tp + fp
     elif kind == "recall":
-        num, den = tp, true
+        num, den = tp, tp + fn
     elif kind == "f1_score":
-        num, den = 2 * tp, pred + true
+        num, den = 2 * tp, 2 * tp + fp + fn
     else:
         raise ValueError(f"unknown classification metric {kind!r}")
+    if check_average(average) == "micro":
+        total = _float(den.sum())
+        return _float(num.sum()) / total if total > 0 else 0.0
     per_class = torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
-    return _float(per_class[present].mean())
+    if average == "macro":
+        return _float(per_class.mean())
+    support = tp + fn
+    total = _float(support.sum())
+    return _float((per_class * support).sum()) / total if total > 0 else 0.0
+
+
+def matrix_scores(matrix: Tensor, kind: str, average: str = "macro") -> float:
+    """Precision / recall / f1_score of a `(C, C)` confusion matrix (rows: labels, columns: top-1
+    predictions) over the classes present among labels or predictions, averaged as `average`."""
+    m = matrix.double()
+    tp, pred, true = m.diagonal(), m.sum(0), m.sum(1)
+    return averaged_scores(tp, pred - tp, true - tp, (pred + true) > 0, kind, average)
 
 
 class ConfusionMatrixMetric(Metric):
-    """Macro precision, recall or f1_score of the top-1 decoded class, from a `(C, C)` confusion
-    matrix state. `num_classes` may be left out: it is then taken from the decoded predictions
-    (their last dimension, all classes sorted) at the first update."""
+    """Precision, recall or f1_score of the top-1 decoded class, from a `(C, C)` confusion matrix
+    state, averaged over the classes present among the labels or top-1 predictions as `average`
+    says (`"macro"`, the default, `"micro"` or `"weighted"`; scikit-learn's meanings). `num_classes`
+    may be left out: it is then taken from the decoded predictions (their last dimension, all
+    classes sorted) at the first update."""
 
     KINDS = ("f1_score", "precision", "recall")
 
-    def __init__(self, kind: str = "f1_score", num_classes: Optional[int] = None) -> None:
+    def __init__(self, kind: str = "f1_score", num_classes: Optional[int] = None, average: str = "macro") -> None:
         if kind not in self.KINDS:
             raise ValueError(f"unknown classification metric {kind!r}; known: {self.KINDS}")
         self.kind = kind
         self.num_classes = num_classes
+        self.average = check_average(average)
         super().__init__()
 
     def initial_states(self) -> States:
@@ -402,7 +446,7 @@ class ConfusionMatrixMetric(Metric):
         self.states["matrix"] = m
 
     def compute(self) -> float:
-        return macro_scores(self.states["matrix"], self.kind)
+        return matrix_scores(self.states["matrix"], self.kind, self.average)
 
     def per_class(self) -> List[ClassResult]:
         """The classes among the labels or top-1 predictions (those of the macro average), in index

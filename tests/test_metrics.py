@@ -112,6 +112,61 @@ def test_macro_classification_metrics_match_sklearn(kind, num_classes):
     assert _feed(ConfusionMatrixMetric(kind, num_classes), decoded, labels, mask) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("average", ["micro", "weighted", "macro"])
+@pytest.mark.parametrize("kind", ConfusionMatrixMetric.KINDS)
+def test_classification_averaging_matches_sklearn(kind, average):
+    rng = np.random.default_rng(11)
+    probs, decoded, labels, mask = _classification_data(rng, n=150, c=6)
+    labels[labels == 5] = 1  # class 5 only predicted: in the union, with support 0 (weight 0 when weighted)
+    sel = ((labels >= 0) & mask).numpy()
+    y, p = labels.numpy()[sel], decoded[:, 0].numpy()[sel]
+    fn = {"f1_score": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[kind]
+    expected = fn(y, p, average=average, zero_division=0)
+    got = _feed(ConfusionMatrixMetric(kind, 6, average=average), decoded, labels, mask)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("average", ["micro", "macro", "weighted"])
+def test_multilabel_f1_averaging_matches_sklearn_without_missing_elements(average):
+    rng = np.random.default_rng(12)
+    n, c = 160, 4
+    labels = (rng.random((n, c)) < 0.35).astype(np.float32)
+    preds = rng.random((n, c)) < 0.4
+    mask = rng.random(n) < 0.8
+    got = _feed(MultilabelConfusionMetric("f1_score", c, average=average), torch.from_numpy(preds),
+                torch.from_numpy(labels), torch.from_numpy(mask))
+    expected = skm.f1_score(labels[mask], preds[mask], average=average, zero_division=0)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_multilabel_macro_f1_over_classes_with_an_available_element_by_hand():
+    # class 0: tp 1, fp 1 -> F1 2/3; class 1: every label missing -> left out; class 2: fn 1 -> F1 0
+    labels = torch.tensor([[1.0, math.nan, 1.0], [0.0, math.nan, 0.0]])
+    preds = torch.tensor([[True, True, False], [True, False, False]])
+    metric = MultilabelConfusionMetric("f1_score", 3, average="macro")
+    metric.update(preds, labels, torch.tensor([True, True]))
+    assert metric.compute() == pytest.approx((2 / 3 + 0.0) / 2)
+
+
+def test_unknown_average_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="macro.*micro.*weighted"):
+        ConfusionMatrixMetric("f1_score", average="samples")
+
+
+def test_non_default_averaging_shows_in_the_metric_names():
+    import dnn_cool_catalyst as dcc
+    from torch import nn
+
+    default = dcc.ClassificationTask("kind", nn.Linear(2, 3), class_names=["a", "b", "c"])
+    micro = dcc.ClassificationTask("kind", nn.Linear(2, 3), class_names=["a", "b", "c"], average="micro")
+    tags = dcc.MultilabelClassificationTask("tags", nn.Linear(2, 3), average="weighted")
+    names = lambda task: [name for name, _ in task.metrics]  # noqa: E731
+    assert {"f1_score", "precision", "recall"} <= set(names(default))
+    assert {"f1_score_micro", "precision_micro", "recall_micro"} <= set(names(micro))
+    assert "f1_score" not in names(micro)
+    assert names(tags) == ["accuracy", "f1_score_weighted"]
+
+
 def test_confusion_matrix_states_merge_across_sizes():
     probs, decoded, labels, mask = _classification_data(np.random.default_rng(6), n=50, c=4)
     whole = ConfusionMatrixMetric("f1_score")

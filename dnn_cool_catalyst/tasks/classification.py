@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import LabelError
 from ..functional import softmax_last
-from ..metrics import ConfusionMatrixMetric, TopKAccuracy
+from ..metrics import ConfusionMatrixMetric, TopKAccuracy, averaged_name
 from .base import RankedTask, SortDecoder, check_index_floats, check_vector_labels, raw_labels
 
 
@@ -27,19 +27,22 @@ class ClassificationTask(RankedTask):
     """One of C classes. The module outputs `(N, C)` logits; labels are class indices `(N,)`,
     `-1` (or NaN in a float array) for missing. Decoded: class indices by declining probability;
     metrics report top-1/3/5 accuracy (those `k <= top_k` and, when `class_names` tell the number of
-    classes, `k < C`) and macro f1_score, precision and recall of the top-1 class."""
+    classes, `k < C`) and f1_score, precision and recall of the top-1 class, averaged over the
+    classes as `average` says: `"macro"` (the default, named `f1_score`, ...), `"micro"` or
+    `"weighted"` (named `f1_score_micro`, ...; scikit-learn's meanings)."""
 
     kind = "ClassificationTask"
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
-                 top_k: int = 5, weight: float = 1.0):
+                 top_k: int = 5, weight: float = 1.0, average: str = "macro"):
         self.class_names = list(class_names) if class_names is not None else None
         self.top_k = int(top_k)
         n = len(self.class_names) if self.class_names is not None else None
         ks = [k for k in (1, 3, 5) if k <= self.top_k and (n is None or k == 1 or k < n)]
         super().__init__(name=name, module=module, loss=_ce_elementwise, activation=softmax_last, decoder=SortDecoder(),
                          metrics=[(f"accuracy_{k}", TopKAccuracy(k)) for k in ks]
-                         + [(kind, ConfusionMatrixMetric(kind, n)) for kind in ConfusionMatrixMetric.KINDS],
+                         + [(averaged_name(kind, average, "macro"), ConfusionMatrixMetric(kind, n, average))
+                            for kind in ConfusionMatrixMetric.KINDS],
                          available_func=_index_available, missing=-1, label_dtype=torch.int64, weight=weight)
 
     def prepare_labels(self, values: Any) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import LabelError
 from ..functional import nan_available
-from ..metrics import MultilabelConfusionMetric
+from ..metrics import MultilabelConfusionMetric, averaged_name
 from .base import Task, ThresholdDecoder, raw_labels
 from .describe import describe_decisions
 
@@ -24,20 +24,23 @@ def _bce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
 class MultilabelClassificationTask(Task):
     """Any subset of C classes. The module outputs `(N, C)` logits; labels are `(N, C)` floats
     0/1 with NaN for a missing element. Decoded: `activated > thresholds` (one per class once tuned).
-    Metrics: accuracy per available element and micro F1 over the available elements (counted per
-    class, for the per-class precision / recall / F1 of the evaluation table)."""
+    Metrics: accuracy per available element and F1 over the available elements (counted per class,
+    for the per-class precision / recall / F1 of the evaluation table), `average="micro"` by default
+    (named `f1_score`); `"macro"` or `"weighted"` average the classes' F1 instead (named
+    `f1_score_macro`, `f1_score_weighted`)."""
 
     kind = "MultilabelClassificationTask"
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
-                 weight: float = 1.0):
+                 weight: float = 1.0, average: str = "micro"):
         self.class_names = list(class_names) if class_names is not None else None
         n = len(self.class_names) if self.class_names is not None else None
         super().__init__(name=name, module=module, loss=_bce_elementwise, activation=torch.sigmoid,
                          decoder=ThresholdDecoder(0.5, classes=n),
                          # counts per class: the micro values, and the per-class rows of the evaluation table
-                         metrics=[(kind, MultilabelConfusionMetric(kind, n or None))
-                                  for kind in ("accuracy", "f1_score")],
+                         metrics=[("accuracy", MultilabelConfusionMetric("accuracy", n or None)),
+                                  (averaged_name("f1_score", average, "micro"),
+                                   MultilabelConfusionMetric("f1_score", n or None, average))],
                          available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
 
     def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,

@@ -4,6 +4,9 @@ import pandas as pd
 import pytest
 import torch
 from sklearn import metrics as skm
+from torch import nn
+
+import dnn_cool_catalyst as dcc
 
 from dnn_cool_catalyst.story import security_labels, security_tasks
 
@@ -183,3 +186,24 @@ def test_per_class_rows_name_classes_by_index_without_class_names():
     assert ("kind", "f1_score/2") not in df.index  # neither a label nor a prediction
     assert df.metric_res["tags", "precision/0"] == 1.0 and df.num_samples["tags", "precision/0"] == 2
     assert df.metric_res["tags", "recall/1"] == 1.0 and df.num_samples["tags", "recall/1"] == 1
+
+
+def test_non_default_averaging_is_named_in_the_table_and_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    torch.manual_seed(0)
+    tasks = dcc.Tasks([dcc.ClassificationTask("kind", nn.Linear(3, 4), average="weighted")])
+
+    @tasks.add_flow
+    def only(flow, x, out):
+        out += flow.kind(x.f)
+        return out
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 80)
+    activated = torch.softmax(torch.randn(80, 4), dim=1)
+    table = only.get_evaluator(per_class=False)({"kind": activated}, {"kind": labels})
+    row = table[table.metric_name == "f1_score_weighted"]
+    assert len(row) == 1 and "f1_score" not in set(table.metric_name)
+    expected = f1_score(labels, activated.argmax(1).numpy(), average="weighted", zero_division=0)
+    assert row.metric_res.iloc[0] == pytest.approx(expected, abs=1e-12)
