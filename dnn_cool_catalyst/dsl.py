@@ -9,6 +9,7 @@ A flow function is run exactly once, at `add_flow` time, against tracing proxies
   read `x.features`); `flow.sub(x)` lets the sub-flow's tasks read every feature by name
   (`graph.lookup`),
 - `out.<task>` is a condition on an earlier binary task of the same flow, `~` negates it, `&` joins,
+  `a.or_else(b)` is Kleene's OR, `a ^ b` exclusive or (three-valued),
 - `entry | condition` preconditions the entry; `out += entry` adds it.
 """
 from __future__ import annotations
@@ -16,41 +17,65 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import FlowDefinitionError, capped, did_you_mean
-from .graph import FlowGraph, InputKey, Literal, build_graph
+from .graph import Compound, Condition, FlowGraph, InputKey, Literal, build_graph
 from .keys import GT
 from .tasks.base import ITask
 
 
 class _Condition:
-    """A conjunction of literals built from `out.<task>`, `~` and `&`."""
+    """A conjunction of conditions built from `out.<task>`, `~`, `&`, `.or_else(...)` and `^`
+    (`literals`: the conjoined `Literal`s and `Compound`s)."""
 
     __slots__ = ("literals", "_flow")
 
-    def __init__(self, literals: Tuple[Literal, ...], flow: str):
+    def __init__(self, literals: Tuple[Condition, ...], flow: str):
         self.literals = literals
         self._flow = flow
 
     def __invert__(self) -> "_Condition":
-        if len(self.literals) != 1:
+        if len(self.literals) != 1 or not isinstance(self.literals[0], Literal):
+            hint = ""
+            if len(self.literals) == 1 and self.literals[0].op == "or":
+                hint = " (e.g. ~a.or_else(b) is ~a & ~b)"
             raise FlowDefinitionError(
                 f"flow {self._flow!r}: `~` applies to a single condition such as ~out.task, not to "
-                f"{' & '.join(map(str, self.literals))}; negate each part instead")
+                f"{self}; negate each part instead{hint}")
         lit = self.literals[0]
         return _Condition((Literal(lit.path, not lit.negated),), self._flow)
 
     def __and__(self, other: "_Condition") -> "_Condition":
-        if not isinstance(other, _Condition):
-            raise FlowDefinitionError(f"flow {self._flow!r}: `&` joins conditions (out.<task>), got {type(other).__name__}")
+        self._check(other, "`&` joins")
         lits = self.literals + tuple(lit for lit in other.literals if lit not in self.literals)
         return _Condition(lits, self._flow)
 
+    def or_else(self, *others: "_Condition") -> "_Condition":
+        """Kleene's OR: TRUE where any is TRUE, else UNKNOWN where any is UNKNOWN, else FALSE
+        (`|` is the precondition operator, so OR has a name, the older dnn_cool's)."""
+        if not others:
+            raise FlowDefinitionError(f"flow {self._flow!r}: {self}.or_else() needs at least one other condition")
+        for other in others:
+            self._check(other, ".or_else takes")
+        return _Condition((Compound("or", (self._expr(),) + tuple(o._expr() for o in others)),), self._flow)
+
+    def __xor__(self, other: "_Condition") -> "_Condition":
+        """Exclusive or, three-valued: UNKNOWN where either is UNKNOWN, else TRUE where exactly one is TRUE."""
+        self._check(other, "`^` joins")
+        return _Condition((Compound("xor", (self._expr(), other._expr())),), self._flow)
+
+    def _expr(self) -> Condition:
+        return self.literals[0] if len(self.literals) == 1 else Compound("and", self.literals)
+
+    def _check(self, other: Any, what: str) -> None:
+        if not isinstance(other, _Condition):
+            raise FlowDefinitionError(f"flow {self._flow!r}: {what} conditions (out.<task>), got {type(other).__name__}")
+
     def __or__(self, other):
-        raise FlowDefinitionError(f"flow {self._flow!r}: conditions cannot be joined with `|` (only `&`); "
-                                  "`task | condition` preconditions a task")
+        raise FlowDefinitionError(f"flow {self._flow!r}: conditions cannot be joined with `|` (`task | condition` "
+                                  "preconditions a task): use `a.or_else(b)` for OR, `&` for AND, `^` for XOR")
 
     def __bool__(self):
         raise FlowDefinitionError(f"flow {self._flow!r}: a condition ({self}) has no truth value while tracing; "
-                                  "use `task | condition`, `~` and `&`, not Python's if/and/or/not")
+                                  "use `task | condition`, `~`, `&`, `.or_else(...)` and `^`, not Python's if/and/or/not")
 
     def __str__(self) -> str:
         return " & ".join(map(str, self.literals))
@@ -63,7 +88,7 @@ class _Entry:
 
     def __init__(self, name: str, target: Any, key: InputKey, flow: str, conditions=()):
         self.name, self.target, self.key, self._flow = name, target, key, flow
-        self.conditions: Tuple[Literal, ...] = tuple(conditions)
+        self.conditions: Tuple[Condition, ...] = tuple(conditions)
         self.added = False
 
     def __or__(self, cond: _Condition) -> "_Entry":
@@ -349,9 +374,10 @@ class Tasks:
             raise FlowDefinitionError(f"flow {name!r} adds no task")
         order = {e.name: i for i, e in enumerate(entries)}
         for i, e in enumerate(entries):
-            for lit in e.conditions:
-                if order[lit.path] >= i:  # `out.b` resolved before b was added is caught in _Out; this catches self-reference
-                    raise FlowDefinitionError(f"flow {name!r}: {e.name} | {lit} refers to a task not added before it")
+            for cond in e.conditions:
+                # `out.b` resolved before b was added is caught in _Out; this catches self-reference
+                if any(order[p] >= i for p in cond.paths):
+                    raise FlowDefinitionError(f"flow {name!r}: {e.name} | {cond} refers to a task not added before it")
         graph = build_graph(name, [(e.name, e.target, e.key, e.conditions,
                                     e.target.graph if isinstance(e.target, TaskFlow) else None) for e in entries])
         _check_single_paths(graph)

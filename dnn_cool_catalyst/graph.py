@@ -2,14 +2,14 @@
 
 A `FlowGraph` is a tree of `Node`s (a leaf task, or a nested flow with its own nodes) plus the
 flattened `leaves` in flow order. Each leaf carries its *precondition*: the conjunction of every
-condition literal applied to it and to each flow that contains it, with task paths relative to the
-graph's root. Every product of a flow (module, loss, metrics, dataset, decoder, evaluator,
+condition applied to it and to each flow that contains it (literals `out.b` / `~out.b`, and
+compounds `a.or_else(b)` / `a ^ b`), with task paths relative to the graph's root. Every product of a flow (module, loss, metrics, dataset, decoder, evaluator,
 explainer) is an interpreter of this graph; none re-runs the user's function.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple, Union
 
 from .tasks.base import ITask
 
@@ -26,8 +26,52 @@ class Literal:
     def prefixed(self, prefix: str) -> "Literal":
         return Literal(f"{prefix}.{self.path}", self.negated)
 
+    @property
+    def paths(self) -> Tuple[str, ...]:
+        """The condition task it reads."""
+        return (self.path,)
+
     def __str__(self) -> str:
         return f"{'~' if self.negated else ''}out.{self.path}"
+
+
+COMPOUND_OPS = ("and", "or", "xor")
+
+
+@dataclass(frozen=True)
+class Compound:
+    """A condition joining others three-valuedly (Kleene): `"or"` (`a.or_else(b)`: TRUE if either is
+    TRUE, else UNKNOWN if either is UNKNOWN, else FALSE), `"xor"` (`a ^ b`: UNKNOWN if either is
+    UNKNOWN, else TRUE where exactly one is TRUE; for more operands, an odd number) or `"and"` (a conjunction
+    used as an operand of those: `(out.a & out.b).or_else(out.c)`). A precondition is a conjunction
+    of literals and compounds."""
+
+    op: str
+    operands: Tuple["Condition", ...]
+
+    def __post_init__(self):
+        if self.op not in COMPOUND_OPS:
+            raise ValueError(f"unknown condition operator {self.op!r}; known: {COMPOUND_OPS}")
+
+    @property
+    def paths(self) -> Tuple[str, ...]:
+        """The condition tasks it reads, each once, in order of appearance."""
+        seen: Dict[str, None] = {}
+        for operand in self.operands:
+            for p in operand.paths:
+                seen.setdefault(p, None)
+        return tuple(seen)
+
+    def prefixed(self, prefix: str) -> "Compound":
+        return Compound(self.op, tuple(o.prefixed(prefix) for o in self.operands))
+
+    def __str__(self) -> str:
+        if self.op == "or":
+            return f"{self.operands[0]}.or_else({', '.join(str(o) for o in self.operands[1:])})"
+        return "(" + f" {'&' if self.op == 'and' else '^'} ".join(str(o) for o in self.operands) + ")"
+
+
+Condition = Union[Literal, Compound]
 
 
 @dataclass(frozen=True)
@@ -38,19 +82,20 @@ class Node:
     path: str
     task: object  # ITask for a leaf, TaskFlow for a nested flow
     input_key: InputKey
-    conditions: Tuple[Literal, ...]  # its own conditions (the `| c` applied to this entry)
+    conditions: Tuple[Condition, ...]  # its own conditions (the `| c` applied to this entry)
     children: Tuple["Node", ...] = ()
     is_flow: bool = False
 
 
 @dataclass(frozen=True)
 class Leaf:
-    """A leaf task at `path`, reading `input_key`, applying when all `precondition` literals hold."""
+    """A leaf task at `path`, reading `input_key`, applying when all `precondition` conditions
+    (literals and compounds) hold."""
 
     path: str
     task: ITask
     input_key: InputKey
-    precondition: Tuple[Literal, ...]
+    precondition: Tuple[Condition, ...]
 
 
 @dataclass(frozen=True)
@@ -68,7 +113,7 @@ class FlowGraph:
     @property
     def condition_paths(self) -> Tuple[str, ...]:
         """Paths of the tasks used as preconditions, in flow order (they need labels in `gt`)."""
-        used = {lit.path for leaf in self.leaves for lit in leaf.precondition}
+        used = {p for leaf in self.leaves for cond in leaf.precondition for p in cond.paths}
         return tuple(p for p in self.paths if p in used)
 
     @property
@@ -111,7 +156,7 @@ def _rebase(node: Node, prefix: str, key: InputKey) -> Node:
     )
 
 
-def _collect(nodes: Tuple[Node, ...], inherited: Tuple[Literal, ...], out: list) -> None:
+def _collect(nodes: Tuple[Node, ...], inherited: Tuple[Condition, ...], out: list) -> None:
     for node in nodes:
         pre = inherited + tuple(lit for lit in node.conditions if lit not in inherited)
         if node.is_flow:

@@ -71,7 +71,7 @@ def _plan(graph: FlowGraph) -> List[_Item]:
 
     def walk(nodes: Sequence[GraphNode], container: int) -> None:
         for node in nodes:
-            conds = [where[lit.path] for lit in node.conditions if lit.path in where]
+            conds = [where[p] for cond in node.conditions for p in cond.paths if p in where]
             parents = ((max(conds),) if conds else ()) + (container,)
             where[node.path] = len(items)
             items.append(_Item(node.path, node.name, None if node.is_flow else leaf_index[node.path],
