@@ -31,11 +31,12 @@ __all__ = [
     "balancing", "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep",
 ]
 
-_LAZY_SUBPACKAGES = ("callbacks", "runners")  # Catalyst adapters: imported on first access only
+# imported on first access only: the Catalyst adapters, and deployment (torch.onnx, onnxruntime)
+_LAZY_SUBPACKAGES = ("callbacks", "runners", "deploy")
 
 
 def __getattr__(name: str):
-    """`dcc.runners` and `dcc.callbacks` import their subpackage (and Catalyst) on first access."""
+    """`dcc.runners`, `dcc.callbacks` (and Catalyst) and `dcc.deploy` are imported on first access."""
     if name in _LAZY_SUBPACKAGES:
         import importlib
 

@@ -1,0 +1,305 @@
+"""`export(flow, model, path)`: the whole flow as one artifact, decoding and preconditions inside.
+
+The exported graph is `DeployModule`: the model's logits -> each task's activation -> its decoder
+with the decoder's current (tuned) parameters as constants -> the precondition masks from the
+decoded predictions (`compute_masks(decoded=...)`, as at inference) -> per task path, in flow
+order, the decoded value and an `applies` boolean. The batch dimension is dynamic. The metadata
+(JSON; `runtime.METADATA_KEY` in ONNX `metadata_props`, `runtime.PT2_EXTRA_FILE` in a pt2 archive)
+describes inputs, tasks and outputs for `runtime.load`, which needs neither torch (for ONNX) nor
+this package.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..distributed import unwrap
+from ..files import write_atomic
+from ..graph import Compound, Literal
+from ..interpreters.masks import compute_masks
+from ..keys import LOGITS
+from ..tasks.base import ScaleDecoder, SortDecoder, ThresholdDecoder
+from .runtime import BATCH, FORMAT, FORMAT_VERSION, METADATA_KEY, PT2_EXTRA_FILE, DeployError
+
+FORMATS = ("onnx", "pt2")
+EXAMPLE_BATCH = 3  # traced with 3 samples: torch.export specialises sizes 0 and 1, not 3
+
+
+def condition_tree(cond: Any) -> Dict[str, Any]:
+    """A precondition condition as JSON: `{"task": path, "negated": bool}` for `out.b` / `~out.b`,
+    `{"op": "and" | "or" | "xor", "operands": [...]}` for compounds."""
+    if isinstance(cond, Literal):
+        return {"task": cond.path, "negated": cond.negated}
+    if isinstance(cond, Compound):
+        return {"op": cond.op, "operands": [condition_tree(c) for c in cond.operands]}
+    raise DeployError(f"unknown condition {cond!r}")
+
+
+def precondition_of(leaf: Any) -> Tuple[str, Dict[str, Any]]:
+    """`(text, tree)` of a leaf's precondition: the conjunction of its conditions (`"" / {"op": "and",
+    "operands": []}` when it always applies)."""
+    text = " & ".join(str(c) for c in leaf.precondition)
+    return text, {"op": "and", "operands": [condition_tree(c) for c in leaf.precondition]}
+
+
+class _TaskDecoder(nn.Module):
+    """One task's activation and decoding, with the decoder's parameters frozen as constants.
+
+    The predefined decoders are rewritten here with their parameters as buffers (they cache device
+    tensors of their own, which tracing must not write into); any other decoder is called as is."""
+
+    def __init__(self, path: str, task: Any):
+        super().__init__()
+        self.path, self.task = path, task
+        decoder = getattr(task, "decoder", None)
+        self.mode = "task"
+        if isinstance(decoder, ThresholdDecoder):
+            self.mode = "threshold"
+            self.register_buffer("threshold", torch.tensor(decoder.threshold, dtype=torch.float32))
+        elif isinstance(decoder, SortDecoder):
+            self.mode, self.top_k = "sort", decoder.top_k
+        elif isinstance(decoder, ScaleDecoder):
+            self.mode, self.scale = "scale", decoder.scale
+
+    def forward(self, logits: Tensor) -> Tensor:
+        activated = self.task.activate(logits)
+        if self.mode == "threshold":
+            if activated.dtype in (torch.float16, torch.bfloat16):
+                activated = activated.float()  # as ThresholdDecoder: thresholds are float32 values
+            if self.threshold.dim() and activated.shape[-1] != self.threshold.shape[0]:
+                raise DeployError(f"task {self.path!r}: {self.threshold.shape[0]} tuned thresholds for outputs of "
+                                  f"shape {tuple(activated.shape)}")
+            return activated > self.threshold.to(activated.dtype)
+        if self.mode == "sort":
+            # ONNX TopK ranks equal values by lower index first, as SortDecoder's stable argsort
+            k = activated.shape[-1] if self.top_k is None else min(self.top_k, activated.shape[-1])
+            return torch.topk(activated, k, dim=-1, sorted=True).indices
+        if self.mode == "scale":
+            return activated * self.scale
+        return self.task.decode(activated)
+
+
+class DeployModule(nn.Module):
+    """`forward(*inputs)` (tensors, in the order of `input_names`) -> a flat tuple `(decoded_0,
+    applies_0, decoded_1, applies_1, ...)` over the flow's task paths in flow order.
+
+    `input_keys` are the nested keys of the model's input mapping, one per positional input."""
+
+    def __init__(self, flow: Any, model: nn.Module, input_keys: Sequence[Tuple[str, ...]]):
+        super().__init__()
+        self.graph = flow.graph
+        self.model = unwrap(model)
+        self.input_keys = tuple(tuple(k) for k in input_keys)
+        self.decoders = nn.ModuleList([_TaskDecoder(leaf.path, leaf.task) for leaf in self.graph.leaves])
+
+    def inputs_mapping(self, tensors: Sequence[Tensor]) -> Dict[str, Any]:
+        """The nested input mapping the model takes, from positional tensors."""
+        x: Dict[str, Any] = {}
+        for key, t in zip(self.input_keys, tensors):
+            node = x
+            for k in key[:-1]:
+                node = node.setdefault(k, {})
+            node[key[-1]] = t
+        return x
+
+    def forward(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
+        out = self.model(self.inputs_mapping(tensors))
+        logits = out[LOGITS]
+        decoded = {}
+        for leaf, dec in zip(self.graph.leaves, self.decoders):
+            decoded[leaf.path] = dec(logits[leaf.path])
+        first = next(iter(logits.values()))
+        masks = compute_masks(self.graph, first.shape[0], first.device, decoded=decoded)
+        return tuple(t for leaf in self.graph.leaves for t in (decoded[leaf.path], masks[leaf.path]))
+
+
+def flatten_example(inputs: Mapping[str, Any], prefix: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], Tensor]]:
+    """`[(nested key, tensor)]` of a (nested) input mapping, in its order; non-tensor values are
+    an error naming them (an artifact takes tensors only)."""
+    items: List[Tuple[Tuple[str, ...], Tensor]] = []
+    for k, v in inputs.items():
+        key = prefix + (str(k),)
+        if isinstance(v, Mapping):
+            items += flatten_example(v, key)
+        elif isinstance(v, Tensor):
+            items.append((key, v))
+        else:
+            try:
+                import numpy as np
+
+                items.append((key, torch.as_tensor(np.asarray(v))))
+            except (TypeError, ValueError, RuntimeError):
+                raise DeployError(f"example input {'.'.join(key)!r} is a {type(v).__name__}: an exported artifact takes "
+                                  "tensors (or arrays) only") from None
+    return items
+
+
+def infer_example_inputs(flow: Any, model: nn.Module, batch: int = EXAMPLE_BATCH) -> Dict[str, Any]:
+    """Example inputs from the flow: for a model that is `flow.torch()`, every input key the flow
+    reads, of width the `in_features` of the first `nn.Linear` head reading it. Anything else (a
+    backbone before the heads, convolutional heads, token inputs) is a `DeployError` asking for
+    `example_inputs`."""
+    need = ("pass example_inputs=, a batch mapping as the model takes it (e.g. {'features': torch.zeros(2, 256)}; "
+            "the batch size does not matter)")
+    if unwrap(model) is not flow.torch():
+        raise DeployError(f"deploy.export cannot infer the inputs of a {type(unwrap(model)).__name__} (not "
+                          f"flow.torch() of flow {flow.name!r}): {need}")
+    x: Dict[str, Any] = {}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for key in flow.graph.input_keys:
+        leaf = next(leaf for leaf in flow.graph.leaves if leaf.input_key == key)
+        head = leaf.task.module
+        first = next((m for m in head.modules() if not list(m.children())), head)
+        if not key or not isinstance(first, nn.Linear):
+            raise DeployError(f"deploy.export cannot infer the input x.{'.'.join(key)} of task {leaf.path!r} (its head "
+                              f"starts with {type(first).__name__}, not nn.Linear): {need}")
+        node = x
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node.setdefault(key[-1], torch.zeros(batch, first.in_features, device=device))
+    return x
+
+
+def metadata_of(flow: Any, input_specs: Sequence[Tuple[Tuple[str, ...], Tensor]], artifact: str) -> Dict[str, Any]:
+    """The artifact's JSON metadata (see `runtime`)."""
+    from .. import __version__
+
+    tasks = []
+    for leaf in flow.graph.leaves:
+        task, decoder = leaf.task, getattr(leaf.task, "decoder", None)
+        text, tree = precondition_of(leaf)
+        dec = {"type": type(decoder).__name__ if decoder is not None else None}
+        if isinstance(decoder, ThresholdDecoder):
+            dec["threshold"] = decoder.threshold
+        elif isinstance(decoder, SortDecoder):
+            dec["top_k"] = decoder.top_k
+        elif isinstance(decoder, ScaleDecoder):
+            dec["scale"] = decoder.scale
+        names = getattr(task, "class_names", None)
+        tasks.append({
+            "path": leaf.path, "kind": task.kind, "class_names": list(names) if names else None,
+            "scale": getattr(task, "scale", None), "decoder": dec,
+            "precondition": text, "precondition_tree": tree,
+            "outputs": {"decoded": f"{leaf.path}.decoded", "applies": f"{leaf.path}.applies"},
+        })
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": artifact,
+        "package_version": __version__, "torch_version": torch.__version__, "flow": flow.name,
+        "inputs": [{"name": ".".join(k), "key": list(k), "dtype": str(t.dtype).replace("torch.", ""),
+                    "shape": [BATCH] + list(t.shape[1:])} for k, t in input_specs],
+        "tasks": tasks,
+    }
+
+
+def export(flow: Any, model: nn.Module, path: str | os.PathLike, format: str = "onnx",
+           example_inputs: Optional[Mapping[str, Any]] = None) -> str:
+    """Write `model` (anything mapping the flow's inputs to `flow.torch()`'s outputs, e.g.
+    `flow.torch()` itself) with `flow`'s decoding and precondition gating into one artifact at
+    `path`; returns the path.
+
+    `format="onnx"` (`torch.onnx.export`, run by onnxruntime) or `"pt2"` (`torch.export`). The
+    graph takes the inputs of `example_inputs` (a batch mapping as the model takes it; inferred for
+    `flow.torch()` with `nn.Linear` heads) with a dynamic batch size, and returns per task path
+    `"<path>.decoded"` (thresholded booleans, ranked class indices, regression values in label
+    units) and `"<path>.applies"` (its precondition from the decoded predictions). The decoders'
+    current (tuned) parameters are constants of the graph: tune before exporting. Load it with
+    `dnn_cool_catalyst.deploy.load` (or `deploy/runtime.py` alone).
+    """
+    if format not in FORMATS:
+        raise DeployError(f"deploy.export: format must be one of {FORMATS}, got {format!r}")
+    path = os.fspath(path)
+    if example_inputs is None:
+        example_inputs = infer_example_inputs(flow, model)
+    if not isinstance(example_inputs, Mapping):
+        raise DeployError(f"deploy.export: example_inputs must be a mapping of input name to tensor, got "
+                          f"{type(example_inputs).__name__}")
+    items = [(k, t) for k, t in flatten_example(example_inputs) if k != ("gt",) and k[0] != "gt"]
+    if not items:
+        raise DeployError("deploy.export: example_inputs holds no tensors")
+    batch = {t.shape[0] if t.dim() else None for _, t in items}
+    if len(batch) != 1 or None in batch:
+        raise DeployError(f"deploy.export: every example input needs the same batch size (first dimension), got "
+                          + ", ".join(f"{'.'.join(k)} {tuple(t.shape)}" for k, t in items))
+    if batch.pop() < 2:  # a batch of one would be specialised by the tracer (the batch is kept dynamic)
+        items = [(k, torch.cat([t] * EXAMPLE_BATCH)) for k, t in items]
+    wrapper = DeployModule(flow, model, [k for k, _ in items])
+    was_training = wrapper.model.training
+    wrapper.eval()
+    args = tuple(t for _, t in items)
+    try:
+        _check_tasks(wrapper, args)
+        meta = metadata_of(flow, items, format)
+        names = [".".join(k) for k, _ in items]
+        batch_dim = torch.export.Dim(BATCH, min=1)
+        dynamic = (tuple({0: batch_dim} for _ in items),)  # one entry: forward(*tensors)
+        with torch.no_grad():
+            if format == "onnx":
+                _export_onnx(wrapper, args, names, dynamic, meta, path)
+            else:
+                _export_pt2(wrapper, args, dynamic, meta, path)
+    finally:
+        wrapper.model.train(was_training)
+    return path
+
+
+def _check_tasks(wrapper: DeployModule, args: Tuple[Tensor, ...]) -> None:
+    """Run the wrapper eagerly once, task by task, so that a task whose activation or decoder fails
+    is named before tracing (whose errors name none)."""
+    with torch.no_grad():
+        try:
+            out = wrapper.model(wrapper.inputs_mapping(args))
+        except Exception as e:
+            raise DeployError(f"deploy.export: the model failed on the example inputs ({type(e).__name__}: {e})") from e
+        for leaf, dec in zip(wrapper.graph.leaves, wrapper.decoders):
+            try:
+                value = dec(out[LOGITS][leaf.path])
+            except Exception as e:
+                raise DeployError(f"deploy.export: task {leaf.path!r} ({leaf.task.kind}) cannot be exported: its "
+                                  f"activation or decoder failed ({type(e).__name__}: {e})") from e
+            if not isinstance(value, Tensor):
+                raise DeployError(f"deploy.export: task {leaf.path!r} ({leaf.task.kind}) cannot be exported: its "
+                                  f"decoder returned a {type(value).__name__}, not a tensor")
+
+
+def _trace_error(e: Exception, wrapper: DeployModule, what: str) -> DeployError:
+    """A tracing failure, naming the task whose code the traceback passes through when there is one."""
+    import traceback
+
+    files = {frame.filename for frame in traceback.extract_tb(e.__traceback__)}
+    for leaf in wrapper.graph.leaves:
+        for fn in (getattr(leaf.task, "activation", None), getattr(getattr(leaf.task, "decoder", None), "decode", None),
+                   getattr(type(leaf.task), "activate", None), getattr(type(leaf.task), "decode", None)):
+            code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+            if code is not None and code.co_filename in files and "dnn_cool_catalyst" not in code.co_filename:
+                return DeployError(f"deploy.export ({what}): task {leaf.path!r} ({leaf.task.kind}) cannot be exported: "
+                                   f"its activation or decoder does not trace ({type(e).__name__}: {e})")
+    return DeployError(f"deploy.export ({what}): the flow's model cannot be exported ({type(e).__name__}: {e})")
+
+
+def _export_onnx(wrapper: DeployModule, args, names, dynamic, meta, path: str) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the torch.onnx exporter needs it)
+    except ImportError:
+        raise DeployError("deploy.export(format='onnx') needs onnx and onnxscript: pip install "
+                          "'dnn_cool_catalyst[deploy]'") from None
+    outputs = [name for t in meta["tasks"] for name in (t["outputs"]["decoded"], t["outputs"]["applies"])]
+    try:
+        program = torch.onnx.export(wrapper, args, input_names=names, output_names=outputs, dynamic_shapes=dynamic,
+                                    dynamo=True, verbose=False, optimize=True)
+    except Exception as e:
+        raise _trace_error(e, wrapper, "onnx") from e
+    program.model.metadata_props[METADATA_KEY] = json.dumps(meta, allow_nan=False)
+    write_atomic(path, lambda fh: fh.write(program.model_proto.SerializeToString()))
+
+
+def _export_pt2(wrapper: DeployModule, args, dynamic, meta, path: str) -> None:
+    try:
+        program = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
+    except Exception as e:
+        raise _trace_error(e, wrapper, "pt2") from e
+    extra = {PT2_EXTRA_FILE: json.dumps(meta, allow_nan=False)}
+    write_atomic(path, lambda fh: torch.export.save(program, fh, extra_files=extra))
