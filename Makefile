@@ -1,4 +1,4 @@
-# `make test`: create .venv, install the package with its test extras (exact versions from
+# `make test`: create .venv, install the package with its test and deploy extras (exact versions from
 # constraints.txt), run the whole suite. `make demo`: create .venv, install, run the main job.
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,7 +12,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	# catalyst 22.4's wheel metadata is rejected by pip >= 24.1 ("invalid metadata"): keep pip below it.
 	$(PY) -m pip install --quiet 'pip>=23,<24.1'
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,deploy]'
 	touch $(STAMP)
 
 install: $(STAMP)
