@@ -21,11 +21,12 @@ from ..distributed import unwrap
 from ..files import write_atomic
 from ..graph import Compound, Literal
 from ..interpreters.masks import compute_masks
-from ..keys import LOGITS
+from ..keys import GT, INDEX, LOGITS, SOURCE
 from ..tasks.base import ScaleDecoder, SortDecoder, ThresholdDecoder
 from .runtime import BATCH, FORMAT, FORMAT_VERSION, METADATA_KEY, PT2_EXTRA_FILE, DeployError
 
 FORMATS = ("onnx", "pt2")
+TRAINING_KEYS = (GT, INDEX, SOURCE)  # left out of the example inputs: training batches carry them
 EXAMPLE_BATCH = 3  # traced with 3 samples: torch.export specialises sizes 0 and 1, not 3
 
 
@@ -164,7 +165,8 @@ def infer_example_inputs(flow: Any, model: nn.Module, batch: int = EXAMPLE_BATCH
     return x
 
 
-def metadata_of(flow: Any, input_specs: Sequence[Tuple[Tuple[str, ...], Tensor]], artifact: str) -> Dict[str, Any]:
+def metadata_of(flow: Any, input_specs: Sequence[Tuple[Tuple[str, ...], Tensor]], artifact: str,
+                device: str = "cpu") -> Dict[str, Any]:
     """The artifact's JSON metadata (see `runtime`)."""
     from .. import __version__
 
@@ -189,6 +191,7 @@ def metadata_of(flow: Any, input_specs: Sequence[Tuple[Tuple[str, ...], Tensor]]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": artifact,
         "package_version": __version__, "torch_version": torch.__version__, "flow": flow.name,
+        "device": device,  # where a pt2 artifact runs (it was traced there); ONNX runs where onnxruntime puts it
         "inputs": [{"name": ".".join(k), "key": list(k), "dtype": str(t.dtype).replace("torch.", ""),
                     "shape": [BATCH] + list(t.shape[1:])} for k, t in input_specs],
         "tasks": tasks,
@@ -202,8 +205,9 @@ def export(flow: Any, model: nn.Module, path: str | os.PathLike, format: str = "
     `path`; returns the path.
 
     `format="onnx"` (`torch.onnx.export`, run by onnxruntime) or `"pt2"` (`torch.export`). The
-    graph takes the inputs of `example_inputs` (a batch mapping as the model takes it; inferred for
-    `flow.torch()` with `nn.Linear` heads) with a dynamic batch size, and returns per task path
+    graph takes the inputs of `example_inputs` (a batch mapping as the model takes it, e.g. a
+    loader's `X`, whose `"gt"`, `"index"` and `"source"` are left out; inferred for `flow.torch()`
+    with `nn.Linear` heads) with a dynamic batch size, and returns per task path
     `"<path>.decoded"` (thresholded booleans, ranked class indices, regression values in label
     units) and `"<path>.applies"` (its precondition from the decoded predictions). The decoders'
     current (tuned) parameters are constants of the graph: tune before exporting. Load it with
@@ -217,7 +221,8 @@ def export(flow: Any, model: nn.Module, path: str | os.PathLike, format: str = "
     if not isinstance(example_inputs, Mapping):
         raise DeployError(f"deploy.export: example_inputs must be a mapping of input name to tensor, got "
                           f"{type(example_inputs).__name__}")
-    items = [(k, t) for k, t in flatten_example(example_inputs) if k != ("gt",) and k[0] != "gt"]
+    # what a training batch carries besides the model's inputs (labels, dataset indices) is not an input
+    items = [(k, t) for k, t in flatten_example(example_inputs) if k[0] not in TRAINING_KEYS]
     if not items:
         raise DeployError("deploy.export: example_inputs holds no tensors")
     batch = {t.shape[0] if t.dim() else None for _, t in items}
@@ -226,13 +231,15 @@ def export(flow: Any, model: nn.Module, path: str | os.PathLike, format: str = "
                           + ", ".join(f"{'.'.join(k)} {tuple(t.shape)}" for k, t in items))
     if batch.pop() < 2:  # a batch of one would be specialised by the tracer (the batch is kept dynamic)
         items = [(k, torch.cat([t] * EXAMPLE_BATCH)) for k, t in items]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    items = [(k, t.to(device)) for k, t in items]  # traced where the model is (a pt2 artifact runs there)
     wrapper = DeployModule(flow, model, [k for k, _ in items])
     was_training = wrapper.model.training
     wrapper.eval()
     args = tuple(t for _, t in items)
     try:
         _check_tasks(wrapper, args)
-        meta = metadata_of(flow, items, format)
+        meta = metadata_of(flow, items, format, str(args[0].device))
         names = [".".join(k) for k, _ in items]
         batch_dim = torch.export.Dim(BATCH, min=1)
         dynamic = (tuple({0: batch_dim} for _ in items),)  # one entry: forward(*tensors)
@@ -253,6 +260,10 @@ def _check_tasks(wrapper: DeployModule, args: Tuple[Tensor, ...]) -> None:
         try:
             out = wrapper.model(wrapper.inputs_mapping(args))
         except Exception as e:
+            leaf = _task_in_traceback(e, wrapper)  # in eval mode the model decodes too
+            if leaf is not None:
+                raise DeployError(f"deploy.export: task {leaf.path!r} ({leaf.task.kind}) cannot be exported: its "
+                                  f"activation or decoder failed ({type(e).__name__}: {e})") from e
             raise DeployError(f"deploy.export: the model failed on the example inputs ({type(e).__name__}: {e})") from e
         for leaf, dec in zip(wrapper.graph.leaves, wrapper.decoders):
             try:
@@ -265,19 +276,44 @@ def _check_tasks(wrapper: DeployModule, args: Tuple[Tensor, ...]) -> None:
                                   f"decoder returned a {type(value).__name__}, not a tensor")
 
 
-def _trace_error(e: Exception, wrapper: DeployModule, what: str) -> DeployError:
-    """A tracing failure, naming the task whose code the traceback passes through when there is one."""
+def _task_in_traceback(e: BaseException, wrapper: DeployModule) -> Any:
+    """The leaf whose own activation or decoder code (outside this package) the tracebacks of `e`
+    and its causes pass through, or None."""
     import traceback
 
-    files = {frame.filename for frame in traceback.extract_tb(e.__traceback__)}
+    files, seen, err = set(), set(), e
+    while err is not None and id(err) not in seen:  # the exporters wrap the tracer's error
+        seen.add(id(err))
+        files |= {frame.filename for frame in traceback.extract_tb(err.__traceback__)}
+        err = err.__cause__ or err.__context__
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     for leaf in wrapper.graph.leaves:
         for fn in (getattr(leaf.task, "activation", None), getattr(getattr(leaf.task, "decoder", None), "decode", None),
                    getattr(type(leaf.task), "activate", None), getattr(type(leaf.task), "decode", None)):
             code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-            if code is not None and code.co_filename in files and "dnn_cool_catalyst" not in code.co_filename:
-                return DeployError(f"deploy.export ({what}): task {leaf.path!r} ({leaf.task.kind}) cannot be exported: "
-                                   f"its activation or decoder does not trace ({type(e).__name__}: {e})")
-    return DeployError(f"deploy.export ({what}): the flow's model cannot be exported ({type(e).__name__}: {e})")
+            if code is not None and code.co_filename in files and not os.path.abspath(code.co_filename).startswith(package):
+                return leaf
+    return None
+
+
+def _trace_error(e: Exception, wrapper: DeployModule, what: str) -> DeployError:
+    """A tracing failure, naming the task whose code it passed through when there is one."""
+    leaf = _task_in_traceback(e, wrapper)
+    if leaf is not None:
+        return DeployError(f"deploy.export ({what}): task {leaf.path!r} ({leaf.task.kind}) cannot be exported: "
+                           f"its activation or decoder does not trace ({_first_line(e)}); "
+                           "write it with tensor operations only, without Python branches on values")
+    return DeployError(f"deploy.export ({what}): the flow's model cannot be exported ({_first_line(e)})")
+
+
+def _first_line(e: BaseException) -> str:
+    """The innermost cause's first line: the exporters' own messages are pages long."""
+    seen = set()
+    while (e.__cause__ is not None) and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _export_onnx(wrapper: DeployModule, args, names, dynamic, meta, path: str) -> None:

@@ -216,12 +216,13 @@ def _load_pt2(path: str, threads: Optional[int]) -> Deployed:
     program = torch.export.load(path, extra_files=extra)
     meta = check_metadata(json.loads(extra[PT2_EXTRA_FILE]) if extra[PT2_EXTRA_FILE] else None, path)
     module = program.module()
+    device = torch.device(meta.get("device", "cpu"))  # traced there: its constants live there
     if threads is not None:
         torch.set_num_threads(int(threads))
 
     def run(arrays: List[np.ndarray]) -> List[np.ndarray]:
         with torch.no_grad():
-            out = module(*(torch.from_numpy(a) for a in arrays))
+            out = module(*(torch.from_numpy(a).to(device) for a in arrays))
         return [o.detach().cpu().numpy() for o in out]
 
     return Deployed(path, meta, run)

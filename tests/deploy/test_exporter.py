@@ -1,0 +1,225 @@
+"""`deploy.export`: the artifact's decoded values and `applies` equal eager prediction (the model,
+the decoder, masks from decoded predictions) in both formats, at batch sizes 1, 7 and 64; its
+metadata; and the errors for what cannot be exported."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dnn_cool_catalyst as dcc
+from dnn_cool_catalyst.deploy import DeployError
+from dnn_cool_catalyst.deploy.exporter import infer_example_inputs
+
+from .conftest import FORMATS, algebra_flow, assert_same, eager, mlm_flow, security_inputs
+
+FACE = "person_regression.face_regression."
+BODY = "person_regression.body_regression."
+
+
+def test_the_security_flow_was_tuned_away_from_the_defaults(security_artifacts):
+    flow, _, _ = security_artifacts
+    params = flow.get_decoder().params()
+    assert params["camera_blocked"]["threshold"] != 0.5
+    assert len(params[FACE + "facial_characteristics"]["threshold"]) == 3
+    assert params[FACE + "facial_characteristics"]["threshold"] != [0.5] * 3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_artifact_equals_eager_prediction(security_artifacts, fmt, n, assert_clear_decisions):
+    flow, model, paths = security_artifacts
+    inputs = security_inputs(64)
+    inputs = {k: v[:n] for k, v in inputs.items()}
+    reference = eager(model, flow, inputs)
+    assert_clear_decisions(flow, reference["activated"])
+    result = dcc.deploy.load(paths[fmt])(inputs)
+    assert_same(result, reference, flow)
+    if n == 64:  # preconditions fail at several depths in this batch
+        mask = reference["mask"]
+        assert (~mask["door_open"]).any()                                   # camera blocked
+        assert (mask["door_open"] & ~mask["person_present"]).any()          # door closed
+        assert (mask["person_present"] & ~mask[FACE + "face_x1"]).any()     # nobody there
+        assert mask[BODY + "shirt_type"].any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_class_names_are_mapped(security_artifacts, fmt):
+    flow, _, paths = security_artifacts
+    result = dcc.deploy.load(paths[fmt])(security_inputs(5))
+    shirt = flow.graph.leaf(BODY + "shirt_type").task.class_names
+    out = result[BODY + "shirt_type"]
+    assert out["classes"][0][0] == shirt[out["decoded"][0][0]]
+    facial = flow.graph.leaf(FACE + "facial_characteristics").task.class_names
+    fc = result[FACE + "facial_characteristics"]
+    assert fc["classes"][2] == [c for c, yes in zip(facial, fc["decoded"][2]) if yes]
+    assert "classes" not in result["door_open"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_metadata_describes_inputs_tasks_and_preconditions(security_artifacts, fmt):
+    flow, _, paths = security_artifacts
+    meta = dcc.deploy.read_metadata(paths[fmt])
+    assert meta["format_version"] == 1 and meta["artifact"] == fmt and meta["package_version"] == dcc.__version__
+    assert meta["inputs"] == [{"name": "features", "key": ["features"], "dtype": "float32", "shape": ["batch", 8]}]
+    tasks = {t["path"]: t for t in meta["tasks"]}
+    assert list(tasks) == list(flow.graph.paths)
+    assert tasks["door_locked"]["precondition"] == "~out.door_open"
+    assert tasks["door_locked"]["precondition_tree"] == {"op": "and", "operands": [{"task": "door_open", "negated": True}]}
+    # its own conditions: person_present applying (door open, camera not blocked) is part of out.person_present
+    assert tasks[FACE + "face_x1"]["precondition"] == "out.person_present"
+    assert tasks[FACE + "face_x1"]["scale"] == 64.0 and tasks[FACE + "face_x1"]["decoder"] == {"type": "ScaleDecoder",
+                                                                                              "scale": 64.0}
+    assert tasks["camera_blocked"]["decoder"]["threshold"] == flow.get_decoder().params()["camera_blocked"]["threshold"]
+    assert tasks[BODY + "shirt_type"]["class_names"] == flow.graph.leaf(BODY + "shirt_type").task.class_names
+    assert tasks[BODY + "shirt_type"]["kind"] == "ClassificationTask"
+    assert tasks["door_open"]["outputs"] == {"decoded": "door_open.decoded", "applies": "door_open.applies"}
+    json.dumps(meta, allow_nan=False)
+
+
+def test_onnx_metadata_is_in_metadata_props(security_artifacts):
+    onnx = pytest.importorskip("onnx")
+    _, _, paths = security_artifacts
+    props = {p.key: p.value for p in onnx.load(paths["onnx"]).metadata_props}
+    assert json.loads(props["dnn_cool_catalyst"])["flow"] == "full_flow"
+
+
+def test_thresholds_are_constants_of_the_graph(security_artifacts, tmp_path):
+    """Changing the decoders after export changes nothing in the artifact."""
+    flow, model, paths = security_artifacts
+    inputs = security_inputs(16)
+    before = dcc.deploy.load(paths["onnx"])(inputs)
+    params = flow.get_decoder().params()
+    try:
+        flow.get_decoder().load_tuned({"camera_blocked": {"threshold": 0.999}})
+        after = dcc.deploy.load(paths["onnx"])(inputs)
+    finally:
+        flow.get_decoder().load_tuned(params)
+    np.testing.assert_array_equal(before["camera_blocked"]["decoded"], after["camera_blocked"]["decoded"])
+
+
+@pytest.fixture(scope="module")
+def mlm_artifacts(tmp_path_factory):
+    flow = mlm_flow()
+    model = flow.torch().eval()
+    directory = tmp_path_factory.mktemp("mlm")
+    example = {"pooled": torch.zeros(2, 6), "tokens": torch.zeros(2, 5, 6)}
+    return flow, model, {fmt: dcc.deploy.export(flow, model, directory / f"mlm.{fmt}", fmt, example) for fmt in FORMATS}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_masked_language_model_artifact_equals_eager(mlm_artifacts, fmt, n, assert_clear_decisions):
+    flow, model, paths = mlm_artifacts
+    rng = np.random.default_rng(n)
+    inputs = {"pooled": rng.normal(size=(n, 6)).astype(np.float32), "tokens": rng.normal(size=(n, 5, 6)).astype(np.float32)}
+    reference = eager(model, flow, inputs)
+    assert_clear_decisions(flow, reference["activated"])
+    result = dcc.deploy.load(paths[fmt])(inputs)
+    assert_same(result, reference, flow)
+    assert result["tokens"]["decoded"].shape == (n, 5, 3)
+    if n == 64:
+        assert reference["mask"]["tokens"].any() and not reference["mask"]["tokens"].all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_or_else_and_xor_preconditions(tmp_path, fmt, assert_clear_decisions):
+    flow = algebra_flow()
+    model = flow.torch().eval()
+    path = dcc.deploy.export(flow, model, tmp_path / f"algebra.{fmt}", format=fmt)
+    inputs = {"features": np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32) * 3}
+    reference = eager(model, flow, inputs)
+    assert_clear_decisions(flow, reference["activated"])
+    assert_same(dcc.deploy.load(path)(inputs), reference, flow)
+    for p in ("t_or", "t_xor", "inner.p"):  # each condition is true for some samples and false for others
+        assert reference["mask"][p].any() and not reference["mask"][p].all(), p
+    tasks = {t["path"]: t for t in dcc.deploy.read_metadata(path)["tasks"]}
+    assert tasks["t_or"]["precondition"] == "out.b.or_else(out.c)"
+    assert tasks["t_xor"]["precondition_tree"] == {"op": "and", "operands": [
+        {"op": "xor", "operands": [{"task": "a", "negated": False}, {"task": "c", "negated": False}]}]}
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+def _one_task_flow(task):
+    tasks = dcc.Tasks([task])
+
+    @tasks.add_flow
+    def only(flow, x, out):
+        out += getattr(flow, task.name)(x.features)
+        return out
+
+    return tasks.get_full_flow()
+
+
+def test_a_decoder_that_fails_names_the_task(tmp_path):
+    task = dcc.Task(name="depth", module=nn.Linear(4, 1), loss=lambda y, t: (y - t) ** 2,
+                    decoder=_ListDecoder())
+    flow = _one_task_flow(task)
+    with pytest.raises(DeployError, match=r"task 'depth' \(Task\) cannot be exported: its decoder returned a list"):
+        dcc.deploy.export(flow, flow.torch(), tmp_path / "m.onnx")
+    task.decoder = _RaisingDecoder()
+    with pytest.raises(DeployError, match=r"task 'depth' \(Task\) cannot be exported: its activation or decoder "
+                                          r"failed \(ValueError: needs a calibration table\)"):
+        dcc.deploy.export(flow, flow.torch(), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_decoder_that_does_not_trace_names_the_task(tmp_path):
+    task = dcc.Task(name="depth", module=nn.Linear(4, 1), loss=lambda y, t: (y - t) ** 2,
+                    decoder=_BranchingDecoder())
+    flow = _one_task_flow(task)
+    with pytest.raises(DeployError, match=r"task 'depth' \(Task\) cannot be exported: .*does not trace"):
+        dcc.deploy.export(flow, flow.torch(), tmp_path / "m.pt2", format="pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _ListDecoder(dcc.Decoder):
+    def decode(self, activated):
+        return activated.tolist()
+
+
+class _RaisingDecoder(dcc.Decoder):
+    def decode(self, activated):
+        raise ValueError("needs a calibration table")
+
+
+class _BranchingDecoder(dcc.Decoder):
+    def decode(self, activated):
+        if activated.sum() > 0:  # a Python branch on values: torch.export cannot trace it
+            return activated * 2
+        return activated
+
+
+def test_example_inputs_are_needed_when_they_cannot_be_inferred(tmp_path):
+    flow = _one_task_flow(dcc.BinaryClassificationTask("seen", nn.Sequential(nn.Conv1d(2, 1, 3), nn.Flatten())))
+    with pytest.raises(DeployError, match=r"cannot infer the input x.features of task 'seen'.*example_inputs="):
+        dcc.deploy.export(flow, flow.torch(), tmp_path / "m.onnx")
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flow = flow.torch()
+
+        def forward(self, x):
+            return self.flow(x)
+
+    with pytest.raises(DeployError, match="cannot infer the inputs of a Backbone.*example_inputs="):
+        dcc.deploy.export(flow, Backbone(), tmp_path / "m.onnx")
+
+
+def test_inferred_example_inputs_follow_the_linear_heads():
+    flow = algebra_flow(width=5)
+    x = infer_example_inputs(flow, flow.torch())
+    assert list(x) == ["features"] and tuple(x["features"].shape[1:]) == (5,)
+
+
+def test_unknown_format_and_bad_example_inputs(tmp_path):
+    flow = algebra_flow()
+    with pytest.raises(DeployError, match="format must be one of"):
+        dcc.deploy.export(flow, flow.torch(), tmp_path / "m", format="tflite")
+    with pytest.raises(DeployError, match="the same batch size"):
+        dcc.deploy.export(flow, flow.torch(), tmp_path / "m", example_inputs={"features": torch.zeros(2, 4),
+                                                                                "other": torch.zeros(3, 4)})
+    with pytest.raises(DeployError, match="model failed on the example inputs"):
+        dcc.deploy.export(flow, flow.torch(), tmp_path / "m", example_inputs={"features": torch.zeros(2, 7)})
