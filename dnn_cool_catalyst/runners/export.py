@@ -1,14 +1,16 @@
 """Export a trained flow model to a directory and load it back, with nothing unpickled.
 
 A directory holds `weights.pth` (the model's `state_dict`, loaded with `weights_only=True`),
-`tuned_params.json` (the decoders' parameters) and `manifest.json` (format, versions, flow name,
-task paths and kinds, model class), written last, so a directory with a manifest is complete.
+`tuned_params.json` (the decoders' parameters), with `deployable` the flow as one artifact per
+format (`model.onnx`, `model.pt2`: `dnn_cool_catalyst.deploy.export`, decoding, tuned thresholds
+and precondition gating inside), and `manifest.json` (format, versions, flow name, task paths and
+kinds, model class, files), written last, so a directory with a manifest is complete.
 """
 from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ FORMAT = "dnn_cool_catalyst.export/1"
 WEIGHTS_FILE = "weights.pth"
 TUNED_FILE = "tuned_params.json"
 MANIFEST_FILE = "manifest.json"
+DEPLOY_FILE = "model.{}"  # the deployment artifact of each format
 
 
 def manifest_of(flow: Any, model: nn.Module) -> Dict[str, Any]:
@@ -39,17 +42,58 @@ def manifest_of(flow: Any, model: nn.Module) -> Dict[str, Any]:
     }
 
 
-def export_model(directory: str | os.PathLike, flow: Any, model: nn.Module) -> str:
-    """Write `model`'s weights, `flow`'s decoder parameters and a manifest into `directory`."""
+def deployable_formats(deployable: Union[bool, str, Sequence[str]]) -> Tuple[str, ...]:
+    """`True` -> `("onnx",)`, `False` -> `()`, a format or a sequence of formats as given
+    (`dnn_cool_catalyst.deploy.exporter.FORMATS`; an unknown one is refused before anything is written)."""
+    from ..deploy.exporter import FORMATS
+
+    if deployable is True:
+        return ("onnx",)
+    if deployable is False or deployable is None:
+        return ()
+    formats = (deployable,) if isinstance(deployable, str) else tuple(deployable)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"deployable: unknown artifact format(s) {unknown}; known: {list(FORMATS)} (or True for onnx)")
+    return formats
+
+
+def first_inputs(loader: Any) -> Mapping[str, Any]:
+    """The inputs `X` of a loader's first batch (`(X, y)` pairs or `X` alone), as example inputs."""
+    from ..batches import split_batch
+
+    for batch in loader:
+        return split_batch(batch, "export", allow_inputs_only=True)[0]
+    raise ValueError("export: the loader given for the example inputs yielded no batches")
+
+
+def export_model(directory: str | os.PathLike, flow: Any, model: nn.Module,
+                 deployable: Union[bool, str, Sequence[str]] = False,
+                 example_inputs: Optional[Mapping[str, Any]] = None, loader: Any = None) -> str:
+    """Write `model`'s weights, `flow`'s decoder parameters, with `deployable` (True: ONNX; or
+    `"onnx"`, `"pt2"`, or both in a list) the deployment artifact(s) `model.<format>`, and a
+    manifest into `directory`. The artifacts trace the model on `example_inputs`, else on the first
+    batch of `loader`, else on inputs inferred from the flow (`deploy.export`)."""
     from ..tuning import save_tuned
 
+    formats = deployable_formats(deployable)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     model = unwrap(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_atomic(os.path.join(directory, WEIGHTS_FILE), lambda fh: torch.save(state, fh))
     save_tuned(os.path.join(directory, TUNED_FILE), flow.get_decoder().params())
-    write_json(os.path.join(directory, MANIFEST_FILE), manifest_of(flow, model))
+    manifest = manifest_of(flow, model)
+    if formats:
+        from ..deploy import export
+
+        if example_inputs is None and loader is not None:
+            example_inputs = first_inputs(loader)
+        for fmt in formats:
+            name = DEPLOY_FILE.format(fmt)
+            export(flow, model, os.path.join(directory, name), format=fmt, example_inputs=example_inputs)
+            manifest["files"].setdefault("deployable", {})[fmt] = name
+    write_json(os.path.join(directory, MANIFEST_FILE), manifest)
     return directory
 
 

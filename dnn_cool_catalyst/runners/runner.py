@@ -387,10 +387,19 @@ class FlowRunner(dl.Runner):
         return table
 
     # Persistence ---------------------------------------------------------------------------------
-    def export(self, directory: Union[str, os.PathLike]) -> str:
+    def export(self, directory: Union[str, os.PathLike, None] = None, deployable: Any = False,
+               example_inputs: Any = None, loader: Any = None) -> str:
         """Write the model's weights, the tuned decoder parameters and a manifest into `directory`
-        (see `dnn_cool_catalyst.runners.export`); returns the directory."""
-        return export_model(directory, self.flow, self.model)
+        (default: `<logdir>/export`), and with `deployable=True` (or `"onnx"`, `"pt2"`, a list of
+        both) the flow as one artifact per format, `model.onnx` / `model.pt2`, with decoding, the
+        tuned thresholds and precondition gating inside (`dnn_cool_catalyst.deploy`; traced on
+        `example_inputs`, else the first batch of `loader`, else inputs inferred from the flow);
+        see `dnn_cool_catalyst.runners.export`. Returns the directory."""
+        if directory is None:
+            if self.logdir is None:
+                raise ValueError("FlowRunner.export: give a directory (the runner has no logdir)")
+            directory = os.path.join(self.logdir, "export")
+        return export_model(directory, self.flow, self.model, deployable, example_inputs, loader)
 
     @classmethod
     def load(cls, directory: Union[str, os.PathLike], flow: Any, model: Any = None, map_location: Any = "cpu",
