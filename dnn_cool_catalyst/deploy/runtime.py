@@ -161,16 +161,18 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
                 raise DeployError(f"{path} is a pt2 archive without {PT2_EXTRA_FILE}: not exported by "
                                   "dnn_cool_catalyst.deploy.export")
             return check_metadata(json.loads(z.read(hits[0]).decode("utf-8")), path)
-    return _onnx_session(path, None)[1]
+    return _onnx_session(path, None, None)[1]
 
 
-def _onnx_session(path: str, providers: Optional[Sequence[str]]) -> Tuple[Any, Dict[str, Any]]:
+def _onnx_session(path: str, providers: Optional[Sequence[str]], threads: Optional[int]) -> Tuple[Any, Dict[str, Any]]:
     try:
         import onnxruntime as ort
     except ImportError:
         raise DeployError(f"loading {path} needs onnxruntime: pip install 'dnn_cool_catalyst[deploy]' "
                           "(or onnxruntime)") from None
     options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
     try:
         session = ort.InferenceSession(path, sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # onnxruntime raises its own types
@@ -190,13 +192,7 @@ def load(path: str | os.PathLike, providers: Optional[Sequence[str]] = None, thr
         raise FileNotFoundError(f"no deployment artifact at {path!r}")
     if zipfile.is_zipfile(path):
         return _load_pt2(path, threads)
-    session, meta = _onnx_session(path, providers)
-    if threads is not None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
-        session = ort.InferenceSession(path, sess_options=options, providers=session.get_providers())
+    session, meta = _onnx_session(path, providers, threads)
     names = [i["name"] for i in meta["inputs"]]
     outputs = [name for t in meta["tasks"] for name in (t["outputs"]["decoded"], t["outputs"]["applies"])]
 
