@@ -19,8 +19,10 @@ from .equal import EqualWeighting
 from .famo import FAMO
 from .gls import GeometricLossStrategy
 from .gradient import GradientBalancer
+from .mgda import MGDA
+from .pcgrad import PCGrad
 from .rlw import RandomLossWeighting
 from .uncertainty import UncertaintyWeighting
 
 __all__ = ["Balancer", "GradientBalancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
-           "GeometricLossStrategy", "FAMO"]
+           "GeometricLossStrategy", "FAMO", "PCGrad", "MGDA"]
