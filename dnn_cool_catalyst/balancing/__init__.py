@@ -23,8 +23,10 @@ from .gls import GeometricLossStrategy
 from .gradient import GradientBalancer
 from .gradnorm import GradNorm
 from .imtl import IMTL
+from .mgda import MGDA
+from .pcgrad import PCGrad
 from .rlw import RandomLossWeighting
 from .uncertainty import UncertaintyWeighting
 
 __all__ = ["Balancer", "GradientBalancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
-           "GeometricLossStrategy", "FAMO", "CAGrad", "IMTL", "GradNorm", "DBMTL"]
+           "GeometricLossStrategy", "FAMO", "PCGrad", "MGDA", "CAGrad", "IMTL", "GradNorm", "DBMTL"]
