@@ -19,6 +19,13 @@ METHODS = {
     "pcgrad": balancing.PCGrad,
     "mgda": balancing.MGDA,
     "mgda_ub": lambda: balancing.MGDA(representation=True),
+    "cagrad": balancing.CAGrad,
+    "cagrad_rep": lambda: balancing.CAGrad(representation=True),
+    "imtl": balancing.IMTL,
+    "imtl_rep": lambda: balancing.IMTL(representation=True),
+    "gradnorm": balancing.GradNorm,
+    "gradnorm_rep": lambda: balancing.GradNorm(representation=True),
+    "dbmtl": balancing.DBMTL,
 }
 
 

@@ -6,6 +6,7 @@ import torch
 
 from dnn_cool_catalyst import balancing
 from dnn_cool_catalyst.balancing.cagrad import dual_weights
+from dnn_cool_catalyst.interpreters.loss import local_means, stack_terms
 
 
 def _dual(gram, w, c):
@@ -104,3 +105,45 @@ def test_gradients_with_a_vanishing_combination_stay_finite():
     zero = torch.zeros(2, 2, dtype=torch.float64)  # every gradient 0
     coef, _ = balancing.CAGrad().bind(["a", "b"]).weigh(zero, torch.ones(2), torch.arange(2), True)
     assert torch.isfinite(coef).all()
+
+
+def _present_losses_and_gradients(loss_fn, model, x, y, shared):
+    """The present tasks' positions, losses (with graph) and flattened gradients w.r.t. `shared`."""
+    means, counts = local_means(stack_terms(loss_fn.terms(model(x), y)))
+    where = [t for t in range(len(counts)) if counts[t] > 0]
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(means[t], shared, retain_graph=True)]) for t in where]
+    return where, means, torch.stack(rows)
+
+
+def test_end_to_end_the_backbone_descends_cagrads_direction_and_absent_heads_get_nothing(gated_flow, make_batch,
+                                                                                          shared_model):
+    flow = gated_flow()
+    model = shared_model(flow)
+    shared = list(model.backbone.parameters())
+    loss_fn = flow.get_loss(balancer=balancing.CAGrad())
+    x, y = make_batch([0, 0, 0, 0, 0], seed=3)  # value and tags absent
+    where, means, grads = _present_losses_and_gradients(loss_fn, model, x, y, shared)
+    assert where == [0, 3]
+    kind = list(model.flow.kind.parameters())
+    expected_kind = torch.autograd.grad(means[3], kind, retain_graph=True)  # h = 1: the head's own gradient
+    g = grads.double()
+    w = dual_weights(g @ g.T, 0.5)
+    g0, gw = g.mean(0), w @ g
+    expected = (g0 + 0.5 * g0.norm() * gw / gw.norm()) / 1.25  # on the vectors, not the Gram matrix
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn.backward(model(x), y, shared_parameters=shared)
+    assert loss.item() == pytest.approx(float(means.detach()[where].sum()), rel=1e-6)
+    got = torch.cat([p.grad.reshape(-1) for p in shared]).double()
+    # float32 gradients (the loss's dtype) against the float64 hand computation
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    for p, e in zip(kind, expected_kind):
+        torch.testing.assert_close(p.grad, e)
+    for path in ("value", "tags"):
+        assert all(p.grad is None or not p.grad.any() for p in getattr(model.flow, path).parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for seed in range(4):  # a few steps with every presence pattern of the flow
+        opt.zero_grad(set_to_none=True)
+        x, y = make_batch([seed % 2, 0, 1, int(seed % 3 == 0)], seed=seed)
+        assert math.isfinite(loss_fn.backward(model(x), y, shared_parameters=shared).item())
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dnn_cool_catalyst import balancing
+from dnn_cool_catalyst.interpreters.loss import local_means, stack_terms
 
 
 def _expected(buffers):
@@ -78,3 +79,35 @@ def test_state_dict_round_trip_and_determinism():
     fresh.load_state_dict(first.state_dict())  # the (T, 0) placeholder takes the saved D
     assert torch.equal(fresh.grad_buffer, first.grad_buffer) and torch.equal(fresh.steps, first.steps)
     assert torch.equal(run(fresh, steps[2:])[0], run(first, steps[2:])[0])
+
+
+def test_end_to_end_on_the_gated_flow(gated_flow, make_batch, shared_model):
+    flow = gated_flow()
+    model = shared_model(flow)
+    shared = list(model.backbone.parameters())
+    loss_fn = flow.get_loss(balancer=balancing.DBMTL())
+    x, y = make_batch([0, 0, 0, 0, 0], seed=3)  # value and tags absent
+    means, _ = local_means(stack_terms(loss_fn.terms(model(x), y)))
+    logs = torch.log(means[[0, 3]] + 1e-8)
+    grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(logs[i], shared, retain_graph=True)])
+                         for i in range(2)])
+    alpha, expected = _expected(0.1 * grads)  # the first step's buffers
+    head = list(model.flow.kind.parameters())
+    expected_head = torch.autograd.grad(logs[1], head, retain_graph=True)  # h = 1 on log(L + eps)
+    loss = loss_fn.backward(model(x), y, shared_parameters=shared)
+    assert loss.item() == pytest.approx(float(means.detach()[[0, 3]].sum()), rel=1e-6)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected, rtol=1e-5, atol=1e-7)
+    for p, e in zip(head, expected_head):
+        torch.testing.assert_close(p.grad, e)
+    b = loss_fn.balancer
+    assert b.steps.tolist() == [1, 0, 0, 1] and not b.grad_buffer[1:3].any()
+    for path in ("value", "tags"):
+        assert all(p.grad is None or not p.grad.any() for p in getattr(model.flow, path).parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for seed in range(4):
+        opt.zero_grad(set_to_none=True)
+        x, y = make_batch([seed % 2, 0, 1, int(seed % 3 == 0)], seed=seed)
+        assert math.isfinite(loss_fn.backward(model(x), y, shared_parameters=shared).item())
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    assert torch.isfinite(b.grad_buffer).all()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dnn_cool_catalyst import balancing
+from dnn_cool_catalyst.interpreters.loss import local_means, stack_terms
 
 
 def _gram(norms):
@@ -109,3 +110,37 @@ def test_state_dict_round_trip_and_determinism():
     fresh = balancing.GradNorm().bind(["a", "b"])
     fresh.load_state_dict(first.state_dict())
     assert torch.equal(run(fresh), run(first))
+
+
+def test_end_to_end_on_the_gated_flow(gated_flow, make_batch, shared_model):
+    flow = gated_flow()
+    model = shared_model(flow)
+    shared = list(model.backbone.parameters())
+    loss_fn = flow.get_loss(balancer=balancing.GradNorm())
+    opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.05)
+    for seed in range(3):  # every task present: L_t(0) recorded for all, weights moved by L_grad
+        opt.zero_grad(set_to_none=True)
+        x, y = make_batch([1, 0, 1, 0], seed=seed)
+        loss_fn.backward(model(x), y, shared_parameters=shared)
+        opt.step()
+    weights = [p.detach().clone() for p in loss_fn.parameters()]
+    assert any(abs(float(w) - 1.0) > 1e-6 for w in weights)
+    x, y = make_batch([0, 0, 0, 0, 0], seed=3)  # value and tags absent
+    means, _ = local_means(stack_terms(loss_fn.terms(model(x), y)))
+    present_w = torch.stack([weights[0], weights[3]])
+    w = present_w * 2 / present_w.sum()  # renormalised over the two present tasks
+    grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(means[t], shared, retain_graph=True)])
+                         for t in (0, 3)])
+    head = list(model.flow.kind.parameters())
+    expected_head = [w[1] * g for g in torch.autograd.grad(means[3], head, retain_graph=True)]
+    opt.zero_grad(set_to_none=True)
+    loss_fn.backward(model(x), y, shared_parameters=shared)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), w @ grads, rtol=1e-5, atol=1e-7)
+    for p, e in zip(head, expected_head):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+    b = loss_fn.balancer
+    assert b.task_weights[1].grad is None and b.task_weights[2].grad is None
+    assert b.task_weights[1].item() == float(weights[1]) and b.task_weights[2].item() == float(weights[2])
+    assert b.task_weights[0].grad is not None and torch.isfinite(b.task_weights[0].grad)
+    for path in ("value", "tags"):
+        assert all(p.grad is None or not p.grad.any() for p in getattr(model.flow, path).parameters())

@@ -6,6 +6,7 @@ import torch
 
 from dnn_cool_catalyst import balancing
 from dnn_cool_catalyst.balancing.imtl import impartial_weights
+from dnn_cool_catalyst.interpreters.loss import local_means, stack_terms
 
 
 def _weigh(grads, paths="abcd"):
@@ -90,3 +91,41 @@ def test_records_alpha_of_the_present_tasks_and_state_dict_round_trip():
     fresh = balancing.IMTL().bind(["a", "b", "c"])
     fresh.load_state_dict(b.state_dict())
     assert [p.item() for p in fresh.parameters()] == pytest.approx([0.0, 0.3, 0.0])
+
+
+def test_end_to_end_on_the_gated_flow(gated_flow, make_batch, shared_model):
+    flow = gated_flow()
+    model = shared_model(flow)
+    shared = list(model.backbone.parameters())
+    loss_fn = flow.get_loss(balancer=balancing.IMTL())
+    with torch.no_grad():
+        loss_fn.balancer.log_scales[0].fill_(0.2)
+        loss_fn.balancer.log_scales[3].fill_(-0.4)
+    x, y = make_batch([0, 0, 0, 0, 0], seed=3)  # value and tags absent
+    means, counts = local_means(stack_terms(loss_fn.terms(model(x), y)))
+    assert (counts > 0).tolist() == [True, False, False, True]
+    s = torch.tensor([0.2, -0.4])
+    scaled = s.exp() * means[[0, 3]] - s
+    grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(scaled[i], shared, retain_graph=True)])
+                         for i in range(2)]).double()
+    units = grads / grads.norm(dim=1, keepdim=True)
+    # two tasks: d = a g_1 + (1 - a) g_2 with equal projections on u_1 and u_2, solved on the vectors
+    a = float((grads[1] @ (units[1] - units[0])) / ((grads[0] - grads[1]) @ (units[0] - units[1])))
+    expected = a * grads[0] + (1 - a) * grads[1]
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn.backward(model(x), y, shared_parameters=shared)
+    assert loss.item() == pytest.approx(float(means.detach()[[0, 3]].sum()), rel=1e-6)
+    got = torch.cat([p.grad.reshape(-1) for p in shared]).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # float32 against float64 by hand
+    scales = loss_fn.balancer.log_scales
+    assert scales[0].grad.item() == pytest.approx(math.exp(0.2) * float(means.detach()[0]) - 1.0, rel=1e-5)
+    assert scales[1].grad is None and scales[2].grad is None  # absent: not in the graph
+    for path in ("value", "tags"):
+        assert all(p.grad is None or not p.grad.any() for p in getattr(model.flow, path).parameters())
+    opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1)
+    for seed in range(4):
+        opt.zero_grad(set_to_none=True)
+        x, y = make_batch([seed % 2, 0, 1, int(seed % 3 == 0)], seed=seed)
+        assert math.isfinite(loss_fn.backward(model(x), y, shared_parameters=shared).item())
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in [*model.parameters(), *loss_fn.parameters()])
+        opt.step()
