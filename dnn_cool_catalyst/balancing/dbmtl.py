@@ -1,4 +1,4 @@
-"""Dual-balancing multi-task learning (Lin, Ye, Xu, Shi & Zhang, 2023)."""
+"""Dual-balancing multi-task learning (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok, 2023)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -10,9 +10,9 @@ from .gradient import GradientBalancer
 
 
 class DBMTL(GradientBalancer):
-    """Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning" (arXiv:2308.12029, 2023),
-    with the defaults of the authors' code (LibMTL's DB_MTL): `beta=0.9`, `beta_sigma=0.5`,
-    `eps=1e-8`.
+    """Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok, "Dual-Balancing for Multi-Task Learning"
+    (arXiv:2308.12029, 2023), with the defaults of the authors' code (LibMTL's DB_MTL):
+    `beta=0.9`, `beta_sigma=0.5`, `eps=1e-8`.
 
     Loss-scale balancing (`transform`): every task is differentiated as `log(L_t + eps)`, so its
     gradient is `g_t = grad L_t / (L_t + eps)`; the heads get exactly that (`h_t = 1`).

@@ -26,7 +26,8 @@ class GradNorm(GradientBalancer):
     reaches the `w_t`, which are `loss_fn.parameters()` and step with the model's optimizer (the
     paper uses the same learning rate). At each training step the present tasks' weights are first
     renormalised to sum to P (the paper renormalises to the number of tasks after each step; here
-    the tasks of the step), in place.
+    the tasks of the step), in place; a weight driven below 0 (a large learning rate) is clipped
+    to 0 first, and weights that are all 0 start again from 1.
 
     With masks: `L_t(0)` is the task's loss at its first present training step; an absent task's
     weight is not in the step's graph (its `.grad` stays None), is not renormalised and its `L_t(0)`
