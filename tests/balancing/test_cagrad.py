@@ -60,6 +60,22 @@ def test_the_direction_maximises_the_worst_improvement_in_the_ball():
     assert h.tolist() == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_no_point_of_the_ball_beats_the_direction_for_three_tasks(seed):
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(3, 3, generator=g, dtype=torch.float64) + torch.tensor([[0.5, 0.0, 0.0]], dtype=torch.float64)
+    coef, _ = balancing.CAGrad(rescale=0).bind(["a", "b", "c"]).weigh(grads @ grads.T, torch.ones(3), torch.arange(3), True)
+    d = coef @ grads
+    g0 = grads.mean(0)
+    radius = 0.5 * float(g0.norm())
+    directions = torch.randn(200000, 3, generator=g, dtype=torch.float64)
+    # the sphere and the inside of the ball
+    points = g0 + radius * directions / directions.norm(dim=1, keepdim=True) * torch.rand(200000, 1, generator=g, dtype=torch.float64) ** (1 / 3)
+    points = torch.cat([points, g0 + radius * directions / directions.norm(dim=1, keepdim=True)])
+    assert float((d - g0).norm()) <= radius * (1 + 1e-9)
+    assert float((grads @ d).min()) >= float((points @ grads.T).min(1).values.max()) - 1e-9
+
+
 def test_rescale_and_a_single_task():
     grads = _gradients()
     gram = grads @ grads.T

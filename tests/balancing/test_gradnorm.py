@@ -144,3 +144,16 @@ def test_end_to_end_on_the_gated_flow(gated_flow, make_batch, shared_model):
     assert b.task_weights[0].grad is not None and torch.isfinite(b.task_weights[0].grad)
     for path in ("value", "tags"):
         assert all(p.grad is None or not p.grad.any() for p in getattr(model.flow, path).parameters())
+
+
+def test_a_negative_weight_is_clipped_before_renormalising():
+    b = balancing.GradNorm().bind(["a", "b"])
+    with torch.no_grad():
+        b.task_weights[0].fill_(-1.0)
+        b.task_weights[1].fill_(3.0)
+    c, _ = b.weigh(_gram([1.0, 1.0]), torch.ones(2), torch.arange(2), update=True)
+    assert c.tolist() == [0.0, 2.0] and [p.item() for p in b.parameters()] == [0.0, 2.0]
+    with torch.no_grad():
+        b.task_weights[1].fill_(-0.5)
+    c, _ = b.weigh(_gram([1.0, 1.0]), torch.ones(2), torch.arange(2), update=True)
+    assert c.tolist() == [1.0, 1.0]  # all clipped to 0: start again from 1
