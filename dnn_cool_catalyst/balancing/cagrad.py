@@ -78,7 +78,8 @@ def dual_weights(gram: Tensor, c: float, max_iter: int = 1000, tol: float = 1e-1
     n = gram.shape[0]
     w = np.full(n, 1.0 / n)
     scale = float(gram.mean())
-    if n == 1 or not scale > 0 or c == 0.0:  # one task, g_0 = 0, or the ball is a point: d = g_0
+    # one task, g_0 = 0, the ball is a point (d = g_0), or non-finite gradients (d is too, whatever w)
+    if n == 1 or not scale > 0 or c == 0.0 or not bool(torch.isfinite(gram).all()):
         return torch.from_numpy(w)
     a = gram.numpy() / scale
     ab = a.mean(1)  # A 1/P

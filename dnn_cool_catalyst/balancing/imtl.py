@@ -56,7 +56,8 @@ def impartial_weights(gram: Tensor) -> Tensor:
     `d = alpha @ G` has the same projection on every non-zero task gradient's unit vector."""
     n = gram.shape[0]
     norms = gram.diagonal().clamp_min(0.0).sqrt()
-    if not bool(norms.max() > 0):  # every gradient is 0: d = 0 whatever alpha
+    # every gradient 0 (d = 0 whatever alpha), or a non-finite one (d is too; no SVD of it)
+    if not bool(norms.max() > 0) or not bool(torch.isfinite(gram).all()):
         return torch.full((n,), 1.0 / n, dtype=gram.dtype)
     live = (norms > 1e-12 * norms.max()).nonzero().flatten()
     alpha = torch.zeros(n, dtype=gram.dtype)

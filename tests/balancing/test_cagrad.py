@@ -163,3 +163,9 @@ def test_end_to_end_the_backbone_descends_cagrads_direction_and_absent_heads_get
         assert math.isfinite(loss_fn.backward(model(x), y, shared_parameters=shared).item())
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
         opt.step()
+
+
+def test_non_finite_gradients_give_finite_coefficients_at_once():
+    grads = torch.tensor([[1.0, float("inf")], [0.5, 1.0]], dtype=torch.float64)
+    coef, _ = balancing.CAGrad().bind(["a", "b"]).weigh(grads @ grads.T, torch.ones(2), torch.arange(2), True)
+    assert coef.tolist() == pytest.approx([0.5 / 1.25, 0.5 / 1.25])  # d = g_0 (non-finite, as the gradients)

@@ -129,3 +129,8 @@ def test_end_to_end_on_the_gated_flow(gated_flow, make_batch, shared_model):
         assert math.isfinite(loss_fn.backward(model(x), y, shared_parameters=shared).item())
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in [*model.parameters(), *loss_fn.parameters()])
         opt.step()
+
+
+def test_non_finite_gradients_give_uniform_weights_not_an_svd_error():
+    grads = torch.tensor([[1.0, float("inf")], [0.5, 1.0]], dtype=torch.float64)
+    assert impartial_weights(grads @ grads.T).tolist() == [0.5, 0.5]
