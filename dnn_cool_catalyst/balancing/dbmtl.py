@@ -77,7 +77,8 @@ class DBMTL(GradientBalancer):
         # a fresh DBMTL has the (T, 0) placeholder: take the saved buffers' D
         key = prefix + "grad_buffer"
         saved = state_dict.get(key)
-        if saved is not None and self.grad_buffer.shape[1] == 0 and saved.dim() == 2 and saved.shape[0] == len(self.paths):
+        placeholder = self.grad_buffer.shape[1] == 0
+        if saved is not None and placeholder and saved.dim() == 2 and saved.shape[0] == len(self.paths):
             self.grad_buffer = torch.zeros_like(saved, device=self.grad_buffer.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

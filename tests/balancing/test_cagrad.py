@@ -45,7 +45,8 @@ def test_the_dual_matches_a_fine_grid_for_two_tasks(grads):
 def test_the_direction_maximises_the_worst_improvement_in_the_ball():
     grads = _gradients()
     c = 0.5
-    coef, h = balancing.CAGrad(c=c, rescale=0).bind(["a", "b"]).weigh(grads @ grads.T, torch.ones(2), torch.arange(2), True)
+    b = balancing.CAGrad(c=c, rescale=0).bind(["a", "b"])
+    coef, h = b.weigh(grads @ grads.T, torch.ones(2), torch.arange(2), True)
     d = coef @ grads
     g0 = grads.mean(0)
     radius = c * float(g0.norm())
@@ -64,14 +65,16 @@ def test_the_direction_maximises_the_worst_improvement_in_the_ball():
 def test_no_point_of_the_ball_beats_the_direction_for_three_tasks(seed):
     g = torch.Generator().manual_seed(seed)
     grads = torch.randn(3, 3, generator=g, dtype=torch.float64) + torch.tensor([[0.5, 0.0, 0.0]], dtype=torch.float64)
-    coef, _ = balancing.CAGrad(rescale=0).bind(["a", "b", "c"]).weigh(grads @ grads.T, torch.ones(3), torch.arange(3), True)
+    b = balancing.CAGrad(rescale=0).bind(["a", "b", "c"])
+    coef, _ = b.weigh(grads @ grads.T, torch.ones(3), torch.arange(3), True)
     d = coef @ grads
     g0 = grads.mean(0)
     radius = 0.5 * float(g0.norm())
     directions = torch.randn(200000, 3, generator=g, dtype=torch.float64)
-    # the sphere and the inside of the ball
-    points = g0 + radius * directions / directions.norm(dim=1, keepdim=True) * torch.rand(200000, 1, generator=g, dtype=torch.float64) ** (1 / 3)
-    points = torch.cat([points, g0 + radius * directions / directions.norm(dim=1, keepdim=True)])
+    sphere = g0 + radius * directions / directions.norm(dim=1, keepdim=True)
+    # the sphere and the inside of the ball (uniform in volume)
+    inside = g0 + (sphere - g0) * torch.rand(200000, 1, generator=g, dtype=torch.float64) ** (1 / 3)
+    points = torch.cat([sphere, inside])
     assert float((d - g0).norm()) <= radius * (1 + 1e-9)
     assert float((grads @ d).min()) >= float((points @ grads.T).min(1).values.max()) - 1e-9
 

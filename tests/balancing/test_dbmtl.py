@@ -68,7 +68,8 @@ def test_outside_training_and_a_changed_parameter_size():
 
 def test_state_dict_round_trip_and_determinism():
     torch.manual_seed(0)
-    steps = [(torch.randn(2, 6), torch.tensor([0, 2])), (torch.randn(3, 6), torch.arange(3)), (torch.randn(1, 6), torch.tensor([1]))]
+    steps = [(torch.randn(2, 6), torch.tensor([0, 2])), (torch.randn(3, 6), torch.arange(3)),
+             (torch.randn(1, 6), torch.tensor([1]))]
 
     def run(b, todo):
         return [b.direction(g, torch.ones(len(i)), i, update=True)[0] for g, i in todo]

@@ -42,7 +42,8 @@ def test_gradient_loss_against_hand_computation_and_finite_differences():
     aux.backward()
     got = torch.stack([p.grad for p in b.task_weights]).double()
     step = 1e-6
-    numeric = torch.tensor([(l_grad(w + step * e) - l_grad(w - step * e)) / (2 * step) for e in torch.eye(3, dtype=torch.float64)])
+    numeric = torch.tensor([(l_grad(w + step * e) - l_grad(w - step * e)) / (2 * step)
+                            for e in torch.eye(3, dtype=torch.float64)])
     assert got.tolist() == pytest.approx(numeric.tolist(), rel=1e-5)
     # b is behind: its gradient norm is below its target, so L_grad raises its weight
     assert got[1] < 0
