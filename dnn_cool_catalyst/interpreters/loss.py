@@ -407,7 +407,9 @@ class BalancedFlowLoss(FlowLoss):
         the shared parameters receive exactly `d` (their gradient from the heads' term plus
         `delta`), head `t` `h_t dT'_t`, the method's parameters their `transform`/`auxiliary_loss`
         gradients, and absent heads exactly 0 while staying in the graph (DDP needs no
-        `find_unused_parameters`). A step without any present task is exactly 0."""
+        `find_unused_parameters`). A parameter neither shared nor a head's (left out of
+        `shared_parameters`) gets the heads' weighting, `sum_t h_t dT'_t`. A step without any
+        present task is exactly 0."""
         balancer = self.balancer
         where, idx = present_index(present, losses.device)
         if not where:

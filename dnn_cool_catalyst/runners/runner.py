@@ -277,6 +277,8 @@ class FlowRunner(dl.Runner):
     def on_experiment_start(self, runner: Any) -> None:
         super().on_experiment_start(runner)  # builds the components and the callbacks
         self._loss_step = loss_step(self.criterion if self.criterion is not None else self._kept_criterion)
+        if isinstance(self.model, BalancedDataParallel):
+            self.model.reducer.explain = max(self.model.reducer.explain, self._samples_to_explain())
         if isinstance(self.balancer, GradientBalancer) and not self._evaluating:
             self._share_parameters()
 
@@ -300,8 +302,6 @@ class FlowRunner(dl.Runner):
                              f"parameter is in a flow module): give a model with a shared backbone computing the "
                              f"features the heads read, pass shared_parameters=..., or use a loss-weighting method")
         self.flow_loss.shared_parameters = shared
-        if isinstance(self.model, BalancedDataParallel):
-            self.model.reducer.explain = max(self.model.reducer.explain, self._samples_to_explain())
 
     def _samples_to_explain(self) -> int:
         """How many samples (the lowest dataset indices) the run's `InterpretationCallback`s explain
