@@ -9,8 +9,9 @@
 the others have none); move `loss_fn` to the model's device. DynamicWeightAverage works on epoch means:
 call `loss_fn.balancer.epoch_end()` after each training epoch (or give it `period=`).
 
-Gradient methods (`GradientBalancer`: PCGrad, MGDA) combine the tasks' gradients: give the shared
-parameters (`loss_fn.backward(outputs, targets, shared_parameters=model.backbone.parameters())`, or
+Gradient methods (`GradientBalancer`: PCGrad, MGDA, CAGrad, IMTL, GradNorm, DBMTL) combine the
+tasks' gradients: give the shared parameters
+(`loss_fn.backward(outputs, targets, shared_parameters=model.backbone.parameters())`, or
 `loss_fn.shared_parameters = ...` once), or choose `representation=True` (gradients with respect to
 the features the heads read; no shared parameters needed). See `gradient` and
 `interpreters.loss.BalancedFlowLoss.gradient_step`.
