@@ -9,18 +9,31 @@
 the others have none); move `loss_fn` to the model's device. DynamicWeightAverage works on epoch means:
 call `loss_fn.balancer.epoch_end()` after each training epoch (or give it `period=`).
 
+Gradient methods (`GradientBalancer`: PCGrad, MGDA, CAGrad, IMTL, GradNorm, DBMTL) combine the
+tasks' gradients: give the shared parameters
+(`loss_fn.backward(outputs, targets, shared_parameters=model.backbone.parameters())`, or
+`loss_fn.shared_parameters = ...` once), or choose `representation=True` (gradients with respect to
+the features the heads read; no shared parameters needed). See `gradient` and
+`interpreters.loss.BalancedFlowLoss.gradient_step`.
+
 A task whose `S_t` is empty in a step (over all ranks) takes no part in it: no term, a zero gradient
 for its head, no update of its learned weight or history (`base.Balancer`). Each method is one file
 citing its paper, with the paper's defaults. Core: no Catalyst import.
 """
 from .base import Balancer
+from .cagrad import CAGrad
+from .dbmtl import DBMTL
 from .dwa import DynamicWeightAverage
 from .equal import EqualWeighting
 from .famo import FAMO
 from .gls import GeometricLossStrategy
 from .gradient import GradientBalancer
+from .gradnorm import GradNorm
+from .imtl import IMTL
+from .mgda import MGDA
+from .pcgrad import PCGrad
 from .rlw import RandomLossWeighting
 from .uncertainty import UncertaintyWeighting
 
 __all__ = ["Balancer", "GradientBalancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
-           "GeometricLossStrategy", "FAMO"]
+           "GeometricLossStrategy", "FAMO", "PCGrad", "MGDA", "CAGrad", "IMTL", "GradNorm", "DBMTL"]

@@ -329,7 +329,32 @@ rank, world, store, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
 
 
-def train(name, world, rank, distributed):
+class GramProbe(balancing.GradientBalancer):
+    """Weights that depend on the gradients' scale (the methods' own may not: MGDA, PCGrad), so
+    that the global Gram matrix's scale is checked too."""
+
+    def weigh(self, gram, losses, index, update):
+        c = (1.0 / (1.0 + gram.diagonal().sqrt())).to(losses.dtype)
+        self._record(index, c)
+        return c, c.flip(0)
+
+
+def methods():
+    """Every concrete method of balancing.__all__ (gradient methods also in their representation
+    variant), by the key the test reads: the name, or "<name>-representation"; and GramProbe."""
+    found = {"GramProbe": (GramProbe, {}), "GramProbe-representation": (GramProbe, {"representation": True})}
+    for name in balancing.__all__:
+        cls = getattr(balancing, name)
+        if cls in (balancing.Balancer, balancing.GradientBalancer):
+            continue
+        options = {"period": 1} if name == "DynamicWeightAverage" else {}  # weights that move within 3 steps
+        found[name] = (cls, options)
+        if issubclass(cls, balancing.GradientBalancer) and cls.supports_representation:
+            found[name + "-representation"] = (cls, {"representation": True})
+    return found
+
+
+def train(cls, options, world, rank, distributed):
     torch.manual_seed(0)
     tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)),
                        dcc.BoundedRegressionTask("value", nn.Linear(3, 1)),
@@ -342,10 +367,11 @@ def train(name, world, rank, distributed):
         out += flow.kind(x.f) | ~out.gate
         return out
 
-    model = full.torch()
-    options = {"period": 1} if name == "DynamicWeightAverage" else {}  # weights that move within 3 steps
-    loss_fn = full.get_loss(balancer=getattr(balancing, name)(**options), distributed=distributed)
-    opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1)
+    heads, backbone = full.torch(), nn.Linear(3, 3)  # the backbone: what the gradient methods balance
+    model = lambda x: heads({"f": torch.tanh(backbone(x["f"])), "gt": x["gt"]})
+    params = [*backbone.parameters(), *heads.parameters()]
+    loss_fn = full.get_loss(balancer=cls(**options), distributed=distributed)
+    opt = torch.optim.SGD([*params, *loss_fn.parameters()], lr=0.1)
     for step in range(3):
         g = torch.Generator().manual_seed(step)
         gate = torch.tensor([1, 1, 0, 1, 0, 0, 0, 0], dtype=torch.float32)  # rank 1 of 2: no sample of value
@@ -357,41 +383,65 @@ def train(name, world, rank, distributed):
         xs = {"f": x["f"][shard], "gt": {"gate": gate[shard]}}
         ys = {k: v[shard] for k, v in y.items()}
         opt.zero_grad(set_to_none=True)
-        loss_fn.backward(model(xs), ys)
-        for p in model.parameters():  # what DDP does: the mean of the ranks' gradients
+        loss_fn.backward(model(xs), ys, shared_parameters=backbone.parameters())
+        for p in params:  # what DDP does: the mean of the ranks' gradients
             if world > 1:
                 dist.all_reduce(p.grad)
                 p.grad /= world
         opt.step()
-    return [p.detach().reshape(-1).tolist() for p in [*model.parameters(), *loss_fn.parameters()]]
+    return [p.detach().reshape(-1).tolist() for p in [*params, *loss_fn.parameters()]]
 
 
-names = ["EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
-         "GeometricLossStrategy", "FAMO"]
+found = methods()
 # rank 0 also trains alone on the whole batch (distributed=False: no collective), the reference
-result = {"ddp": {n: train(n, world, rank, True) for n in names},
-          "one": {n: train(n, 1, 0, False) for n in names} if rank == 0 else {}}
+result = {"ddp": {k: train(*m, world, rank, True) for k, m in found.items()},
+          "one": {k: train(*m, 1, 0, False) for k, m in found.items()} if rank == 0 else {}}
 with open(out, "w") as f:
     json.dump(result, f)
 '''
 
 
-def test_balanced_loss_under_ddp_gives_the_one_process_update(tmp_path):
+def _every_method():
+    """The keys of the worker's `methods()`: every concrete method of `balancing.__all__`, gradient
+    methods also as "<name>-representation" where they have that variant."""
+    from dnn_cool_catalyst import balancing
+
+    keys = ["GramProbe", "GramProbe-representation"]  # the worker's own probe of the Gram matrix's scale
+    for name in balancing.__all__:
+        cls = getattr(balancing, name)
+        if cls in (balancing.Balancer, balancing.GradientBalancer):
+            continue
+        keys.append(name)
+        if issubclass(cls, balancing.GradientBalancer) and cls.supports_representation:
+            keys.append(name + "-representation")
+    return keys
+
+
+@pytest.fixture(scope="module")
+def balanced_ddp_runs(tmp_path_factory):
+    """One spawn of 2 gloo processes training every method (DDP), and rank 0 alone as the reference."""
     import json
     import os
     import subprocess
     import sys
 
+    tmp_path = tmp_path_factory.mktemp("balanced_ddp")
     worker = tmp_path / "worker.py"
     worker.write_text(_BALANCED_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
     procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(tmp_path / "store"),
                                str(tmp_path / f"out{r}.json")], env=env) for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    ranks = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(2)]
-    for name, params in ranks[0]["one"].items():
-        for r in range(2):
-            for a, b in zip(params, ranks[r]["ddp"][name]):
-                # float32 sums taken in another order on two processes: rounding only
-                np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{name}, rank {r}")
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    return [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("key", _every_method())
+def test_balanced_loss_under_ddp_gives_the_one_process_update(key, balanced_ddp_runs):
+    ranks = balanced_ddp_runs
+    assert set(ranks[0]["one"]) == set(_every_method())
+    params = ranks[0]["one"][key]
+    for r in range(2):
+        for a, b in zip(params, ranks[r]["ddp"][key]):
+            # float32 sums (and all-reduced gradient matrices) taken in another order on two
+            # processes: rounding only
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{key}, rank {r}")
