@@ -10,7 +10,7 @@ from .base import Balancer, nothing_present, present_index
 
 
 class RandomLossWeighting(Balancer):
-    """Lin, Ye, Xu, Shi, Zhang & Kwok, "Reasonable Effectiveness of Random Weighting: A Litmus Test
+    """Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus Test
     for Multi-Task Learning", TMLR 2022 (arXiv:2111.10603, 2021), RLW with the normal distribution:
 
         eps ~ N(0, I_K),   lambda = softmax(eps),   loss = sum_t lambda_t * L_t
