@@ -295,6 +295,12 @@ class InterpretationCallback(Callback):
     Dataset indices come from `X["index"]` (`flow.get_dataset` adds it by default), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
 
+    A loader that mixes sources (`MixedDataset`, batches with `X["source"]`): the samples of all
+    sources are ranked together (a sample is its source and its index there, `MixedIds`),
+    `dataset_index` is the index within the source and the mixed dataset's `describe` adds the
+    `source` column (CSV, tables, captions); the first `explain` samples of each source are
+    explained as `explanations/<source>/sample_<index>`, inputs read from the source's dataset.
+
     Batches reduced inside DataParallel replicas (`runners.balance`) bring their per-sample
     losses (`"per_sample_loss"`) and the logits of the samples to explain (`"explain"`, only with
     `X["index"]`) instead of full outputs. Under DDP, the losses of all processes are ranked
