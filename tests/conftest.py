@@ -115,85 +115,21 @@ def nested_kind_flow():
     return make
 
 
-def _missing_like(v):
-    """All-missing labels of the same shape and kind (NaN for floats, -1 for class indices)."""
-    v = np.asarray(v)
-    return np.full(v.shape, np.nan, dtype=v.dtype) if v.dtype.kind == "f" else np.full(v.shape, -1, dtype=v.dtype)
-
-
-class FakeMixedLoader:
-    """Batches of a `FakeMixed` in its `order`, each with `X["source"]`; `.dataset` is the mix."""
-
-    def __init__(self, dataset, batch_size):
-        self.dataset, self.batch_size = dataset, batch_size
-
-    def __iter__(self):
-        from dnn_cool_catalyst.keys import SOURCE
-
-        order = self.dataset.order
-        for start in range(0, len(order), self.batch_size):
-            pairs = order[start:start + self.batch_size]
-            parts = []
-            for position, name in enumerate(self.dataset.source_names):
-                rows = [i for s, i in pairs if s == position]
-                if rows:
-                    x, y = self.dataset.sources[name][rows]
-                    x[SOURCE] = torch.full((len(rows),), position, dtype=torch.int64)
-                    parts.append((x, y))
-            yield _cat([p[0] for p in parts]), _cat([p[1] for p in parts])
-
-    def __len__(self):
-        return -(-len(self.dataset.order) // self.batch_size)
-
-
-def _cat(items):
-    if isinstance(items[0], dict):
-        return {k: _cat([i[k] for i in items]) for k in items[0]}
-    return torch.cat(items)
-
-
-class FakeMixed:
-    """What the callbacks and `evaluate` read of a `MixedDataset` (`source_names`, `sources`,
-    `labelled_paths(name)`, `describe(position, index)`), over `FlowDataset`s whose unlabelled tasks
-    hold only missing labels; the samples in a fixed shuffled `order` of `(position, index)`."""
-
-    def __init__(self, sources, labelled, seed=0):
-        self.sources = dict(sources)
-        self.source_names = tuple(self.sources)
-        self._labelled = {k: frozenset(v) for k, v in labelled.items()}
-        pairs = [(p, i) for p, name in enumerate(self.source_names) for i in range(len(self.sources[name]))]
-        perm = np.random.default_rng(seed).permutation(len(pairs))
-        self.order = [pairs[k] for k in perm]
-
-    def labelled_paths(self, name):
-        return self._labelled[name]
-
-    def describe(self, position, index):
-        name = self.source_names[position]
-        return {**self.sources[name].describe(index), "source": name}
-
-    def __len__(self):
-        return len(self.order)
-
-    def loader(self, batch_size):
-        return FakeMixedLoader(self, batch_size)
-
-
 def make_two_security_sources(flow, n_a=70, n_b=50, seed=5):
-    """A `FakeMixed` of the story's flow (8 features) over two sources: "door_cam" labels the door
-    tasks only, "people" the person tasks only (its door labels missing)."""
+    """A proportional `MixedDataset` of the story's flow (8 features) over two sources: "door_cam"
+    labels the door tasks only, "people" the person tasks only (`partial=True`); samples named
+    `row = "<source>-<index>"`. Its loader gives every sample once per epoch, sources interleaved."""
     rng = np.random.default_rng(seed)
     door = {"camera_blocked", "door_open", "door_locked"}
-    datasets, labelled = {}, {}
+    datasets = {}
     for name, n, keep in (("door_cam", n_a, door), ("people", n_b, set(flow.graph.paths) - door)):
         labels = security_labels(n, seed=seed + n, missing_rate=0.1)
         if name == "people":  # its door labels are missing (unknown preconditions): every sample counts
             labels["person_present"] = (rng.random(n) < 0.7).astype(np.float32)
-        labels = {p: (v if p in keep else _missing_like(v)) for p, v in labels.items()}
         x = {"features": rng.normal(size=(n, 8)).astype(np.float32)}
-        datasets[name] = flow.get_dataset(x, labels).name_samples(row=[f"{name}-{i}" for i in range(n)])
-        labelled[name] = keep
-    return FakeMixed(datasets, labelled, seed=seed)
+        ds = flow.get_dataset(x, {p: v for p, v in labels.items() if p in keep}, partial=True)
+        datasets[name] = ds.name_samples(row=[f"{name}-{i}" for i in range(n)])
+    return dcc.MixedDataset(datasets, seed=seed)
 
 
 @pytest.fixture
