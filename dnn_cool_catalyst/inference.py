@@ -31,16 +31,28 @@ PRECONDITIONS = ("predicted", "gt")
 SourceLayout = Tuple[Tuple[str, FrozenSet[str]], ...]
 
 
+def mixed_dataset(loader: Any) -> Optional[Any]:
+    """The dataset that mixes sources behind `loader` (a `MixedDataset`, told by its
+    `source_names`), looked up through wrappers that keep their dataset in `.dataset` (accelerate's
+    loaders, the runner's batch fetching); None for any other loader."""
+    obj, seen = getattr(loader, "dataset", None), set()
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        if getattr(obj, "source_names", None) is not None:
+            return obj
+        obj = getattr(obj, "dataset", None)
+    return None
+
+
 def mixed_sources(loader: Any) -> Optional[SourceLayout]:
-    """The sources of a loader whose dataset mixes several (a `MixedDataset`, told by its
-    `source_names`): `((name, frozenset of the task paths the source labels), ...)`, position
-    order, so that `layout[X["source"][i]]` is sample i's source. None for any other loader (a
-    plain dataset, a list of batches): per-source results then cost nothing."""
-    dataset = getattr(loader, "dataset", None)
-    names = getattr(dataset, "source_names", None)
-    if names is None:
+    """The sources of a loader whose dataset mixes several (`mixed_dataset`):
+    `((name, frozenset of the task paths the source labels), ...)`, position order, so that
+    `layout[X["source"][i]]` is sample i's source. None for any other loader (a plain dataset, a
+    list of batches): per-source results then cost nothing."""
+    dataset = mixed_dataset(loader)
+    if dataset is None:
         return None
-    return tuple((str(name), frozenset(dataset.labelled_paths(name))) for name in names)
+    return tuple((str(name), frozenset(dataset.labelled_paths(name))) for name in dataset.source_names)
 
 
 @torch.no_grad()

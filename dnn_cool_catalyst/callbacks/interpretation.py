@@ -17,6 +17,7 @@ from catalyst.core.callback import Callback
 from torch import Tensor
 
 from ..distributed import is_main_process, world_size
+from ..inference import mixed_dataset
 from ..keys import ACTIVATED, EXPLAIN, GT, INDEX, LOGITS, MASK, PER_SAMPLE_LOSS, SOURCE
 from .batch import ChunkBuffer, SampleIndexer, labelled_batch
 from .common import loader_selected, resolve_callback_flow, resolve_logdir
@@ -207,9 +208,9 @@ class MixedIds:
 
     @classmethod
     def of(cls, loader: Any) -> Optional["MixedIds"]:
-        """For a loader whose dataset has `source_names` (duck typing); None for any other."""
-        dataset = getattr(loader, "dataset", None)
-        return cls(dataset) if getattr(dataset, "source_names", None) is not None else None
+        """For a loader over a dataset that mixes sources (`inference.mixed_dataset`); None for any other."""
+        dataset = mixed_dataset(loader)
+        return cls(dataset) if dataset is not None else None
 
     def ids(self, sources: Any, index: Tensor, loader_key: str) -> Tensor:
         """Global ids of a batch's samples from its `X["source"]` and dataset indices."""
