@@ -77,6 +77,27 @@ def test_batches_carry_source_index_and_each_source_s_own_rows(sources):
     assert mixed.loader(batch_size=8).dataset is mixed
 
 
+def test_keys_in_any_order_come_back_in_that_order_also_for_lazy_inputs():
+    """The loader's batches list their keys sorted (grouped by source); any other order asked
+    directly is kept, also for inputs that are sequences (read item by item, not stacked)."""
+    flow = _tags_flow(2)
+    sources = {}
+    for name, n in (("p", 5), ("q", 7)):
+        f = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + (100 if name == "q" else 0)
+        sources[name] = flow.get_dataset({"f": f, "names": [f"{name}{i}" for i in range(n)]},
+                                         {"gate": np.ones(n), "tags": np.full((n, 2), np.nan)})
+    mixed = dcc.MixedDataset(sources)
+    asked = [mixed.key(1, 6), mixed.key(0, 0), mixed.key(1, 2), mixed.key(0, 4), mixed.key(0, 1)]
+    x, y = mixed[asked]
+    assert x["names"] == ["q6", "p0", "q2", "p4", "p1"]
+    assert x["source"].tolist() == [1, 0, 1, 0, 0] and x["index"].tolist() == [6, 0, 2, 4, 1]
+    assert torch.equal(x["f"][:, 0], torch.tensor([118.0, 0.0, 106.0, 12.0, 3.0]))
+    assert y["tags"].shape == (5, 2) and torch.isnan(y["tags"]).all()
+    assert torch.equal(mixed[torch.tensor(asked)][0]["index"], x["index"])  # a tensor of keys too
+    with pytest.raises(IndexError, match="out of range"):
+        mixed[[-1]]
+
+
 def test_every_proportional_epoch_is_each_sample_once_in_a_new_order(sources):
     mixed = dcc.MixedDataset(sources, seed=3)
     epochs = [mixed.epoch_keys(e).tolist() for e in range(4)]
