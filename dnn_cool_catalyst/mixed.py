@@ -13,7 +13,8 @@ so every process of a DDP run draws the same epoch):
   randomized rounding of the fractions);
 - within a source, samples come from an endless stream of permutations (without replacement until
   the source is exhausted, then reshuffled); each epoch continues the stream where the previous
-  one stopped, so a large source shows every sample before any repeats, over several epochs;
+  one stopped, so a large source shows every sample before any repeats, over several epochs
+  (and a smaller share of it per epoch never favours the same samples);
 - the sources' samples are interleaved in a random order (a new one each epoch).
 
 With `sampling="proportional"` and the default `epoch_size` an epoch is thus every sample of every
@@ -241,14 +242,20 @@ class MixedDataset(Dataset):
         return known[epoch]
 
     def _stream(self, s: int, seed: int, start: int, stop: int) -> np.ndarray:
-        """Positions `[start, stop)` of source `s`'s endless stream of permutations (cycle k is a
-        permutation seeded by `(seed, s, k)`): without replacement until exhausted, then reshuffled."""
+        """Positions `[start, stop)` of source `s`'s endless stream of permutations of its indices:
+        without replacement until exhausted, then reshuffled. The permutations come in blocks of
+        `_cycles_per_block(n)` (block b: one generator seeded by `(seed, s, b)`, one row per
+        permutation), so that a small source drawn many times per epoch costs one generator per
+        block, not one per permutation."""
         n = int(self.sizes[s])
+        per_block = _cycles_per_block(n) * n
         out = []
-        for cycle in range(start // n, (stop - 1) // n + 1):
-            perm = np.random.default_rng([seed, _PERMUTATION, s, cycle]).permutation(n)
-            lo, hi = max(start - cycle * n, 0), min(stop - cycle * n, n)
-            out.append(perm[lo:hi])
+        for block in range(start // per_block, (stop - 1) // per_block + 1):
+            rng = np.random.default_rng([seed, _PERMUTATION, s, block])
+            cycles = _cycles_per_block(n)
+            perms = rng.permuted(np.tile(np.arange(n, dtype=np.int64), (cycles, 1)), axis=1).reshape(-1)
+            lo, hi = max(start - block * per_block, 0), min(stop - block * per_block, per_block)
+            out.append(perms[lo:hi])
         return np.concatenate(out)
 
     # Loading ----------------------------------------------------------------------------------------
@@ -434,6 +441,11 @@ def _weights(names: Sequence[str], sizes: np.ndarray, sampling: Sampling, temper
     if sum(w) <= 0:
         raise ValueError("MixedDataset: every sampling weight is 0; give at least one source a positive weight")
     return np.array(w, dtype=np.float64)
+
+
+def _cycles_per_block(n: int) -> int:
+    """Permutations of an `n`-sample source drawn from one generator: about 64k indices a block."""
+    return max(1, (1 << 16) // n)
 
 
 def _positive_int(value: Any, name: str) -> int:
