@@ -13,7 +13,8 @@ so every process of a DDP run draws the same epoch):
   randomized rounding of the fractions);
 - within a source, samples come from an endless stream of permutations (without replacement until
   the source is exhausted, then reshuffled); each epoch continues the stream where the previous
-  one stopped, so a large source shows every sample before any repeats, over several epochs;
+  one stopped, so a large source shows every sample before any repeats, over several epochs
+  (and a smaller share of it per epoch never favours the same samples);
 - the sources' samples are interleaved in a random order (a new one each epoch).
 
 With `sampling="proportional"` and the default `epoch_size` an epoch is thus every sample of every
@@ -36,7 +37,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from . import distributed as dist_info
 from .errors import InputError, LabelError, capped, did_you_mean
-from .interpreters.dataset import FlowDataset, _index_tensor
+from .graph import FlowGraph
+from .interpreters.dataset import FlowDataset, _take
 from .keys import GT, INDEX, SOURCE
 
 SAMPLING_MODES = ("proportional", "uniform", "temperature")
@@ -86,10 +88,14 @@ class MixedDataset(Dataset):
         _check_same_flow(self.sources)
         _check_inputs(self.sources)
         _check_labels(self.sources)
-        self.graph = next(iter(self.sources.values())).graph
+        self.graph: FlowGraph = next(iter(self.sources.values())).graph
         self.sizes = np.array([len(ds) for ds in self.sources.values()], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        self._offsets_t = torch.from_numpy(self.offsets)
+        # Every source's labels in one table, indexed by key: one gather per task and batch, whatever the
+        # number of sources in it (labels are small next to the inputs, which stay with their source).
+        self._labels: Dict[str, Tensor] = {p: torch.cat([ds.labels[p] for ds in self.sources.values()])
+                                           for p in self.graph.paths}
+        self._gt_paths = tuple(self.graph.condition_paths)
         self.sampling = sampling if isinstance(sampling, str) else dict(sampling)
         self.temperature = temperature
         self._weights = _weights(self.source_names, self.sizes, sampling, temperature)
@@ -128,10 +134,11 @@ class MixedDataset(Dataset):
             x, y = self.sources[self.source_names[pos]][i]
             x[INDEX], x[SOURCE] = torch.tensor(i, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
             return x, y
-        keys = _index_tensor(key)
-        if keys.dim() != 1:
-            raise IndexError(f"MixedDataset takes an int key or a 1-D sequence of keys, got shape {tuple(keys.shape)}")
-        return self._batch(keys)
+        keys = key.detach().cpu().numpy() if isinstance(key, Tensor) else np.asarray(key)
+        if keys.ndim != 1 or not (keys.dtype.kind in "iu" or keys.size == 0):
+            raise IndexError(f"MixedDataset takes an int key or a 1-D sequence of int keys, got {keys.dtype} of "
+                             f"shape {keys.shape}")
+        return self._batch(keys.astype(np.int64, copy=False))
 
     def _locate_one(self, key: int) -> Tuple[int, int]:
         if not 0 <= key < self.offsets[-1]:
@@ -139,29 +146,39 @@ class MixedDataset(Dataset):
         pos = int(np.searchsorted(self.offsets, key, side="right")) - 1
         return pos, key - int(self.offsets[pos])
 
-    def _batch(self, keys: Tensor):
-        if keys.numel():
-            lo, hi = (int(v) for v in torch.aminmax(keys))
-            if lo < 0 or hi >= self.offsets[-1]:
-                raise IndexError(f"keys from {lo} to {hi} out of range for a mixture of {int(self.offsets[-1])} samples")
-        pos = torch.searchsorted(self._offsets_t[1:], keys, right=True)
-        local = keys - self._offsets_t.index_select(0, pos)
-        present = torch.unique(pos).tolist()
-        if len(present) == 1:  # one source: no regrouping
-            x, y = self.sources[self.source_names[present[0]]]._batch(local)
-        else:
-            order = torch.argsort(pos, stable=True)
-            counts = torch.bincount(pos, minlength=len(self.source_names))
+    def _batch(self, keys: np.ndarray):
+        # The bookkeeping on a batch's 256 keys is done in numpy (microseconds, where a torch op
+        # on so small a tensor costs tens): only the gathers are torch ops.
+        if keys.size and (keys.min() < 0 or keys.max() >= self.offsets[-1]):
+            raise IndexError(f"keys from {keys.min()} to {keys.max()} out of range for a mixture of "
+                             f"{int(self.offsets[-1])} samples")
+        pos = np.searchsorted(self.offsets[1:], keys, side="right")
+        local = keys - self.offsets[pos]
+        counts = np.bincount(pos, minlength=len(self.source_names))
+        present = np.flatnonzero(counts).tolist()
+        if len(present) == 1:  # one source: its inputs as they are
+            source = self.sources[self.source_names[present[0]]]
+            x = {k: _take(v, torch.from_numpy(local), k) for k, v in source.inputs.items()}
+        else:  # one fetch per source, joined (and put back in the order asked when it was not grouped)
+            grouped = bool(np.all(pos[1:] >= pos[:-1]))  # the loader's batches are (sorted keys)
+            order = None if grouped else np.argsort(pos, kind="stable")
+            rows = local if order is None else local[order]
             parts, start = [], 0
             for p in present:
-                rows = order[start:start + int(counts[p])]
-                start += int(counts[p])
-                parts.append((self.source_names[p], self.sources[self.source_names[p]]._batch(local.index_select(0, rows))))
-            back = torch.empty_like(order)
-            back[order] = torch.arange(len(order))  # grouped position of each asked key
-            x = _concat([part[0] for _, part in parts], back, [n for n, _ in parts], "X")
-            y = _concat([part[1] for _, part in parts], back, [n for n, _ in parts], "y")
-        x[INDEX], x[SOURCE] = local, pos
+                chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + counts[p]]))
+                start += counts[p]
+                parts.append({k: _take(v, chunk, k) for k, v in self.sources[self.source_names[p]].inputs.items()})
+            back = None
+            if order is not None:
+                back = np.empty_like(order)
+                back[order] = np.arange(len(order))  # where each asked key sits among the joined rows
+                back = torch.from_numpy(back)
+            x = _concat(parts, back, [self.source_names[p] for p in present], "input")
+        # labels (small) from one table over all sources: one gather per task, as FlowDataset
+        flat = torch.from_numpy(keys)
+        x[GT] = {p: self._labels[p].index_select(0, flat) for p in self._gt_paths}
+        x[INDEX], x[SOURCE] = torch.from_numpy(local), torch.from_numpy(pos.astype(np.int64, copy=False))
+        y = {p: t.index_select(0, flat) for p, t in self._labels.items()}
         return x, y
 
     # Sampling ---------------------------------------------------------------------------------------
@@ -225,14 +242,20 @@ class MixedDataset(Dataset):
         return known[epoch]
 
     def _stream(self, s: int, seed: int, start: int, stop: int) -> np.ndarray:
-        """Positions `[start, stop)` of source `s`'s endless stream of permutations (cycle k is a
-        permutation seeded by `(seed, s, k)`): without replacement until exhausted, then reshuffled."""
+        """Positions `[start, stop)` of source `s`'s endless stream of permutations of its indices:
+        without replacement until exhausted, then reshuffled. The permutations come in blocks of
+        `_cycles_per_block(n)` (block b: one generator seeded by `(seed, s, b)`, one row per
+        permutation), so that a small source drawn many times per epoch costs one generator per
+        block, not one per permutation."""
         n = int(self.sizes[s])
+        per_block = _cycles_per_block(n) * n
         out = []
-        for cycle in range(start // n, (stop - 1) // n + 1):
-            perm = np.random.default_rng([seed, _PERMUTATION, s, cycle]).permutation(n)
-            lo, hi = max(start - cycle * n, 0), min(stop - cycle * n, n)
-            out.append(perm[lo:hi])
+        for block in range(start // per_block, (stop - 1) // per_block + 1):
+            rng = np.random.default_rng([seed, _PERMUTATION, s, block])
+            cycles = _cycles_per_block(n)
+            perms = rng.permuted(np.tile(np.arange(n, dtype=np.int64), (cycles, 1)), axis=1).reshape(-1)
+            lo, hi = max(start - block * per_block, 0), min(stop - block * per_block, per_block)
+            out.append(perms[lo:hi])
         return np.concatenate(out)
 
     # Loading ----------------------------------------------------------------------------------------
@@ -253,7 +276,7 @@ class MixedDataset(Dataset):
         the same mixture and have the same number of steps. Never both: that would shard twice.
         """
         sampler = MixedSampler(self, seed=seed, distributed=distributed, drop_last=drop_last)
-        return DataLoader(self, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None, **kwargs)
+        return DataLoader(self, sampler=_SortedBatchSampler(sampler, batch_size, drop_last), batch_size=None, **kwargs)
 
     def _name(self, source_name: str) -> str:
         if source_name not in self.sources:
@@ -301,6 +324,18 @@ class MixedSampler(Sampler):
                 keys = torch.cat([keys, keys.repeat(-(-pad // len(keys)))[:pad]])
             keys = keys[rank::world]
         return iter(keys.tolist())
+
+
+class _SortedBatchSampler(BatchSampler):
+    """`BatchSampler` whose batches list their keys in increasing order: grouped by source (and
+    ascending within one, kinder to memory), so that `MixedDataset` joins the per-source fetches
+    without reordering them. A batch is still a contiguous run of the epoch's keys, which is what
+    accelerate's sharding and `FlowRunner`'s padding layout rely on."""
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in super().__iter__():
+            batch.sort()
+            yield batch
 
 
 # Validation ---------------------------------------------------------------------------------------------
@@ -408,6 +443,11 @@ def _weights(names: Sequence[str], sizes: np.ndarray, sampling: Sampling, temper
     return np.array(w, dtype=np.float64)
 
 
+def _cycles_per_block(n: int) -> int:
+    """Permutations of an `n`-sample source drawn from one generator: about 64k indices a block."""
+    return max(1, (1 << 16) // n)
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"MixedDataset: {name} must be a whole number >= 1, got {value!r}")
@@ -420,19 +460,21 @@ def _seed(value: Any) -> int:
     return int(value)
 
 
-def _concat(parts: Sequence[Any], back: Tensor, names: Sequence[str], where: str) -> Any:
-    """The per-source parts of a batch (same tree) joined along the batch dimension, then put back
-    in the order the keys were asked in (`back[j]`: the joined row of asked row j)."""
+def _concat(parts: Sequence[Any], back: Optional[Tensor], names: Sequence[str], where: str) -> Any:
+    """The per-source parts of a batch (same tree) joined along the batch dimension, then, when
+    `back` is given, put back in the order the keys were asked in (`back[j]`: the joined row of
+    asked row j)."""
     first = parts[0]
     if isinstance(first, Mapping):
-        return {k: _concat([p[k] for p in parts], back, names, f"{where}[{k!r}]") for k in first}
+        return {k: _concat([p[k] for p in parts], back, names, f"{where}.{k}" if where != "input" else k)
+                for k in first}
     if isinstance(first, Tensor):
         try:
             joined = torch.cat(parts)
         except RuntimeError:
             shapes = ", ".join(f"{n}: {tuple(p.shape[1:])}" for n, p in zip(names, parts))
-            raise InputError(f"MixedDataset: {where} differs in per-sample shape between sources ({shapes}); every "
-                             "source must give one shape (resize the images or other items to one size)") from None
-        return joined.index_select(0, back)
+            raise InputError(f"MixedDataset: input {where!r} differs in per-sample shape between sources ({shapes}); "
+                             "every source must give one shape (resize the images or other items to one size)") from None
+        return joined if back is None else joined.index_select(0, back)
     joined = [v for p in parts for v in p]
-    return [joined[j] for j in back.tolist()]
+    return joined if back is None else [joined[j] for j in back.tolist()]
