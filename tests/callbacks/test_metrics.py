@@ -387,3 +387,32 @@ def test_per_source_metrics_under_ddp_equal_one_process_on_the_whole_mixture(tmp
                 assert math.isnan(got[key]), key
             else:
                 assert got[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-7), key
+
+
+class ReducedInReplicas(SetThresholdAtLoaderEnd):
+    """Leaves the batch's metric states in `runner.batch` as DataParallel memory balancing does."""
+
+    def __init__(self, flow):
+        self.flow = flow
+
+    def on_loader_end(self, runner):
+        pass
+
+    def on_batch_end(self, runner):
+        from dnn_cool_catalyst.callbacks.batch import METRIC_STATES, OUTPUTS, TARGETS
+
+        metrics = self.flow.get_metrics()
+        metrics.update(runner.batch[OUTPUTS], runner.batch[TARGETS])
+        runner.batch[METRIC_STATES] = metrics.states()
+
+
+def test_per_source_metrics_are_left_out_with_a_warning_when_replicas_reduced_the_states(small_flow, fake_runner_cls,
+                                                                                        two_security_sources):
+    mixed = two_security_sources(small_flow)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback(deferred_decoding=False, pr_curves=False)
+    runner.start([cb])
+    with pytest.warns(UserWarning, match=r"loader 'valid' mixes sources, but its metric states were reduced inside "
+                                         r"DataParallel replicas"):
+        got = runner.run_loader([ReducedInReplicas(small_flow), cb], "valid", mixed.loader(batch_size=32))
+    assert "door_open/accuracy" in got and not any(k.split("/")[0] in mixed.source_names for k in got)
