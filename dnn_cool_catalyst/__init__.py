@@ -8,6 +8,7 @@ from .converters import Column, Converters, ImageFiles, TableError
 from .dsl import Tasks, TaskFlow
 from .errors import FlowDefinitionError, HeadError, InputError, LabelError, TunedParamsError
 from .graph import FlowGraph
+from .mixed import MixedDataset
 from .project import BackboneModel, Project
 from .tasks import (
     BinaryClassificationTask,
@@ -27,7 +28,7 @@ __all__ = [
     "BackboneModel", "Column", "Converters", "ImageFiles", "Project", "TableError",
     "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
     "FlowGraph", "HeadError", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask",
-    "MultilabelClassificationTask", "Task", "TaskFlow", "Tasks", "TunedParamsError", "__version__",
+    "MixedDataset", "MultilabelClassificationTask", "Task", "TaskFlow", "Tasks", "TunedParamsError", "__version__",
     "balancing", "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep",
 ]
 

@@ -244,7 +244,8 @@ class TaskFlow:
         return FlowPerSampleLoss(self.graph)
 
     def get_dataset(self, inputs: Mapping[str, Any], labels: Mapping[str, Any], **kwargs):
-        """A `Dataset` of `(X, y)`, `X["gt"]` holding the labels of exactly the precondition tasks."""
+        """A `Dataset` of `(X, y)`, `X["gt"]` holding the labels of exactly the precondition tasks;
+        `partial=True` for a source labelled for some tasks only (see `FlowDataset`)."""
         from .interpreters.dataset import FlowDataset
 
         return FlowDataset(self.graph, inputs, labels, **kwargs)

@@ -14,7 +14,7 @@ pairs as `flow.get_dataset(inputs, labels)` builds them, or `X` alone (`predict`
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -22,10 +22,37 @@ from torch import Tensor, nn
 
 from .batches import check_first_batch, concat_rows, split_batch, to_device
 from .distributed import unwrap
-from .keys import ACTIVATED, DECODED, GT, INDEX, LOGITS, MASK
+from .keys import ACTIVATED, DECODED, GT, INDEX, LOGITS, MASK, SOURCE
 
 PARTS = (LOGITS, ACTIVATED, DECODED, MASK)
 PRECONDITIONS = ("predicted", "gt")
+
+#: `((source name, task paths it labels), ...)` in the order of the sources' positions (`X["source"]`).
+SourceLayout = Tuple[Tuple[str, FrozenSet[str]], ...]
+
+
+def mixed_dataset(loader: Any) -> Optional[Any]:
+    """The dataset that mixes sources behind `loader` (a `MixedDataset`, told by its
+    `source_names`), looked up through wrappers that keep their dataset in `.dataset` (accelerate's
+    loaders, the runner's batch fetching); None for any other loader."""
+    obj, seen = getattr(loader, "dataset", None), set()
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        if getattr(obj, "source_names", None) is not None:
+            return obj
+        obj = getattr(obj, "dataset", None)
+    return None
+
+
+def mixed_sources(loader: Any) -> Optional[SourceLayout]:
+    """The sources of a loader whose dataset mixes several (`mixed_dataset`):
+    `((name, frozenset of the task paths the source labels), ...)`, position order, so that
+    `layout[X["source"][i]]` is sample i's source. None for any other loader (a plain dataset, a
+    list of batches): per-source results then cost nothing."""
+    dataset = mixed_dataset(loader)
+    if dataset is None:
+        return None
+    return tuple((str(name), frozenset(dataset.labelled_paths(name))) for name in dataset.source_names)
 
 
 @torch.no_grad()
@@ -34,7 +61,9 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     """Predictions over `loader`, in dataset order (by `X["index"]` when batches carry it).
 
     Returns `{"logits", "activated", "decoded", "mask", "targets"}`, each `{path: tensor}` on the
-    CPU (`targets` None when the loader yields only `X`), and `"index"` (dataset indices).
+    CPU (`targets` None when the loader yields only `X`), and `"index"` (dataset indices). From a
+    loader that mixes sources (batches with `X["source"]`, as `MixedDataset.loader` gives them)
+    also `"source"` (each sample's source position), the order then by source, then index.
     `preconditions="predicted"` (default) computes masks from the decoded predictions, as at
     inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`. The model runs in eval mode and gets
     its training mode back afterwards; a `DistributedDataParallel` wrapper is bypassed (each
@@ -53,6 +82,7 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     parts: Dict[str, List[Dict[str, Tensor]]] = {k: [] for k in PARTS}
     targets: List[Dict[str, Tensor]] = []
     indices: List[Tensor] = []
+    sources: List[Tensor] = []
     first = True
     try:
         for batch in loader:
@@ -71,6 +101,8 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
                 targets.append({p: t.detach().cpu() for p, t in y.items()})
             if isinstance(x.get(INDEX), Tensor):
                 indices.append(x[INDEX].detach().cpu().reshape(-1))
+            if isinstance(x.get(SOURCE), Tensor):
+                sources.append(x[SOURCE].detach().cpu().reshape(-1).long())
     finally:
         model.train(was_training)
     result: Dict[str, Any] = {k: concat_rows(v) for k, v in parts.items()}
@@ -80,13 +112,22 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     result["targets"] = concat_rows(targets) if targets else None
     n = next(iter(result[LOGITS].values())).shape[0]
     index = torch.cat(indices) if indices else torch.arange(n)
+    source = torch.cat(sources) if sources else None
+    if source is not None and source.numel() != n:
+        raise ValueError(f"{name}: only some batches of the loader carry X[{SOURCE!r}] ({source.numel()} of {n} "
+                         f"samples): a loader that mixes sources must give it in every batch")
     if indices and index.numel() == n:
         order = torch.argsort(index, stable=True)
+        if source is not None:  # indices count within each source: by source, then index
+            order = order[torch.argsort(source[order], stable=True)]
         for key in (*PARTS, "targets"):
             if result[key] is not None:
                 result[key] = {p: t[order] for p, t in result[key].items()}
         index = index[order]
+        source = source[order] if source is not None else None
     result[INDEX] = index
+    if source is not None:
+        result[SOURCE] = source
     return result
 
 
@@ -136,6 +177,28 @@ def evaluate(model: nn.Module, flow: Any, loader: Any, preconditions: str = "gt"
              name: str = "evaluate") -> pd.DataFrame:
     """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res, num_samples`):
     `flow.get_evaluator()` on the activated predictions (made with masks from `X["gt"]`), with
-    the evaluator's preconditions from the labels (`"gt"`) or from the predictions (`"predicted"`)."""
+    the evaluator's preconditions from the labels (`"gt"`) or from the predictions (`"predicted"`).
+
+    On a loader that mixes sources (its dataset has `source_names`, e.g. a `MixedDataset`) the
+    table gains a first column `source`: the rows over all samples keep it empty (`""`), and
+    below them each source has the rows of the tasks it labels, computed on its samples alone."""
     result = predict_labelled(model, flow, loader, name=name)
-    return flow.get_evaluator()(result[ACTIVATED], result["targets"], preconditions=preconditions)
+    evaluator = flow.get_evaluator()
+    table = evaluator(result[ACTIVATED], result["targets"], preconditions=preconditions)
+    layout = mixed_sources(loader)
+    if layout is None:
+        return table
+    if SOURCE not in result:
+        raise ValueError(f"{name}: the loader's dataset mixes sources {[s for s, _ in layout]} but its batches carry "
+                         f"no X[{SOURCE!r}]; use the MixedDataset's own loader (MixedDataset.loader)")
+    tables = [table.assign(source="")]
+    for position, (source, labelled) in enumerate(layout):
+        rows = torch.nonzero(result[SOURCE] == position).reshape(-1)
+        paths = [p for p in flow.graph.paths if p in labelled]
+        if not rows.numel() or not paths:
+            continue
+        pick = lambda parts: {p: t[rows] for p, t in parts.items()}  # noqa: E731
+        part = evaluator(pick(result[ACTIVATED]), pick(result["targets"]), preconditions=preconditions)
+        tables.append(part[part["task_path"].isin(paths)].assign(source=source))
+    out = pd.concat(tables, ignore_index=True)
+    return out[["source", *table.columns]]

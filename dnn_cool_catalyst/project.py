@@ -46,6 +46,18 @@ Heads that read a feature the table does not hold (`x.features`) get it from the
 model computes it from the inputs and hands it to the flow's module, which is what
 `BackboneModel` does (`backbone(x["img"])` -> `x["features"]`, `x["gt"]` passed through).
 Datasets leave such features to the model instead of failing on them.
+
+Several tables, each labelled for some tasks (the seed's "classifier on ImageNet, detector on
+COCO"): pass `{source name: DataFrame}`. The tables share the input columns; the output columns
+are their union, described once over every table's values (one converter set: class indices and
+scales are the same in every source), and a column a table lacks is unlabelled for its rows
+(`flow.get_dataset(..., partial=True)`). Each source gets its own seeded split; datasets and
+loaders over several sources are `MixedDataset`s, mixed as `sampling` says::
+
+    project = dcc.Project({"door_cam": df_a, "people": df_b}, input_col="img", project_dir="runs/two")
+    loaders = project.loaders(batch_size=64, sampling="temperature", temperature=2.0)  # train mixes so
+    runner.train(loaders=loaders, ...)          # metrics also per source: <source>/<path>/<metric>
+    runner.evaluate(project.loader("test"))     # a `source` column: overall, then per source
 """
 from __future__ import annotations
 
@@ -65,13 +77,16 @@ from .converters import (DEFAULT_IN_FEATURES, KINDS, NUMERIC_KINDS, Column, Conv
 from .dsl import TaskFlow, Tasks
 from .errors import LabelError, capped, did_you_mean
 from .files import read_json, write_json
-from .keys import GT, INDEX
+from .keys import GT, INDEX, SOURCE
 
 SPLITS = ("train", "valid", "test")
 SPLIT_FILE = "split.json"
 COLUMNS_FILE = "columns.json"
 FEATURES = "features"  # x.features: a Project's numeric input columns stacked, float32 (N, k)
 Rows = Union[None, str, slice, Sequence[int], np.ndarray]
+Tables = Mapping[str, pd.DataFrame]
+#: Two column names of different tables closer than this (difflib ratio) look like one misspelt.
+MISSPELLING_RATIO = 0.8
 
 
 # Splits (pure functions + one atomic file) -------------------------------------------------------
@@ -222,6 +237,77 @@ def _saved_form(column: Column, saved: Optional[Column]) -> Column:
     return Column(column.name, column.kind, class_names=column.class_names, scale=scale)
 
 
+def split_file(project_dir: Optional[str], source: Optional[str]) -> Optional[str]:
+    """Where the split of a project (`split.json`), or of one of its sources (`split_<source>.json`), is kept."""
+    if project_dir is None:
+        return None
+    return os.path.join(project_dir, SPLIT_FILE if source is None else f"split_{source}.json")
+
+
+def check_tables(tables: Tables) -> Dict[str, pd.DataFrame]:
+    """The tables of a several-source `Project`, checked: names are non-empty strings that can
+    name a file, each value a non-empty DataFrame with unique column names."""
+    if not tables:
+        raise TableError("Project takes a DataFrame or a non-empty mapping {source name: DataFrame}")
+    checked = {}
+    for name, df in tables.items():
+        if not isinstance(name, str) or not name or os.sep in name or name in (".", ".."):
+            raise TableError(f"source names must be plain non-empty strings (they name files and metrics), got {name!r}")
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"Project: table {name!r} is a {type(df).__name__}, not a pandas DataFrame")
+        if len(df) == 0:
+            raise TableError(f"table {name!r} has no rows")
+        if not df.columns.is_unique:
+            raise TableError(f"table {name!r} has duplicate column names: "
+                             f"{sorted(set(df.columns[df.columns.duplicated()]))}")
+        checked[name] = df
+    return checked
+
+
+def check_column_names(tables: Mapping[str, pd.DataFrame], input_cols: Sequence[str],
+                       output_cols: Optional[Sequence[str]]) -> None:
+    """Errors naming the table: an input column a table lacks; with the output columns guessed
+    (`output_cols` None), a column of some tables whose name is one letter or so away from a column
+    of the *other* tables (`door_opn` in one, `door_open` in another: one task would be split in two
+    half-labelled ones). Give `output_col` to keep such columns apart on purpose."""
+    for name, df in tables.items():
+        missing = [c for c in input_cols if c not in df.columns]
+        if missing:
+            raise TableError(f"table {name!r} has no input column(s) {missing}{did_you_mean(str(missing[0]), df.columns, 0)}; "
+                             f"every table needs the input columns {list(input_cols)}")
+    if output_cols is not None:
+        return
+    import difflib
+
+    holders: Dict[str, List[str]] = {}
+    for name, df in tables.items():
+        for c in df.columns:
+            if c not in input_cols:
+                holders.setdefault(c, []).append(name)
+    for c, where in holders.items():
+        for d, other in holders.items():
+            if c < d and not set(where) & set(other) \
+                    and difflib.SequenceMatcher(None, str(c), str(d)).ratio() >= MISSPELLING_RATIO:
+                raise TableError(f"column {c!r} of table(s) {where} and column {d!r} of table(s) {other} look like one "
+                                 f"column spelt two ways (each table has only one of them): rename one, or give "
+                                 f"output_col to make two tasks of them on purpose")
+
+
+def check_column_values(tables: Mapping[str, pd.DataFrame], column: str) -> None:
+    """An error naming the tables when a column holds numbers in one table and text (or other
+    objects) in another: one task cannot take both."""
+    kinds = {}
+    for name, df in tables.items():
+        if column in df.columns and df[column].notna().any():
+            values = df[column].dropna()
+            numeric = pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype)
+            kinds[name] = "numbers" if numeric else f"{type(values.iloc[0]).__name__} values such as {values.iloc[0]!r}"
+    if len({v == "numbers" for v in kinds.values()}) > 1:
+        shown = "; ".join(f"table {name!r}: {what}" for name, what in kinds.items())
+        raise TableError(f"column {column!r} holds different kinds of values in different tables ({shown}); "
+                         f"make them agree (or name the columns differently)")
+
+
 class Project(Tasks):
     """A `Tasks` built from a DataFrame: one task per output column, inputs from the input
     column(s), a persistent train/valid/test split, datasets and a runner.
@@ -237,6 +323,17 @@ class Project(Tasks):
     heads unless `Converters.in_features` is given; a missing value in them is an error naming the
     column and rows when a dataset is built.
     A saved split is reused; one made for another table, or other fractions, is an error.
+
+    Several sources: `df` may be `{source name: DataFrame}` (see the module docstring). The
+    tables must share the input columns; `output_col=None` takes the union of their other columns
+    (a name spelt two ways in two tables is an error naming both, see `check_column_names`; a
+    column with numbers in one table and text in another is an error naming both). `self.df` is
+    then the tables stacked (in the given order, absent cells missing), `self.sources` their names
+    and `self.source_rows[name]` their row positions in it; each source is split with `split` and
+    `seed` on its own (`split_<source>.json`), and `self.splits` are the unions. `get_dataset`,
+    `loader` and `loaders` then build `MixedDataset`s (one `partial=True` dataset per source
+    holding rows of the selection, each labelled for the columns its table has). With one
+    DataFrame, `self.sources` is None and everything is as described above.
     The first Project built in a `project_dir` saves each column's kind, class names and scale
     (guessed or told) in `columns.json`; later ones reuse them instead of guessing, so class
     indices and units stay the same whatever rows a table holds. A table whose categories are not
@@ -256,8 +353,22 @@ class Project(Tasks):
                  output_col: Union[None, str, Sequence[str]] = None, converters: Optional[Converters] = None,
                  project_dir: Optional[Union[str, os.PathLike]] = None,
                  split: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0):
-        if not isinstance(df, pd.DataFrame):
-            raise TypeError(f"Project takes a pandas DataFrame, got {type(df).__name__}")
+        self.tables: Optional[Dict[str, pd.DataFrame]] = None
+        self.sources: Optional[Tuple[str, ...]] = None
+        self.source_rows: Dict[str, np.ndarray] = {}
+        if isinstance(df, Mapping):
+            self.tables = check_tables(df)
+            self.sources = tuple(self.tables)
+            check_column_names(self.tables, [input_col] if isinstance(input_col, str) else list(input_col),
+                               None if output_col is None else ([output_col] if isinstance(output_col, str)
+                                                                else list(output_col)))
+            # the union of columns, in order of first appearance; a column a table lacks is missing there
+            df = pd.concat(list(self.tables.values()), axis=0, join="outer", sort=False)
+            sizes = np.cumsum([0] + [len(t) for t in self.tables.values()])
+            self.source_rows = {name: np.arange(sizes[i], sizes[i + 1], dtype=np.int64)
+                                for i, name in enumerate(self.sources)}
+        elif not isinstance(df, pd.DataFrame):
+            raise TypeError(f"Project takes a pandas DataFrame (or {{source name: DataFrame}}), got {type(df).__name__}")
         if len(df) == 0:
             raise TableError("the DataFrame has no rows")
         if not df.columns.is_unique:
@@ -268,13 +379,17 @@ class Project(Tasks):
         if output_col is None:
             output_col = [c for c in df.columns if c not in self.input_cols]
         self.output_cols = self._names(output_col, "output_col")
+        if self.tables is not None:
+            for c in self.output_cols:
+                check_column_values(self.tables, c)
         both = sorted(set(self.input_cols) & set(self.output_cols))
         if both:
             raise TableError(f"column(s) {both} are both input and output")
         if not self.output_cols:
             raise TableError("no output column: give output_col")
+        reserved = (GT, INDEX) if self.tables is None else (GT, INDEX, SOURCE)  # X["source"]: MixedDataset's
         for c in self.input_cols:
-            if c in (GT, INDEX):
+            if c in reserved:
                 raise TableError(f"input column {c!r} has a reserved name (x[{c!r}] is set by the dataset)")
         for c in self.output_cols:
             if not c.isidentifier():
@@ -296,7 +411,7 @@ class Project(Tasks):
                 series = df[c]
                 if series.isna().all():
                     raise TableError(f"{role} column {c!r}: every value is missing")
-                column = self.converters.describe(series, role, saved.get(str(c)), repr(columns_path))
+                column = self.converters.describe(self._described(c), role, saved.get(str(c)), repr(columns_path))
                 self.columns[c] = column
                 values = self.converters.value_converter(column)(series, column)
                 if len(values) != len(df):
@@ -314,9 +429,16 @@ class Project(Tasks):
 
         if self.project_dir is not None:
             os.makedirs(self.project_dir, exist_ok=True)
-        split_path = os.path.join(self.project_dir, SPLIT_FILE) if self.project_dir is not None else None
-        self.splits: Dict[str, np.ndarray] = load_or_make_split(
-            split_path, len(df), split, seed, table_fingerprint(df[self.input_cols]))
+        if self.tables is None:
+            self.splits: Dict[str, np.ndarray] = load_or_make_split(
+                split_file(self.project_dir, None), len(df), split, seed, table_fingerprint(df[self.input_cols]))
+        else:  # one seeded split per source, in its own file; the project's splits are their unions
+            self.source_splits: Dict[str, Dict[str, np.ndarray]] = {}
+            for name, table in self.tables.items():
+                local = load_or_make_split(split_file(self.project_dir, name), len(table), split, seed,
+                                           table_fingerprint(table[self.input_cols]))
+                self.source_splits[name] = {k: self.source_rows[name][v] for k, v in local.items()}
+            self.splits = {k: np.concatenate([s[k] for s in self.source_splits.values()]) for k in SPLITS}
         # saved only once the whole table is accepted, so a refused table changes nothing
         merged = {**saved, **{name: _saved_form(c, saved.get(name)) for name, c in self.columns.items()}}
         if columns_path is not None and merged != saved:
@@ -336,13 +458,21 @@ class Project(Tasks):
             print(f"Project: images exceed the cache budget ({_size(need)} > Converters.image_cache_bytes = "
                   f"{_size(budget)}): decoding from disk (the first {_size(budget)} of them stay in memory)")
 
+    def _described(self, c: str) -> pd.Series:
+        """The values a column's kind is guessed from: the column, or with several tables the tables
+        that have it, stacked (the missing cells of the others would turn whole numbers into floats)."""
+        if self.tables is None:
+            return self.df[c]
+        return pd.concat([t[c] for t in self.tables.values() if c in t.columns], ignore_index=True).rename(c)
+
     def _names(self, cols: Union[str, Sequence[str]], arg: str) -> List[str]:
         names = [cols] if isinstance(cols, str) else list(cols)
         known = set(self.df.columns)
+        tables = f" of tables {list(self.tables)}" if self.tables is not None else ""
         for c in names:
             if c not in known:
                 raise TableError(f"{arg}: unknown column {c!r}{did_you_mean(str(c), known, listed=0)} "
-                                 f"(columns: {capped(self.df.columns, 30)})")
+                                 f"(columns{tables}: {capped(self.df.columns, 30)})")
         if len(set(names)) != len(names):
             raise TableError(f"{arg} names a column twice: {names}")
         return names
@@ -360,6 +490,9 @@ class Project(Tasks):
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{c.name}: {c.kind}" for c in self.columns.values())
+        if self.sources is not None:
+            sizes = ", ".join(f"{name}: {len(self.source_rows[name])}" for name in self.sources)
+            return f"Project({len(self.df)} rows from {len(self.sources)} sources ({sizes}); {kinds})"
         return f"Project({len(self.df)} rows; {kinds})"
 
     # Rows, inputs, labels, datasets --------------------------------------------------------------
@@ -440,17 +573,48 @@ class Project(Tasks):
             names["file" if len(images) == 1 else f"file_{c}"] = files
         return names
 
-    def get_dataset(self, rows: Rows = None, flow: Optional[TaskFlow] = None, **kwargs):
+    def get_dataset(self, rows: Rows = None, flow: Optional[TaskFlow] = None, sampling: Any = "proportional",
+                    temperature: Optional[float] = None, epoch_size: Optional[int] = None, seed: int = 0, **kwargs):
         """`flow.get_dataset(inputs, labels)` over the rows (a split name, positions, or all);
-        feature names the flow reads that are not input columns are left to the model."""
+        feature names the flow reads that are not input columns are left to the model.
+
+        Several sources: a `MixedDataset` (`sampling`, `temperature`, `epoch_size`, `seed` as
+        there) of one `partial=True` dataset per source that has rows in the selection, labelled
+        for the columns of its table; each names its samples by the row labels of its own table."""
         flow = flow if flow is not None else self.get_full_flow()
-        return flow.get_dataset(self.get_inputs(rows, flow), self.get_labels(rows, flow),
-                                **kwargs).name_samples(**self.sample_names(rows))
+        if self.sources is None:
+            return flow.get_dataset(self.get_inputs(rows, flow), self.get_labels(rows, flow),
+                                    **kwargs).name_samples(**self.sample_names(rows))
+        from .mixed import MixedDataset
+
+        pos = self.rows(rows)
+        parts = {}
+        for name in self.sources:
+            mine = pos[np.isin(pos, self.source_rows[name])]
+            if not len(mine):
+                continue
+            have = set(self.tables[name].columns)
+            labels = {p: v for p, v in self.get_labels(mine, flow).items() if p.rsplit(".", 1)[-1] in have}
+            parts[name] = flow.get_dataset(self.get_inputs(mine, flow), labels, partial=True,
+                                           **kwargs).name_samples(**self.sample_names(mine))
+        if not parts:
+            raise ValueError(f"no rows selected ({rows!r}): a dataset needs rows of at least one source")
+        return MixedDataset(parts, sampling=sampling, temperature=temperature, epoch_size=epoch_size, seed=seed)
 
     def loader(self, rows: Rows = None, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
-               flow: Optional[TaskFlow] = None, **kwargs):
+               flow: Optional[TaskFlow] = None, sampling: Any = "proportional", temperature: Optional[float] = None,
+               epoch_size: Optional[int] = None, **kwargs):
         """A whole-batch `DataLoader` over the rows (a split name, positions, or all), carrying
-        `X["index"]`; shuffled with a generator seeded by `seed` when `shuffle`."""
+        `X["index"]`; shuffled with a generator seeded by `seed` when `shuffle`.
+
+        Several sources: `MixedDataset.loader` of `get_dataset(rows, ..., sampling, temperature,
+        epoch_size, seed)`, batches carrying `X["source"]` too. Its order is always drawn from
+        `seed` (`shuffle` does not apply); with the default `sampling="proportional"` an epoch is
+        every selected row once, as evaluation needs."""
+        if self.sources is not None:
+            ds = self.get_dataset(rows, flow, sampling=sampling, temperature=temperature, epoch_size=epoch_size,
+                                  seed=seed)
+            return ds.loader(batch_size=batch_size, seed=seed, **kwargs)
         import torch
 
         gen = torch.Generator().manual_seed(seed) if shuffle else None
@@ -458,9 +622,19 @@ class Project(Tasks):
         return ds.loader(batch_size=batch_size, shuffle=shuffle, generator=gen, **kwargs)
 
     def loaders(self, batch_size: int = 32, flow: Optional[TaskFlow] = None, seed: int = 0,
-                splits: Iterable[str] = ("train", "valid"), **kwargs) -> Dict[str, Any]:
-        """`{split: DataLoader}` (train shuffled with a seeded generator), for `runner.train(loaders=...)`."""
-        return {name: self.loader(name, batch_size, shuffle=name == "train", seed=seed, flow=flow, **kwargs)
+                splits: Iterable[str] = ("train", "valid"), sampling: Any = "proportional",
+                temperature: Optional[float] = None, epoch_size: Optional[int] = None, **kwargs) -> Dict[str, Any]:
+        """`{split: DataLoader}` (train shuffled with a seeded generator), for `runner.train(loaders=...)`.
+
+        Several sources: the train loader mixes them as `sampling`, `temperature` and
+        `epoch_size` say (`MixedDataset`); the others take every row once (proportional), so that
+        their metrics, overall and per source, are over the whole split."""
+        if self.sources is None:
+            return {name: self.loader(name, batch_size, shuffle=name == "train", seed=seed, flow=flow, **kwargs)
+                    for name in splits}
+        return {name: self.loader(name, batch_size, seed=seed, flow=flow, **kwargs,
+                                  **(dict(sampling=sampling, temperature=temperature, epoch_size=epoch_size)
+                                     if name == "train" else {}))
                 for name in splits}
 
     # Training --------------------------------------------------------------------------------------

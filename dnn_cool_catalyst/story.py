@@ -15,6 +15,7 @@ from .dsl import Tasks
 from .tasks import BinaryClassificationTask, BoundedRegressionTask, ClassificationTask, MultilabelClassificationTask
 
 BINARY = ("camera_blocked", "door_open", "door_locked", "person_present")
+DOOR_TASKS = ("camera_blocked", "door_open", "door_locked")  # what the two-source story's "door_cam" labels
 FACE_BOX = ("face_x1", "face_y1", "face_w", "face_h")
 BODY_BOX = ("body_x1", "body_y1", "body_w", "body_h")
 
@@ -96,6 +97,25 @@ def security_labels(n: int, seed: int = 0, missing_rate: float = 0.05, image_siz
         else:
             v[drop] = -1
     return labels
+
+
+def two_source_tables(df, input_cols=("img",), seed: int = 0) -> dict:
+    """The story's annotation table as two disjoint tables, as if from two sources: `"door_cam"`,
+    half of the rows (drawn from `seed`) labelled only for the door tasks (`DOOR_TASKS`), and
+    `"people"`, the other half labelled only for `person_present` and the person sub-flow (boxes,
+    facial characteristics, shirt type). Both keep `input_cols` and their rows' index labels; a
+    `Project` over them (`{name: table}`) trains one model on the mix."""
+    import numpy as np
+
+    inputs = list(input_cols)
+    unknown = [c for c in inputs if c not in df.columns]
+    if unknown:
+        raise KeyError(f"two_source_tables: no input column(s) {unknown} in the table; it has {list(df.columns)}")
+    door = np.zeros(len(df), dtype=bool)
+    door[np.random.default_rng(seed).permutation(len(df))[: len(df) // 2]] = True
+    door_cols = [c for c in df.columns if c in DOOR_TASKS]
+    people_cols = [c for c in df.columns if c not in inputs and c not in DOOR_TASKS]
+    return {"door_cam": df.loc[door, inputs + door_cols], "people": df.loc[~door, inputs + people_cols]}
 
 
 def security_cnn(features: int = 256) -> nn.Module:

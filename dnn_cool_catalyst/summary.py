@@ -10,6 +10,8 @@ columns (pandas truncates the long table to `task_path ... num_samples`)::
     door_open           312    0.9968    0.9959     1.0000   0.9918
 
 Per-class rows (`metric_name` with a `/`, such as `f1_score/hoodie`) are left to the table itself.
+A table with a `source` column (from a loader that mixes sources) shows each source's rows as
+tasks `<source>/<path>` after the overall ones.
 """
 from __future__ import annotations
 
@@ -51,8 +53,10 @@ def format_table(table: pd.DataFrame, width: int = 100) -> str:
         raise ValueError(f"format_table takes an evaluation table; it has no column(s) {missing}")
     overall = table[~table["metric_name"].astype(str).str.contains("/")]
     tasks: Dict[str, Tuple[int, Dict[str, float]]] = {}
-    for row in overall.itertuples(index=False):
-        n, values = tasks.setdefault(row.task_path, (int(row.num_samples), {}))
+    sources = overall["source"].astype(str).tolist() if "source" in overall.columns else None
+    for i, row in enumerate(overall.itertuples(index=False)):
+        path = f"{sources[i]}/{row.task_path}" if sources and sources[i] else row.task_path
+        n, values = tasks.setdefault(path, (int(row.num_samples), {}))
         values[str(row.metric_name)] = row.metric_res
     blocks: Dict[Tuple[str, ...], List[str]] = {}
     for path, (_, values) in tasks.items():

@@ -113,3 +113,26 @@ def nested_kind_flow():
         return outer
 
     return make
+
+
+def make_two_security_sources(flow, n_a=70, n_b=50, seed=5):
+    """A proportional `MixedDataset` of the story's flow (8 features) over two sources: "door_cam"
+    labels the door tasks only, "people" the person tasks only (`partial=True`); samples named
+    `row = "<source>-<index>"`. Its loader gives every sample once per epoch, sources interleaved."""
+    rng = np.random.default_rng(seed)
+    door = {"camera_blocked", "door_open", "door_locked"}
+    datasets = {}
+    for name, n, keep in (("door_cam", n_a, door), ("people", n_b, set(flow.graph.paths) - door)):
+        labels = security_labels(n, seed=seed + n, missing_rate=0.1)
+        if name == "people":  # its door labels are missing (unknown preconditions): every sample counts
+            labels["person_present"] = (rng.random(n) < 0.7).astype(np.float32)
+        x = {"features": rng.normal(size=(n, 8)).astype(np.float32)}
+        ds = flow.get_dataset(x, {p: v for p, v in labels.items() if p in keep}, partial=True)
+        datasets[name] = ds.name_samples(row=[f"{name}-{i}" for i in range(n)])
+    return dcc.MixedDataset(datasets, seed=seed)
+
+
+@pytest.fixture
+def two_security_sources():
+    """`make_two_security_sources`, as a fixture."""
+    return make_two_security_sources

@@ -24,12 +24,21 @@ def test_config_runs_end_to_end(overlay, tmp_path):
     configs = [BASE] + ([overlay] if overlay else []) + [SMOKE]
     result = _catalyst_run(*configs, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    logdir = tmp_path / "smoke_project" / "config_run"
+    two_sources = overlay is not None and overlay.name == "two_sources.yml"
+    logdir = tmp_path / "smoke_project" / ("two_sources" if two_sources else "config_run")
     assert (logdir / "checkpoints" / "runner.last.pth").is_file()
     assert (logdir / "tuned_params.json").is_file()
-    table = pd.read_csv(logdir / "evaluation.csv")
-    assert list(table.columns) == ["task_path", "metric_name", "metric_res", "num_samples"]
+    table = pd.read_csv(logdir / "evaluation.csv", keep_default_na=False, na_values=["NaN", "nan"])
+    columns = ["task_path", "metric_name", "metric_res", "num_samples"]
+    assert list(table.columns) == (["source"] + columns if two_sources else columns)
     assert "person_regression.body_regression.shirt_type" in set(table.task_path)
+    if two_sources:  # one model on two sources: per-source rows and metrics for the tasks each labels
+        door = {"camera_blocked", "door_open", "door_locked"}
+        assert set(table[table["source"] == "door_cam"]["task_path"]) <= door
+        assert not set(table[table["source"] == "people"]["task_path"]) & door
+        assert (tmp_path / "smoke_project" / "split_door_cam.json").is_file()
+        valid = pd.read_csv(logdir / "csv_logger" / "valid.csv")
+        assert "door_cam/camera_blocked/accuracy" in valid.columns and "people/person_present/accuracy" in valid.columns
     # the run says where its logs are and prints the evaluation table, one line per task
     assert "TensorBoard: tensorboard --logdir" in result.stdout, result.stdout[-3000:]
     assert "Evaluation (preconditions from the labels):" in result.stdout

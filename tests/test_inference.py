@@ -84,3 +84,39 @@ def test_inference_runs_without_catalyst():
         "assert not any(m == 'catalyst' or m.startswith('catalyst.') for m in sys.modules if sys.modules[m] is not None)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("preconditions", ["gt", "predicted"])
+def test_evaluate_on_a_mixed_loader_adds_a_source_column(security_flow, two_security_sources, preconditions):
+    mixed = two_security_sources(security_flow)
+    model = security_flow.torch()
+    table = inference.evaluate(model, security_flow, mixed.loader(batch_size=16), preconditions=preconditions)
+    assert list(table.columns) == ["source", "task_path", "metric_name", "metric_res", "num_samples"]
+    overall = table[table["source"] == ""].drop(columns="source").reset_index(drop=True)
+    # the overall rows: the evaluator on every sample of the mixture
+    parts = [inference.predict(model, security_flow, mixed.sources[n].loader(batch_size=16), "gt")
+             for n in mixed.source_names]
+    joined = {k: {p: torch.cat([r[k][p] for r in parts]) for p in security_flow.graph.paths}
+              for k in ("activated", "targets")}
+    expected = security_flow.get_evaluator()(joined["activated"], joined["targets"], preconditions=preconditions)
+    # the same samples in other batches and order: float32 activations round differently (~1e-7),
+    # counts of decisions are exact (pd.testing's default rtol 1e-5 covers the means)
+    pd.testing.assert_frame_equal(overall, expected)
+    for name, result in zip(mixed.source_names, parts):
+        rows = table[table["source"] == name].drop(columns="source").reset_index(drop=True)
+        alone = security_flow.get_evaluator()(result["activated"], result["targets"], preconditions=preconditions)
+        labelled = alone[alone["task_path"].isin(mixed.labelled_paths(name))].reset_index(drop=True)
+        assert set(rows["task_path"]) == set(mixed.labelled_paths(name))  # only the tasks the source labels
+        pd.testing.assert_frame_equal(rows, labelled)
+    assert table["source"].tolist() == sorted(table["source"].tolist(), key=["", *mixed.source_names].index)
+    # a plain loader keeps the table as it was
+    assert "source" not in inference.evaluate(model, security_flow, mixed.sources["people"].loader(batch_size=16))
+
+
+def test_predict_orders_a_mixed_loader_by_source_then_index(security_flow, two_security_sources):
+    mixed = two_security_sources(security_flow)
+    result = inference.predict(security_flow.torch(), security_flow, mixed.loader(batch_size=16), "gt")
+    sizes = [len(mixed.sources[n]) for n in mixed.source_names]
+    assert result["source"].tolist() == [s for s, n in enumerate(sizes) for _ in range(n)]
+    assert result["index"].tolist() == [i for n in sizes for i in range(n)]
+

@@ -509,3 +509,110 @@ def test_images_are_decoded_once_and_the_log_says_so(tmp_path, monkeypatch, caps
     for _x, _y in small.loader("train", batch_size=8):
         pass
     assert small.image_cache.used <= 1000 and len(small.image_cache) == 5 and small.image_cache.full
+
+
+# Several tables -------------------------------------------------------------------------------------
+
+def _two_tables(n_a=30, n_b=20):
+    """Table "clinic" labels `sick` only; table "ward" labels `dose` and `ward` (int class indices)."""
+    rng = np.random.default_rng(5)
+    a = pd.DataFrame({"age": rng.integers(20, 80, n_a).astype(float), "height": rng.normal(170, 10, n_a)})
+    a["sick"] = (a["age"] > 50).astype(float)
+    b = pd.DataFrame({"height": rng.normal(170, 10, n_b), "age": rng.integers(20, 80, n_b).astype(float)},
+                     index=[f"w{i}" for i in range(n_b)])
+    b["dose"] = b["age"] / 100
+    b["ward"] = rng.integers(0, 3, n_b)
+    return a, b
+
+
+def _two_source_flow(project):
+    @project.add_flow
+    def full(flow, x, out):
+        out += flow.sick(x.features)
+        out += flow.dose(x.features)
+        out += flow.ward(x.features)
+        return out
+
+    return project.get_full_flow()
+
+
+def test_a_project_from_several_tables(tmp_path):
+    a, b = _two_tables()
+    project = dcc.Project({"clinic": a, "ward_book": b}, input_col=["age", "height"], project_dir=tmp_path / "p")
+    flow = _two_source_flow(project)
+    # one converter set over the union of the output columns; `ward` (only in one table) stays a category
+    assert project.output_cols == ["sick", "dose", "ward"] and project.sources == ("clinic", "ward_book")
+    assert project.columns["ward"].kind == "category" and project.columns["sick"].kind == "binary"
+    np.testing.assert_array_equal(project.source_rows["ward_book"], np.arange(30, 50))
+    # a seeded split per source, saved per source and the same in the next project
+    for name, table in (("clinic", a), ("ward_book", b)):
+        expected = make_split(len(table), (0.8, 0.1, 0.1), 0)
+        for k in ("train", "valid", "test"):
+            np.testing.assert_array_equal(project.source_splits[name][k], project.source_rows[name][expected[k]])
+        assert (tmp_path / "p" / f"split_{name}.json").exists()
+    assert not (tmp_path / "p" / "split.json").exists()
+    again = dcc.Project({"clinic": a, "ward_book": b}, input_col=["age", "height"], project_dir=tmp_path / "p")
+    assert all(np.array_equal(again.splits[k], project.splits[k]) for k in project.splits)
+    # datasets: one partial source per table, labelled for its own columns only
+    ds = project.get_dataset("train")
+    assert isinstance(ds, dcc.MixedDataset) and ds.source_names == ("clinic", "ward_book")
+    assert ds.labelled_paths("clinic") == {"sick"} and ds.labelled_paths("ward_book") == {"dose", "ward"}
+    assert len(ds) == len(project.splits["train"])
+    x, y = ds.sources["ward_book"][[0]]
+    first = project.source_splits["ward_book"]["train"][0] - 30
+    assert torch.isnan(y["sick"]).all() and y["ward"].item() == b["ward"].iloc[first]
+    np.testing.assert_array_equal(x["features"].numpy()[0], b[["age", "height"]].to_numpy(np.float32)[first])
+    assert ds.describe(1, 0) == {"row": b.index[first], "source": "ward_book"}  # the table's own row label
+    # loaders: the train loader mixes as asked, the others take every row once
+    loaders = project.loaders(batch_size=8, sampling="uniform", epoch_size=40)
+    assert loaders["train"].dataset.sampling == "uniform" and len(loaders["train"].dataset) == 40
+    valid = loaders["valid"].dataset
+    assert valid.sampling == "proportional" and len(valid) == len(project.splits["valid"])
+    seen = sorted((int(s), int(i)) for x, _ in loaders["valid"] for s, i in zip(x["source"], x["index"]))
+    assert seen == sorted((p, i) for p, name in enumerate(valid.source_names) for i in range(len(valid.sources[name])))
+    assert "Project(50 rows from 2 sources (clinic: 30, ward_book: 20)" in repr(project)
+    assert set(flow.graph.paths) == {"sick", "dose", "ward"}
+
+
+def test_a_project_from_several_tables_trains_and_evaluates_per_source(tmp_path):
+    a, b = _two_tables(60, 40)
+    project = dcc.Project({"clinic": a, "ward_book": b}, input_col=["age", "height"], project_dir=tmp_path / "p")
+    _two_source_flow(project)
+    runner = project.runner()
+    runner.train(loaders=project.loaders(batch_size=16, sampling="uniform"), num_epochs=1, verbose=False)
+    logged = runner.epoch_metrics["valid"]  # through FlowRunner's loader: per-source metrics of the labelled tasks
+    assert {"clinic/sick/accuracy", "ward_book/ward/accuracy_1", "ward_book/dose/mean_absolute_error"} <= set(logged)
+    assert not any(k.startswith(("clinic/dose", "clinic/ward", "ward_book/sick")) for k in logged)
+    assert "clinic/sick/accuracy" in pd.read_csv(tmp_path / "p" / "runner" / "csv_logger" / "valid.csv").columns
+    ranked = pd.read_csv(tmp_path / "p" / "runner" / "interpretation_valid.csv")
+    assert set(ranked[ranked["task_path"] == "sick"]["source"]) == {"clinic"}  # the interpretation names sources
+    table = runner.evaluate(project.loader("test"), verbose=False)
+    assert list(table["source"].unique()) == ["", "clinic", "ward_book"]
+    assert set(table[table["source"] == "clinic"]["task_path"]) == {"sick"}
+    assert set(table[table["source"] == "ward_book"]["task_path"]) == {"dose", "ward"}
+
+
+def test_several_tables_errors_name_the_table(tmp_path):
+    a, b = _two_tables()
+    with pytest.raises(dcc.project.TableError, match=r"table 'ward_book' has no input column\(s\) \['height'\]"):
+        dcc.Project({"clinic": a, "ward_book": b.drop(columns="height")}, input_col=["age", "height"])
+    misspelt = b.rename(columns={"dose": "sik"})  # one column spelt two ways in two tables
+    with pytest.raises(dcc.project.TableError, match=r"column 'sick' of table\(s\) \['clinic'\] and column 'sik' of "
+                                                     r"table\(s\) \['ward_book'\] look like one column"):
+        dcc.Project({"clinic": a, "ward_book": misspelt}, input_col=["age", "height"])
+    both = dcc.Project({"clinic": a, "ward_book": misspelt}, input_col=["age", "height"],
+                       output_col=["sick", "sik", "ward"])  # named on purpose: two tasks
+    assert both.output_cols == ["sick", "sik", "ward"]
+    clash = b.assign(sick=["yes"] * len(b))
+    with pytest.raises(dcc.project.TableError, match=r"column 'sick' holds different kinds of values in different "
+                                                     r"tables \(table 'clinic': numbers; table 'ward_book': str"):
+        dcc.Project({"clinic": a, "ward_book": clash}, input_col=["age", "height"])
+    with pytest.raises(dcc.project.TableError, match=r"output_col: unknown column 'doze'; did you mean 'dose'\? "
+                                                     r"\(columns of tables \['clinic', 'ward_book'\]"):
+        dcc.Project({"clinic": a, "ward_book": b}, input_col=["age", "height"], output_col=["sick", "doze"])
+    with pytest.raises(TypeError, match="table 'ward_book' is a dict"):
+        dcc.Project({"clinic": a, "ward_book": {"age": [1]}}, input_col=["age", "height"])
+    with pytest.raises(dcc.project.TableError, match="table 'ward_book' has no rows"):
+        dcc.Project({"clinic": a, "ward_book": b.iloc[:0]}, input_col=["age", "height"])
+    with pytest.raises(dcc.project.TableError, match="source names must be plain"):
+        dcc.Project({"": a}, input_col=["age", "height"])

@@ -42,3 +42,11 @@ def test_summary_says_where_the_logs_are():
     assert "nothing was written" in where_logs_are(None)
     with pytest.raises(ValueError, match="metric_res"):
         format_table(pd.DataFrame({"task_path": [], "metric_name": [], "num_samples": []}))
+
+
+def test_a_summary_shows_each_source_s_rows_apart():
+    table = pd.DataFrame({"source": ["", "a", "b"], "task_path": ["t", "t", "t"], "metric_name": ["accuracy"] * 3,
+                          "metric_res": [0.5, 1.0, 0.0], "num_samples": [4, 2, 2]})
+    lines = format_table(table).splitlines()
+    assert [line.split()[:3] for line in lines[1:]] == [["t", "4", "0.5000"], ["a/t", "2", "1.0000"],
+                                                        ["b/t", "2", "0.0000"]]

@@ -17,7 +17,8 @@ from catalyst.core.callback import Callback
 from torch import Tensor
 
 from ..distributed import is_main_process, world_size
-from ..keys import ACTIVATED, EXPLAIN, GT, INDEX, LOGITS, MASK, PER_SAMPLE_LOSS
+from ..inference import mixed_dataset
+from ..keys import ACTIVATED, EXPLAIN, GT, INDEX, LOGITS, MASK, PER_SAMPLE_LOSS, SOURCE
 from .batch import ChunkBuffer, SampleIndexer, labelled_batch
 from .common import loader_selected, resolve_callback_flow, resolve_logdir
 from ..files import write_atomic
@@ -191,6 +192,53 @@ def _flatten(x: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix[:-1], x
 
 
+class MixedIds:
+    """Sample ids of a loader that mixes sources (`MixedDataset`): `X["index"]` counts within each
+    source, so samples are told apart by a global id, the sum of the sizes of the sources before
+    theirs plus their index (`ids`). `split(id)` gives back `(source position, index)`; `describe`
+    and `[id]` reach the sample through the mixed dataset (its `describe(position, index)`, which
+    adds `source`, and `sources[name][index]`)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        self.names = tuple(dataset.source_names)
+        sizes = np.array([len(dataset.sources[name]) for name in self.names], dtype=np.int64)
+        self.ends = np.cumsum(sizes)
+        self.offsets = torch.from_numpy(self.ends - sizes)
+
+    @classmethod
+    def of(cls, loader: Any) -> Optional["MixedIds"]:
+        """For a loader over a dataset that mixes sources (`inference.mixed_dataset`); None for any other."""
+        dataset = mixed_dataset(loader)
+        return cls(dataset) if dataset is not None else None
+
+    def ids(self, sources: Any, index: Tensor, loader_key: str) -> Tensor:
+        """Global ids of a batch's samples from its `X["source"]` and dataset indices."""
+        if not isinstance(sources, Tensor) or sources.numel() != index.numel():
+            raise KeyError(f"InterpretationCallback: the dataset of loader {loader_key!r} mixes sources "
+                           f"{list(self.names)} but a batch carries no X[{SOURCE!r}] for each sample; use the "
+                           f"loader of the MixedDataset (MixedDataset.loader), which adds it")
+        return self.offsets[sources.detach().reshape(-1).cpu().long()] + index
+
+    def split(self, ids: Any) -> Tuple[np.ndarray, np.ndarray]:
+        """`(source positions, indices within the source)` of global ids (arrays)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        position = np.searchsorted(self.ends, ids, side="right")
+        return position, ids - self.offsets.numpy()[np.minimum(position, len(self.names) - 1)]
+
+    def local(self, ids: Tensor) -> Tensor:
+        """Indices within their sources of global ids (a tensor)."""
+        return torch.from_numpy(self.split(ids.numpy())[1])
+
+    def describe(self, gid: int) -> Dict[str, Any]:
+        position, index = self.split(gid)
+        return dict(self.dataset.describe(int(position), int(index)))
+
+    def __getitem__(self, gid: int) -> Any:
+        position, index = self.split(gid)
+        return self.dataset.sources[self.names[int(position)]][int(index)]
+
+
 class _InputReader:
     """`reader(index)` -> `[(key, value, publisher)]` for the inputs of `dataset[index]` that have a
     publisher. Once a sample shows that no input has one, no other sample is read."""
@@ -248,6 +296,12 @@ class InterpretationCallback(Callback):
     Dataset indices come from `X["index"]` (`flow.get_dataset` adds it by default), so they
     are right for shuffled loaders; without it they are positions in the loader, with a warning.
 
+    A loader that mixes sources (`MixedDataset`, batches with `X["source"]`): the samples of all
+    sources are ranked together (a sample is its source and its index there, `MixedIds`),
+    `dataset_index` is the index within the source and the mixed dataset's `describe` adds the
+    `source` column (CSV, tables, captions); the first `explain` samples of each source are
+    explained as `explanations/<source>/sample_<index>`, inputs read from the source's dataset.
+
     Batches reduced inside DataParallel replicas (`runners.balance`) bring their per-sample
     losses (`"per_sample_loss"`) and the logits of the samples to explain (`"explain"`, only with
     `X["index"]`) instead of full outputs. Under DDP, the losses of all processes are ranked
@@ -304,6 +358,7 @@ class InterpretationCallback(Callback):
         self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
         self._describe: Any = lambda index: {}
         self._shared: Optional[LoaderOutputs] = None
+        self._mixed: Optional[MixedIds] = None  # a loader mixing sources: samples go by global ids
 
     def on_experiment_start(self, runner: Any) -> None:
         self._flow = resolve_callback_flow(self.flow, runner, type(self).__name__)  # the given flow, else the runner's
@@ -321,6 +376,7 @@ class InterpretationCallback(Callback):
         if self._active:  # captions and trees decode at the loader's end, after any tuning on it
             self._shared = shared_outputs(runner, self._flow)
             self._shared.start(self)
+            self._mixed = MixedIds.of(runner.loader)
 
     def on_batch_end(self, runner: Any) -> None:  # no grad-mode switch per batch: see FlowMetricsCallback
         batch = labelled_batch(runner, type(self).__name__, self._active)
@@ -329,6 +385,8 @@ class InterpretationCallback(Callback):
         inputs, targets, outputs = batch
         n = batch.size
         index = self._indexer(inputs, n, runner.loader_key)
+        if self._mixed is not None:
+            index = self._mixed.ids(inputs.get(SOURCE), index, runner.loader_key)
         per_sample = runner.batch.get(PER_SAMPLE_LOSS)
         if per_sample is not None:
             self._add_reduced(index, per_sample, runner.batch.get(EXPLAIN), targets, outputs)
@@ -351,7 +409,12 @@ class InterpretationCallback(Callback):
         self._indices.append(index)
         if self.explain > 0 and explain is not None:
             ids = explain[INDEX].reshape(-1).cpu()
-            for r in torch.nonzero(ids < self.explain).reshape(-1).tolist():
+            if self._mixed is not None:  # the explained rows are the batch's rows below `explain`, in order
+                rows = torch.nonzero(self._mixed.local(index) < self.explain).reshape(-1)
+                if rows.numel() != ids.numel():
+                    return  # explained for another `explain` than this callback's: nothing to match them by
+                ids = index[rows]
+            for r in torch.nonzero(self._local(ids) < self.explain).reshape(-1).tolist():
                 logits = {p: z[r: r + 1].cpu() for p, z in explain[LOGITS].items()}
                 activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
                 self._explained.append((int(ids[r]), {LOGITS: logits, ACTIVATED: activated}))
@@ -371,7 +434,7 @@ class InterpretationCallback(Callback):
                                           leaf.task.activate)
         self._indices.append(index)
         if self.explain > 0:
-            rows = torch.nonzero(index < self.explain).reshape(-1)
+            rows = torch.nonzero(self._local(index) < self.explain).reshape(-1)
             if rows.numel():  # the few samples to explain, activated together
                 logits = {p: z[rows].cpu() for p, z in chunk[LOGITS].items()}
                 activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in self._graph.leaves}
@@ -379,6 +442,10 @@ class InterpretationCallback(Callback):
                     self._explained.append((int(index[r]), {part: {p: t[i: i + 1] for p, t in values.items()}
                                                             for part, values in ((LOGITS, logits),
                                                                                  (ACTIVATED, activated))}))
+
+    def _local(self, ids: Tensor) -> Tensor:
+        """Indices within their dataset (their source's, for a mixed loader) of sample ids."""
+        return self._mixed.local(ids) if self._mixed is not None else ids
 
     def on_loader_end(self, runner: Any) -> None:
         if not self._active:
@@ -400,17 +467,20 @@ class InterpretationCallback(Callback):
         self._describe = self._sample_names(runner)
         names = list(dict.fromkeys(k for r in ranked.values() for i in r[1].tolist() for k in self._describe(i)))
         named = {path: [[self._describe(i).get(k) for i in r[1].tolist()] for k in names] for path, r in ranked.items()}
+        # as shown: indices within the dataset (a mixed loader's: within the source, named by `source`)
+        shown = ranked if self._mixed is None else {
+            path: (r[0], self._mixed.split(r[1])[1], r[2]) for path, r in ranked.items()}
         table = pd.DataFrame({
             "task_path": np.repeat(np.array(list(ranked), dtype=object), [len(r[0]) for r in ranked.values()]),
             "rank": np.concatenate([r[0] for r in ranked.values()]),
-            "dataset_index": np.concatenate([r[1] for r in ranked.values()]),
+            "dataset_index": np.concatenate([r[1] for r in shown.values()]),
             "loss": np.concatenate([r[2] for r in ranked.values()]),
             **{k: np.array([v for columns in named.values() for v in columns[j]], dtype=object)
                for j, k in enumerate(names)}}, columns=list(CSV_COLUMNS) + names)
         self.results[runner.loader_key] = table
         if is_main_process():  # DDP: loggers live on rank 0
             if self._logdir is not None:
-                _write_ranked_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), ranked,
+                _write_ranked_csv(os.path.join(self._logdir, f"interpretation_{runner.loader_key}.csv"), shown,
                                   names, named)
             self._publish(runner, ranked)
             if self._explained:
@@ -422,6 +492,8 @@ class InterpretationCallback(Callback):
         """`describe(index) -> {name: value}` for the loader's dataset, cached per index; `{}` for all
         samples when the dataset does not name them (or naming one fails, with a warning)."""
         describe, cache = sample_describer(getattr(runner, "loader", None)), {}
+        if self._mixed is not None:  # global ids: the mixed dataset names the source and the sample in it
+            describe = self._mixed.describe
 
         def names(index: int) -> Dict[str, Any]:
             nonlocal describe
@@ -445,7 +517,7 @@ class InterpretationCallback(Callback):
         prediction, loss), and their inputs, captioned with label, prediction and loss where the
         publisher takes a `caption` (images get a caption strip)."""
         dataset = getattr(getattr(runner, "loader", None), "dataset", None)
-        inputs = _InputReader(dataset, self._publisher, self._warn_inputs)
+        inputs = _InputReader(dataset if self._mixed is None else self._mixed, self._publisher, self._warn_inputs)
         tasks = {leaf.path: leaf.task for leaf in self._graph.leaves}
         for path, (ranks, indices, losses) in ranked.items():
             ranks, indices, losses = ranks.tolist(), indices.tolist(), losses.tolist()
@@ -454,9 +526,10 @@ class InterpretationCallback(Callback):
             texts = [self._label_and_prediction(tasks[path], path, i) for i in indices]
             lines = ["| " + " | ".join(["rank", "dataset index", *names, "label", "prediction", "loss"]) + " |",
                      "|---:|---:|" + "---|" * (len(names) + 2) + "---:|"]
+            shown = self._local(torch.tensor(indices, dtype=torch.int64)).tolist() if indices else []
             lines += ["| " + " | ".join([str(r), str(i), *(_cell(info.get(k, "")) for k in names), _cell(label),
                                          _cell(prediction), f"{loss:.6g}"]) + " |"
-                      for r, i, info, (label, prediction), loss in zip(ranks, indices, infos, texts, losses)]
+                      for r, i, info, (label, prediction), loss in zip(ranks, shown, infos, texts, losses)]
             log_text(runner, f"{path}/interpretation", "\n".join(lines))
             n = ranks[-1] if ranks else 0
             for r, i, info, (label, prediction), loss in zip(ranks, indices, infos, texts, losses):
@@ -496,10 +569,13 @@ class InterpretationCallback(Callback):
         outputs = {part: {leaf.path: torch.cat([s[1][part][leaf.path] for s in samples]) for leaf in self._graph.leaves}
                    for part in (LOGITS, ACTIVATED)}
         ids = [s[0] for s in samples]
-        names = [_sample_name(i, self._describe(i)) for i in ids]  # roots: "inp 3 (row 'r3', file a/3.png)"
-        for index, tree in zip(ids, self._explainer(outputs, ids=names)):
+        local = self._local(torch.tensor(ids, dtype=torch.int64)).tolist()
+        # roots: "inp 3 (row 'r3', file a/3.png)"; from a mixed loader "inp 3 (source 'coco', row ...)"
+        names = [_sample_name(i, self._describe(g)) for g, i in zip(ids, local)]
+        for gid, index, tree in zip(ids, local, self._explainer(outputs, ids=names)):
             text = tree.show(stdout=False, sorting=False)
-            log_text(runner, f"explanations/sample_{index}", "```\n" + text + "\n```")
+            where = f"{self._mixed.names[int(self._mixed.split(gid)[0])]}/" if self._mixed is not None else ""
+            log_text(runner, f"explanations/{where}sample_{index}", "```\n" + text + "\n```")
 
     def _gather_across_processes(self) -> None:
         """Under DDP, every process ranks the losses of all processes (a no-op in one process)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -9,9 +10,10 @@ from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
 from ..distributed import collective_device, world_size
-from ..keys import ACTIVATED, DECODED, LOGITS, LOSS_TERMS, MASK, METRIC_STATES
+from ..inference import SourceLayout, mixed_sources
+from ..keys import ACTIVATED, DECODED, LOGITS, LOSS_TERMS, MASK, METRIC_STATES, SOURCE
 from ..metrics import ConfusionMatrixMetric
-from .batch import ChunkBuffer, StackedLossTerms, labelled_batch
+from .batch import ChunkBuffer, StackedLossTerms, gather_kept, labelled_batch
 from .common import loader_selected, resolve_callback_flow
 from .loader_outputs import LoaderOutputs, shared_outputs
 from .publishers import log_confusion_matrix, log_pr_curve
@@ -39,6 +41,15 @@ class FlowMetricsCallback(Callback):
     so that Catalyst's loggers, checkpoint selection and early stopping can use them. Per batch,
     `runner.batch_metrics` gets `<path>/loss` (`log_batch_losses`).
 
+    Several sources: when the loader's dataset mixes sources (`dcc.MixedDataset`, whose batches
+    carry `X["source"]`), each metric is also computed over each source's samples alone, as
+    `<source>/<path>/<metric>`, for the tasks that source labels (`labelled_paths`): the value one
+    batch holding all of that source's samples of the loader would give, exact under DDP as the
+    overall ones. They are updated with the chunks of batches (a source's mask is the task's mask
+    and the source's rows), so a plain loader pays nothing and a mixed one one comparison per source
+    and chunk. Not with DataParallel memory balancing (the replicas reduce the states of the whole
+    batch): a warning says so once and only the overall values are logged.
+
     Batches whose metric states were computed inside DataParallel replicas (`"metric_states"` in
     `runner.batch`, see `runners.balance`) are merged as they are; only the decoded metrics of
     tunable tasks on loaders that do not train are computed here, from the gathered activated
@@ -63,11 +74,12 @@ class FlowMetricsCallback(Callback):
         buffer_elements: metrics are updated once per chunk of batches holding about this many
             output elements (the result is the same; per-batch updates of many small tasks cost
             more than a small model's training step).
+        per_source: on a loader that mixes sources, also log `<source>/<path>/<metric>`.
     """
 
     def __init__(self, flow: Any = None, loaders: Optional[Sequence[str]] = None, log_batch_losses: bool = True,
                  deferred_decoding: bool = True, pr_curves: bool = True, buffer_elements: int = 2 ** 24,
-                 confusion_matrices: bool = True):
+                 confusion_matrices: bool = True, per_source: bool = True):
         super().__init__(order=METRICS_ORDER)
         self.flow = flow
         self.loaders = list(loaders) if loaders is not None else None
@@ -76,6 +88,7 @@ class FlowMetricsCallback(Callback):
         self.pr_curves = pr_curves
         self.confusion_matrices = confusion_matrices
         self.buffer_elements = int(buffer_elements)
+        self.per_source = per_source
         # set at the experiment's start
         self._flow: Any = None
         self._leaves: Sequence[Any] = ()
@@ -90,6 +103,8 @@ class FlowMetricsCallback(Callback):
         self._binary: Set[str] = set()
         self._curved: Set[str] = set()
         self._buffer = ChunkBuffer(self.buffer_elements)
+        self._source_metrics: Dict[str, Any] = {}  # per source name: a FlowMetrics, made on first use
+        self._warned_reduced = False
         # set at each loader's start
         self._reset_loader(active=False)
 
@@ -105,6 +120,9 @@ class FlowMetricsCallback(Callback):
         self._defer: Set[str] = set(defer)  # tasks whose decoded metrics wait for the loader's end
         self._keep: Set[str] = set(keep)  # tasks whose activated outputs are kept over the loader
         self._shared: Optional[LoaderOutputs] = None
+        # several sources: (position, name, labelled paths, FlowMetrics) per source, or () for a plain loader
+        self._per_source: Tuple[Tuple[int, str, frozenset, Any], ...] = ()
+        self._kept_sources: List[Tensor] = []  # X["source"] of each batch, for the deferred decoded metrics
 
     # Setup ---------------------------------------------------------------------------------------
     def on_experiment_start(self, runner: Any) -> None:
@@ -122,6 +140,7 @@ class FlowMetricsCallback(Callback):
         # PR curves: binary tasks, and per class the thresholded tasks with several classes (multilabel)
         self._curved = self._binary | {leaf.path for leaf in self._leaves if leaf.task.decides_by_threshold}
         self._buffer = ChunkBuffer(self.buffer_elements)
+        self._source_metrics = {}
         self._reset_loader(active=False)
 
     def on_loader_start(self, runner: Any) -> None:
@@ -133,9 +152,24 @@ class FlowMetricsCallback(Callback):
         keep = set(defer) | (self._curved & self._tunable if self.pr_curves and evaluating else set())
         self._reset_loader(active=True, defer=defer, keep=keep)
         self._metrics.reset()
+        layout = mixed_sources(runner.loader) if self.per_source else None
+        if layout:
+            self._start_sources(layout)
         # the activated outputs kept over the loader are shared with the tuning callback
         self._shared = shared_outputs(runner, self._flow)
         self._shared.start(self, [p for p in self._paths if p in keep], self.buffer_elements)
+
+    def _start_sources(self, layout: SourceLayout) -> None:
+        """Per-source metrics for this loader, reset (only for the task paths of this flow)."""
+        paths = set(self._paths)
+        per_source = []
+        for position, (name, labelled) in enumerate(layout):
+            metrics = self._source_metrics.get(name)
+            if metrics is None:
+                metrics = self._source_metrics[name] = self._flow.get_metrics()
+            metrics.reset()
+            per_source.append((position, name, frozenset(labelled) & paths, metrics))
+        self._per_source = tuple(per_source)
 
     # Per batch: losses now, metrics per chunk of batches -------------------------------------------
     # No `torch.no_grad()` around the per-batch handler: switching the grad mode off and on costs
@@ -169,6 +203,8 @@ class FlowMetricsCallback(Callback):
                                             else means.unbind()))
         reduced = runner.batch.get(METRIC_STATES)
         if reduced is not None:
+            if self._per_source:
+                self._no_sources_with_reduced_states(runner)
             self._add_reduced(runner, reduced, outputs)
             return
         if self._keep:
@@ -177,9 +213,34 @@ class FlowMetricsCallback(Callback):
         parts = {source: outputs[source], "targets": targets, MASK: outputs[MASK]}
         if outputs.get(DECODED):  # decisions as taken now, by the decoders of this batch
             parts[DECODED] = {p: d for p, d in outputs[DECODED].items() if p not in self._defer}
+        if self._per_source:
+            parts[SOURCE] = {SOURCE: self._batch_sources(runner, batch.inputs, n)}
         self._buffer.add(n, parts)
         if self._buffer.full:
             self._flush()
+
+    def _batch_sources(self, runner: Any, inputs: Any, n: int) -> Tensor:
+        """`X["source"]` of the current batch, `(n,)`; kept on the CPU too when deferred decoded
+        metrics will need it at the loader's end."""
+        src = inputs.get(SOURCE) if hasattr(inputs, "get") else None
+        if not isinstance(src, Tensor) or src.numel() != n:
+            raise KeyError(f"FlowMetricsCallback: the dataset of loader {runner.loader_key!r} mixes sources "
+                           f"({[name for _, name, _, _ in self._per_source]}) but a batch of {n} samples carries "
+                           f"{'no' if not isinstance(src, Tensor) else f'{src.numel()} values in'} X[{SOURCE!r}]; "
+                           f"use the loader of the MixedDataset (MixedDataset.loader), which adds it")
+        src = src.detach().reshape(-1)
+        if self._defer:
+            self._kept_sources.append(src.cpu())
+        return src
+
+    def _no_sources_with_reduced_states(self, runner: Any) -> None:
+        self._per_source = ()
+        if not self._warned_reduced:
+            self._warned_reduced = True
+            warnings.warn(f"FlowMetricsCallback: loader {runner.loader_key!r} mixes sources, but its metric states "
+                          f"were reduced inside DataParallel replicas (balance_dataparallel_memory=True), over whole "
+                          f"batches: only the overall metrics are logged, not <source>/<path>/<metric>",
+                          stacklevel=3)
 
     def _add_reduced(self, runner: Any, states: Dict[str, Tensor], outputs: Dict[str, Any]) -> None:
         """A batch reduced inside DataParallel replicas: its metric states, and the activated
@@ -219,18 +280,29 @@ class FlowMetricsCallback(Callback):
             return
         chunk = self._buffer.take()
         activated, logits, decoded = chunk.get(ACTIVATED), chunk.get(LOGITS), chunk.get(DECODED) or {}
+        sources = self._source_rows(chunk[SOURCE][SOURCE]) if SOURCE in chunk else ()
         for leaf in self._leaves:
             p = leaf.path
             a = activated[p] if activated is not None else leaf.task.activate(logits[p])
             y, m = chunk["targets"][p], chunk[MASK][p]
             d = decoded.get(p)
-            for g in self._groups[p]:
+            for i, g in enumerate(self._groups[p]):
                 if g.uses == "activated":
-                    g.update(a, y, m)
+                    preds = a
                 elif p not in self._defer:
                     if d is None:
                         d = leaf.task.decode(a)
-                    g.update(d, y, m)
+                    preds = d
+                else:
+                    continue
+                g.update(preds, y, m)
+                for labelled, metrics, rows in sources:
+                    if p in labelled:  # the same group of the source's own metrics, on its rows only
+                        metrics.groups_by_path[p][i].update(preds, y, m.reshape(-1) & rows)
+
+    def _source_rows(self, src: Tensor) -> List[Tuple[frozenset, Any, Tensor]]:
+        """`(labelled paths, metrics, rows (N,) bool)` of each source, for a chunk's `X["source"]`."""
+        return [(labelled, metrics, src == position) for position, _, labelled, metrics in self._per_source]
 
     # Loader end ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -253,13 +325,17 @@ class FlowMetricsCallback(Callback):
             self._sums, self._counts = totals[:, 0], totals[:, 1]
         self._reduce_across_processes(runner)
         kept = self._shared.outputs() if self._keep else {}
+        sources = self._deferred_source_rows(kept)
         for leaf in self._leaves:
             if leaf.path in self._defer and leaf.path in kept:
                 a, y, m = kept[leaf.path]
                 d = leaf.task.decode(a)  # with the decoder as it is now: thresholds tuned on this loader apply
-                for g in self._groups[leaf.path]:
+                for i, g in enumerate(self._groups[leaf.path]):
                     if g.uses != "activated":
                         g.update(d, y, m)
+                        for labelled, metrics, rows in sources:
+                            if leaf.path in labelled:
+                                metrics.groups_by_path[leaf.path][i].update(d, y, m.reshape(-1) & rows)
         metrics: Dict[str, float] = {}
         if self._sums is not None:
             for p, s, c in zip(self._paths, self._sums.tolist(), self._counts.tolist()):
@@ -270,11 +346,29 @@ class FlowMetricsCallback(Callback):
         if self._user_loss[1] > 0:  # a criterion of the user's: the loader loss is its sample-weighted mean
             metrics["loss"] = self._user_loss[0] / self._user_loss[1]
         metrics.update(self._metrics.compute())
+        for _, name, labelled, source_metrics in self._per_source:
+            metrics.update({f"{name}/{tm.key}": tm.metric.compute() for tm in source_metrics if tm.path in labelled})
         runner.loader_metrics.update(metrics)
         if self.pr_curves and not runner.is_train_loader:
             self._log_pr_curves(runner, kept)
         if self.confusion_matrices and not runner.is_train_loader:
             self._log_confusion_matrices(runner)
+
+    def _deferred_source_rows(self, kept: Dict[str, Tuple[Tensor, Tensor, Tensor]]) -> List[Tuple[frozenset, Any, Tensor]]:
+        """`_source_rows` for the kept outputs of the whole loader (every process's, in rank order
+        as `LoaderOutputs.outputs` joins them); empty without deferred tasks or sources."""
+        if not self._per_source or not any(p in kept for p in self._defer):
+            return []
+        if world_size() > 1:  # every process calls this (same loader, same sources), as for the outputs
+            parts = gather_kept({SOURCE: self._kept_sources})[SOURCE]
+        else:
+            parts = self._kept_sources
+        src = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        n = next(kept[p][0].shape[0] for p in self._defer if p in kept)
+        if src.shape[0] != n:
+            raise RuntimeError(f"FlowMetricsCallback: {src.shape[0]} sources kept for {n} kept outputs; the batches "
+                               f"offered to LoaderOutputs and to this callback differ")
+        return self._source_rows(src)
 
     def _log_pr_curves(self, runner: Any, kept: Dict[str, Tuple[Tensor, Tensor, Tensor]]) -> None:
         for leaf in self._leaves:
@@ -326,3 +420,5 @@ class FlowMetricsCallback(Callback):
         dist.all_reduce(user)
         self._user_loss = [float(user[0]), int(user[1])]
         self._metrics.all_reduce(device)  # each shared state once; one collective for the scalar states
+        for _, _, _, source_metrics in self._per_source:  # the same sources on every process
+            source_metrics.all_reduce(device)

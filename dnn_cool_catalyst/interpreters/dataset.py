@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from ..errors import InputError, LabelError
+from ..errors import InputError, LabelError, capped, did_you_mean
 from ..graph import FlowGraph, lookup
 from ..keys import GT, INDEX
 from .module import read_input
@@ -113,6 +113,11 @@ class FlowDataset(Dataset):
     such feature here; a feature that nobody computes fails at the model's first forward, naming
     the task and the keys `X` has.
     `labels`: task path -> labels in the task's format (missing marker where unannotated).
+    `partial=True`: a source labelled for some of the flow's tasks only (one of several sources
+    that `MixedDataset` mixes): every task without an entry in `labels` is missing for all samples
+    (`task.missing_labels`), in `y` and in `X["gt"]` alike; an unknown task path is still an error.
+    `labelled_paths` is the frozenset of the paths whose labels were given (every path without
+    `partial`).
     `X["index"]` lets callbacks and `FlowRunner.predict` name samples correctly under shuffling;
     `with_index=False` leaves it out (for a model that cannot ignore the extra key).
     `computed` is accepted for compatibility and not needed any more: inputs are never checked
@@ -120,7 +125,7 @@ class FlowDataset(Dataset):
     """
 
     def __init__(self, graph: FlowGraph, inputs: Mapping[str, Any], labels: Mapping[str, Any],
-                 with_index: bool = True, computed: Sequence[str] = ()):
+                 with_index: bool = True, computed: Sequence[str] = (), partial: bool = False):
         if not isinstance(inputs, Mapping) or not isinstance(labels, Mapping):
             raise TypeError("get_dataset(inputs, labels) takes two mappings: feature -> array, task path -> labels")
         reserved = {GT, INDEX} & set(inputs)
@@ -144,15 +149,22 @@ class FlowDataset(Dataset):
         if len(set(lengths.values())) > 1:
             raise InputError(f"inputs have different lengths: {lengths}")
         n = next(iter(lengths.values())) if lengths else None
-        missing = [p for p in graph.paths if p not in labels]
-        if missing:
-            raise LabelError(f"labels have no entry for task(s) {missing} of flow {graph.name!r} "
-                             f"(pass an all-missing array to leave a task unannotated); they have {sorted(labels)}")
         extra = sorted(set(labels) - set(graph.paths))
         if extra:
-            raise LabelError(f"labels for unknown task path(s) {extra}; flow {graph.name!r} has {list(graph.paths)}")
+            raise LabelError(f"labels for unknown task path(s) {capped(extra)}"
+                             f"{did_you_mean(extra[0], graph.paths, listed=0)}; flow {graph.name!r} has "
+                             f"{capped(graph.paths)}")
+        missing = [p for p in graph.paths if p not in labels]
+        if missing and not partial:
+            raise LabelError(f"labels have no entry for task(s) {capped(missing)} of flow {graph.name!r}; they have "
+                             f"{capped(sorted(labels))}. For a source labelled for some tasks only, pass "
+                             "partial=True (the others are then missing for every sample), or pass an all-missing "
+                             "array for each unannotated task")
+        self.labelled_paths = frozenset(p for p in graph.paths if p in labels)
         self.labels: Dict[str, Tensor] = {}
         for leaf in graph.leaves:
+            if leaf.path not in labels:
+                continue  # partial: all missing, made below once the number of samples is known
             try:
                 t = leaf.task.prepare_labels(labels[leaf.path])
             except LabelError as e:
@@ -166,7 +178,18 @@ class FlowDataset(Dataset):
                 raise LabelError(f"task {leaf.path!r}: {t.shape[0]} labels of shape {tuple(t.shape)} for "
                                  f"{n} samples (inputs: {', '.join(f'{k} {_shape(v)}' for k, v in self.inputs.items())})")
             self.labels[leaf.path] = t
-        self.n = int(n or 0)
+        if n is None:
+            raise LabelError(f"get_dataset(partial=True) without inputs or labels cannot tell the number of samples "
+                             f"of flow {graph.name!r}: give the inputs, or the labels of at least one task")
+        for leaf in graph.leaves:
+            if leaf.path not in labels:
+                try:
+                    self.labels[leaf.path] = leaf.task.missing_labels(n)
+                except LabelError as e:
+                    raise LabelError(f"task path {leaf.path!r} has no labels (partial=True) and cannot be left "
+                                     f"missing by itself: {e}") from None
+        self.labels = {leaf.path: self.labels[leaf.path] for leaf in graph.leaves}  # the flow's order
+        self.n = int(n)
         self.gt_paths = graph.condition_paths
 
     def __len__(self) -> int:

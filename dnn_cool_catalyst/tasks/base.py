@@ -296,6 +296,22 @@ class ITask(abc.ABC):
         """Fresh metric objects `(name, metric)` for this task."""
         return []
 
+    def label_shape(self) -> Optional[Tuple[int, ...]]:
+        """The shape of one sample's labels without the batch dimension (`()` for one label per
+        sample, `(C,)` for a multilabel task with C named classes), or None where the data decides
+        it (a multilabel task without `class_names`, token labels, a custom task): what
+        `missing_labels` needs."""
+        return None
+
+    def missing_labels(self, n: int) -> Tensor:
+        """Labels of `n` samples that are all missing, in the canonical dtype and shape: what
+        `flow.get_dataset(..., partial=True)` gives a task that a source does not label. Raises
+        `LabelError` when the shape is unknown (`label_shape` is None) or the task has no missing
+        marker."""
+        raise LabelError(f"task {self.name!r} ({type(self).__name__}) does not know the shape of its labels before "
+                         "it sees some: pass all-missing labels yourself, an array of shape (N, ...) full of its "
+                         "missing marker (a multilabel task knows its shape once it has class_names)")
+
     def label_bound(self, logits: Tensor) -> Optional[int]:
         """For labels that index the last dimension of the logits (class indices, token ids): the
         size of that dimension, which every label must stay below (the flow loss checks it before
@@ -418,6 +434,14 @@ class Task(ITask):
 
     def create_metrics(self) -> List[Tuple[str, Any]]:
         return [(name, copy.deepcopy(m)) for name, m in self.metrics]
+
+    def missing_labels(self, n: int) -> Tensor:
+        shape = self.label_shape()
+        if shape is None:
+            return ITask.missing_labels(self, n)  # its error: the shape is the data's
+        values = torch.full((int(n), *shape), self.missing, dtype=torch.float64 if self.label_dtype.is_floating_point
+                            else torch.int64)
+        return self.prepare_labels(values)  # the task's own dtype and checks: a marker it refuses fails here
 
 
 class RankedTask(Task):

@@ -48,6 +48,10 @@ class BinaryClassificationTask(Task):
         and the decoder's threshold as it is now (`<=` where the probability does not exceed it)."""
         return describe_decisions(decoded, activated, logits, self.decoder.threshold, None, digits, max_values)
 
+    def label_shape(self) -> Optional[Tuple[int, ...]]:
+        """One label per sample."""
+        return ()
+
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)
         bad = ~(torch.isnan(t) | (t == 0) | (t == 1))

@@ -1,7 +1,7 @@
 """Multi-class classification: softmax, classes sorted by probability, cross entropy; labels int, -1 missing."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,10 @@ class ClassificationTask(RankedTask):
                          + [(averaged_name(kind, average, "macro"), ConfusionMatrixMetric(kind, n, average))
                             for kind in ConfusionMatrixMetric.KINDS],
                          available_func=_index_available, missing=-1, label_dtype=torch.int64, weight=weight)
+
+    def label_shape(self) -> Optional[Tuple[int, ...]]:
+        """One label per sample."""
+        return ()
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(raw_labels(values, self.name), self.name)

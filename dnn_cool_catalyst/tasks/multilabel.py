@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,6 +50,10 @@ class MultilabelClassificationTask(Task):
         decoder's threshold as it is now."""
         return describe_decisions(decoded, activated, logits, self.decoder.threshold, self.class_names, digits,
                                   max_values)
+
+    def label_shape(self) -> Optional[Tuple[int, ...]]:
+        """`(C,)` with `class_names`; without them the number of classes is the data's (None)."""
+        return (len(self.class_names),) if self.class_names is not None else None
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = raw_labels(values, self.name).to(torch.float32)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,10 @@ class BoundedRegressionTask(Task):
                          metrics=[("mean_absolute_error", MeanAbsoluteError(1.0)),
                                   ("mean_absolute_error_decoded", MeanAbsoluteError(scale))],
                          available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
+
+    def label_shape(self) -> Optional[Tuple[int, ...]]:
+        """One label per sample."""
+        return ()
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = check_vector_labels(super().prepare_labels(values), self.name)

@@ -312,3 +312,43 @@ def test_label_and_prediction_falls_back_to_raw_values_when_the_task_cannot_desc
 
     broken = Broken(name="broken", module=nn.Linear(1, 1), loss=lambda z, y: z)
     assert label_and_prediction(broken, torch.tensor([0.5, 2]), torch.tensor([0.25])) == ("[0.5, 2]", "[0.25]")
+
+
+def test_a_mixed_loader_names_the_source_of_each_ranked_sample(small_flow, fake_runner_cls, two_security_sources,
+                                                               tmp_path, assert_clear_ranking):
+    mixed = two_security_sources(small_flow)
+    runner = fake_runner_cls(small_flow, logdir=str(tmp_path))
+    cb = InterpretationCallback(top_k=2, explain=1)
+    runner.start([cb])
+    runner.run_loader([cb], "valid", mixed.loader(batch_size=16))
+    table = pd.read_csv(tmp_path / "interpretation_valid.csv")
+    assert tuple(table.columns) == CSV_COLUMNS + ("row", "source")  # the source's names, then its own
+    # dataset_index counts within the source: the row names (made as "<source>-<index>") agree
+    assert table["row"].tolist() == [f"{s}-{i}" for s, i in zip(table["source"], table["dataset_index"])]
+    # the ranking runs over both sources together; samples of different sources with the same
+    # index are different samples (ties by source, then index)
+    per_source = {name: per_sample_losses(small_flow, mixed.sources[name]) for name in mixed.source_names}
+    for name in mixed.source_names:
+        assert_clear_ranking(per_source[name], 2)
+    for path in small_flow.graph.paths:
+        candidates = [(-float(v), s, i) for s, name in enumerate(mixed.source_names)
+                      for i, v in enumerate(per_source[name][path].tolist()) if not math.isnan(v)]
+        expected = sorted(candidates)
+        n = len(expected)
+        rows = table[table["task_path"] == path]
+        assert rows["rank"].tolist() == [r for r in range(1, n + 1) if r <= 2 or r > n - 2]
+        picked = [expected[r - 1] for r in rows["rank"]]
+        assert rows["source"].tolist() == [mixed.source_names[s] for _, s, _ in picked]
+        assert rows["dataset_index"].tolist() == [i for _, _, i in picked]
+    # door tasks rank only door_cam's samples (people's have no door labels), and the other way round
+    assert set(table[table["task_path"] == "door_open"]["source"]) == {"door_cam"}
+    assert set(table[table["task_path"] == "person_present"]["source"]) == {"people"}
+    texts = {tag: text for _, tag, text in runner.logger.texts}
+    lines = texts["door_open/interpretation"].splitlines()
+    assert lines[0] == "| rank | dataset index | row | source | label | prediction | loss |"
+    first = table[table["task_path"] == "door_open"].iloc[0]
+    assert lines[2].startswith(f"| 1 | {first['dataset_index']} | door_cam-{first['dataset_index']} | door_cam | ")
+    # the first sample of each source is explained, its source in the tag and the root
+    assert sorted(t for t in texts if t.startswith("explanations/")) == ["explanations/door_cam/sample_0",
+                                                                          "explanations/people/sample_0"]
+    assert texts["explanations/people/sample_0"].splitlines()[1] == "inp 0 (row 'people-0', source people)"

@@ -260,3 +260,159 @@ def test_a_custom_kind_that_decides_by_threshold_gets_a_pr_curve(fake_runner_cls
     assert (key, tag) == ("valid", "gate/pr_curve")
     np.testing.assert_array_equal(got, labels[5:] > 0.5)  # the available labels only
     assert len(scores) == 35
+
+
+@pytest.mark.parametrize("loader_key,buffer_elements", [("valid", 2 ** 24), ("train", 2 ** 24), ("valid", 1)])
+def test_per_source_metrics_equal_the_metrics_of_each_source_alone(small_flow, fake_runner_cls, two_security_sources,
+                                                                  loader_key, buffer_elements, assert_clear_decisions):
+    mixed = two_security_sources(small_flow)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback(buffer_elements=buffer_elements)
+    runner.start([cb])
+    # batches mixing both sources, of unequal size (120 samples in batches of 32)
+    got = runner.run_loader([cb], loader_key, mixed.loader(batch_size=32))
+    metric_names = {tm.name for tm in small_flow.get_metrics()}
+    for name in mixed.source_names:
+        alone, _ = whole_loader_reference(small_flow, mixed.sources[name], train_mode=loader_key == "train",
+                                          assert_clear_decisions=assert_clear_decisions)
+        labelled = mixed.labelled_paths(name)
+        expected = {f"{name}/{key}": v for key, v in alone.items()
+                    if key.rsplit("/", 1)[0] in labelled and key.rsplit("/", 1)[1] in metric_names}
+        assert expected  # every metric of every task the source labels
+        assert_same(got, expected)
+        logged = {k for k in got if k.startswith(f"{name}/")}
+        assert logged == set(expected)  # nothing for the tasks the source does not label
+    # the overall metrics are those of the whole mixture
+    x, y = zip(*(mixed.sources[n][list(range(len(mixed.sources[n])))] for n in mixed.source_names))
+    with torch.no_grad():
+        small_flow.torch().train(loader_key == "train")
+        metrics = small_flow.get_metrics()
+        for xs, ys in zip(x, y):
+            metrics.update(small_flow.torch()(xs), ys)
+    assert_same(got, metrics.compute())
+
+
+def test_a_plain_loader_logs_no_per_source_metrics(small_flow, small_data, fake_runner_cls, two_security_sources):
+    ds = small_flow.get_dataset(*small_data)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    got = runner.run_loader([cb], "valid", ds.loader(batch_size=50))
+    assert all(k.split("/")[0] not in ("door_cam", "people") for k in got)
+    mixed = two_security_sources(small_flow)
+    cb = FlowMetricsCallback(per_source=False)
+    runner.start([cb])
+    got = runner.run_loader([cb], "valid", mixed.loader(batch_size=50))
+    assert all(k.split("/")[0] not in mixed.source_names for k in got)
+
+
+def test_a_mixed_loader_whose_batches_lack_the_source_is_named(small_flow, fake_runner_cls, two_security_sources):
+    mixed = two_security_sources(small_flow)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+
+    class NoSource:
+        dataset = mixed
+
+        def __iter__(self):
+            for x, y in mixed.loader(batch_size=40):
+                del x["source"]
+                yield x, y
+
+    with pytest.raises(KeyError, match=r"loader 'valid' mixes sources \(\['door_cam', 'people'\]\).*X\['source'\]"):
+        runner.run_loader([cb], "valid", NoSource())
+
+
+_DDP_SOURCES_SCRIPT = """
+import importlib.util, json, sys
+import torch, torch.distributed as dist
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+rank, world, init, out, tests = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+fakes = load("root_conftest", tests + "/conftest.py")
+runners = load("callbacks_conftest", tests + "/callbacks/conftest.py")
+from dnn_cool_catalyst.callbacks import FlowMetricsCallback
+from dnn_cool_catalyst.story import security_tasks
+
+if world > 1:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+torch.manual_seed(0)
+flow = security_tasks(features=8).get_full_flow()
+mixed = fakes.make_two_security_sources(flow)
+
+runner = runners.FakeRunner(flow)
+cb = FlowMetricsCallback()
+runner.start([cb])
+# under the process group each rank draws every world-th sample of the same epoch (120 samples: no padding)
+got = runner.run_loader([cb], "valid", mixed.loader(batch_size=16, distributed=True))
+json.dump({k: float(v) for k, v in got.items()}, open(out, "w"))
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def test_per_source_metrics_under_ddp_equal_one_process_on_the_whole_mixture(tmp_path):
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = str(pathlib.Path(__file__).resolve().parents[1])
+    init = f"file://{tmp_path / 'pg'}"
+
+    def run(world):
+        procs = [subprocess.Popen([sys.executable, "-c", _DDP_SOURCES_SCRIPT, str(r), str(world), init,
+                                   str(tmp_path / f"w{world}_r{r}.json"), tests],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+        return [json.loads((tmp_path / f"w{world}_r{r}.json").read_text()) for r in range(world)]
+
+    (alone,) = run(1)
+    ranks = run(2)
+    per_source = {k for k in alone if k.split("/")[0] in ("door_cam", "people")}
+    assert {k.split("/")[0] for k in per_source} == {"door_cam", "people"}
+    for got in ranks:  # every process holds the global values
+        assert set(got) == set(alone)
+        for key in sorted(alone):
+            # the same samples in other batches: float32 sums in another order (see assert_same);
+            # decisions are counted exactly
+            if math.isnan(alone[key]):
+                assert math.isnan(got[key]), key
+            else:
+                assert got[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-7), key
+
+
+class ReducedInReplicas(SetThresholdAtLoaderEnd):
+    """Leaves the batch's metric states in `runner.batch` as DataParallel memory balancing does."""
+
+    def __init__(self, flow):
+        self.flow = flow
+
+    def on_loader_end(self, runner):
+        pass
+
+    def on_batch_end(self, runner):
+        from dnn_cool_catalyst.callbacks.batch import METRIC_STATES, OUTPUTS, TARGETS
+
+        metrics = self.flow.get_metrics()
+        metrics.update(runner.batch[OUTPUTS], runner.batch[TARGETS])
+        runner.batch[METRIC_STATES] = metrics.states()
+
+
+def test_per_source_metrics_are_left_out_with_a_warning_when_replicas_reduced_the_states(small_flow, fake_runner_cls,
+                                                                                        two_security_sources):
+    mixed = two_security_sources(small_flow)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback(deferred_decoding=False, pr_curves=False)
+    runner.start([cb])
+    with pytest.warns(UserWarning, match=r"loader 'valid' mixes sources, but its metric states were reduced inside "
+                                         r"DataParallel replicas"):
+        got = runner.run_loader([ReducedInReplicas(small_flow), cb], "valid", mixed.loader(batch_size=32))
+    assert "door_open/accuracy" in got and not any(k.split("/")[0] in mixed.source_names for k in got)

@@ -122,3 +122,75 @@ def test_every_batch_carries_the_sample_index_unless_opted_out(security_flow, se
     assert out["logits"]["door_open"].shape == (2, 1)
     off = security_flow.get_dataset(inputs, labels, with_index=False)
     assert "index" not in off[0][0] and "index" not in off[[0, 1]][0]
+
+
+# partial=True: a source labelled for some tasks only ---------------------------------------------------
+
+A_PATHS = ("camera_blocked", "door_open", "door_locked")
+
+
+def test_partial_source_leaves_the_other_tasks_missing_in_y_and_gt(security_flow, security_data):
+    inputs, labels = security_data
+    ds = security_flow.get_dataset(inputs, {p: labels[p] for p in A_PATHS}, partial=True)
+    full = security_flow.get_dataset(inputs, labels)
+    assert ds.labelled_paths == frozenset(A_PATHS)
+    assert full.labelled_paths == frozenset(security_flow.graph.paths)
+    x, y = ds[list(range(10))]
+    assert list(y) == list(full[0][1])  # every task of the flow, in the flow's order
+    for leaf in security_flow.graph.leaves:
+        want = full.labels[leaf.path]
+        got = y[leaf.path]
+        assert got.dtype == want.dtype and got.shape[1:] == want.shape[1:], leaf.path
+        if leaf.path in A_PATHS:
+            torch.testing.assert_close(got, want[:10], equal_nan=True)
+        else:
+            assert not leaf.task.available(got).any(), leaf.path  # each task's own missing marker
+    assert set(x["gt"]) == {"camera_blocked", "door_open", "person_present"}
+    assert torch.isnan(x["gt"]["person_present"]).all()
+    torch.testing.assert_close(x["gt"]["door_open"], full.labels["door_open"][:10], equal_nan=True)
+    # the classification task's marker is -1 (int64), the multilabel one NaN per class
+    assert torch.equal(y["person_regression.body_regression.shirt_type"], torch.full((10,), -1))
+    assert y["person_regression.face_regression.facial_characteristics"].shape == (10, 3)
+
+
+def test_partial_still_refuses_unknown_paths_and_needs_the_flag(security_flow, security_data):
+    inputs, labels = security_data
+    with pytest.raises(dcc.LabelError, match=r"unknown task path.*'door_opne'.*did you mean 'door_open'"):
+        security_flow.get_dataset(inputs, {"door_opne": labels["door_open"]}, partial=True)
+    with pytest.raises(dcc.LabelError, match=r"no entry for task.*'person_present'.*partial=True"):
+        security_flow.get_dataset(inputs, {p: labels[p] for p in A_PATHS})
+
+
+def test_partial_task_that_cannot_know_its_label_shape_is_named():
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)),
+                       dcc.MultilabelClassificationTask("tags", nn.Linear(3, 4))])  # no class_names: C unknown
+
+    @tasks.add_flow
+    def full(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.tags(x.f) | out.gate
+        return out
+
+    f = np.zeros((5, 3), np.float32)
+    with pytest.raises(dcc.LabelError, match=r"task path 'tags' has no labels \(partial=True\).*shape"):
+        full.get_dataset({"f": f}, {"gate": np.ones(5)}, partial=True)
+    # given all-missing labels of the right shape, it works
+    ds = full.get_dataset({"f": f}, {"gate": np.ones(5), "tags": np.full((5, 4), np.nan)}, partial=True)
+    assert ds.labelled_paths == {"gate", "tags"}  # what was given, even if all missing
+    with pytest.raises(dcc.LabelError, match="number of samples"):
+        full.get_dataset({}, {}, partial=True)
+
+
+@pytest.mark.parametrize("task", [
+    dcc.BinaryClassificationTask("t", nn.Linear(2, 1)),
+    dcc.ClassificationTask("t", nn.Linear(2, 3)),
+    dcc.BoundedRegressionTask("t", nn.Linear(2, 1)),
+    dcc.MultilabelClassificationTask("t", nn.Linear(2, 3), class_names=["a", "b", "c"]),
+])
+def test_missing_labels_of_every_kind_are_unavailable_and_canonical(task):
+    m = task.missing_labels(4)
+    assert m.shape == (4, *task.label_shape()) and m.dtype == task.label_dtype
+    assert not task.available(m).any()
+    logits = torch.zeros(4, 3) if task.label_shape() == (3,) or isinstance(task, dcc.ClassificationTask) else \
+        torch.zeros(4, 1)
+    assert task.sample_loss(logits, m).isnan().all()  # no available element: no loss (NaN, left out of means)

@@ -1,0 +1,32 @@
+"""The story's helpers: the two-source split of the annotation table."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from dnn_cool_catalyst.story import DOOR_TASKS, security_labels, two_source_tables
+
+
+def _story_table(n=40):
+    labels = security_labels(n, seed=1)
+    df = pd.DataFrame({"img": [f"{i:03d}.png" for i in range(n)]}, index=[f"r{i}" for i in range(n)])
+    for path, v in labels.items():
+        name = path.rsplit(".", 1)[-1]
+        df[name] = list(v) if v.ndim > 1 else v
+    return df
+
+
+def test_two_source_tables_are_disjoint_halves_labelled_for_their_own_tasks():
+    df = _story_table()
+    tables = two_source_tables(df, seed=3)
+    door, people = tables["door_cam"], tables["people"]
+    assert list(door.columns) == ["img", *DOOR_TASKS]
+    assert list(people.columns) == ["img", "person_present", *[c for c in df.columns[5:]]]
+    assert len(door) == 20 and len(people) == 20
+    assert not set(door.index) & set(people.index) and set(door.index) | set(people.index) == set(df.index)
+    pd.testing.assert_frame_equal(door, df.loc[door.index, door.columns])  # rows as they were, index labels kept
+    again = two_source_tables(df, seed=3)
+    assert list(again["door_cam"].index) == list(door.index)  # seeded
+    assert list(two_source_tables(df, seed=4)["door_cam"].index) != list(door.index)
+    with pytest.raises(KeyError, match=r"no input column\(s\) \['image'\]"):
+        two_source_tables(df, input_cols=["image"])
+    assert np.isnan(people["person_present"]).any()  # rows whose door is closed carry no person labels
