@@ -91,15 +91,16 @@ class MixedDataset(Dataset):
         self.graph: FlowGraph = next(iter(self.sources.values())).graph
         self.sizes = np.array([len(ds) for ds in self.sources.values()], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        # Every source's labels in one table, indexed by key: one gather per task and batch, whatever the
-        # number of sources in it (labels are small next to the inputs, which stay with their source).
+        # Every source's labels in one table, indexed by key: one gather per task and batch, whatever
+        # the number of sources in it (labels are small next to the inputs, which stay with their source).
         self._labels: Dict[str, Tensor] = {p: torch.cat([ds.labels[p] for ds in self.sources.values()])
                                            for p in self.graph.paths}
         self._gt_paths = tuple(self.graph.condition_paths)
         self.sampling = sampling if isinstance(sampling, str) else dict(sampling)
         self.temperature = temperature
         self._weights = _weights(self.source_names, self.sizes, sampling, temperature)
-        self.probabilities: Dict[str, float] = dict(zip(self.source_names, (self._weights / self._weights.sum()).tolist()))
+        p = self._weights / self._weights.sum()
+        self.probabilities: Dict[str, float] = dict(zip(self.source_names, p.tolist()))  # p_i of each source
         self.epoch_size = int(self.offsets[-1]) if epoch_size is None else _positive_int(epoch_size, "epoch_size")
         self.seed = _seed(seed)
         self._starts: Dict[int, List[np.ndarray]] = {}  # seed -> each epoch's start in every source's stream
@@ -122,7 +123,8 @@ class MixedDataset(Dataset):
         """The flat key of sample `index` of the source at `source_position` (`ds[key]` is that sample)."""
         pos, i = int(source_position), int(index)
         if not 0 <= pos < len(self.source_names) or not 0 <= i < self.sizes[pos]:
-            raise IndexError(f"no sample {i} in source position {pos} (sources: {dict(zip(self.source_names, self.sizes.tolist()))})")
+            sizes = dict(zip(self.source_names, self.sizes.tolist()))
+            raise IndexError(f"no sample {i} in the source at position {pos} (sources and their sizes: {sizes})")
         return int(self.offsets[pos]) + i
 
     # Fetching ---------------------------------------------------------------------------------------
@@ -394,10 +396,15 @@ def _check_labels(sources: Mapping[str, FlowDataset]) -> None:
         for path, t in sources[name].labels.items():
             r = ref[path]
             if t.shape[1:] != r.shape[1:] or t.dtype != r.dtype:
-                raise LabelError(f"MixedDataset: task {path!r} has labels of shape (N, {', '.join(map(str, t.shape[1:]))}) "
-                                 f"{t.dtype} in source {name!r} but (N, {', '.join(map(str, r.shape[1:]))}) {r.dtype} in "
-                                 f"source {names[0]!r}; the task's head has one output size, so every source's labels "
-                                 "of a task must have one per-sample shape (e.g. the same number of classes)")
+                raise LabelError(f"MixedDataset: task {path!r} has labels of shape {_batch_shape(t)} {t.dtype} in "
+                                 f"source {name!r} but {_batch_shape(r)} {r.dtype} in source {names[0]!r}; the "
+                                 "task's head has one output size, so every source's labels of a task must have one "
+                                 "per-sample shape (e.g. the same number of classes)")
+
+
+def _batch_shape(t: Tensor) -> str:
+    """`(N,)`, `(N, 5)`: a label tensor's shape with the batch dimension named."""
+    return "(" + ", ".join(["N", *map(str, t.shape[1:])]) + ("," if t.dim() == 1 else "") + ")"
 
 
 def _weights(names: Sequence[str], sizes: np.ndarray, sampling: Sampling, temperature: Optional[float]) -> np.ndarray:
@@ -473,8 +480,9 @@ def _concat(parts: Sequence[Any], back: Optional[Tensor], names: Sequence[str], 
             joined = torch.cat(parts)
         except RuntimeError:
             shapes = ", ".join(f"{n}: {tuple(p.shape[1:])}" for n, p in zip(names, parts))
-            raise InputError(f"MixedDataset: input {where!r} differs in per-sample shape between sources ({shapes}); "
-                             "every source must give one shape (resize the images or other items to one size)") from None
+            raise InputError(f"MixedDataset: input {where!r} differs in per-sample shape between sources "
+                             f"({shapes}); every source must give one shape (resize the images or other items to "
+                             "one size)") from None
         return joined if back is None else joined.index_select(0, back)
     joined = [v for p in parts for v in p]
     return joined if back is None else [joined[j] for j in back.tolist()]

@@ -96,6 +96,13 @@ def test_keys_in_any_order_come_back_in_that_order_also_for_lazy_inputs():
     assert torch.equal(mixed[torch.tensor(asked)][0]["index"], x["index"])  # a tensor of keys too
     with pytest.raises(IndexError, match="out of range"):
         mixed[[-1]]
+    # lazy inputs cannot be checked before they are read: a batch whose sources' items differ names them
+    for name, n, width in (("p", 5, 2), ("q", 7, 3)):
+        sources[name] = flow.get_dataset({"f": torch.zeros(n, 3), "names": [np.zeros(width)] * n},
+                                         {"gate": np.ones(n), "tags": np.full((n, 2), np.nan)})
+    mixed = dcc.MixedDataset(sources)
+    with pytest.raises(dcc.InputError, match=r"input 'names' differs.*p: \(2,\), q: \(3,\)"):
+        mixed[[0, 5]]
 
 
 def test_every_proportional_epoch_is_each_sample_once_in_a_new_order(sources):
