@@ -165,17 +165,17 @@ class MixedDataset(Dataset):
             grouped = bool(np.all(pos[1:] >= pos[:-1]))  # the loader's batches are (sorted keys)
             order = None if grouped else np.argsort(pos, kind="stable")
             rows = local if order is None else local[order]
-            parts, start = [], 0
+            chunks, start = [], 0
             for p in present:
-                chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + counts[p]]))
+                chunks.append((self.sources[self.source_names[p]].inputs,
+                               torch.from_numpy(np.ascontiguousarray(rows[start:start + counts[p]]))))
                 start += counts[p]
-                parts.append({k: _take(v, chunk, k) for k, v in self.sources[self.source_names[p]].inputs.items()})
             back = None
             if order is not None:
                 back = np.empty_like(order)
                 back[order] = np.arange(len(order))  # where each asked key sits among the joined rows
                 back = torch.from_numpy(back)
-            x = _concat(parts, back, [self.source_names[p] for p in present], "input")
+            x = _gather(chunks, back, [self.source_names[p] for p in present], "")
         # labels (small) from one table over all sources: one gather per task, as FlowDataset
         flat = torch.from_numpy(keys)
         x[GT] = {p: self._labels[p].index_select(0, flat) for p in self._gt_paths}
@@ -451,8 +451,10 @@ def _weights(names: Sequence[str], sizes: np.ndarray, sampling: Sampling, temper
 
 
 def _cycles_per_block(n: int) -> int:
-    """Permutations of an `n`-sample source drawn from one generator: about 64k indices a block."""
-    return max(1, (1 << 16) // n)
+    """Permutations of an `n`-sample source drawn from one generator: about 4096 indices a block
+    (a few for a small source drawn many times per epoch; one for a source of 4096 or more, whose
+    epoch then never permutes more than it takes)."""
+    return max(1, 4096 // n)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -467,15 +469,18 @@ def _seed(value: Any) -> int:
     return int(value)
 
 
-def _concat(parts: Sequence[Any], back: Optional[Tensor], names: Sequence[str], where: str) -> Any:
-    """The per-source parts of a batch (same tree) joined along the batch dimension, then, when
-    `back` is given, put back in the order the keys were asked in (`back[j]`: the joined row of
-    asked row j)."""
-    first = parts[0]
+def _gather(chunks: Sequence[Tuple[Any, Tensor]], back: Optional[Tensor], names: Sequence[str], where: str) -> Any:
+    """The inputs of a batch from several sources: `chunks` holds, per source, its input tree and
+    the rows to take. Each input is taken from each source as `FlowDataset` does (one
+    `index_select` per tensor) and the parts joined (`torch.cat`; gathering into slices of one
+    output with `index_select(out=...)` measured slower). `back`, when given, puts the rows back
+    in the order the keys were asked in (`back[j]`: the joined row of asked row j)."""
+    first = chunks[0][0]
     if isinstance(first, Mapping):
-        return {k: _concat([p[k] for p in parts], back, names, f"{where}.{k}" if where != "input" else k)
+        return {k: _gather([(tree[k], rows) for tree, rows in chunks], back, names, f"{where}.{k}" if where else k)
                 for k in first}
-    if isinstance(first, Tensor):
+    parts = [_take(v, rows, where) for v, rows in chunks]
+    if all(isinstance(p, Tensor) for p in parts):
         try:
             joined = torch.cat(parts)
         except RuntimeError:
@@ -484,5 +489,5 @@ def _concat(parts: Sequence[Any], back: Optional[Tensor], names: Sequence[str], 
                              f"({shapes}); every source must give one shape (resize the images or other items to "
                              "one size)") from None
         return joined if back is None else joined.index_select(0, back)
-    joined = [v for p in parts for v in p]
+    joined = [v for p in parts for v in (p if isinstance(p, list) else list(p))]
     return joined if back is None else [joined[j] for j in back.tolist()]
