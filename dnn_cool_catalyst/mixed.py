@@ -197,12 +197,11 @@ class MixedDataset(Dataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         counts = self._counts(epoch, seed)
         starts = self._stream_starts(epoch, seed)
-        which = np.repeat(np.arange(len(counts)), counts)
-        which = np.random.default_rng([seed, _INTERLEAVE, epoch]).permutation(which)
-        keys = np.empty(len(which), dtype=np.int64)
-        for s, (count, start) in enumerate(zip(counts.tolist(), starts.tolist())):
-            if count:
-                keys[which == s] = self.offsets[s] + self._stream(s, seed, start, start + count)
+        drawn = [self.offsets[s] + self._stream(s, seed, start, start + count)
+                 for s, (count, start) in enumerate(zip(counts.tolist(), starts.tolist())) if count]
+        # one random order of all the epoch's draws: the sources interleaved at random (and each
+        # source's draws, already a random part of its stream, in a random order among themselves)
+        keys = np.random.default_rng([seed, _INTERLEAVE, epoch]).permutation(np.concatenate(drawn))
         return torch.from_numpy(keys)
 
     def _seed_or_default(self, seed: Optional[int]) -> int:
