@@ -5,8 +5,8 @@ Each source is a `FlowDataset` of the same flow (`flow.get_dataset(inputs, label
 for one labelled for some tasks only); the masked loss already leaves a task's missing labels out,
 so a batch may hold samples of every source.
 
-How an epoch is drawn (all from `numpy` generators seeded by `(seed, ...)`, never the global RNG,
-so every process of a DDP run draws the same epoch):
+How an epoch is drawn (all from `torch.Generator`s seeded by a hash of `(seed, purpose, ...)`,
+never the global RNG, so every process of a DDP run draws the same epoch):
 
 - the number of samples of each source is `epoch_size * p_i`, rounded so that the counts add up to
   `epoch_size` and each count is, on average over epochs, exactly `epoch_size * p_i` (systematic
@@ -44,8 +44,22 @@ from .keys import GT, INDEX, SOURCE
 SAMPLING_MODES = ("proportional", "uniform", "temperature")
 Sampling = Union[str, Mapping[str, float]]
 
-# the purposes of the numpy generators, so that no two draws of one seed share a stream
+# the purposes of the generators, so that no two draws of one seed share a stream
 _ROUNDING, _PERMUTATION, _INTERLEAVE = 1, 2, 3
+_MASK64 = (1 << 64) - 1
+
+
+def _generator(*values: int) -> torch.Generator:
+    """A CPU `torch.Generator` seeded by a hash of `values` (SplitMix64 steps): one cheap,
+    reproducible stream per `(seed, purpose, ...)`. (numpy's `default_rng([...])` costs several
+    times more to build, and an epoch builds a few per source.)"""
+    h = 0
+    for v in values:
+        h = (h + 0x9E3779B97F4A7C15 + (int(v) & _MASK64)) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return torch.Generator().manual_seed(h >> 1)
 
 
 class MixedDataset(Dataset):
@@ -156,8 +170,8 @@ class MixedDataset(Dataset):
                              f"{int(self.offsets[-1])} samples")
         pos = np.searchsorted(self.offsets[1:], keys, side="right")
         local = keys - self.offsets[pos]
-        counts = np.bincount(pos, minlength=len(self.source_names))
-        present = np.flatnonzero(counts).tolist()
+        counts = np.bincount(pos, minlength=len(self.source_names)).tolist()
+        present = [p for p, c in enumerate(counts) if c]
         if len(present) == 1:  # one source: its inputs as they are
             source = self.sources[self.source_names[present[0]]]
             x = {k: _take(v, torch.from_numpy(local), k) for k, v in source.inputs.items()}
@@ -201,8 +215,8 @@ class MixedDataset(Dataset):
                  for s, (count, start) in enumerate(zip(counts.tolist(), starts.tolist())) if count]
         # one random order of all the epoch's draws: the sources interleaved at random (and each
         # source's draws, already a random part of its stream, in a random order among themselves)
-        keys = np.random.default_rng([seed, _INTERLEAVE, epoch]).permutation(np.concatenate(drawn))
-        return torch.from_numpy(keys)
+        keys = torch.from_numpy(np.concatenate(drawn))
+        return keys.index_select(0, torch.randperm(len(keys), generator=_generator(seed, _INTERLEAVE, epoch)))
 
     def _seed_or_default(self, seed: Optional[int]) -> int:
         return self.seed if seed is None else _seed(seed)
@@ -217,11 +231,11 @@ class MixedDataset(Dataset):
         else:
             expected = e * (w / w.sum())
             base = np.floor(expected).astype(np.int64)
-            rest = np.clip(expected - base, 0.0, 1.0)
+            rest = expected - base  # in [0, 1)
         left = e - int(base.sum())
         if left <= 0:
             return base.astype(np.int64)
-        u = np.random.default_rng([seed, _ROUNDING, epoch]).random()
+        u = float(torch.rand((), generator=_generator(seed, _ROUNDING, epoch), dtype=torch.float64))
         edges = np.cumsum(rest)
         picks = np.searchsorted(edges, u + np.arange(left), side="right").clip(0, len(w) - 1)
         extra = np.zeros(len(w), dtype=np.int64)
@@ -245,18 +259,18 @@ class MixedDataset(Dataset):
     def _stream(self, s: int, seed: int, start: int, stop: int) -> np.ndarray:
         """Positions `[start, stop)` of source `s`'s endless stream of permutations of its indices:
         without replacement until exhausted, then reshuffled. The permutations come in blocks of
-        `_cycles_per_block(n)` (block b: one generator seeded by `(seed, s, b)`, one row per
-        permutation), so that a small source drawn many times per epoch costs one generator per
-        block, not one per permutation."""
+        `_cycles_per_block(n)` (block b: one generator seeded by `(seed, s, b)`, one permutation
+        after the other), so that a small source drawn many times per epoch costs one generator
+        per block, not one per permutation."""
         n = int(self.sizes[s])
-        per_block = _cycles_per_block(n) * n
+        cycles = _cycles_per_block(n)
+        per_block = cycles * n
         out = []
         for block in range(start // per_block, (stop - 1) // per_block + 1):
-            rng = np.random.default_rng([seed, _PERMUTATION, s, block])
-            cycles = _cycles_per_block(n)
-            perms = rng.permuted(np.tile(np.arange(n, dtype=np.int64), (cycles, 1)), axis=1).reshape(-1)
+            g = _generator(seed, _PERMUTATION, s, block)
             lo, hi = max(start - block * per_block, 0), min(stop - block * per_block, per_block)
-            out.append(perms[lo:hi])
+            perms = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-hi // n))])  # those it reaches
+            out.append(perms[lo:hi].numpy())
         return np.concatenate(out)
 
     # Loading ----------------------------------------------------------------------------------------
@@ -314,6 +328,11 @@ class MixedSampler(Sampler):
         return n // world if self.drop_last else -(-n // world)
 
     def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_keys().tolist())
+
+    def epoch_keys(self) -> Tensor:
+        """The keys of this pass (this rank's share with `distributed`), advancing the epoch:
+        what `__iter__` yields, as one tensor."""
         keys = self.dataset.epoch_keys(self.epoch, self.seed)
         self.epoch += 1
         world, rank = self._world()
@@ -324,7 +343,7 @@ class MixedSampler(Sampler):
                 pad = world - len(keys) % world
                 keys = torch.cat([keys, keys.repeat(-(-pad // len(keys)))[:pad]])
             keys = keys[rank::world]
-        return iter(keys.tolist())
+        return keys
 
 
 class _SortedBatchSampler(BatchSampler):
@@ -334,9 +353,15 @@ class _SortedBatchSampler(BatchSampler):
     accelerate's sharding and `FlowRunner`'s padding layout rely on."""
 
     def __iter__(self) -> Iterator[List[int]]:
-        for batch in super().__iter__():
-            batch.sort()
-            yield batch
+        if not isinstance(self.sampler, MixedSampler):
+            for batch in super().__iter__():
+                yield sorted(batch)
+            return
+        # the whole pass at once, cut and sorted in numpy (torch's BatchSampler pulls one int at a time)
+        keys = self.sampler.epoch_keys().numpy()
+        stop = len(keys) - len(keys) % self.batch_size if self.drop_last else len(keys)
+        for start in range(0, stop, self.batch_size):
+            yield np.sort(keys[start:start + self.batch_size]).tolist()  # a list: accelerate extends batches with +
 
 
 # Validation ---------------------------------------------------------------------------------------------
