@@ -21,14 +21,15 @@ With `sampling="proportional"` and the default `epoch_size` an epoch is thus eve
 source exactly once, in a random order.
 
 Keys: the dataset is indexed by a flat key, `offset of the source + index within it` (as
-`torch.utils.data.ConcatDataset`); a batch of keys is fetched with one `FlowDataset` gather per
-source present in it.
+`torch.utils.data.ConcatDataset`). A batch of keys is gathered from one table of all sources'
+labels, and of their tensor inputs (`join_inputs`); lazy inputs are read from each source present
+in the batch and joined.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -72,6 +73,11 @@ class MixedDataset(Dataset):
     or a mapping name -> weight (p_i proportional to the weight; 0 leaves a source out).
     `epoch_size`: samples per epoch (default: all samples of all sources). `seed`: the default seed
     of `loader`. See the module docstring for how an epoch is drawn.
+    `join_inputs=True` copies each tensor input of all sources into one table (and the labels
+    always: they are small), so a batch costs one gather per input, as `FlowDataset.loader`;
+    `join_inputs=False` keeps a single copy of the inputs, read from each source present in a
+    batch and joined (one gather per source and input). Lazy inputs (a sequence read item by
+    item, such as image files) are always read from their source.
 
     Items and batches are those of the sources plus `X["source"]` (the position of the source in
     `source_names`, int64) and `X["index"]` (the index within the source, int64); `y` holds every
@@ -86,7 +92,8 @@ class MixedDataset(Dataset):
     """
 
     def __init__(self, sources: Mapping[str, FlowDataset], sampling: Sampling = "proportional",
-                 temperature: Optional[float] = None, epoch_size: Optional[int] = None, seed: int = 0):
+                 temperature: Optional[float] = None, epoch_size: Optional[int] = None, seed: int = 0,
+                 join_inputs: bool = True):
         if not isinstance(sources, Mapping) or not sources:
             raise TypeError("MixedDataset(sources) takes a non-empty mapping: source name -> flow.get_dataset(...)")
         for name, ds in sources.items():
@@ -110,6 +117,11 @@ class MixedDataset(Dataset):
         self._labels: Dict[str, Tensor] = {p: torch.cat([ds.labels[p] for ds in self.sources.values()])
                                            for p in self.graph.paths}
         self._gt_paths = tuple(self.graph.condition_paths)
+        # Tensor inputs likewise (`join_inputs`): one gather per input and batch, as fast as
+        # FlowDataset.loader, at the price of a second copy of them; lazy inputs (files) are read
+        # from each source present in a batch and joined.
+        self._inputs = _plan([ds.inputs for ds in self.sources.values()], bool(join_inputs))
+        self._has_split = _has_per_source(self._inputs)
         self.sampling = sampling if isinstance(sampling, str) else dict(sampling)
         self.temperature = temperature
         self._weights = _weights(self.source_names, self.sizes, sampling, temperature)
@@ -170,28 +182,26 @@ class MixedDataset(Dataset):
                              f"{int(self.offsets[-1])} samples")
         pos = np.searchsorted(self.offsets[1:], keys, side="right")
         local = keys - self.offsets[pos]
-        counts = np.bincount(pos, minlength=len(self.source_names)).tolist()
-        present = [p for p, c in enumerate(counts) if c]
-        if len(present) == 1:  # one source: its inputs as they are
-            source = self.sources[self.source_names[present[0]]]
-            x = {k: _take(v, torch.from_numpy(local), k) for k, v in source.inputs.items()}
-        else:  # one fetch per source, joined (and put back in the order asked when it was not grouped)
+        flat = torch.from_numpy(keys)
+        split = None
+        if self._has_split:  # inputs read per source: which rows of which source, in which order
+            counts = np.bincount(pos, minlength=len(self.source_names)).tolist()
+            present = [p for p, c in enumerate(counts) if c]
             grouped = bool(np.all(pos[1:] >= pos[:-1]))  # the loader's batches are (sorted keys)
             order = None if grouped else np.argsort(pos, kind="stable")
             rows = local if order is None else local[order]
             chunks, start = [], 0
             for p in present:
-                chunks.append((self.sources[self.source_names[p]].inputs,
-                               torch.from_numpy(np.ascontiguousarray(rows[start:start + counts[p]]))))
+                chunks.append((p, torch.from_numpy(np.ascontiguousarray(rows[start:start + counts[p]]))))
                 start += counts[p]
             back = None
             if order is not None:
                 back = np.empty_like(order)
                 back[order] = np.arange(len(order))  # where each asked key sits among the joined rows
                 back = torch.from_numpy(back)
-            x = _gather(chunks, back, [self.source_names[p] for p in present], "")
+            split = (chunks, back)
+        x = _fetch(self._inputs, flat, split, self.source_names)
         # labels (small) from one table over all sources: one gather per task, as FlowDataset
-        flat = torch.from_numpy(keys)
         x[GT] = {p: self._labels[p].index_select(0, flat) for p in self._gt_paths}
         x[INDEX], x[SOURCE] = torch.from_numpy(local), torch.from_numpy(pos.astype(np.int64, copy=False))
         y = {p: t.index_select(0, flat) for p, t in self._labels.items()}
@@ -493,25 +503,52 @@ def _seed(value: Any) -> int:
     return int(value)
 
 
-def _gather(chunks: Sequence[Tuple[Any, Tensor]], back: Optional[Tensor], names: Sequence[str], where: str) -> Any:
-    """The inputs of a batch from several sources: `chunks` holds, per source, its input tree and
-    the rows to take. Each input is taken from each source as `FlowDataset` does (one
-    `index_select` per tensor) and the parts joined (`torch.cat`; gathering into slices of one
-    output with `index_select(out=...)` measured slower). `back`, when given, puts the rows back
-    in the order the keys were asked in (`back[j]`: the joined row of asked row j)."""
-    first = chunks[0][0]
+class _PerSource(NamedTuple):
+    """An input read from each source (lazy sequences, or any input with `join_inputs=False`)."""
+
+    values: List[Any]
+    where: str
+
+
+def _plan(trees: Sequence[Any], join: bool, where: str = "") -> Any:
+    """How each input is fetched: the sources' tensors of an input joined into one table (indexed
+    by key), or a `_PerSource` leaf."""
+    first = trees[0]
     if isinstance(first, Mapping):
-        return {k: _gather([(tree[k], rows) for tree, rows in chunks], back, names, f"{where}.{k}" if where else k)
-                for k in first}
-    parts = [_take(v, rows, where) for v, rows in chunks]
-    if all(isinstance(p, Tensor) for p in parts):
+        return {k: _plan([t[k] for t in trees], join, f"{where}.{k}" if where else str(k)) for k in first}
+    if join and all(isinstance(t, Tensor) for t in trees):
+        return torch.cat(list(trees))  # one shape and dtype: `_check_inputs`
+    return _PerSource(list(trees), where)
+
+
+def _has_per_source(plan: Any) -> bool:
+    if isinstance(plan, Mapping):
+        return any(_has_per_source(v) for v in plan.values())
+    return isinstance(plan, _PerSource)
+
+
+def _fetch(plan: Any, keys: Tensor, split: Any, names: Sequence[str]) -> Any:
+    """A batch's inputs: a joined table gathered by key; a `_PerSource` input taken from each
+    source present (`split` = `(chunks, back)`: per source its position and rows, and the order
+    to put the joined rows back in, None when already in order), then joined."""
+    if isinstance(plan, Mapping):
+        return {k: _fetch(v, keys, split, names) for k, v in plan.items()}
+    if isinstance(plan, Tensor):
+        return plan.index_select(0, keys)
+    chunks, back = split
+    parts = [_take(plan.values[p], rows, plan.where) for p, rows in chunks]
+    if len(parts) == 1:
+        joined = parts[0]
+    elif all(isinstance(p, Tensor) for p in parts):
         try:
             joined = torch.cat(parts)
         except RuntimeError:
-            shapes = ", ".join(f"{n}: {tuple(p.shape[1:])}" for n, p in zip(names, parts))
-            raise InputError(f"MixedDataset: input {where!r} differs in per-sample shape between sources "
+            shapes = ", ".join(f"{names[p]}: {tuple(t.shape[1:])}" for (p, _), t in zip(chunks, parts))
+            raise InputError(f"MixedDataset: input {plan.where!r} differs in per-sample shape between sources "
                              f"({shapes}); every source must give one shape (resize the images or other items to "
                              "one size)") from None
-        return joined if back is None else joined.index_select(0, back)
-    joined = [v for p in parts for v in (p if isinstance(p, list) else list(p))]
-    return joined if back is None else [joined[j] for j in back.tolist()]
+    else:
+        joined = [v for part in parts for v in (part if isinstance(part, list) else list(part))]
+    if back is None:
+        return joined
+    return joined.index_select(0, back) if isinstance(joined, Tensor) else [joined[j] for j in back.tolist()]

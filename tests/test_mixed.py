@@ -67,6 +67,12 @@ def test_batches_carry_source_index_and_each_source_s_own_rows(sources):
                 torch.testing.assert_close(y[path][row], label, equal_nan=True)
             for path, label in want_x["gt"].items():
                 torch.testing.assert_close(x["gt"][path][row], label, equal_nan=True)
+    # inputs read per source (join_inputs=False: one copy of them) give the same batches, in any key order
+    apart = dcc.MixedDataset(sources, join_inputs=False)
+    asked = mixed.epoch_keys(1)[:40].tolist()
+    (xj, yj), (xs, ys) = mixed[asked], apart[asked]
+    assert torch.equal(xj["features"], xs["features"]) and torch.equal(xj["source"], xs["source"])
+    assert torch.equal(xj["index"], xs["index"]) and len(set(xs["source"].tolist())) == 3
     # a proportional epoch: every sample of every source exactly once
     assert sorted(_pairs(batches)) == [(s, i) for s, n in enumerate(SIZES.values()) for i in range(n)]
     # single items and describe
