@@ -5,8 +5,8 @@ Each source is a `FlowDataset` of the same flow (`flow.get_dataset(inputs, label
 for one labelled for some tasks only); the masked loss already leaves a task's missing labels out,
 so a batch may hold samples of every source.
 
-How an epoch is drawn (all from `numpy` generators seeded by `(seed, ...)`, never the global RNG,
-so every process of a DDP run draws the same epoch):
+How an epoch is drawn (all from `torch.Generator`s seeded by a hash of `(seed, purpose, ...)`,
+never the global RNG, so every process of a DDP run draws the same epoch):
 
 - the number of samples of each source is `epoch_size * p_i`, rounded so that the counts add up to
   `epoch_size` and each count is, on average over epochs, exactly `epoch_size * p_i` (systematic
@@ -21,14 +21,15 @@ With `sampling="proportional"` and the default `epoch_size` an epoch is thus eve
 source exactly once, in a random order.
 
 Keys: the dataset is indexed by a flat key, `offset of the source + index within it` (as
-`torch.utils.data.ConcatDataset`); a batch of keys is fetched with one `FlowDataset` gather per
-source present in it.
+`torch.utils.data.ConcatDataset`). A batch of keys is gathered from one table of all sources'
+labels, and of their tensor inputs (`join_inputs`); lazy inputs are read from each source present
+in the batch and joined.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,8 +45,22 @@ from .keys import GT, INDEX, SOURCE
 SAMPLING_MODES = ("proportional", "uniform", "temperature")
 Sampling = Union[str, Mapping[str, float]]
 
-# the purposes of the numpy generators, so that no two draws of one seed share a stream
+# the purposes of the generators, so that no two draws of one seed share a stream
 _ROUNDING, _PERMUTATION, _INTERLEAVE = 1, 2, 3
+_MASK64 = (1 << 64) - 1
+
+
+def _generator(*values: int) -> torch.Generator:
+    """A CPU `torch.Generator` seeded by a hash of `values` (SplitMix64 steps): one cheap,
+    reproducible stream per `(seed, purpose, ...)`. (numpy's `default_rng([...])` costs several
+    times more to build, and an epoch builds a few per source.)"""
+    h = 0
+    for v in values:
+        h = (h + 0x9E3779B97F4A7C15 + (int(v) & _MASK64)) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return torch.Generator().manual_seed(h >> 1)
 
 
 class MixedDataset(Dataset):
@@ -58,6 +73,11 @@ class MixedDataset(Dataset):
     or a mapping name -> weight (p_i proportional to the weight; 0 leaves a source out).
     `epoch_size`: samples per epoch (default: all samples of all sources). `seed`: the default seed
     of `loader`. See the module docstring for how an epoch is drawn.
+    `join_inputs=True` copies each tensor input of all sources into one table (and the labels
+    always: they are small), so a batch costs one gather per input, as `FlowDataset.loader`;
+    `join_inputs=False` keeps a single copy of the inputs, read from each source present in a
+    batch and joined (one gather per source and input). Lazy inputs (a sequence read item by
+    item, such as image files) are always read from their source.
 
     Items and batches are those of the sources plus `X["source"]` (the position of the source in
     `source_names`, int64) and `X["index"]` (the index within the source, int64); `y` holds every
@@ -72,7 +92,8 @@ class MixedDataset(Dataset):
     """
 
     def __init__(self, sources: Mapping[str, FlowDataset], sampling: Sampling = "proportional",
-                 temperature: Optional[float] = None, epoch_size: Optional[int] = None, seed: int = 0):
+                 temperature: Optional[float] = None, epoch_size: Optional[int] = None, seed: int = 0,
+                 join_inputs: bool = True):
         if not isinstance(sources, Mapping) or not sources:
             raise TypeError("MixedDataset(sources) takes a non-empty mapping: source name -> flow.get_dataset(...)")
         for name, ds in sources.items():
@@ -91,15 +112,21 @@ class MixedDataset(Dataset):
         self.graph: FlowGraph = next(iter(self.sources.values())).graph
         self.sizes = np.array([len(ds) for ds in self.sources.values()], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        # Every source's labels in one table, indexed by key: one gather per task and batch, whatever the
-        # number of sources in it (labels are small next to the inputs, which stay with their source).
+        # Every source's labels in one table, indexed by key: one gather per task and batch, whatever
+        # the number of sources in it (labels are small next to the inputs, which stay with their source).
         self._labels: Dict[str, Tensor] = {p: torch.cat([ds.labels[p] for ds in self.sources.values()])
                                            for p in self.graph.paths}
         self._gt_paths = tuple(self.graph.condition_paths)
+        # Tensor inputs likewise (`join_inputs`): one gather per input and batch, as fast as
+        # FlowDataset.loader, at the price of a second copy of them; lazy inputs (files) are read
+        # from each source present in a batch and joined.
+        self._inputs = _plan([ds.inputs for ds in self.sources.values()], bool(join_inputs))
+        self._has_split = _has_per_source(self._inputs)
         self.sampling = sampling if isinstance(sampling, str) else dict(sampling)
         self.temperature = temperature
         self._weights = _weights(self.source_names, self.sizes, sampling, temperature)
-        self.probabilities: Dict[str, float] = dict(zip(self.source_names, (self._weights / self._weights.sum()).tolist()))
+        p = self._weights / self._weights.sum()
+        self.probabilities: Dict[str, float] = dict(zip(self.source_names, p.tolist()))  # p_i of each source
         self.epoch_size = int(self.offsets[-1]) if epoch_size is None else _positive_int(epoch_size, "epoch_size")
         self.seed = _seed(seed)
         self._starts: Dict[int, List[np.ndarray]] = {}  # seed -> each epoch's start in every source's stream
@@ -122,7 +149,8 @@ class MixedDataset(Dataset):
         """The flat key of sample `index` of the source at `source_position` (`ds[key]` is that sample)."""
         pos, i = int(source_position), int(index)
         if not 0 <= pos < len(self.source_names) or not 0 <= i < self.sizes[pos]:
-            raise IndexError(f"no sample {i} in source position {pos} (sources: {dict(zip(self.source_names, self.sizes.tolist()))})")
+            sizes = dict(zip(self.source_names, self.sizes.tolist()))
+            raise IndexError(f"no sample {i} in the source at position {pos} (sources and their sizes: {sizes})")
         return int(self.offsets[pos]) + i
 
     # Fetching ---------------------------------------------------------------------------------------
@@ -154,28 +182,26 @@ class MixedDataset(Dataset):
                              f"{int(self.offsets[-1])} samples")
         pos = np.searchsorted(self.offsets[1:], keys, side="right")
         local = keys - self.offsets[pos]
-        counts = np.bincount(pos, minlength=len(self.source_names))
-        present = np.flatnonzero(counts).tolist()
-        if len(present) == 1:  # one source: its inputs as they are
-            source = self.sources[self.source_names[present[0]]]
-            x = {k: _take(v, torch.from_numpy(local), k) for k, v in source.inputs.items()}
-        else:  # one fetch per source, joined (and put back in the order asked when it was not grouped)
+        flat = torch.from_numpy(keys)
+        split = None
+        if self._has_split:  # inputs read per source: which rows of which source, in which order
+            counts = np.bincount(pos, minlength=len(self.source_names)).tolist()
+            present = [p for p, c in enumerate(counts) if c]
             grouped = bool(np.all(pos[1:] >= pos[:-1]))  # the loader's batches are (sorted keys)
             order = None if grouped else np.argsort(pos, kind="stable")
             rows = local if order is None else local[order]
-            parts, start = [], 0
+            chunks, start = [], 0
             for p in present:
-                chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + counts[p]]))
+                chunks.append((p, torch.from_numpy(np.ascontiguousarray(rows[start:start + counts[p]]))))
                 start += counts[p]
-                parts.append({k: _take(v, chunk, k) for k, v in self.sources[self.source_names[p]].inputs.items()})
             back = None
             if order is not None:
                 back = np.empty_like(order)
                 back[order] = np.arange(len(order))  # where each asked key sits among the joined rows
                 back = torch.from_numpy(back)
-            x = _concat(parts, back, [self.source_names[p] for p in present], "input")
+            split = (chunks, back)
+        x = _fetch(self._inputs, flat, split, self.source_names)
         # labels (small) from one table over all sources: one gather per task, as FlowDataset
-        flat = torch.from_numpy(keys)
         x[GT] = {p: self._labels[p].index_select(0, flat) for p in self._gt_paths}
         x[INDEX], x[SOURCE] = torch.from_numpy(local), torch.from_numpy(pos.astype(np.int64, copy=False))
         y = {p: t.index_select(0, flat) for p, t in self._labels.items()}
@@ -195,13 +221,12 @@ class MixedDataset(Dataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         counts = self._counts(epoch, seed)
         starts = self._stream_starts(epoch, seed)
-        which = np.repeat(np.arange(len(counts)), counts)
-        which = np.random.default_rng([seed, _INTERLEAVE, epoch]).permutation(which)
-        keys = np.empty(len(which), dtype=np.int64)
-        for s, (count, start) in enumerate(zip(counts.tolist(), starts.tolist())):
-            if count:
-                keys[which == s] = self.offsets[s] + self._stream(s, seed, start, start + count)
-        return torch.from_numpy(keys)
+        drawn = [self.offsets[s] + self._stream(s, seed, start, start + count)
+                 for s, (count, start) in enumerate(zip(counts.tolist(), starts.tolist())) if count]
+        # one random order of all the epoch's draws: the sources interleaved at random (and each
+        # source's draws, already a random part of its stream, in a random order among themselves)
+        keys = torch.from_numpy(np.concatenate(drawn))
+        return keys.index_select(0, torch.randperm(len(keys), generator=_generator(seed, _INTERLEAVE, epoch)))
 
     def _seed_or_default(self, seed: Optional[int]) -> int:
         return self.seed if seed is None else _seed(seed)
@@ -216,11 +241,11 @@ class MixedDataset(Dataset):
         else:
             expected = e * (w / w.sum())
             base = np.floor(expected).astype(np.int64)
-            rest = np.clip(expected - base, 0.0, 1.0)
+            rest = expected - base  # in [0, 1)
         left = e - int(base.sum())
         if left <= 0:
             return base.astype(np.int64)
-        u = np.random.default_rng([seed, _ROUNDING, epoch]).random()
+        u = float(torch.rand((), generator=_generator(seed, _ROUNDING, epoch), dtype=torch.float64))
         edges = np.cumsum(rest)
         picks = np.searchsorted(edges, u + np.arange(left), side="right").clip(0, len(w) - 1)
         extra = np.zeros(len(w), dtype=np.int64)
@@ -244,18 +269,18 @@ class MixedDataset(Dataset):
     def _stream(self, s: int, seed: int, start: int, stop: int) -> np.ndarray:
         """Positions `[start, stop)` of source `s`'s endless stream of permutations of its indices:
         without replacement until exhausted, then reshuffled. The permutations come in blocks of
-        `_cycles_per_block(n)` (block b: one generator seeded by `(seed, s, b)`, one row per
-        permutation), so that a small source drawn many times per epoch costs one generator per
-        block, not one per permutation."""
+        `_cycles_per_block(n)` (block b: one generator seeded by `(seed, s, b)`, one permutation
+        after the other), so that a small source drawn many times per epoch costs one generator
+        per block, not one per permutation."""
         n = int(self.sizes[s])
-        per_block = _cycles_per_block(n) * n
+        cycles = _cycles_per_block(n)
+        per_block = cycles * n
         out = []
         for block in range(start // per_block, (stop - 1) // per_block + 1):
-            rng = np.random.default_rng([seed, _PERMUTATION, s, block])
-            cycles = _cycles_per_block(n)
-            perms = rng.permuted(np.tile(np.arange(n, dtype=np.int64), (cycles, 1)), axis=1).reshape(-1)
+            g = _generator(seed, _PERMUTATION, s, block)
             lo, hi = max(start - block * per_block, 0), min(stop - block * per_block, per_block)
-            out.append(perms[lo:hi])
+            perms = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-hi // n))])  # those it reaches
+            out.append(perms[lo:hi].numpy())
         return np.concatenate(out)
 
     # Loading ----------------------------------------------------------------------------------------
@@ -313,6 +338,11 @@ class MixedSampler(Sampler):
         return n // world if self.drop_last else -(-n // world)
 
     def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_keys().tolist())
+
+    def epoch_keys(self) -> Tensor:
+        """The keys of this pass (this rank's share with `distributed`), advancing the epoch:
+        what `__iter__` yields, as one tensor."""
         keys = self.dataset.epoch_keys(self.epoch, self.seed)
         self.epoch += 1
         world, rank = self._world()
@@ -323,7 +353,7 @@ class MixedSampler(Sampler):
                 pad = world - len(keys) % world
                 keys = torch.cat([keys, keys.repeat(-(-pad // len(keys)))[:pad]])
             keys = keys[rank::world]
-        return iter(keys.tolist())
+        return keys
 
 
 class _SortedBatchSampler(BatchSampler):
@@ -333,9 +363,15 @@ class _SortedBatchSampler(BatchSampler):
     accelerate's sharding and `FlowRunner`'s padding layout rely on."""
 
     def __iter__(self) -> Iterator[List[int]]:
-        for batch in super().__iter__():
-            batch.sort()
-            yield batch
+        if not isinstance(self.sampler, MixedSampler):
+            for batch in super().__iter__():
+                yield sorted(batch)
+            return
+        # the whole pass at once, cut and sorted in numpy (torch's BatchSampler pulls one int at a time)
+        keys = self.sampler.epoch_keys().numpy()
+        stop = len(keys) - len(keys) % self.batch_size if self.drop_last else len(keys)
+        for start in range(0, stop, self.batch_size):
+            yield np.sort(keys[start:start + self.batch_size]).tolist()  # a list: accelerate extends batches with +
 
 
 # Validation ---------------------------------------------------------------------------------------------
@@ -394,10 +430,15 @@ def _check_labels(sources: Mapping[str, FlowDataset]) -> None:
         for path, t in sources[name].labels.items():
             r = ref[path]
             if t.shape[1:] != r.shape[1:] or t.dtype != r.dtype:
-                raise LabelError(f"MixedDataset: task {path!r} has labels of shape (N, {', '.join(map(str, t.shape[1:]))}) "
-                                 f"{t.dtype} in source {name!r} but (N, {', '.join(map(str, r.shape[1:]))}) {r.dtype} in "
-                                 f"source {names[0]!r}; the task's head has one output size, so every source's labels "
-                                 "of a task must have one per-sample shape (e.g. the same number of classes)")
+                raise LabelError(f"MixedDataset: task {path!r} has labels of shape {_batch_shape(t)} {t.dtype} in "
+                                 f"source {name!r} but {_batch_shape(r)} {r.dtype} in source {names[0]!r}; the "
+                                 "task's head has one output size, so every source's labels of a task must have one "
+                                 "per-sample shape (e.g. the same number of classes)")
+
+
+def _batch_shape(t: Tensor) -> str:
+    """`(N,)`, `(N, 5)`: a label tensor's shape with the batch dimension named."""
+    return "(" + ", ".join(["N", *map(str, t.shape[1:])]) + ("," if t.dim() == 1 else "") + ")"
 
 
 def _weights(names: Sequence[str], sizes: np.ndarray, sampling: Sampling, temperature: Optional[float]) -> np.ndarray:
@@ -444,8 +485,10 @@ def _weights(names: Sequence[str], sizes: np.ndarray, sampling: Sampling, temper
 
 
 def _cycles_per_block(n: int) -> int:
-    """Permutations of an `n`-sample source drawn from one generator: about 64k indices a block."""
-    return max(1, (1 << 16) // n)
+    """Permutations of an `n`-sample source drawn from one generator: about 4096 indices a block
+    (a few for a small source drawn many times per epoch; one for a source of 4096 or more, whose
+    epoch then never permutes more than it takes)."""
+    return max(1, 4096 // n)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -460,21 +503,52 @@ def _seed(value: Any) -> int:
     return int(value)
 
 
-def _concat(parts: Sequence[Any], back: Optional[Tensor], names: Sequence[str], where: str) -> Any:
-    """The per-source parts of a batch (same tree) joined along the batch dimension, then, when
-    `back` is given, put back in the order the keys were asked in (`back[j]`: the joined row of
-    asked row j)."""
-    first = parts[0]
+class _PerSource(NamedTuple):
+    """An input read from each source (lazy sequences, or any input with `join_inputs=False`)."""
+
+    values: List[Any]
+    where: str
+
+
+def _plan(trees: Sequence[Any], join: bool, where: str = "") -> Any:
+    """How each input is fetched: the sources' tensors of an input joined into one table (indexed
+    by key), or a `_PerSource` leaf."""
+    first = trees[0]
     if isinstance(first, Mapping):
-        return {k: _concat([p[k] for p in parts], back, names, f"{where}.{k}" if where != "input" else k)
-                for k in first}
-    if isinstance(first, Tensor):
+        return {k: _plan([t[k] for t in trees], join, f"{where}.{k}" if where else str(k)) for k in first}
+    if join and all(isinstance(t, Tensor) for t in trees):
+        return torch.cat(list(trees))  # one shape and dtype: `_check_inputs`
+    return _PerSource(list(trees), where)
+
+
+def _has_per_source(plan: Any) -> bool:
+    if isinstance(plan, Mapping):
+        return any(_has_per_source(v) for v in plan.values())
+    return isinstance(plan, _PerSource)
+
+
+def _fetch(plan: Any, keys: Tensor, split: Any, names: Sequence[str]) -> Any:
+    """A batch's inputs: a joined table gathered by key; a `_PerSource` input taken from each
+    source present (`split` = `(chunks, back)`: per source its position and rows, and the order
+    to put the joined rows back in, None when already in order), then joined."""
+    if isinstance(plan, Mapping):
+        return {k: _fetch(v, keys, split, names) for k, v in plan.items()}
+    if isinstance(plan, Tensor):
+        return plan.index_select(0, keys)
+    chunks, back = split
+    parts = [_take(plan.values[p], rows, plan.where) for p, rows in chunks]
+    if len(parts) == 1:
+        joined = parts[0]
+    elif all(isinstance(p, Tensor) for p in parts):
         try:
             joined = torch.cat(parts)
         except RuntimeError:
-            shapes = ", ".join(f"{n}: {tuple(p.shape[1:])}" for n, p in zip(names, parts))
-            raise InputError(f"MixedDataset: input {where!r} differs in per-sample shape between sources ({shapes}); "
-                             "every source must give one shape (resize the images or other items to one size)") from None
-        return joined if back is None else joined.index_select(0, back)
-    joined = [v for p in parts for v in p]
-    return joined if back is None else [joined[j] for j in back.tolist()]
+            shapes = ", ".join(f"{names[p]}: {tuple(t.shape[1:])}" for (p, _), t in zip(chunks, parts))
+            raise InputError(f"MixedDataset: input {plan.where!r} differs in per-sample shape between sources "
+                             f"({shapes}); every source must give one shape (resize the images or other items to "
+                             "one size)") from None
+    else:
+        joined = [v for part in parts for v in (part if isinstance(part, list) else list(part))]
+    if back is None:
+        return joined
+    return joined.index_select(0, back) if isinstance(joined, Tensor) else [joined[j] for j in back.tolist()]

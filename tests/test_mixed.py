@@ -67,6 +67,12 @@ def test_batches_carry_source_index_and_each_source_s_own_rows(sources):
                 torch.testing.assert_close(y[path][row], label, equal_nan=True)
             for path, label in want_x["gt"].items():
                 torch.testing.assert_close(x["gt"][path][row], label, equal_nan=True)
+    # inputs read per source (join_inputs=False: one copy of them) give the same batches, in any key order
+    apart = dcc.MixedDataset(sources, join_inputs=False)
+    asked = mixed.epoch_keys(1)[:40].tolist()
+    (xj, yj), (xs, ys) = mixed[asked], apart[asked]
+    assert torch.equal(xj["features"], xs["features"]) and torch.equal(xj["source"], xs["source"])
+    assert torch.equal(xj["index"], xs["index"]) and len(set(xs["source"].tolist())) == 3
     # a proportional epoch: every sample of every source exactly once
     assert sorted(_pairs(batches)) == [(s, i) for s, n in enumerate(SIZES.values()) for i in range(n)]
     # single items and describe
@@ -96,6 +102,13 @@ def test_keys_in_any_order_come_back_in_that_order_also_for_lazy_inputs():
     assert torch.equal(mixed[torch.tensor(asked)][0]["index"], x["index"])  # a tensor of keys too
     with pytest.raises(IndexError, match="out of range"):
         mixed[[-1]]
+    # lazy inputs cannot be checked before they are read: a batch whose sources' items differ names them
+    for name, n, width in (("p", 5, 2), ("q", 7, 3)):
+        sources[name] = flow.get_dataset({"f": torch.zeros(n, 3), "names": [np.zeros(width)] * n},
+                                         {"gate": np.ones(n), "tags": np.full((n, 2), np.nan)})
+    mixed = dcc.MixedDataset(sources)
+    with pytest.raises(dcc.InputError, match=r"input 'names' differs.*p: \(2,\), q: \(3,\)"):
+        mixed[[0, 5]]
 
 
 def test_every_proportional_epoch_is_each_sample_once_in_a_new_order(sources):
@@ -354,37 +367,45 @@ def _gloo_mixture(flow, epoch_size):
     return dcc.MixedDataset(_sources(flow), sampling="temperature", temperature=2.0, epoch_size=epoch_size, seed=4)
 
 
-def _gloo_worker(rank, world, out_dir, port, epoch_size):
+GLOO_EPOCH_SIZES = (0, 96)  # 0: proportional over all 111 samples (odd: padded); 96: temperature, even
+
+
+def _gloo_worker(rank, world, out_dir, port):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)  # the global RNG differs per rank (as under Catalyst): the sampler must not use it
-        mixed = _gloo_mixture(security_tasks(features=8).get_full_flow(), epoch_size)
-        loader = mixed.loader(batch_size=8, distributed=True)
-        epochs = [[[mixed.key(s, i) for s, i in zip(x["source"].tolist(), x["index"].tolist())] for x, _ in loader]
-                  for _ in range(2)]
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump({"epochs": epochs, "len": len(loader)}, fh)
+        for epoch_size in GLOO_EPOCH_SIZES:
+            mixed = _gloo_mixture(security_tasks(features=8).get_full_flow(), epoch_size)
+            loader = mixed.loader(batch_size=8, distributed=True)
+            epochs = [[[mixed.key(s, i) for s, i in zip(x["source"].tolist(), x["index"].tolist())] for x, _ in loader]
+                      for _ in range(2)]
+            with open(os.path.join(out_dir, f"rank{rank}_{epoch_size}.json"), "w") as fh:
+                json.dump({"epochs": epochs, "len": len(loader)}, fh)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn_gloo(out_dir, epoch_size):
+def _spawn_gloo(out_dir):
     import torch.multiprocessing as mp
 
     from dnn_cool_catalyst.runners.engines import free_port
 
-    mp.spawn(_gloo_worker, args=(2, out_dir, free_port(), int(epoch_size)), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, out_dir, free_port()), nprocs=2, join=True)
 
 
-@pytest.mark.parametrize("epoch_size", [0, 96])  # 0: proportional over all 111 samples
-def test_plain_gloo_loop_ranks_draw_disjoint_samples_with_equal_steps(tmp_path, security_flow, epoch_size):
-    script = subprocess.run([sys.executable, __file__, "gloo", str(tmp_path), str(epoch_size)], capture_output=True,
+def test_plain_gloo_loop_ranks_draw_disjoint_samples_with_equal_steps(tmp_path, security_flow):
+    script = subprocess.run([sys.executable, __file__, "gloo", str(tmp_path)], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert script.returncode == 0, script.stdout[-2000:] + script.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch_size in GLOO_EPOCH_SIZES:
+        _check_gloo_ranks(tmp_path, security_flow, epoch_size)
+
+
+def _check_gloo_ranks(tmp_path, security_flow, epoch_size):
+    ranks = [json.loads((tmp_path / f"rank{r}_{epoch_size}.json").read_text()) for r in (0, 1)]
     mixed = _gloo_mixture(security_flow, epoch_size)
     for epoch in range(2):
         steps = [len(r["epochs"][epoch]) for r in ranks]
@@ -400,4 +421,4 @@ def test_plain_gloo_loop_ranks_draw_disjoint_samples_with_equal_steps(tmp_path, 
 
 if __name__ == "__main__":  # the subprocess of the gloo test
     if sys.argv[1] == "gloo":
-        _spawn_gloo(sys.argv[2], sys.argv[3])
+        _spawn_gloo(sys.argv[2])
