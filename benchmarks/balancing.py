@@ -13,7 +13,8 @@ loss + backward + AdamW step (the optimizer also holds the balancer's learnable 
 Methods are discovered from `dnn_cool_catalyst.balancing.__all__` (every concrete `Balancer`, with
 its defaults). Each method has its own copy of the same initial network. Noise on a shared machine
 hits all methods alike because they take turns: every round runs `--steps` steps of each method
-(the order rotates every round) and keeps each method's median step; the ratio printed is the
+(2 by default: a round lasts about a second, shorter than the machine's drifts; the order rotates
+every round) and keeps each method's median step; the ratio printed is the
 median over rounds of (the method's median step / EqualWeighting's median step of the same round).
 Also printed: `flow.get_loss()` without a balancer (the plain weighted sum), the mean number of
 tasks present per step (a gradient method on parameters costs one backward per present task), and
@@ -122,8 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--methods", nargs="+", default=None,
                    help="method names (default: every one discovered; equal is always added as the baseline)")
-    p.add_argument("--rounds", type=int, default=15, help="rounds; each runs --steps steps of every method")
-    p.add_argument("--steps", type=int, default=20, help="timed steps of each method per round")
+    p.add_argument("--rounds", type=int, default=150, help="rounds; each runs --steps steps of every method")
+    p.add_argument("--steps", type=int, default=2, help="timed steps of each method per round")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps of each method first")
     p.add_argument("--batches", type=int, default=8, help="distinct batches cycled through")
     p.add_argument("--in-features", type=int, default=128)
