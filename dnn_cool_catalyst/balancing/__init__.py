@@ -14,13 +14,19 @@ for its head, no update of its learned weight or history (`base.Balancer`). Each
 citing its paper, with the paper's defaults. Core: no Catalyst import.
 """
 from .base import Balancer
+from .cagrad import CAGrad
+from .dbmtl import DBMTL
 from .dwa import DynamicWeightAverage
 from .equal import EqualWeighting
 from .famo import FAMO
 from .gls import GeometricLossStrategy
 from .gradient import GradientBalancer
+from .gradnorm import GradNorm
+from .imtl import IMTL
+from .mgda import MGDA
+from .pcgrad import PCGrad
 from .rlw import RandomLossWeighting
 from .uncertainty import UncertaintyWeighting
 
 __all__ = ["Balancer", "GradientBalancer", "EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage", "RandomLossWeighting",
-           "GeometricLossStrategy", "FAMO"]
+           "GeometricLossStrategy", "FAMO", "PCGrad", "MGDA", "CAGrad", "IMTL", "GradNorm", "DBMTL"]

@@ -36,8 +36,10 @@ training and evaluation alike; only the gradients follow the method.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .base import Balancer, nothing_present, present_index
@@ -97,3 +99,42 @@ class GradientBalancer(Balancer):
         if not where:
             return nothing_present(losses)
         return losses[idx].sum()
+
+
+def task_gradients(losses: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """`(P, D)`: row `t` is the gradient of `losses[t]` with respect to `inputs` (parameters or
+    features), flattened and concatenated in their order, in `losses`' dtype; zero where an input
+    does not depend on a loss. The graph is kept (the step's backward follows).
+
+    One vectorised backward over the `P` losses (`torch.autograd.grad(..., is_grads_batched=True)`);
+    when an operation in the graph has no batching rule, one backward per loss instead (same result).
+    """
+    p = losses.shape[0]
+    if p == 1:
+        rows = [torch.autograd.grad(losses[0], inputs, retain_graph=True, allow_unused=True)]
+        return _flatten_rows(rows, inputs, losses.dtype)
+    eye = torch.eye(p, dtype=losses.dtype, device=losses.device)
+    try:
+        with warnings.catch_warnings():
+            # vmap's note that an operation falls back to a loop: still correct, nothing for the user to do
+            warnings.filterwarnings("ignore", message=".*(batching rule|fallback|vmap).*")
+            batched = torch.autograd.grad(losses, inputs, grad_outputs=eye, retain_graph=True, allow_unused=True,
+                                          is_grads_batched=True)
+    except (RuntimeError, NotImplementedError):
+        rows = [torch.autograd.grad(losses[t], inputs, retain_graph=True, allow_unused=True) for t in range(p)]
+        return _flatten_rows(rows, inputs, losses.dtype)
+    flat = [g.reshape(p, -1).to(losses.dtype) if g is not None
+            else torch.zeros(p, x.numel(), dtype=losses.dtype, device=losses.device) for g, x in zip(batched, inputs)]
+    return torch.cat(flat, dim=1)
+
+
+def _flatten_rows(rows: Sequence[Sequence[Optional[Tensor]]], inputs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack([torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1).to(dtype)
+                                   for g, x in zip(row, inputs)]) for row in rows])
+
+
+def split_like(flat: Tensor, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """`flat` `(D,)` cut into tensors shaped (and typed) as `inputs` (the inverse of a row of
+    `task_gradients`)."""
+    pieces = torch.split(flat, [x.numel() for x in inputs])
+    return tuple(piece.reshape(x.shape).to(x.dtype) for piece, x in zip(pieces, inputs))

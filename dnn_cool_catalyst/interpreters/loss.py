@@ -23,17 +23,26 @@ indexed), so DDP needs no `find_unused_parameters`.
 `flow.get_loss(balancer=b)` gives a `BalancedFlowLoss`: the per-task means of the global batch
 (`global_means`) are combined by a `dnn_cool_catalyst.balancing` method instead of summed; tasks
 with an empty `S_t` take no part in the step. Without a balancer nothing of that runs.
+
+A gradient method (`balancing.GradientBalancer`) acts, on training steps, through a *surrogate*
+scalar (`BalancedFlowLoss.gradient_step`): its value is the plain sum of the present tasks' losses,
+its backward gives the shared parameters (or features) the method's direction `d`, head `t` the
+weighted gradient `h_t * d transform(L)_t` and absent heads exactly 0, so `loss.backward()`,
+`loss_fn.backward(...)`, Catalyst's backward callback and DDP work unchanged.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import distributed
+from ..balancing.base import present_index
+from ..balancing.gradient import GradientBalancer, split_like, task_gradients
 from ..errors import LabelError, capped
 from ..functional import expand_mask, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
@@ -264,6 +273,34 @@ def global_means(stacked: Tensor, group: Any = None) -> Tuple[Tensor, Tensor]:
     return share - share.detach() + exact, total[:, 1].to(stacked.dtype)
 
 
+class HeadInputs:
+    """Forward hooks on the heads that keep, for the representation variant of a gradient method,
+    the tensors each head read (those requiring a gradient) with the output it gave: `find(logits)`
+    returns the inputs of the head call that produced `logits` (matched by identity, so that only
+    this step's own head calls count). Registered by `BalancedFlowLoss` on its flow's heads only
+    when its balancer is a `GradientBalancer(representation=True)`; nothing is kept while gradients
+    are disabled, and at most one entry per task (the oldest dropped), so memory stays one step's."""
+
+    def __init__(self, size: int):
+        self.size = max(int(size), 1)
+        self.seen: "OrderedDict[int, Tuple[Tensor, Tuple[Tensor, ...]]]" = OrderedDict()
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        inputs = tuple(a for a in args if isinstance(a, Tensor) and a.requires_grad)
+        self.seen[id(output)] = (output, inputs)
+        while len(self.seen) > self.size:
+            self.seen.popitem(last=False)
+
+    def find(self, logits: Tensor) -> Optional[Tuple[Tensor, ...]]:
+        entry = self.seen.get(id(logits))
+        return entry[1] if entry is not None and entry[0] is logits else None
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+
 class BalancedFlowLoss(FlowLoss):
     """A `FlowLoss` whose task losses `L_t = weight_t * mean_{S_t} loss_t` are combined by a
     balancer (`flow.get_loss(balancer=...)`, see `dnn_cool_catalyst.balancing`) instead of summed.
@@ -275,6 +312,12 @@ class BalancedFlowLoss(FlowLoss):
     reads the counts on the host once per step. Under DDP the balancer sees the global means
     (`global_means`), so its update is the one-process update on the global batch. The balancer's
     state advances only in training mode with gradients enabled.
+
+    Gradient methods (`balancing.GradientBalancer`) on training steps: see `gradient_step`. The
+    parameters variant needs the shared parameters: `loss_fn.backward(outputs, targets,
+    shared_parameters=...)` (for that call) or `loss_fn.shared_parameters = ...` (kept; `FlowRunner`
+    sets every model parameter that is not a task head). The representation variant registers
+    forward hooks on the flow's heads (`HeadInputs`) that keep what each head read; only then.
     """
 
     def __init__(self, graph: FlowGraph, balancer: nn.Module, distributed: bool = True):
@@ -287,6 +330,46 @@ class BalancedFlowLoss(FlowLoss):
         # the tasks' own `weight=`, moved with the module (`loss_fn.to(device)`): no tensor built per step
         self.register_buffer("_static", torch.tensor([float(task.weight) for _, task in self._leaves]),
                              persistent=False)
+        self._shared: Optional[List[Tensor]] = None  # the kept shared parameters (parameters variant)
+        self._call_shared: Optional[List[Tensor]] = None  # those given to the current `backward` call
+        self._heads: Optional[HeadInputs] = None  # representation variant only
+        self._step_logits: Optional[Dict[str, Tensor]] = None
+        if self.is_gradient_method and balancer.representation:
+            self._heads = HeadInputs(len(self._leaves))
+            for module in {id(task.module): task.module for _, task in self._leaves}.values():
+                module.register_forward_hook(self._heads)
+
+    @property
+    def is_gradient_method(self) -> bool:
+        """Whether the balancer acts on the tasks' gradients (`balancing.GradientBalancer`)."""
+        return isinstance(self.balancer, GradientBalancer)
+
+    @property
+    def shared_parameters(self) -> Optional[List[Tensor]]:
+        """The parameters every task shares, for the parameters variant of a gradient method (None:
+        not set). Set with any iterable of parameters; those not requiring a gradient are left out."""
+        return self._shared
+
+    @shared_parameters.setter
+    def shared_parameters(self, parameters: Optional[Iterable[Tensor]]) -> None:
+        self._shared = None if parameters is None else _trainable(parameters)
+
+    def terms(self, outputs, targets):
+        """`FlowLoss.terms`; with a representation-variant gradient method it also notes this
+        step's logits, to find the inputs of the head calls that produced them."""
+        result = super().terms(outputs, targets)
+        if self._heads is not None:
+            self._step_logits = dict(outputs[LOGITS])
+        return result
+
+    def backward(self, outputs, targets, shared_parameters: Optional[Iterable[Tensor]] = None) -> Tensor:
+        """`FlowLoss.backward`; `shared_parameters` (for this call; else `self.shared_parameters`)
+        are the parameters a gradient method's parameters variant balances."""
+        self._call_shared = None if shared_parameters is None else _trainable(shared_parameters)
+        try:
+            return super().backward(outputs, targets)
+        finally:
+            self._call_shared = None
 
     def from_stacked(self, stacked: Tensor, paths: Sequence[str]) -> Tensor:
         """The balanced loss from `stack_terms(terms)` rows in the order of `paths`."""
@@ -300,7 +383,113 @@ class BalancedFlowLoss(FlowLoss):
         means, counts = global_means(stacked) if self.distributed else local_means(stacked)
         losses = means * self._static.to(dtype=means.dtype, device=means.device)
         present = (counts > 0).tolist()
-        return self.balancer(losses, present, update=self.training and torch.is_grad_enabled())
+        update = self.training and torch.is_grad_enabled()
+        if update and self.is_gradient_method:
+            return self.gradient_step(losses, present)
+        return self.balancer(losses, present, update=update)
+
+    def gradient_step(self, losses: Tensor, present: Sequence[bool]) -> Tensor:
+        """The surrogate loss of a gradient method's training step, from the tasks' losses `(T,)`
+        (global values, this rank's gradient share: `global_means`) and which are present.
+
+        With `T' = balancer.transform(L_present)` and the gradients `G` `(P, D)` of `T'` with
+        respect to the shared parameters (parameters variant; under DDP `all_reduce(G) / world`,
+        the global batch's) or the Gram matrix of the gradients `R` with respect to the heads'
+        inputs (representation variant; under DDP `all_reduce(R R^T) / world^2`), the method gives
+        `(d, h)` (`direction`) or `(c, h)` (`weigh`; then `d = c @ R` on the features). The value is
+        `sum_present L_t`; the gradient is that of
+
+            sum_t h_t T'_t + sum_x <x, delta_x> + auxiliary + 0 * sum_all L_t
+
+        with `delta = d - h @ G` on the shared parameters (the same on every rank, so DDP's
+        average leaves it; the heads' term supplies `h @ G`) or `delta = (c - h) @ R_rank` on the
+        features (each rank's own rows, which backpropagate through the backbone as any loss's):
+        the shared parameters receive exactly `d` (their gradient from the heads' term plus
+        `delta`), head `t` `h_t dT'_t`, the method's parameters their `transform`/`auxiliary_loss`
+        gradients, and absent heads exactly 0 while staying in the graph (DDP needs no
+        `find_unused_parameters`). A step without any present task is exactly 0."""
+        balancer = self.balancer
+        where, idx = present_index(present, losses.device)
+        if not where:
+            return balancer(losses, present, update=True)
+        inputs, representation = self._gradient_inputs(where)
+        transformed = balancer.transform(losses[idx], idx)
+        grads = task_gradients(transformed, inputs)
+        detached = losses[idx].detach()
+        world = distributed.world_size() if self.distributed else 1
+        if representation:
+            gram = grads.double() @ grads.double().T
+            if world > 1:
+                dist.all_reduce(gram)
+                gram = gram / world ** 2
+            c, h = balancer.weigh(gram, detached, idx, True)
+            delta = (c - h).to(grads.dtype) @ grads
+        else:
+            if world > 1:
+                dist.all_reduce(grads)
+                grads = grads / world
+            d, h = balancer.direction(grads, detached, idx, True)
+            delta = d.to(grads.dtype) - h.to(grads.dtype) @ grads
+        total = (h.detach().to(transformed.dtype) * transformed).sum() + losses.sum() * 0.0
+        for x, dx in zip(inputs, split_like(delta.detach(), inputs)):
+            total = total + (x * dx).sum()
+        auxiliary = balancer.auxiliary_loss()
+        if auxiliary is not None:
+            total = total + auxiliary
+        return total - total.detach() + detached.sum()
+
+    def _gradient_inputs(self, where: Sequence[int]) -> Tuple[List[Tensor], bool]:
+        """What the method's gradients are taken with respect to: `(tensors, representation)`."""
+        name = type(self.balancer).__name__
+        if not self.balancer.representation:
+            shared = self._call_shared if self._call_shared is not None else self._shared
+            if not shared:
+                raise ValueError(
+                    f"{name} is a gradient method and needs the parameters every task shares: pass "
+                    f"loss_fn.backward(outputs, targets, shared_parameters=model.backbone.parameters()) or set "
+                    f"loss_fn.shared_parameters = ... once (FlowRunner sets every parameter that is not a task "
+                    f"head){' (those given do not require a gradient)' if shared is not None else ''}; or use "
+                    f"{name}(representation=True) where the method has that variant")
+            return list(shared), False
+        logits, self._step_logits = self._step_logits, None
+        features: Dict[int, Tensor] = {}
+        unseen, constant = [], []
+        for i in where:
+            path = self._paths[i]
+            found = self._heads.find(logits[path]) if logits is not None and path in logits else None
+            if found is None:
+                unseen.append(path)
+            elif not found:
+                constant.append(path)
+            for x in found or ():
+                features.setdefault(id(x), x)
+        self._heads.clear()
+        name = type(self.balancer).__name__
+        if unseen:
+            raise RuntimeError(
+                f"{name}(representation=True) needs the inputs the heads read in this step, but the logits of "
+                f"task(s) {capped(unseen)} are not the outputs of a head call seen in this process (the loss got "
+                f"terms reduced elsewhere, e.g. by DataParallel replicas, or logits not returned by the flow's "
+                f"heads as they are): compute the loss from the outputs of flow.torch() in this process, or use "
+                f"{name}(representation=False) with shared parameters")
+        if not features:
+            raise ValueError(
+                f"{name}(representation=True): the heads of task(s) {capped(constant)} read inputs that do not "
+                f"require a gradient (no shared network before the heads), so there is no shared representation "
+                f"to balance")
+        return list(features.values()), True
+
+
+def _trainable(parameters: Iterable[Tensor]) -> List[Tensor]:
+    """The parameters of `parameters` that require a gradient, each once, in order."""
+    seen: Dict[int, Tensor] = {}
+    for p in parameters:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"shared_parameters must be tensors (e.g. model.backbone.parameters()), got "
+                            f"{type(p).__name__}")
+        if p.requires_grad:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 class FlowPerSampleLoss:

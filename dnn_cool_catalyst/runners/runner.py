@@ -28,7 +28,9 @@ from ..batches import check_first_batch, inputs_batch_size, split_batch, take_ro
 from ..callbacks import InterpretationCallback
 from ..callbacks.batch import batch_size_of
 from ..callbacks.common import resolve_flow
+from ..balancing.gradient import GradientBalancer
 from ..files import write_csv
+from ..interpreters.module import FlowModule
 from ..callbacks.tuning import TUNED_PARAMS_FILE
 from ..distributed import is_main_process, unwrap
 from ..keys import EXPLAIN, GT, INPUTS, LOSS_TERMS, METRIC_STATES, OUTPUTS, PER_SAMPLE_LOSS, TARGETS
@@ -59,7 +61,12 @@ class FlowRunner(dl.Runner):
     is `flow.get_loss(balancer=balancer)`, moved to the model's device, its learnable parameters
     join the default optimizer (`runners.defaults.optimizer_for`), and a `BalancerCallback` logs
     each task's effective weight per epoch (`<path>/balance/weight`) and calls the balancer's
-    `epoch_end()`; with a criterion given to `train` it is an error.
+    `epoch_end()`; with a criterion given to `train` it is an error. A gradient method
+    (`balancing.GradientBalancer`, e.g. `PCGrad()`) balances `shared_parameters`: by default every
+    parameter of the model that is not a task head's (not inside a flow module), or those given
+    (an iterable of parameters, or a function `model -> parameters`), set on the loss at the start
+    of each run (after the engine placed the model). Memory-balanced DataParallel reduces the loss
+    inside its replicas, where the heads' inputs stay: it takes the parameters variant only.
 
     `handle_batch` feeds `X` (with `X["gt"]`) to the model and leaves `inputs`, `targets`, `outputs`
     and the loss terms in `runner.batch` (see `dnn_cool_catalyst.callbacks.batch`), the flow loss
@@ -86,7 +93,8 @@ class FlowRunner(dl.Runner):
     """
 
     def __init__(self, flow: Any, model: Any = None, engine: Any = None, logdir: Optional[str] = None,
-                 balance_dataparallel_memory: bool = False, drop_ddp_padding: bool = True, balancer: Any = None):
+                 balance_dataparallel_memory: bool = False, drop_ddp_padding: bool = True, balancer: Any = None,
+                 shared_parameters: Any = None):
         flow = resolve_flow(flow)
         super().__init__(model=resolve_model(model, flow), engine=engine)
         self.balance_dataparallel_memory = bool(balance_dataparallel_memory)
@@ -96,6 +104,9 @@ class FlowRunner(dl.Runner):
         self.flow = flow
         self.balancer = balancer
         self.flow_loss = flow.get_loss(balancer=balancer)
+        # a function of the model, or the parameters themselves (a list: an iterator would run out)
+        self._shared_parameters = (shared_parameters if shared_parameters is None or callable(shared_parameters)
+                                   else list(shared_parameters))
         self._kept_criterion: Any = self.flow_loss
         self._loss_step: Optional[LossStep] = None  # the criterion of the run, adapted at its start
         self._logdir = os.fspath(logdir) if logdir is not None else None
@@ -266,6 +277,29 @@ class FlowRunner(dl.Runner):
     def on_experiment_start(self, runner: Any) -> None:
         super().on_experiment_start(runner)  # builds the components and the callbacks
         self._loss_step = loss_step(self.criterion if self.criterion is not None else self._kept_criterion)
+        if isinstance(self.balancer, GradientBalancer) and not self._evaluating:
+            self._share_parameters()
+
+    def _share_parameters(self) -> None:
+        """Give the gradient method its shared parameters (those of the model placed by the engine)."""
+        name = type(self.balancer).__name__
+        if isinstance(self.model, BalancedDataParallel) and self.balancer.representation:
+            raise ValueError(f"{name}(representation=True) needs the inputs the heads read, which memory-balanced "
+                             f"DataParallel keeps inside its replicas (it gathers only the loss terms): use "
+                             f"{name}(representation=False), or balance_dataparallel_memory=False")
+        model = unwrap(self.model)
+        given = self._shared_parameters
+        if given is None:
+            heads = {id(p) for m in model.modules() if isinstance(m, FlowModule) for p in m.parameters()}
+            shared = [p for p in model.parameters() if id(p) not in heads and p.requires_grad]
+        else:
+            shared = list(given(model) if callable(given) else given)
+        if not shared and not self.balancer.representation:
+            raise ValueError(f"FlowRunner: {name} balances the parameters the tasks share, but the model has none "
+                             f"outside the task heads{' (among those given)' if given is not None else ''} (every "
+                             f"parameter is in a flow module): give a model with a shared backbone computing the "
+                             f"features the heads read, pass shared_parameters=..., or use a loss-weighting method")
+        self.flow_loss.shared_parameters = shared
         if isinstance(self.model, BalancedDataParallel):
             self.model.reducer.explain = max(self.model.reducer.explain, self._samples_to_explain())
 

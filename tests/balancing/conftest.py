@@ -16,6 +16,16 @@ METHODS = {
     "rlw": balancing.RandomLossWeighting,
     "gls": balancing.GeometricLossStrategy,
     "famo": balancing.FAMO,
+    "pcgrad": balancing.PCGrad,
+    "mgda": balancing.MGDA,
+    "mgda_ub": lambda: balancing.MGDA(representation=True),
+    "cagrad": balancing.CAGrad,
+    "cagrad_rep": lambda: balancing.CAGrad(representation=True),
+    "imtl": balancing.IMTL,
+    "imtl_rep": lambda: balancing.IMTL(representation=True),
+    "gradnorm": balancing.GradNorm,
+    "gradnorm_rep": lambda: balancing.GradNorm(representation=True),
+    "dbmtl": balancing.DBMTL,
 }
 
 
@@ -51,6 +61,26 @@ def _batch(gate, seed=0, missing=False):
              "tags": torch.full((n, 2), float("nan")), "kind": torch.full((n,), -1)}
     x = {"f": torch.randn(n, 3, generator=g), "gt": {"gate": y["gate"]}}
     return x, y
+
+
+class _SharedModel(nn.Module):
+    """A shared layer (`backbone`) before the flow's heads: the heads read `tanh(backbone(x.f))`."""
+
+    def __init__(self, flow):
+        super().__init__()
+        torch.manual_seed(1)
+        self.backbone = nn.Linear(3, 3)
+        self.flow = flow.torch()
+
+    def forward(self, x):
+        return self.flow({"f": torch.tanh(self.backbone(x["f"])), "gt": x["gt"]})
+
+
+@pytest.fixture
+def shared_model():
+    """`shared_model(flow)` -> a model with a shared `backbone` before the flow's heads (what the
+    gradient methods balance)."""
+    return _SharedModel
 
 
 @pytest.fixture(params=sorted(METHODS))

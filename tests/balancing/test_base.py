@@ -30,19 +30,20 @@ def _task_state(balancer, i):
     return found
 
 
-def _step(flow, loss_fn, opt, x, y):
+def _step(model, loss_fn, opt, x, y):
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn.backward(flow.torch()(x), y)
+    loss = loss_fn.backward(model(x), y)
     opt.step()
     return loss
 
 
-def test_absent_task_gets_zero_head_gradient_and_keeps_its_state(method, gated_flow, make_batch):
+def test_absent_task_gets_zero_head_gradient_and_keeps_its_state(method, gated_flow, make_batch, shared_model):
     flow = gated_flow()
-    model, loss_fn = flow.torch(), flow.get_loss(balancer=method())
+    model, loss_fn = shared_model(flow), flow.get_loss(balancer=method())
+    loss_fn.shared_parameters = model.backbone.parameters()  # what the gradient methods balance
     opt = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=0.1)
     for seed in range(3):  # every task present, so that momentum and histories are non-trivial
-        _step(flow, loss_fn, opt, *make_batch([1, 0, 1, 0], seed=seed))
+        _step(model, loss_fn, opt, *make_batch([1, 0, 1, 0], seed=seed))
     value = PATHS.index("value")
     before = _task_state(loss_fn.balancer, value)
     opt.zero_grad(set_to_none=True)
@@ -94,19 +95,20 @@ def test_default_loss_is_unchanged_and_equal_weighting_reproduces_it(gated_flow,
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
 
-def test_backward_is_the_loss_backward(method, gated_flow, make_batch):
+def test_backward_is_the_loss_backward(method, gated_flow, make_batch, shared_model):
     flow = gated_flow()
-    model = flow.torch()
+    model = shared_model(flow)
     x, y = make_batch([1, 0, 1], seed=2)
     got = []
     for fill in ("call", "backward"):
         loss_fn = flow.get_loss(balancer=method())
         model.zero_grad(set_to_none=True)
         if fill == "call":
+            loss_fn.shared_parameters = model.backbone.parameters()
             loss = loss_fn(model(x), y)
             loss.backward()
         else:
-            loss = loss_fn.backward(model(x), y, shared_parameters=model.parameters())
+            loss = loss_fn.backward(model(x), y, shared_parameters=model.backbone.parameters())
             assert not loss.requires_grad
         got.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(got[0][0], got[1][0]) and all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))

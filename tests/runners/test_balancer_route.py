@@ -101,17 +101,68 @@ def test_epoch_end_is_a_no_op_by_default():
     assert all(torch.equal(state[k], v) for k, v in balancer.state_dict().items())
 
 
-@pytest.mark.parametrize("name", [n for n in balancing.__all__ if n != "Balancer"])
-def test_every_method_trains_through_the_runner(name, data, flow_and_model, loaders_for):
+def _every_method():
+    """Every concrete method of `balancing.__all__`, gradient methods also in their representation
+    variant where they have one."""
+    found = []
+    for name in balancing.__all__:
+        cls = getattr(balancing, name)
+        if cls in (balancing.Balancer, balancing.GradientBalancer):
+            continue
+        found.append(pytest.param(cls, {}, id=name))
+        if issubclass(cls, balancing.GradientBalancer) and cls.supports_representation:
+            found.append(pytest.param(cls, {"representation": True}, id=f"{name}-representation"))
+    return found
+
+
+@pytest.mark.parametrize("cls, options", _every_method())
+def test_every_method_trains_through_the_runner(cls, options, data, flow_and_model, loaders_for):
     flow, model = flow_and_model()
-    runner = FlowRunner(flow, model=model, balancer=getattr(balancing, name)())
+    runner = FlowRunner(flow, model=model, balancer=cls(**options))
     before = [p.detach().clone() for p in model.parameters()]
     runner.train(loaders=loaders_for(flow, data), num_epochs=2, **QUIET)
     train = runner.epoch_metrics["train"]
     weights = {k: v for k, v in train.items() if k.endswith("/balance/weight")}
-    assert len(weights) == len(runner.balancer.paths) and all(v > 0 and v == v for v in weights.values())
+    assert len(weights) == len(runner.balancer.paths) and all(abs(v) < float("inf") for v in weights.values())
+    if not isinstance(runner.balancer, balancing.GradientBalancer):  # gradient methods may weigh a task 0 (MGDA)
+        assert all(v > 0 for v in weights.values())
+    else:  # the default shared parameters: every parameter outside the flow module
+        assert [id(p) for p in runner.flow_loss.shared_parameters] == [id(p) for p in model.backbone.parameters()]
     assert abs(train["loss"]) < float("inf")  # FAMO sums log-losses: may be negative
     assert any(not torch.equal(b, a.detach()) for b, a in zip(before, model.parameters()))
+
+
+def test_given_shared_parameters_are_the_ones_balanced(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=balancing.PCGrad(),
+                        shared_parameters=lambda m: [m.backbone[0].weight])
+    before = model.backbone[0].weight.detach().clone()
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, **QUIET)
+    assert [id(p) for p in runner.flow_loss.shared_parameters] == [id(model.backbone[0].weight)]
+    assert not torch.equal(before, model.backbone[0].weight.detach())
+
+
+def test_a_gradient_method_without_shared_parameters_is_an_error_at_the_start(data, loaders_for):
+    from dnn_cool_catalyst.story import security_tasks
+
+    flow = security_tasks(features=6).get_full_flow()
+    runner = FlowRunner(flow, balancer=balancing.MGDA())  # the flow module alone: every parameter a head's
+    with pytest.raises(ValueError, match="MGDA balances the parameters the tasks share.*shared_parameters="):
+        runner.train(loaders={"train": flow.get_dataset(*data).loader(batch_size=16)}, num_epochs=1, **QUIET)
+
+
+def test_memory_balanced_dataparallel_takes_the_parameters_variant_only(data, flow_and_model, loaders_for):
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=balancing.MGDA(representation=True),
+                        balance_dataparallel_memory=True)
+    with pytest.raises(ValueError, match="representation=True.*memory-balanced DataParallel keeps inside its "
+                                         "replicas.*representation=False"):
+        runner.train(loaders=loaders_for(flow, data), num_epochs=1, **QUIET)
+    flow, model = flow_and_model()
+    runner = FlowRunner(flow, model=model, balancer=balancing.PCGrad(), balance_dataparallel_memory=True)
+    before = model.backbone[0].weight.detach().clone()
+    runner.train(loaders=loaders_for(flow, data), num_epochs=1, **QUIET)
+    assert not torch.equal(before, model.backbone[0].weight.detach())
 
 
 @pytest.mark.parametrize("name", ["UncertaintyWeighting", "DynamicWeightAverage"])
