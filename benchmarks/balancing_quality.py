@@ -237,7 +237,10 @@ def run_synthetic(args) -> int:
             test_loader = flow.get_dataset(*test_data).loader(batch_size=1024)
             table = evaluate(model, flow, test_loader, name="balancing_quality")
             results[name].append({p: main_metric(table, p, SYNTHETIC[p][0]) for p in SYNTHETIC})
-            print(f"  seed {seed} {name:<14s} {time.perf_counter() - start:6.1f}s", flush=True)
+            # each run as it ends, so that an interrupted run still says something
+            cells = " ".join(f"{results[name][-1][p]:.4f}" for p in SYNTHETIC)
+            dm = delta_m(results[name][-1], results["equal"][seed]) if len(results["equal"]) > seed else float("nan")
+            print(f"  seed {seed} {name:<14s} {time.perf_counter() - start:6.1f}s  {cells}  Delta_m {dm:+.2f}", flush=True)
 
     if losses_at:
         print("\nper-task mean training loss (equal weights, seed 0): "
