@@ -55,7 +55,6 @@ import time
 import warnings
 from typing import Callable, Dict, List, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
