@@ -14,10 +14,13 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from . import BackboneModel, Converters, Project, datasets
+from .files import write_json
+from .project import SPLITS, load_or_make_split, split_file, table_fingerprint
 from .story import BODY_BOX, FACE_BOX, add_security_flows, security_cnn, two_source_tables
 
 # The quality bar the demo is held to on the test split (issue: "the whole story end to end").
@@ -78,11 +81,37 @@ def story_project(settings: DemoSettings) -> Project:
 
 def two_source_project(settings: DemoSettings) -> Project:
     """The story from two sources (`story.two_source_tables`: "door_cam" labels the door tasks,
-    "people" the person tasks, disjoint halves of the generated rows): one `Project` over both,
-    each source split on its own; its loaders mix them (`MixedDataset`)."""
+    "people" the person tasks, disjoint halves of the generated rows): one `Project` over both;
+    its loaders mix them (`MixedDataset`). Each source is split as the single-table story splits
+    the whole table (`common_source_splits`), so both models are tested on the same rows."""
     df = load_story_table(settings.data_dir, settings.n, settings.seed)
-    return build_project(two_source_tables(df, seed=settings.seed), settings.data_dir, settings.project_dir,
-                         settings.features, settings.seed)
+    tables = two_source_tables(df, seed=settings.seed)
+    common_source_splits(df, tables, settings.project_dir, settings.seed)
+    return build_project(tables, settings.data_dir, settings.project_dir, settings.features, settings.seed)
+
+
+def common_source_splits(df: pd.DataFrame, tables: dict, project_dir: str, seed: int,
+                         fractions=(0.8, 0.1, 0.1), input_cols=("img",)) -> None:
+    """Write each source's split file (`split_<source>.json`, unless it exists) from the split of
+    the whole table (`split.json`, made first if absent, exactly as the single-table `Project` makes
+    it): a row is in the same part (train, valid or test) in both projects, so a model trained on
+    the sources and one trained on the whole table share their test rows. `tables` hold rows of
+    `df` under their index labels (`story.two_source_tables`)."""
+    cols = list(input_cols)
+    os.makedirs(project_dir, exist_ok=True)
+    whole = load_or_make_split(split_file(project_dir, None), len(df), fractions, seed, table_fingerprint(df[cols]))
+    part = np.empty(len(df), dtype=object)
+    for name, rows in whole.items():
+        part[rows] = name
+    for source, table in tables.items():
+        path = split_file(project_dir, source)
+        if os.path.exists(path):
+            continue  # Project checks it against the table, and says how to start again
+        where = part[df.index.get_indexer(table.index)]
+        local = {name: np.flatnonzero(where == name) for name in SPLITS}
+        write_json(path, {"num_rows": len(table), "fingerprint": table_fingerprint(table[cols]),
+                          "fractions": [float(f) for f in fractions], "seed": seed,
+                          **{name: rows.tolist() for name, rows in local.items()}})
 
 
 def story_model(project: Project, settings: DemoSettings) -> BackboneModel:

@@ -30,3 +30,28 @@ def test_two_source_tables_are_disjoint_halves_labelled_for_their_own_tasks():
     with pytest.raises(KeyError, match=r"no input column\(s\) \['image'\]"):
         two_source_tables(df, input_cols=["image"])
     assert np.isnan(people["person_present"]).any()  # rows whose door is closed carry no person labels
+
+
+def test_common_source_splits_put_every_row_in_the_same_part_as_the_whole_table(tmp_path):
+    from dnn_cool_catalyst.demo import common_source_splits
+    from dnn_cool_catalyst.project import load_or_make_split, split_file, table_fingerprint
+
+    df = _story_table(n=60)
+    tables = two_source_tables(df, seed=3)
+    common_source_splits(df, tables, str(tmp_path), seed=5)
+    whole = load_or_make_split(split_file(str(tmp_path), None), len(df), (0.8, 0.1, 0.1), 5,
+                               table_fingerprint(df[["img"]]))
+    part_of = {int(r): name for name, rows in whole.items() for r in rows}
+    seen = []
+    for source, table in tables.items():
+        # the file is what Project itself reads back (same checks: rows, fingerprint, fractions, seed)
+        local = load_or_make_split(split_file(str(tmp_path), source), len(table), (0.8, 0.1, 0.1), 5,
+                                   table_fingerprint(table[["img"]]))
+        for name, rows in local.items():
+            positions = df.index.get_indexer(table.index[rows])
+            assert all(part_of[int(p)] == name for p in positions), (source, name)
+            seen += positions.tolist()
+    assert sorted(seen) == list(range(len(df)))  # the sources' parts cover the table once
+    first = (tmp_path / "split_people.json").read_text()
+    common_source_splits(df, tables, str(tmp_path), seed=5)  # an existing file is kept as it is
+    assert (tmp_path / "split_people.json").read_text() == first
