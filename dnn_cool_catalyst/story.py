@@ -112,7 +112,9 @@ def two_source_tables(df, input_cols=("img",), seed: int = 0) -> dict:
     if unknown:
         raise KeyError(f"two_source_tables: no input column(s) {unknown} in the table; it has {list(df.columns)}")
     door = np.zeros(len(df), dtype=bool)
-    door[np.random.default_rng(seed).permutation(len(df))[: len(df) // 2]] = True
+    # a stream of its own: `Project` splits rows with `default_rng(seed).permutation` too, and the same
+    # permutation would put one source's rows all in the training split
+    door[np.random.default_rng((seed, 2)).permutation(len(df))[: len(df) // 2]] = True
     door_cols = [c for c in df.columns if c in DOOR_TASKS]
     people_cols = [c for c in df.columns if c not in inputs and c not in DOOR_TASKS]
     return {"door_cam": df.loc[door, inputs + door_cols], "people": df.loc[~door, inputs + people_cols]}

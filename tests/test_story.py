@@ -55,3 +55,18 @@ def test_common_source_splits_put_every_row_in_the_same_part_as_the_whole_table(
     first = (tmp_path / "split_people.json").read_text()
     common_source_splits(df, tables, str(tmp_path), seed=5)  # an existing file is kept as it is
     assert (tmp_path / "split_people.json").read_text() == first
+
+
+def test_two_source_halves_are_drawn_apart_from_the_split():
+    # `make_split` draws `default_rng(seed).permutation`; the halves must not follow the same draw,
+    # or one source would hold no validation or test rows at all
+    from dnn_cool_catalyst.project import make_split
+
+    df = _story_table(n=200)
+    for seed in (0, 1, 2):
+        tables = two_source_tables(df, seed=seed)
+        split = make_split(len(df), seed=seed)
+        for table in tables.values():
+            positions = set(df.index.get_indexer(table.index).tolist())
+            for part in ("valid", "test"):
+                assert positions & set(split[part].tolist()), (seed, part)
