@@ -10,8 +10,11 @@ this package.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -316,6 +319,24 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence what the exporters say about themselves, not about the user's model: the ONNX
+    registry's notes that torchvision's operators are skipped (torchvision is not a dependency),
+    torch's own deprecation inside `torch.export` (`LeafSpec`), and the note that the dynamic
+    axis named "batch" is renamed. Errors still raise; other warnings still show."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used.*")
+            yield
+    finally:
+        registry.setLevel(level)
+
+
 def _export_onnx(wrapper: DeployModule, args, names, dynamic, meta, path: str) -> None:
     try:
         import onnxscript  # noqa: F401  (the torch.onnx exporter needs it)
@@ -324,8 +345,9 @@ def _export_onnx(wrapper: DeployModule, args, names, dynamic, meta, path: str) -
                           "'dnn_cool_catalyst[deploy]'") from None
     outputs = [name for t in meta["tasks"] for name in (t["outputs"]["decoded"], t["outputs"]["applies"])]
     try:
-        program = torch.onnx.export(wrapper, args, input_names=names, output_names=outputs, dynamic_shapes=dynamic,
-                                    dynamo=True, verbose=False, optimize=True)
+        with _quiet_exporter():
+            program = torch.onnx.export(wrapper, args, input_names=names, output_names=outputs,
+                                        dynamic_shapes=dynamic, dynamo=True, verbose=False, optimize=True)
     except Exception as e:
         raise _trace_error(e, wrapper, "onnx") from e
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta, allow_nan=False)
@@ -334,7 +356,8 @@ def _export_onnx(wrapper: DeployModule, args, names, dynamic, meta, path: str) -
 
 def _export_pt2(wrapper: DeployModule, args, dynamic, meta, path: str) -> None:
     try:
-        program = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
+        with _quiet_exporter():
+            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
     except Exception as e:
         raise _trace_error(e, wrapper, "pt2") from e
     extra = {PT2_EXTRA_FILE: json.dumps(meta, allow_nan=False)}

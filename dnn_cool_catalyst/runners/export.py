@@ -23,6 +23,7 @@ WEIGHTS_FILE = "weights.pth"
 TUNED_FILE = "tuned_params.json"
 MANIFEST_FILE = "manifest.json"
 DEPLOY_FILE = "model.{}"  # the deployment artifact of each format
+RUNTIME_FILE = "dcc_runtime.py"  # deploy/runtime.py, beside the artifacts: `import dcc_runtime` loads them
 
 
 def manifest_of(flow: Any, model: nn.Module) -> Dict[str, Any]:
@@ -71,8 +72,10 @@ def export_model(directory: str | os.PathLike, flow: Any, model: nn.Module,
                  deployable: Union[bool, str, Sequence[str]] = False,
                  example_inputs: Optional[Mapping[str, Any]] = None, loader: Any = None) -> str:
     """Write `model`'s weights, `flow`'s decoder parameters, with `deployable` (True: ONNX; or
-    `"onnx"`, `"pt2"`, or both in a list) the deployment artifact(s) `model.<format>`, and a
-    manifest into `directory`. The artifacts trace the model on `example_inputs`, else on the first
+    `"onnx"`, `"pt2"`, or both in a list) the deployment artifact(s) `model.<format>` and their
+    self-contained loader `dcc_runtime.py` (`deploy/runtime.py`: `import dcc_runtime;
+    dcc_runtime.load("model.onnx")` needs only numpy and onnxruntime), and a manifest into
+    `directory`. The artifacts trace the model on `example_inputs`, else on the first
     batch of `loader`, else on inputs inferred from the flow (`deploy.export`)."""
     from ..tuning import save_tuned
 
@@ -93,6 +96,13 @@ def export_model(directory: str | os.PathLike, flow: Any, model: nn.Module,
             name = DEPLOY_FILE.format(fmt)
             export(flow, model, os.path.join(directory, name), format=fmt, example_inputs=example_inputs)
             manifest["files"].setdefault("deployable", {})[fmt] = name
+        # the self-contained loader beside the artifacts: a service imports it without this package (or torch)
+        from ..deploy import runtime
+
+        with open(runtime.__file__, "rb") as fh:
+            source = fh.read()
+        write_atomic(os.path.join(directory, RUNTIME_FILE), lambda out: out.write(source))
+        manifest["files"]["runtime"] = RUNTIME_FILE
     write_json(os.path.join(directory, MANIFEST_FILE), manifest)
     return directory
 
