@@ -136,3 +136,31 @@ def make_two_security_sources(flow, n_a=70, n_b=50, seed=5):
 def two_security_sources():
     """`make_two_security_sources`, as a fixture."""
     return make_two_security_sources
+
+
+def _gated_flow(value_weight=1.0):
+    """A small gated flow: `value` and `tags` apply where the binary `gate` is 1, `kind` where it is 0
+    (all read `x.f` of width 3)."""
+    torch.manual_seed(0)
+    tasks = dcc.Tasks([
+        dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)),
+        dcc.BoundedRegressionTask("value", nn.Linear(3, 1), weight=value_weight),
+        dcc.MultilabelClassificationTask("tags", nn.Linear(3, 2)),
+        dcc.ClassificationTask("kind", nn.Linear(3, 4)),
+    ])
+
+    @tasks.add_flow
+    def full(flow, x, out):
+        out += flow.gate(x.f)
+        out += flow.value(x.f) | out.gate
+        out += flow.tags(x.f) | out.gate
+        out += flow.kind(x.f) | ~out.gate
+        return out
+
+    return full
+
+
+@pytest.fixture
+def gated_flow():
+    """`gated_flow(value_weight=1.0)` -> a fresh gated flow (`_gated_flow`), seeded."""
+    return _gated_flow

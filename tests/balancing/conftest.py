@@ -1,11 +1,11 @@
-"""Fixtures of the balancing tests: a small gated flow (`value` and `tags` apply where `gate` is 1,
-`kind` where it is 0) and its batches (handed out as fixtures: tests are imported with
+"""Fixtures of the balancing tests: batches of the gated flow (`gated_flow`, tests/conftest.py:
+`value` and `tags` apply where `gate` is 1, `kind` where it is 0), a shared backbone before its
+heads, and every method (handed out as fixtures: tests are imported with
 --import-mode=importlib)."""
 import pytest
 import torch
 from torch import nn
 
-import dnn_cool_catalyst as dcc
 from dnn_cool_catalyst import balancing
 
 METHODS = {
@@ -27,26 +27,6 @@ METHODS = {
     "gradnorm_rep": lambda: balancing.GradNorm(representation=True),
     "dbmtl": balancing.DBMTL,
 }
-
-
-def _gated_flow(value_weight=1.0):
-    torch.manual_seed(0)
-    tasks = dcc.Tasks([
-        dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)),
-        dcc.BoundedRegressionTask("value", nn.Linear(3, 1), weight=value_weight),
-        dcc.MultilabelClassificationTask("tags", nn.Linear(3, 2)),
-        dcc.ClassificationTask("kind", nn.Linear(3, 4)),
-    ])
-
-    @tasks.add_flow
-    def full(flow, x, out):
-        out += flow.gate(x.f)
-        out += flow.value(x.f) | out.gate
-        out += flow.tags(x.f) | out.gate
-        out += flow.kind(x.f) | ~out.gate
-        return out
-
-    return full
 
 
 def _batch(gate, seed=0, missing=False):
@@ -86,11 +66,6 @@ def shared_model():
 @pytest.fixture(params=sorted(METHODS))
 def method(request):
     return METHODS[request.param]
-
-
-@pytest.fixture
-def gated_flow():
-    return _gated_flow
 
 
 @pytest.fixture

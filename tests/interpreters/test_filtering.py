@@ -2,35 +2,11 @@
 hand-written reference (per-sample loops over the precondition rules of API.md section 4)."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score
-from torch import nn
-
-import dnn_cool_catalyst as dcc
 
 NAN = math.nan
-
-
-def _flow():
-    torch.manual_seed(0)
-    tasks = dcc.Tasks([
-        dcc.BinaryClassificationTask("gate", nn.Linear(3, 1)),
-        dcc.BoundedRegressionTask("value", nn.Linear(3, 1)),
-        dcc.MultilabelClassificationTask("tags", nn.Linear(3, 2)),
-        dcc.ClassificationTask("kind", nn.Linear(3, 4)),
-    ])
-
-    @tasks.add_flow
-    def full(flow, x, out):
-        out += flow.gate(x.f)
-        out += flow.value(x.f) | out.gate
-        out += flow.tags(x.f) | out.gate
-        out += flow.kind(x.f) | ~out.gate
-        return out
-
-    return full
 
 
 GATE = [1.0, 0.0, NAN, 1.0, 0.0, 1.0]
@@ -67,8 +43,8 @@ def _outputs(flow, gt=True):
 
 
 @pytest.mark.parametrize("path", ["gate", "value", "tags", "kind"])
-def test_rows_are_where_the_task_applies_and_has_a_label(path):
-    flow = _flow()
+def test_rows_are_where_the_task_applies_and_has_a_label(path, gated_flow):
+    flow = gated_flow()
     out = _outputs(flow)
     pred, y = flow.get_filter()(out, LABELS)[path]
     rows = _reference_rows(path)
@@ -76,8 +52,8 @@ def test_rows_are_where_the_task_applies_and_has_a_label(path):
     assert torch.equal(y, LABELS[path][rows]) or torch.allclose(y, LABELS[path][rows], equal_nan=True)
 
 
-def test_activated_and_logits_outputs_take_the_same_rows():
-    flow = _flow()
+def test_activated_and_logits_outputs_take_the_same_rows(gated_flow):
+    flow = gated_flow()
     out = _outputs(flow)
     rows = _reference_rows("value")
     pred, _ = flow.get_filter(output="activated")(out, LABELS)["value"]
@@ -86,8 +62,8 @@ def test_activated_and_logits_outputs_take_the_same_rows():
     assert torch.equal(pred, out["logits"]["value"][rows])
 
 
-def test_outputs_of_training_mode_are_decoded_from_the_logits():
-    flow = _flow()
+def test_outputs_of_training_mode_are_decoded_from_the_logits(gated_flow):
+    flow = gated_flow()
     model = flow.torch().train()
     x = {"f": torch.randn(6, 3), "gt": {"gate": LABELS["gate"]}}
     with torch.no_grad():
@@ -98,8 +74,8 @@ def test_outputs_of_training_mode_are_decoded_from_the_logits():
     assert torch.equal(pred, expected[_reference_rows("gate")])
 
 
-def test_elements_flattens_the_present_label_elements_of_kept_rows():
-    flow = _flow()
+def test_elements_flattens_the_present_label_elements_of_kept_rows(gated_flow):
+    flow = gated_flow()
     out = _outputs(flow)
     pred, y = flow.get_filter(elements=True)(out, LABELS)["tags"]
     rows = _reference_rows("tags")
@@ -113,8 +89,8 @@ def test_elements_flattens_the_present_label_elements_of_kept_rows():
     assert not torch.isnan(y).any()
 
 
-def test_predicted_preconditions_follow_the_decoded_gate():
-    flow = _flow()
+def test_predicted_preconditions_follow_the_decoded_gate(gated_flow):
+    flow = gated_flow()
     out = _outputs(flow, gt=False)
     gate = out["decoded"]["gate"].reshape(-1).bool()
     pred, _ = flow.get_filter(preconditions="predicted")(out, LABELS)["kind"]
@@ -138,8 +114,8 @@ def test_sklearn_accuracy_on_filtered_binary_equals_the_evaluator(security_flow,
         assert accuracy_score(target.numpy().astype(int), pred.reshape(-1).numpy().astype(int)) == pytest.approx(row.metric_res)
 
 
-def test_bad_arguments_say_what_is_expected():
-    flow = _flow()
+def test_bad_arguments_say_what_is_expected(gated_flow):
+    flow = gated_flow()
     with pytest.raises(ValueError, match="output must be one of"):
         flow.get_filter(output="probabilities")
     with pytest.raises(ValueError, match="preconditions must be"):
