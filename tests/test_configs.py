@@ -1,4 +1,6 @@
-"""Every YAML under configs/ runs with `catalyst-run` in a subprocess (with the smoke overlay)."""
+"""Every YAML under configs/ runs with `catalyst-run` in a subprocess (with the smoke overlay);
+every balancing method is chosen by `_target_` in the balancing overlay and trains."""
+import math
 import os
 import pathlib
 import subprocess
@@ -6,6 +8,9 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
+
+from dnn_cool_catalyst import balancing
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 BASE, SMOKE = CONFIGS / "security.yml", CONFIGS / "smoke.yml"
@@ -91,3 +96,58 @@ def test_an_unknown_setting_is_an_error(tmp_path):
     result = _catalyst_run(BASE, SMOKE, overlay, cwd=tmp_path)
     assert result.returncode != 0 and "lrr" in result.stderr
     assert not (tmp_path / "smoke_project" / "config_run").exists()
+
+
+# every method of balancing.__all__ by its `_target_` (MGDA also with an argument: MGDA-UB)
+BALANCERS = [pytest.param({"_target_": f"dnn_cool_catalyst.balancing.{name}"}, id=name) for name in balancing.__all__
+             if name not in ("Balancer", "GradientBalancer")]
+BALANCERS.append(pytest.param({"_target_": "dnn_cool_catalyst.balancing.MGDA", "representation": True}, id="MGDA-UB"))
+
+
+@pytest.fixture(scope="module")
+def balancing_project_dir(tmp_path_factory):
+    """The working directory of the balancing config tests: the smoke project's generated data is
+    made by the first test and read by the others; each run writes its own logdir."""
+    return tmp_path_factory.mktemp("balancing_configs")
+
+
+@pytest.mark.parametrize("balancer", BALANCERS)
+def test_every_balancer_is_chosen_by_target_and_trains(balancer, balancing_project_dir, monkeypatch):
+    """In process, as `catalyst-run` does it (`process_configs`: load and merge the YAML files;
+    hydra-slayer builds the objects; `run_from_params` calls the runner), the train call only."""
+    import hydra_slayer
+    from catalyst import utils
+    from catalyst.contrib.scripts.run import process_configs, run_from_params
+
+    monkeypatch.chdir(balancing_project_dir)
+    config = process_configs([str(BASE), str(CONFIGS / "balancing.yml"), str(SMOKE)])
+    name = balancer["_target_"].rsplit(".", 1)[1] + ("-UB" if balancer.get("representation") else "")
+    # an overlay choosing the method (the balancing overlay's own `_target_` replaced), on tiny data
+    config = utils.merge_dicts(config, {"runner": {"balancer": balancer},
+                                        "settings": {"runner_name": name, "n": 40, "features": 16}})
+    quiet = dict(verbose=False, flow_metrics=False, interpretation=False, threshold_tuning=False,
+                 load_best_on_end=False)
+    config["run"] = [dict(call, **quiet) for call in config["run"] if call["_call_"] == "train"]
+    # hydra-slayer's functional form: what catalyst's REGISTRY calls, with a fresh store of `_var_`s
+    built = hydra_slayer.get_from_params(**config)
+    runner, model = built["runner"], built["model"]
+    assert type(runner.balancer).__name__ == name.split("-")[0]
+    assert runner.balancer.representation if name == "MGDA-UB" else True
+    before = [p.detach().clone() for p in model.parameters()]
+    run_from_params(built)
+    train = runner.epoch_metrics["train"]
+    assert math.isfinite(train["loss"])
+    assert any(not torch.equal(b, a.detach()) for b, a in zip(before, model.parameters())), "nothing trained"
+    weights = {k: v for k, v in train.items() if k.endswith("/balance/weight")}
+    assert weights and all(math.isfinite(v) for v in weights.values())
+
+
+def test_a_gradient_method_runs_with_catalyst_run(tmp_path):
+    overlay = tmp_path / "pcgrad.yml"
+    overlay.write_text("runner:\n  balancer:\n    _target_: dnn_cool_catalyst.balancing.PCGrad\n")
+    result = _catalyst_run(BASE, CONFIGS / "balancing.yml", overlay, SMOKE, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train = pd.read_csv(tmp_path / "smoke_project" / "config_run" / "csv_logger" / "train.csv")
+    assert train["loss"].map(math.isfinite).all()
+    weights = [c for c in train.columns if c.endswith("/balance/weight")]
+    assert weights and train[weights].notna().any(axis=None), list(train.columns)

@@ -3,10 +3,14 @@
     from dnn_cool_catalyst import balancing
     loss_fn = flow.get_loss(balancer=balancing.UncertaintyWeighting())
     optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()])
+    loss_fn.balancer.attach(optimizer)          # absent tasks keep their learned values exactly
     loss = loss_fn.backward(outputs, targets)   # or loss_fn(outputs, targets).backward()
 
-`loss_fn.parameters()` are the balancer's learnable parameters (UncertaintyWeighting's log-variances;
-the others have none); move `loss_fn` to the model's device. DynamicWeightAverage works on epoch means:
+`loss_fn.parameters()` are the balancer's learnable parameters, one `(T,)` vector per method
+(UncertaintyWeighting's log-variances, GradNorm's weights, IMTL's log-scales; the others have
+none); move `loss_fn` to the model's device. `attach` makes `optimizer.step()` leave the entries of
+the tasks absent from the step, with their optimizer moments, as they were (`FlowRunner` does it;
+without it the balancer still puts their values back at its next call, see `base`). DynamicWeightAverage works on epoch means:
 call `loss_fn.balancer.epoch_end()` after each training epoch (or give it `period=`).
 
 Gradient methods (`GradientBalancer`: PCGrad, MGDA, CAGrad, IMTL, GradNorm, DBMTL) combine the

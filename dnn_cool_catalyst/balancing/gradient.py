@@ -95,6 +95,7 @@ class GradientBalancer(Balancer):
 
     def forward(self, losses: Tensor, present: Sequence[bool], update: bool) -> Tensor:
         """The logged value (without the gradient step): the sum of the present tasks' losses."""
+        self.restore_absent()
         where, idx = present_index(present, losses.device)
         if not where:
             return nothing_present(losses)

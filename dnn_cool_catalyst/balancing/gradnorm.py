@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .gradient import GradientBalancer
 
@@ -30,8 +30,8 @@ class GradNorm(GradientBalancer):
     to 0 first, and weights that are all 0 start again from 1.
 
     With masks: `L_t(0)` is the task's loss at its first present training step; an absent task's
-    weight is not in the step's graph (its `.grad` stays None), is not renormalised and its `L_t(0)`
-    is kept. The norms come from the Gram matrix's diagonal, so both variants work (the paper
+    weight (an entry of the `(T,)` Parameter `task_weights`) gets a zero gradient, keeps its value
+    from that step (see `balancing.base`), is not renormalised and its `L_t(0)` is kept. The norms come from the Gram matrix's diagonal, so both variants work (the paper
     takes the gradients of the last shared layer; `representation=True` takes those of the shared
     features the heads read). The recorded weights are the `w_t` used.
     """
@@ -42,8 +42,7 @@ class GradNorm(GradientBalancer):
         self._auxiliary: Optional[Tensor] = None
 
     def _bind(self, n: int) -> None:
-        # one Parameter per task, so an absent task's is left out of the graph (grad None)
-        self.task_weights = nn.ParameterList([nn.Parameter(torch.ones(())) for _ in range(n)])
+        self.task_weights = self.task_parameter("task_weights", 1.0)
         self.register_buffer("initial_losses", torch.zeros(n, dtype=torch.float64))  # L_t(0)
         self.register_buffer("seen", torch.zeros(n, dtype=torch.bool))  # L_t(0) recorded
 
@@ -56,22 +55,22 @@ class GradNorm(GradientBalancer):
         first, record new tasks' `L_t(0)` and set `auxiliary_loss()` to `L_grad`."""
         self._auxiliary = None
         where = index.tolist()
-        params = [self.task_weights[i] for i in where]
+        self.hold_absent(where, update)
         count = len(where)
+        at_weights = index.to(self.task_weights.device)
         if update:
             with torch.no_grad():
-                w = torch.stack(params).clamp_min(0.0)
+                w = self.task_weights[at_weights].clamp_min(0.0)
                 total = w.sum()
                 # all weights driven to 0 (a large learning rate): start again from 1
                 w = w * (count / total) if bool(total > 0) else torch.ones_like(w)
-                for p, v in zip(params, w):
-                    p.copy_(v)
+                self.task_weights.index_copy_(0, at_weights, w)
                 at = index.to(self.seen.device)
                 new = at[~self.seen[at]]
                 if len(new):
                     self.initial_losses[new] = losses.detach().to(self.initial_losses)[~self.seen[at]]
                     self.seen[new] = True
-        weights = torch.stack(params)
+        weights = self.task_weights[at_weights]
         if update:
             self._auxiliary = self._gradient_loss(weights, gram, losses, index).to(losses.dtype)
             used = weights.detach()

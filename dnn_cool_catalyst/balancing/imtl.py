@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .gradient import GradientBalancer
 
@@ -17,8 +17,9 @@ class IMTL(GradientBalancer):
     IMTL-L (`transform`): each task has a learned log-scale `s_t` (initialised to 0) and is
     differentiated as `exp(s_t) L_t - s_t`. The heads get this loss's gradient (`h_t = 1`), and
     `s_t` gets `exp(s_t) L_t - 1`, which drives the scaled losses `exp(s_t) L_t` towards 1: every
-    task's loss on the same scale. The `s_t` are `loss_fn.parameters()` (one Parameter per task,
-    so an absent task's is not in the step's graph: its `.grad` stays None).
+    task's loss on the same scale. The `s_t` are `loss_fn.parameters()` (one `(T,)` Parameter,
+    `log_scales`; an absent task's entry gets a zero gradient and keeps its value from that step,
+    see `balancing.base`).
 
     IMTL-G (`weigh`): with the (scaled) task gradients `g_t` and their unit vectors
     `u_t = g_t / ||g_t||`, the shared part descends `d = sum_t alpha_t g_t`, `sum_t alpha_t = 1`,
@@ -36,12 +37,12 @@ class IMTL(GradientBalancer):
     """
 
     def _bind(self, n: int) -> None:
-        # one Parameter per task, so an absent task's is left out of the graph (grad None)
-        self.log_scales = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in range(n)])
+        self.log_scales = self.task_parameter("log_scales", 0.0)
 
     def transform(self, losses: Tensor, index: Tensor) -> Tensor:
-        """IMTL-L: `exp(s_t) L_t - s_t` for the present tasks."""
-        s = torch.stack([self.log_scales[i] for i in index.tolist()]).to(losses.device, losses.dtype)
+        """IMTL-L: `exp(s_t) L_t - s_t` for the present tasks (called on training steps only)."""
+        self.hold_absent(index.tolist(), update=True)
+        s = self.log_scales[index.to(self.log_scales.device)].to(losses.device, losses.dtype)
         return torch.exp(s) * losses - s
 
     def weigh(self, gram: Tensor, losses: Tensor, index: Tensor, update: bool) -> Tuple[Tensor, Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import Balancer, nothing_present, present_index
 
@@ -22,19 +22,21 @@ class UncertaintyWeighting(Balancer):
     `0.5 * exp(-s_t)`. The `s_t` are learned by the same optimizer as the model: they are
     `loss_fn.parameters()`, so a plain loop passes
     `torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()])` (and moves `loss_fn` to the
-    model's device). An absent task's `s_t` is not in the step's graph: its `.grad` stays None (with
-    `zero_grad(set_to_none=True)`, torch's default) and the optimizer does not touch it.
+    model's device). `log_vars` is one `(T,)` Parameter (`loss_fn.balancer.log_vars[t]` is
+    `s_t`; checkpoints of the earlier one-scalar-per-task layout load into it). An absent task's
+    `s_t` gets a zero gradient and keeps its value from that step, optimizer moments included when
+    the optimizer is attached (`Balancer.attach`, see `balancing.base`).
     """
 
     def _bind(self, n: int) -> None:
-        # one Parameter per task, so an absent task's is left out of the graph (grad None)
-        self.log_vars = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in range(n)])
+        self.log_vars = self.task_parameter("log_vars", 0.0)
 
     def forward(self, losses: Tensor, present: Sequence[bool], update: bool) -> Tensor:
         where, idx = present_index(present, losses.device)
+        self.hold_absent(where, update)
         if not where:
             return nothing_present(losses)
-        s = torch.stack([self.log_vars[i] for i in where]).to(losses.device, losses.dtype)
+        s = self.log_vars[idx.to(self.log_vars.device)].to(losses.device, losses.dtype)
         weights = 0.5 * torch.exp(-s)
         self._record(idx, weights)
         return (weights * losses[idx] + 0.5 * s).sum()

@@ -1,7 +1,7 @@
 """`BalancerCallback`: the per-epoch side of a loss balancer in a Catalyst run."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 from catalyst.core.callback import Callback, CallbackOrder
@@ -20,6 +20,8 @@ class BalancerCallback(Callback):
       present, goes into `runner.loader_metrics` as `<path>/balance/weight`: Catalyst's loggers
       write it once per epoch (TensorBoard: the training loader's run; CSV: its file). A task
       absent from every step of the loader gets no value that epoch.
+    - for the run, the optimizer is attached to the balancer (`Balancer.attach`): a task absent
+      from a step keeps its learned per-task value and its optimizer moments from that step.
     - at the end of each epoch, `balancer.epoch_end()` (DynamicWeightAverage closes its period
       there, as in the paper; the other methods do nothing). It runs before the checkpoint
       (order between the optimizer and the checkpoint), so a resumed run continues from the
@@ -32,11 +34,22 @@ class BalancerCallback(Callback):
         super().__init__(order=CallbackOrder.Optimizer + 1)
         self._sum: Optional[torch.Tensor] = None
         self._steps: Optional[torch.Tensor] = None
+        self._hooks: List[Any] = []
 
     @staticmethod
     def _balancer(runner: Any) -> Any:
         criterion = runner.criterion
         return criterion.balancer if isinstance(criterion, BalancedFlowLoss) else None
+
+    def on_experiment_start(self, runner: Any) -> None:
+        balancer = self._balancer(runner)
+        if balancer is not None and runner.optimizer is not None:
+            self._hooks = balancer.attach(runner.optimizer)
+
+    def on_experiment_end(self, runner: Any) -> None:
+        for hook in self._hooks:  # the optimizer may outlive the run (given by the user)
+            hook.remove()
+        self._hooks = []
 
     def on_loader_start(self, runner: Any) -> None:
         self._sum = self._steps = None

@@ -134,7 +134,7 @@ def test_a_balancer_binds_once_and_a_non_balancer_is_refused(gated_flow):
     flow = gated_flow()
     b = balancing.UncertaintyWeighting()
     loss_fn = flow.get_loss(balancer=b)
-    assert b.paths == PATHS and len(list(loss_fn.parameters())) == len(PATHS)
+    assert b.paths == PATHS and [p.shape for p in loss_fn.parameters()] == [(len(PATHS),)]  # one (T,) vector
     with pytest.raises(ValueError, match="already bound"):
         flow.get_loss(balancer=b)
     with pytest.raises(TypeError, match="balancer must be"):
@@ -166,3 +166,76 @@ def test_any_presence_pattern_gives_finite_loss_and_no_weight_to_absent_tasks(pr
         assert torch.isfinite(loss) and torch.isfinite(losses.grad).all()
         assert all(w == 0.0 for w, p in zip(b.last_weights.tolist(), present) if not p)
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in b.parameters())
+
+
+VECTORS = {"uncertainty": (balancing.UncertaintyWeighting, "log_vars"), "imtl": (balancing.IMTL, "log_scales"),
+           "gradnorm": (balancing.GradNorm, "task_weights")}
+
+
+def _vector_setup(name, gated_flow, shared_model):
+    cls, attr = VECTORS[name]
+    flow = gated_flow()
+    model, loss_fn = shared_model(flow), flow.get_loss(balancer=cls())
+    loss_fn.shared_parameters = model.backbone.parameters()
+    vector = getattr(loss_fn.balancer, attr)
+    # weight decay and momentum: both move an entry whose gradient is 0
+    opt = torch.optim.AdamW([{"params": list(model.parameters())}, {"params": [vector], "weight_decay": 0.1}], lr=0.1)
+    return model, loss_fn, vector, opt
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_learned_per_task_values_are_one_vector_and_an_attached_optimizer_leaves_absent_entries(
+        name, gated_flow, make_batch, shared_model):
+    model, loss_fn, vector, opt = _vector_setup(name, gated_flow, shared_model)
+    assert [p.shape for p in loss_fn.parameters()] == [(len(PATHS),)]  # one tensor for the optimizer, not T
+    hooks = loss_fn.balancer.attach(opt)
+    for seed in range(3):  # every task present: non-zero moments for every entry
+        _step(model, loss_fn, opt, *make_batch([1, 0, 1, 0], seed=seed))
+    absent = [PATHS.index("value"), PATHS.index("tags")]
+    present = [PATHS.index("gate"), PATHS.index("kind")]
+    value, moments = vector.detach().clone(), {k: v.clone() for k, v in opt.state[vector].items() if k != "step"}
+    _step(model, loss_fn, opt, *make_batch([0, 0, 0, 0], seed=9))  # gate 0 everywhere: value and tags absent
+    assert torch.equal(vector.grad[absent], torch.zeros(2))
+    # right after the step: the absent entries and their Adam moments as they were, as with a None gradient
+    assert torch.equal(vector.detach()[absent], value[absent])
+    for key, before in moments.items():
+        assert torch.equal(opt.state[vector][key][absent], before[absent]), key
+        assert not torch.equal(opt.state[vector][key][present], before[present]), key
+    assert not torch.equal(vector.detach()[present], value[present])
+    for hook in hooks:
+        hook.remove()
+    _step(model, loss_fn, opt, *make_batch([0, 0, 0, 0], seed=10))  # detached: AdamW moves them again...
+    assert not torch.equal(vector.detach()[absent], value[absent])
+    # ...but the balancer puts them back before saving and at its next call
+    saved = loss_fn.state_dict()[f"balancer.{VECTORS[name][1]}"]
+    assert torch.equal(saved[absent], value[absent]) and torch.equal(vector.detach()[absent], value[absent])
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_without_attaching_the_next_call_uses_the_absent_tasks_values_of_their_last_step(
+        name, gated_flow, make_batch, shared_model):
+    model, loss_fn, vector, opt = _vector_setup(name, gated_flow, shared_model)
+    for seed in range(3):
+        _step(model, loss_fn, opt, *make_batch([1, 0, 1, 0], seed=seed))
+    absent = [PATHS.index("value"), PATHS.index("tags")]
+    value = vector.detach().clone()
+    _step(model, loss_fn, opt, *make_batch([0, 0, 0, 0], seed=9))
+    assert not torch.equal(vector.detach()[absent], value[absent])  # AdamW moved the zero-gradient entries
+    x, y = make_batch([1, 0, 1, 0], seed=4)
+    with torch.no_grad():  # any next call (here a validation one) puts back the values of their last step
+        loss_fn(model(x), y)
+    assert torch.equal(vector.detach()[absent], value[absent])
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_a_checkpoint_with_one_scalar_per_task_loads_into_the_vector(name, gated_flow):
+    cls, attr = VECTORS[name]
+    flow = gated_flow()
+    saved = flow.get_loss(balancer=cls()).state_dict()
+    values = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    del saved[f"balancer.{attr}"]
+    # the layout before the (T,) vector: a ParameterList of 0-d parameters, `<attr>.<i>`
+    saved.update({f"balancer.{attr}.{i}": v.clone() for i, v in enumerate(values)})
+    loss_fn = flow.get_loss(balancer=cls())
+    loss_fn.load_state_dict(saved)  # strict: no key left over, none missing
+    assert torch.equal(getattr(loss_fn.balancer, attr).detach(), values)

@@ -19,7 +19,8 @@ def test_uncertainty_log_variances_are_learned_by_the_default_optimizer(data, fl
     runner.train(loaders=loaders_for(flow, data), num_epochs=1, lr=0.05, **QUIET)
     assert runner.criterion is runner.flow_loss
     after = list(runner.flow_loss.parameters())
-    assert len(after) == len(flow.get_loss()._leaves) and all(p.device == runner.engine.device for p in after)
+    assert [p.shape for p in after] == [(len(flow.get_loss()._leaves),)]  # one (T,) vector
+    assert all(p.device == runner.engine.device for p in after)
     assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after))
     groups = runner.optimizer.param_groups
     assert groups[1]["weight_decay"] == 0.0 and {id(p) for p in groups[1]["params"]} == {id(p) for p in after}
