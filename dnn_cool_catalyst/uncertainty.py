@@ -84,13 +84,8 @@ def flow_module(model: nn.Module) -> FlowModule:
                     "outputs per task; pass flow= (the TaskFlow) if the model computes them another way")
 
 
-@contextlib.contextmanager
-def mc_dropout_mode(model: nn.Module, seed: Optional[int] = None) -> Iterator[None]:
-    """Within: `model` in eval mode except its dropout layers (train mode), and, with `seed`, the
-    random streams of torch seeded from it (forked: the global random state is the same after as
-    before). Every module gets its own training flag back afterwards.
-
-    Raises `ValueError` when `model` has no dropout layer with `p > 0` (n passes would be one)."""
+def check_dropout(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """`dropout_layers(model)`, or `ValueError` when there is none with `p > 0` (n passes would be one)."""
     layers = dropout_layers(model)
     if not layers:
         found = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, DROPOUT_TYPES)]
@@ -99,19 +94,42 @@ def mc_dropout_mode(model: nn.Module, seed: Optional[int] = None) -> Iterator[No
         raise ValueError(f"MC-dropout on {type(model).__name__}: {why}, so every pass would give the same outputs. "
                          "Train a model with dropout (e.g. nn.Dropout(0.2) after the backbone's features, or in "
                          "the heads) and sample that one")
+    return layers
+
+
+@contextlib.contextmanager
+def dropout_mode(model: nn.Module) -> Iterator[None]:
+    """Within: `model` in eval mode except its dropout layers (train mode); every module gets its
+    own training flag back afterwards. Raises `ValueError` for a model without dropout (`check_dropout`)."""
+    layers = check_dropout(model)
     flags = [(m, m.training) for m in model.modules()]
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         model.eval()
         for _, m in layers:
             m.train()
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            yield
+        yield
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def seeded_rng(model: nn.Module, seed: Optional[int]) -> Iterator[None]:
+    """Within: torch's random streams (CPU, and the CUDA devices of `model`'s parameters) seeded
+    with `seed`, forked from the global ones, which are as before afterwards; nothing when `seed`
+    is None (the global streams are drawn from)."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        yield
+
+
+@contextlib.contextmanager
+def mc_dropout_mode(model: nn.Module, seed: Optional[int] = None) -> Iterator[None]:
+    """`dropout_mode(model)` within `seeded_rng(model, seed)`: what `mc_dropout` runs its passes in."""
+    with seeded_rng(model, seed), dropout_mode(model):
+        yield
 
 
 def _repeat(x: Any, k: int) -> Any:
@@ -158,6 +176,12 @@ class _Moments:
             out[ENTROPY] = h
             out[MUTUAL_INFORMATION] = (h - self.sh / self.n).clamp_min(0)  # rounding: never below 0
         return {k: v.float().cpu() for k, v in out.items()}
+
+
+def per_sample(values: Tensor) -> Tensor:
+    """`(N,)`: the mean over each sample's elements of a statistic (a multilabel task's entropy per
+    class, a regression's variance per output, a token sequence's entropy per token)."""
+    return values.reshape(values.shape[0], -1).float().mean(1) if values.dim() > 1 else values.float()
 
 
 def sample_passes(model: nn.Module, x: Mapping[str, Any], n: int, graph: Any,
@@ -249,5 +273,6 @@ def mc_dropout(model: nn.Module, x: Mapping[str, Any], n: int = 30, seed: Option
 
 
 __all__ = ["APPLIED", "APPLIES", "DECODED_MEAN", "DEFAULT_ROWS", "DROPOUT_TYPES", "ENTROPY", "MEAN",
-           "MUTUAL_INFORMATION", "VARIANCE", "dropout_layers", "entropy", "flow_module", "mc_dropout",
-           "mc_dropout_mode", "predictive_kind", "sample_passes"]
+           "MUTUAL_INFORMATION", "VARIANCE", "check_dropout", "dropout_layers", "dropout_mode", "entropy",
+           "flow_module", "mc_dropout", "mc_dropout_mode", "per_sample", "predictive_kind", "sample_passes",
+           "seeded_rng"]

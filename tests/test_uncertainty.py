@@ -186,3 +186,94 @@ def test_a_model_without_dropout_is_an_error(gated_flow):
 
 def test_it_is_exported_at_the_top_level():
     assert dcc.uncertainty.mc_dropout is mc_dropout
+
+
+# Through predict, evaluate and the explainer ------------------------------------------------------------------------
+
+def gated_data(n=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.rand(n, generator=g) > 0.5).float()
+    labels = {"gate": gate, "value": torch.rand(n, generator=g), "tags": (torch.rand(n, 2, generator=g) > 0.5).float(),
+              "kind": torch.randint(0, 4, (n,), generator=g)}
+    return {"raw": torch.randn(n, 5, generator=g)}, labels
+
+
+def test_predict_gives_the_statistics_in_dataset_order(gated_flow):
+    from dnn_cool_catalyst import inference
+
+    flow, model = gated_model(gated_flow, p=0.01)
+    inputs, labels = gated_data()
+
+    def loader():  # the same shuffled order each time: the same seed then gives the same statistics
+        return flow.get_dataset(inputs, labels).loader(batch_size=16, shuffle=True,
+                                                       generator=torch.Generator().manual_seed(0))
+
+    state = torch.get_rng_state()
+    result = inference.predict(model, flow, loader(), mc_samples=6, mc_seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    u = result["uncertainty"]
+    assert result["index"].tolist() == list(range(50))
+    for path, activated in result["activated"].items():
+        assert u[path]["mean"].shape == activated.shape
+        # dropout of 1% moves the mean a little; a sample paired with another's outputs moves it a lot
+        torch.testing.assert_close(u[path]["mean"], activated, atol=0.05, rtol=0)
+    assert model.training  # its mode given back
+    again = inference.infer(model, flow, loader(), mc_samples=6, mc_seed=0)["uncertainty"]
+    assert (again["kind"]["entropy"] == u["kind"]["entropy"].numpy()).all()
+
+
+def test_evaluate_adds_mean_entropy_and_variance_over_the_scored_samples(gated_flow):
+    from dnn_cool_catalyst import inference
+
+    flow, model = gated_model(gated_flow)
+    inputs, labels = gated_data()
+    labels["kind"][:5] = -1  # missing labels: not scored, not in the mean
+    loader = flow.get_dataset(inputs, labels).loader(batch_size=16)
+    table = inference.evaluate(model, flow, loader, mc_samples=5, mc_seed=2)
+    plain = inference.evaluate(model, flow, loader)
+    assert list(table.columns) == list(plain.columns) + ["entropy", "variance"]
+    result = inference.predict_labelled(model, flow, loader, name="test", mc_samples=5, mc_seed=2)
+    u = result["uncertainty"]
+    gate = labels["gate"].bool()
+    scored = {"gate": torch.ones(50, dtype=torch.bool), "value": gate, "tags": gate,
+              "kind": ~gate & (labels["kind"] >= 0)}
+    for path, column, other in (("gate", "entropy", "variance"), ("tags", "entropy", "variance"),
+                                ("kind", "entropy", "variance"), ("value", "variance", "entropy")):
+        rows = table[table.task_path == path]
+        values = u[path][column].reshape(50, -1).double().mean(1)[scored[path]]
+        assert rows[column].tolist() == pytest.approx([float(values.mean())] * len(rows), rel=1e-6)
+        assert rows[other].isna().all()
+
+
+def test_the_explainer_shows_the_uncertainty_on_each_node_when_asked(gated_flow):
+    from dnn_cool_catalyst import inference
+
+    flow, model = gated_model(gated_flow)
+    inputs, labels = gated_data(8)
+    result = inference.predict(model, flow, flow.get_dataset(inputs, labels).loader(batch_size=8), mc_samples=4,
+                               mc_seed=0)
+    trees = flow.get_treelib_explainer(uncertainty=True)(result)
+    u = result["uncertainty"]
+    for i, tree in enumerate(trees):
+        assert f"entropy {float(u['gate']['entropy'][i, 0]):.4g}, MI " in tree["gate"].tag
+        assert f"applied {float(u['gate']['applied'][i]):.4g}" in tree["gate"].tag
+        for path in ("value", "kind"):
+            if path in tree:
+                assert ("variance " if path == "value" else "entropy ") in tree[path].tag
+    assert "entropy" not in flow.get_treelib_explainer()(result)[0]["gate"].tag  # off by default
+    with pytest.raises(KeyError, match="mc_samples"):
+        flow.get_treelib_explainer(uncertainty=True)({k: v for k, v in result.items() if k != "uncertainty"})
+
+
+def test_predict_refuses_a_model_without_dropout_before_any_batch(gated_flow):
+    from dnn_cool_catalyst import inference
+
+    flow = gated_flow()
+    model = Backbone(flow, nn.Linear(5, 3), nn.Identity())
+
+    def batches():
+        raise AssertionError("no batch should be read")
+        yield
+
+    with pytest.raises(ValueError, match="no dropout layer"):
+        inference.predict(model, flow, batches(), mc_samples=3)
