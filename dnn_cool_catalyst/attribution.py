@@ -4,8 +4,8 @@ Core (torch, numpy; captum imported on first use, from the `attribution` extra:
 `pip install 'dnn_cool_catalyst[attribution]'`; never Catalyst). `InterpretationCallback(attribution=...)`
 uses it on the best and worst samples of each task; from Python:
 
-    heat = attribution.attribute(model, x, y, "door_locked", "img", method="gradcam")  # (H, W)
-    picture = attribution.overlay(image_hwc_uint8, heat)                             # (H, W, 3) uint8
+    heat = attribution.attribute(model, x, y, "door_locked", "img", method="gradcam")  # (N, H, W)
+    picture = attribution.overlay(image_hwc_uint8, heat[0])                          # (H, W, 3) uint8
 
 What is attributed: the task's *per-sample loss* (`task.sample_loss`, the value the samples are
 ranked by), not a logit. A logit says nothing of the label and is not one number for every kind
@@ -21,7 +21,8 @@ predicted well may show little heat).
   `default_layer`: the last `nn.Conv2d` outside the flow module), ReLU'd, upsampled (bilinear) to
   the image's size.
 
-Attributions of an input `(C, H, W)` are summed over channels into the heat map `(H, W)`.
+Attributions of an input `(C, H, W)` are summed over channels into the heat map `(H, W)`; several
+samples are attributed in one batch (one backward for all).
 """
 from __future__ import annotations
 
@@ -95,26 +96,30 @@ def _get(x: Mapping[str, Any], key: Sequence[str]) -> Any:
     return x
 
 
-def _expand(x: Any, b: int) -> Any:
-    """Every tensor of a one-sample input mapping expanded to `b` rows (what captum's batches need)."""
+def _tile(x: Any, n: int, reps: int) -> Any:
+    """Every tensor of an input mapping of `n` rows repeated `reps` times along the batch dimension
+    (captum's integrated gradients evaluates `reps` = n_steps scaled copies of the `n` inputs, one
+    block of `n` rows per step)."""
     if isinstance(x, Mapping):
-        return {k: _expand(v, b) for k, v in x.items()}
-    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 1 and b != 1:
-        return x.expand(b, *x.shape[1:])
+        return {k: _tile(v, n, reps) for k, v in x.items()}
+    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n and reps != 1:
+        return x.repeat(reps, *([1] * (x.dim() - 1)))
     return x
 
 
 def loss_function(model: nn.Module, x: Mapping[str, Any], labels: Tensor, path: str, task: Any,
                   input_key: str) -> Callable[[Tensor], Tensor]:
-    """`f(inputs) -> (B,)`: task `path`'s per-sample loss with `inputs` (B rows of the one sample's
-    `x[input_key]`, dotted for nested inputs) in place of that input; the sample's other inputs
-    and its `labels` are repeated B times."""
+    """`f(inputs) -> (B,)`: task `path`'s per-sample loss of the `n` samples of `x` with `inputs`
+    (B = a multiple of n rows, the samples' `x[input_key]` or copies of them; dotted for nested
+    inputs) in place of that input; the samples' other inputs and their `labels` are repeated to
+    match."""
     key = input_key.split(".")
+    n = labels.shape[0]
 
     def forward(inputs: Tensor) -> Tensor:
-        b = inputs.shape[0]
-        out = model(_replace(_expand(x, b), key, inputs))
-        return task.sample_loss(out[LOGITS][path], labels.expand(b, *labels.shape[1:]))
+        reps = inputs.shape[0] // n
+        out = model(_replace(_tile(x, n, reps), key, inputs))
+        return task.sample_loss(out[LOGITS][path], _tile(labels, n, reps))
 
     return forward
 
@@ -129,12 +134,14 @@ def _channel_dim(shape: Sequence[int]) -> Optional[int]:
 def attribute(model: nn.Module, x: Mapping[str, Any], labels: Any, path: str, input_key: str,
               method: str = "saliency", layer: Optional[str] = None, *, flow: Any = None,
               options: Optional[Mapping[str, Any]] = None, raw: bool = False) -> Tensor:
-    """The heat map `(H, W)` (non-negative, on the CPU) of task `path`'s loss on ONE sample.
+    """The heat maps `(N, H, W)` (non-negative, on the CPU) of task `path`'s per-sample loss on N samples.
 
-    `x`: the sample's model inputs with a batch dimension of 1 (e.g. `default_collate([X])`);
-    `x["gt"]` is dropped (preconditions do not enter a task's loss). `labels`: the task's label(s)
-    for it, batch dimension 1. `input_key`: the image input (dotted for nested inputs), one
-    image `(1, C, H, W)`, `(1, H, W, C)` or `(1, H, W)`; non-float inputs are attributed as float32.
+    `x`: the samples' model inputs, batch dimension first (e.g. `default_collate([X1, X2])`);
+    `x["gt"]` is dropped (preconditions do not enter a task's loss). `labels`: the task's labels
+    of the samples (present: a missing label has no loss). `input_key`: the image input (dotted
+    for nested inputs), images `(N, C, H, W)`, `(N, H, W, C)` or `(N, H, W)`; non-float inputs
+    are attributed as float32. Each sample's map is its own (the model runs in eval mode, where
+    samples do not interact).
     `method`: one of `METHODS`; `layer`: GradCAM's layer by name (default `default_layer(model)`).
     `flow`: the `TaskFlow` (default: the flow module inside `model`). `options`: keyword arguments
     for captum's `attribute` (e.g. `{"n_steps": 16}` for integrated gradients). `raw=True`
@@ -153,15 +160,17 @@ def attribute(model: nn.Module, x: Mapping[str, Any], labels: Any, path: str, in
     x = {k: v for k, v in x.items() if k != GT}
     key = input_key.split(".")
     image = _get(x, key)
-    if not isinstance(image, Tensor) or image.dim() < 3 or image.shape[0] != 1:
-        raise ValueError(f"attribution of task {path!r}: input {input_key!r} must be one image with a batch "
-                         f"dimension of 1, got {type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
+    if not isinstance(image, Tensor) or image.dim() < 3:
+        raise ValueError(f"attribution of task {path!r}: input {input_key!r} must be a batch of images (N, C, H, W), "
+                         f"(N, H, W, C) or (N, H, W), got {type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # a copy that requires grad (captum's warning otherwise; the caller's tensor stays as it was)
     image = image.detach().to(device, torch.float32 if not image.is_floating_point() else image.dtype,
                               copy=True).requires_grad_(True)
     x = to_device(x, device)
     labels = task.prepare_labels(labels).to(device)
+    if labels.shape[0] != image.shape[0]:
+        raise ValueError(f"attribution of task {path!r}: {labels.shape[0]} labels for {image.shape[0]} images")
     forward = loss_function(model, x, labels, path, task, input_key)
     options = dict(options or {})
     was_training = model.training
@@ -180,14 +189,14 @@ def attribute(model: nn.Module, x: Mapping[str, Any], labels: Any, path: str, in
         model.train(was_training)
     result = result.detach()
     if raw:
-        return result[0].cpu()
+        return result.cpu()
     spatial = _spatial(tuple(image.shape[1:]))
-    if method == "gradcam":
-        heat = result.sum(1, keepdim=True) if result.dim() == 4 else result.reshape(1, 1, *result.shape[-2:])
-        heat = attr.LayerAttribution.interpolate(heat.float(), spatial, "bilinear")[0, 0]
+    if method == "gradcam":  # (N, 1, h, w) for a conv layer
+        heat = result.reshape(result.shape[0], 1, *result.shape[-2:]) if result.dim() != 4 else result.sum(1, keepdim=True)
+        heat = attr.LayerAttribution.interpolate(heat.float(), spatial, "bilinear")[:, 0]
     else:
         channel = _channel_dim(tuple(image.shape[1:]))
-        heat = result[0].sum(channel) if channel is not None else result[0]
+        heat = result.sum(channel + 1) if channel is not None else result
     return heat.clamp_min(0).float().cpu()
 
 

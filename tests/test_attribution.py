@@ -46,9 +46,9 @@ def test_saliency_is_the_input_gradient_of_the_loss(sample):
     model.eval()
     loss = flow.graph.leaf("door").task.sample_loss(model({"img": img})["logits"]["door"], label)
     (grad,) = torch.autograd.grad(loss.sum(), img)
-    torch.testing.assert_close(raw, grad[0].abs())
-    torch.testing.assert_close(heat, grad[0].abs().sum(0))
-    assert heat.shape == (8, 8) and torch.isfinite(heat).all()
+    torch.testing.assert_close(raw, grad.abs())
+    torch.testing.assert_close(heat, grad.abs().sum(1))
+    assert heat.shape == (1, 8, 8) and torch.isfinite(heat).all()
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "gradcam"])
@@ -57,7 +57,7 @@ def test_each_method_gives_a_finite_map_of_the_image_size(sample, method):
     model = conv_model(flow).train()
     heat = attribution.attribute(model, sample, torch.tensor([2]), "kind", "img", method=method,
                                  options={"n_steps": 8} if method == "integrated_gradients" else None)
-    assert heat.shape == (8, 8) and torch.isfinite(heat).all() and (heat >= 0).all()
+    assert heat.shape == (1, 8, 8) and torch.isfinite(heat).all() and (heat >= 0).all()
     assert model.training  # its mode given back
     assert all(p.grad is None for p in model.parameters())  # gradients of the input (layer) only
 
@@ -67,14 +67,29 @@ def test_gradcam_takes_the_last_conv_layer_outside_the_flow_by_default(sample):
     model = conv_model(flow)
     assert attribution.default_layer(model) == "backbone.2"
     first = attribution.attribute(model, sample, torch.tensor([1.0]), "door", "img", "gradcam", layer="backbone.0")
-    assert first.shape == (8, 8)
+    assert first.shape == (1, 8, 8)
     with pytest.raises(KeyError, match="'backbone.O': BackboneModel has no such submodule.*backbone.0"):
         attribution.attribute(model, sample, torch.tensor([1.0]), "door", "img", "gradcam", layer="backbone.O")
     flat = dcc.BackboneModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 4)), flow)
     with pytest.raises(ValueError, match="no nn.Conv2d outside the flow module"):
         attribution.attribute(flat, sample, torch.tensor([1.0]), "door", "img", "gradcam")
     # saliency needs no layer
-    assert attribution.attribute(flat, sample, torch.tensor([1.0]), "door", "img").shape == (8, 8)
+    assert attribution.attribute(flat, sample, torch.tensor([1.0]), "door", "img").shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "gradcam"])
+def test_a_batch_gives_each_sample_its_own_map(method):
+    flow = conv_flow()
+    model = conv_model(flow)
+    g = torch.Generator().manual_seed(2)
+    x = {"img": torch.rand(3, 3, 8, 8, generator=g)}
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    options = {"n_steps": 8} if method == "integrated_gradients" else None
+    together = attribution.attribute(model, x, labels, "door", "img", method, options=options)
+    alone = torch.cat([attribution.attribute(model, {"img": x["img"][i:i + 1]}, labels[i:i + 1], "door", "img", method,
+                                             options=options) for i in range(3)])
+    # the same arithmetic per sample, batched or not: float32 rounding of a different summation order only
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
 
 
 def test_an_unknown_method_and_a_missing_captum_are_clear_errors(sample, monkeypatch):

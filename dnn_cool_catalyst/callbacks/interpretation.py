@@ -563,6 +563,7 @@ class InterpretationCallback(Callback):
                       for r, i, info, (label, prediction), loss in zip(ranks, shown, infos, texts, losses)]
             log_text(runner, f"{path}/interpretation", "\n".join(lines))
             n = ranks[-1] if ranks else 0
+            heats = self._heat_maps(runner, inputs, path, [int(i) for i in indices]) if self.attribution else {}
             for r, i, info, (label, prediction), loss in zip(ranks, indices, infos, texts, losses):
                 position = f"worst/{r}" if r <= self.top_k else f"best/{n - r + 1}"
                 caption = sample_caption(label, prediction, loss, info)
@@ -572,37 +573,50 @@ class InterpretationCallback(Callback):
                         publisher.publish(runner, f"{path}/{position}/{key}", value, caption=caption)
                     else:
                         publisher.publish(runner, f"{path}/{position}/{key}", value)
-                if self.attribution is not None:
-                    self._publish_attribution(runner, inputs.dataset, path, int(i), f"{path}/{position}", found,
-                                              caption)
+                if heats:
+                    self._publish_attribution(runner, heats, int(i), f"{path}/{position}", found, caption)
 
-    def _publish_attribution(self, runner: Any, dataset: Any, path: str, index: int, where: str,
-                             found: Sequence[Tuple[str, Any, Any]], caption: str) -> None:
-        """The heat map of task `path`'s loss on sample `index` over each of its image inputs (those
-        whose publisher draws images, `to_hwc_uint8`), published as `<where>/attribution`."""
-        images = [(key, value, publisher) for key, value, publisher in found if hasattr(publisher, "to_hwc_uint8")]
-        if not images:
-            if not self._warned_attribution:
+    def _heat_maps(self, runner: Any, inputs: "_InputReader", path: str,
+                   indices: Sequence[int]) -> Dict[Tuple[int, str], Tensor]:
+        """`{(sample index, image key): heat map (H, W)}` of task `path`'s loss on its ranked samples,
+        over each image input (those whose publisher draws images, `to_hwc_uint8`), all samples
+        attributed in one batch."""
+        keys = [key for key, _, publisher in (inputs(indices[0]) if indices else []) if hasattr(publisher, "to_hwc_uint8")]
+        if not keys:
+            if indices and not self._warned_attribution:
                 self._warned_attribution = True
                 warnings.warn(f"InterpretationCallback: attribution={self.attribution!r} found no image input to draw "
-                              f"the heat map over (task {path!r}, sample {index}); nothing attributed", stacklevel=3)
-            return
-        item = dataset[index]
-        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else (item, None)
-        if not isinstance(y, Mapping) or path not in y:
-            raise KeyError(f"InterpretationCallback: attribution of task {path!r} needs the label of sample {index}, "
-                           f"but dataset[{index}] gives no label for it (a dataset of (X, y) pairs, as "
-                           "flow.get_dataset builds them, has it)")
-        x = default_collate([x])
-        labels = default_collate([{path: y[path]}])[path]
-        for key, value, publisher in images:
+                              f"the heat map over (task {path!r}); nothing attributed", stacklevel=3)
+            return {}
+        xs, ys = [], []
+        for i in indices:
+            item = inputs.dataset[i]
+            x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else (item, None)
+            if not isinstance(y, Mapping) or path not in y:
+                raise KeyError(f"InterpretationCallback: attribution of task {path!r} needs the label of sample {i}, "
+                               f"but dataset[{i}] gives no label for it (a dataset of (X, y) pairs, as "
+                               "flow.get_dataset builds them, has it)")
+            xs.append(x)
+            ys.append(y[path])
+        x, labels = default_collate(xs), default_collate(ys)
+        out = {}
+        for key in keys:
             try:
                 heat = attr.attribute(unwrap(runner.model), x, labels, path, key, self.attribution,
                                       self.attribution_layer, flow=self._flow, options=self.attribution_options)
             except Exception as e:
                 raise RuntimeError(f"InterpretationCallback: attribution={self.attribution!r} of task {path!r} on "
-                                   f"sample {index}, input {key!r} failed: {type(e).__name__}: {e}") from e
-            picture = attr.overlay(publisher.to_hwc_uint8(value), heat)
+                                   f"samples {list(indices)}, input {key!r} failed: {type(e).__name__}: {e}") from e
+            out.update({(i, key): heat[j] for j, i in enumerate(indices)})
+        return out
+
+    def _publish_attribution(self, runner: Any, heats: Mapping[Tuple[int, str], Tensor], index: int, where: str,
+                             found: Sequence[Tuple[str, Any, Any]], caption: str) -> None:
+        """The sample's heat maps blended over its images, as `<where>/attribution` (one image) or
+        `<where>/attribution/<key>` (several)."""
+        images = [(key, value, publisher) for key, value, publisher in found if (index, key) in heats]
+        for key, value, publisher in images:
+            picture = attr.overlay(publisher.to_hwc_uint8(value), heats[(index, key)])
             tag = f"{where}/attribution" + (f"/{key}" if len(images) > 1 else "")
             note = f"{caption}\nattribution: {self.attribution} of the loss"
             if _takes_caption(publisher):

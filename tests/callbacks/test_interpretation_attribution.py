@@ -46,8 +46,9 @@ def test_each_ranked_sample_gets_a_heat_map_beside_its_image(small_flow, small_d
     sample = {"img": torch.from_numpy(inputs["img"][int(row["dataset_index"])][None])}
     expected = dcc.attribution.attribute(runner.model, sample, torch.tensor([labels["door_open"][int(row["dataset_index"])]]),
                                          "door_open", "img", "saliency")
-    shown = dcc.attribution.overlay(np.moveaxis(inputs["img"][int(row["dataset_index"])], 0, -1), expected)
-    assert np.array_equal(images["door_open/worst/1/attribution"][:8, :8], shown)  # the worst sample's own map
+    shown = dcc.attribution.overlay(np.moveaxis(inputs["img"][int(row["dataset_index"])], 0, -1), expected[0])
+    # the worst sample's own map (attributed in a batch with the best one: float32 rounding may move a pixel by 1)
+    assert np.abs(images["door_open/worst/1/attribution"][:8, :8].astype(int) - shown).max() <= 1
 
 
 def test_gradcam_without_a_conv_layer_fails_at_the_start(small_flow, fake_runner_cls):
