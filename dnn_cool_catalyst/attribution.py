@@ -177,14 +177,15 @@ def attribute(model: nn.Module, x: Mapping[str, Any], labels: Any, path: str, in
     model.eval()
     try:
         with torch.enable_grad():
+            # `options` may override these defaults
             if method == "saliency":
-                result = attr.Saliency(forward).attribute(image, abs=True, **options)
+                result = attr.Saliency(forward).attribute(image, **{"abs": True, **options})
             elif method == "integrated_gradients":
-                result = attr.IntegratedGradients(forward).attribute(image, baselines=torch.zeros_like(image),
-                                                                     **options).abs()
+                result = attr.IntegratedGradients(forward).attribute(
+                    image, **{"baselines": torch.zeros_like(image), **options}).abs()
             else:
                 module = find_layer(model, layer if layer is not None else default_layer(model))
-                result = attr.LayerGradCam(forward, module).attribute(image, relu_attributions=True, **options)
+                result = attr.LayerGradCam(forward, module).attribute(image, **{"relu_attributions": True, **options})
     finally:
         model.train(was_training)
     result = result.detach()

@@ -49,6 +49,10 @@ def test_saliency_is_the_input_gradient_of_the_loss(sample):
     torch.testing.assert_close(raw, grad.abs())
     torch.testing.assert_close(heat, grad.abs().sum(1))
     assert heat.shape == (1, 8, 8) and torch.isfinite(heat).all()
+    # options override the defaults: the signed gradient
+    signed = attribution.attribute(model, sample, label, "door", "img", method="saliency", raw=True,
+                                   options={"abs": False})
+    torch.testing.assert_close(signed, grad)
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "gradcam"])

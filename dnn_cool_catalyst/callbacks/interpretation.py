@@ -328,8 +328,9 @@ class InterpretationCallback(Callback):
             'dnn_cool_catalyst[attribution]'`) on the model in eval mode and published, blended
             over the image, beside it as `<path>/worst/<i>/attribution` (`.../attribution/<input
             key>` when a sample has several images), through the image's publisher and captioned
-            like it. Only the `2 * top_k` ranked samples per task are attributed (one backward each;
-            `n_steps` for integrated gradients), on the main process, at each interpreted loader's end.
+            like it. Only the `2 * top_k` ranked samples per task are attributed, in one batch per
+            task (one backward; `n_steps` scaled copies for integrated gradients), on the main
+            process, at each interpreted loader's end.
         attribution_layer: GradCAM's layer, by its name in `model.named_modules()` (e.g.
             `"backbone.3.0"`); default: the last `nn.Conv2d` of the model outside the flow module.
             Checked at the experiment's start (a model without one is an error there).
