@@ -277,3 +277,25 @@ def test_predict_refuses_a_model_without_dropout_before_any_batch(gated_flow):
 
     with pytest.raises(ValueError, match="no dropout layer"):
         inference.predict(model, flow, batches(), mc_samples=3)
+
+
+def test_evaluate_on_a_mixed_loader_takes_each_sources_own_samples(security_flow, two_security_sources):
+    from dnn_cool_catalyst import inference
+
+    class Noisy(nn.Module):
+        def __init__(self, flow):
+            super().__init__()
+            self.dropout, self.flow = nn.Dropout(0.3), flow.torch()
+
+        def forward(self, x):
+            return self.flow({**x, "features": self.dropout(x["features"])})
+
+    mixed = two_security_sources(security_flow)
+    table = inference.evaluate(Noisy(security_flow), security_flow, mixed.loader(batch_size=16), mc_samples=3,
+                               mc_seed=0)
+    assert list(table.columns) == ["source", "task_path", "metric_name", "metric_res", "num_samples", "entropy",
+                                   "variance"]
+    door = table[(table.source == "door_cam") & (table.task_path == "door_open")]
+    overall = table[(table.source == "") & (table.task_path == "door_open")]
+    assert door.entropy.notna().all() and overall.entropy.notna().all()
+    assert set(table[table.source == "door_cam"].task_path) == {"camera_blocked", "door_open", "door_locked"}
