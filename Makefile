@@ -12,7 +12,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	# catalyst 22.4's wheel metadata is rejected by pip >= 24.1 ("invalid metadata"): keep pip below it.
 	$(PY) -m pip install --quiet 'pip>=23,<24.1'
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,deploy]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,deploy,attribution]'
 	touch $(STAMP)
 
 install: $(STAMP)

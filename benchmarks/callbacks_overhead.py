@@ -26,6 +26,15 @@ relative to `none`'s median epoch: the direct cost.
 
     python benchmarks/callbacks_overhead.py                 # 1 thread, defaults below, about 3-4 minutes
     python benchmarks/callbacks_overhead.py --threads 2 --reps 3 --train 16384
+    python benchmarks/callbacks_overhead.py --attribution saliency   # adds the `attribution` configuration
+
+`--attribution METHOD` ("saliency", "integrated_gradients", "gradcam") adds a configuration
+`attribution`: `InterpretationCallback(attribution=METHOD)`, heat maps of the 2 x top_k ranked
+samples per task at each validation end. Heat maps need images: the inputs of every configuration
+are then `(1, s, s)` images (s*s = `--raw`, a square of at least 64) that the backbone flattens
+first (the same arithmetic), so `interpretation` also publishes its samples' images and the
+difference between the two is the cost of the heat maps; with "gradcam" every backbone starts with
+a 3x3 `nn.Conv2d(1, 1)` (GradCAM's layer).
 """
 from __future__ import annotations
 
@@ -53,9 +62,11 @@ CLOCK: Callable[[], float] = time.thread_time  # CPU time of the calling thread
 
 
 class Backbone(nn.Module):
-    def __init__(self, flow_module: nn.Module, raw: int, features: int):
+    def __init__(self, flow_module: nn.Module, raw: int, features: int, conv: bool = False):
         super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(raw, features), nn.ReLU(), nn.Linear(features, features), nn.ReLU())
+        layers = [nn.Linear(raw, features), nn.ReLU(), nn.Linear(features, features), nn.ReLU()]
+        # --attribution: images (1, s, s) flattened first; with gradcam a conv layer for GradCAM
+        self.backbone = nn.Sequential(*([nn.Conv2d(1, 1, 3, padding=1)] if conv else []), nn.Flatten(), *layers)
         self.flow = flow_module
 
     def forward(self, x):
@@ -148,13 +159,18 @@ class Timed(dl.CallbackWrapper):
 def build(args, seed: int = 0):
     torch.manual_seed(seed)
     flow = security_tasks(features=args.features).get_full_flow()
-    return flow, Backbone(flow.torch(), args.raw, args.features)
+    return flow, Backbone(flow.torch(), args.raw, args.features, conv=args.attribution == "gradcam")
 
 
 def make_data(args):
     rng = np.random.default_rng(0)
     n = args.train + args.valid
     inputs = {"raw": rng.normal(size=(n, args.raw)).astype(np.float32)}
+    if args.attribution:  # images for the heat maps: (1, s, s)
+        side = int(round(args.raw ** 0.5))
+        if side * side != args.raw or side < 8:
+            raise SystemExit(f"--attribution needs --raw to be a square of at least 64 (images s x s), got {args.raw}")
+        inputs["raw"] = inputs["raw"].reshape(n, 1, side, side)
     labels = security_labels(n, seed=1)
     split = lambda v, s: {k: a[s] for k, a in v.items()}  # noqa: E731
     return ((split(inputs, slice(0, args.train)), split(labels, slice(0, args.train))),
@@ -180,6 +196,8 @@ def run_catalyst(config: str, data, args, turns: Turns, out: Dict[str, list]) ->
             timed.append(Timed(FlowMetricsCallback()))
         if config in ("interpretation", "all"):
             timed.append(Timed(InterpretationCallback(logdir=logdir)))
+        if config == "attribution":
+            timed.append(Timed(InterpretationCallback(logdir=logdir, attribution=args.attribution)))
         if config in ("tuning", "all"):
             timed.append(Timed(ThresholdTuningCallback(logdir=logdir)))
         runner = FlowRunner(flow, model=model)
@@ -257,7 +275,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="trainings per configuration")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--attribution", choices=("saliency", "integrated_gradients", "gradcam"), default=None,
+                        help="add the configuration `attribution` (InterpretationCallback with heat maps)")
     args = parser.parse_args()
+    global CONFIGS
+    if args.attribution:
+        CONFIGS = CONFIGS + ("attribution",)
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
@@ -292,6 +315,11 @@ def main() -> None:
     whole = min(epochs["all"]) / base_min - 1
     print(f"all three callbacks: {100 * direct:.1f}% of an epoch spent inside them, {100 * whole:.1f}% longer fastest "
           f"epoch (goal: at most 15%), {100 * (paired['all'] - 1):.1f}% longer epoch paired by round (median)")
+    if args.attribution:
+        extra = (statistics.median(inside["attribution"]) - statistics.median(inside["interpretation"])) / base_median
+        print(f"attribution={args.attribution}: interpretation with heat maps {paired['attribution']:.3f}x an epoch "
+              f"without callbacks (paired), without {paired['interpretation']:.3f}x; the heat maps cost "
+              f"{100 * extra:.1f}% of an epoch")
 
 
 if __name__ == "__main__":

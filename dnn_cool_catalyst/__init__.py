@@ -3,7 +3,7 @@
 Declare tasks, compose them into flows with preconditions, and get the module, the masked loss,
 metrics, decoders, evaluation, explanations and datasets from that one description.
 """
-from . import balancing, datasets
+from . import attribution, balancing, datasets, uncertainty
 from .converters import Column, Converters, ImageFiles, TableError
 from .dsl import Tasks, TaskFlow
 from .errors import FlowDefinitionError, HeadError, InputError, LabelError, TunedParamsError
@@ -29,7 +29,7 @@ __all__ = [
     "BinaryClassificationTask", "BoundedRegressionTask", "ClassificationTask", "Decoder", "FlowDefinitionError",
     "FlowGraph", "HeadError", "ITask", "InputError", "LabelError", "MaskedLanguageModelingTask",
     "MixedDataset", "MultilabelClassificationTask", "Task", "TaskFlow", "Tasks", "TunedParamsError", "__version__",
-    "balancing", "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep",
+    "attribution", "balancing", "best_threshold", "datasets", "load_tuned", "save_tuned", "threshold_sweep", "uncertainty",
 ]
 
 # imported on first access only: the Catalyst adapters, and deployment (torch.onnx, onnxruntime)

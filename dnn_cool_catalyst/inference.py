@@ -14,6 +14,7 @@ pairs as `flow.get_dataset(inputs, labels)` builds them, or `X` alone (`predict`
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import pandas as pd
@@ -55,9 +56,12 @@ def mixed_sources(loader: Any) -> Optional[SourceLayout]:
     return tuple((str(name), frozenset(dataset.labelled_paths(name))) for name in dataset.source_names)
 
 
+UNCERTAINTY = "uncertainty"
+
+
 @torch.no_grad()
 def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "predicted", *,
-            name: str = "predict") -> Dict[str, Any]:
+            name: str = "predict", mc_samples: Optional[int] = None, mc_seed: Optional[int] = None) -> Dict[str, Any]:
     """Predictions over `loader`, in dataset order (by `X["index"]` when batches carry it).
 
     Returns `{"logits", "activated", "decoded", "mask", "targets"}`, each `{path: tensor}` on the
@@ -68,6 +72,13 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`. The model runs in eval mode and gets
     its training mode back afterwards; a `DistributedDataParallel` wrapper is bypassed (each
     process predicts alone).
+
+    `mc_samples=n` also samples `n` MC-dropout passes of each batch (`uncertainty.mc_dropout`,
+    preconditions from each pass's decisions whatever `preconditions` says; `mc_seed` seeds them
+    without touching the global random state) and adds `"uncertainty"`: `{path: {"mean",
+    "variance", "entropy", "mutual_information", "applied", "applies", "decoded"}}` (entropy and
+    mutual information for classifiers only), in the same sample order. The predictions themselves
+    stay those of the model in eval mode.
     """
     if preconditions not in PRECONDITIONS:
         raise ValueError(f"preconditions must be 'predicted' or 'gt', got {preconditions!r}")
@@ -76,6 +87,10 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # after training under torchrun the process group is gone
     reads_inputs = unwrap(model) is flow.torch()
+    if mc_samples is not None:
+        from .uncertainty import check_dropout, dropout_mode, sample_passes, seeded_rng
+
+        check_dropout(model)  # before any batch: a model without dropout is refused at once
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -83,26 +98,33 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     targets: List[Dict[str, Tensor]] = []
     indices: List[Tensor] = []
     sources: List[Tensor] = []
+    uncertain: List[Dict[str, Dict[str, Tensor]]] = []
     first = True
+    rng = seeded_rng(model, mc_seed) if mc_samples is not None else contextlib.nullcontext()
     try:
-        for batch in loader:
-            x, y = split_batch(batch, "infer", allow_inputs_only=True)
-            if first and preconditions == "gt":
-                check_first_batch(flow, x, y, "infer", reads_inputs=reads_inputs)
-            first = False
-            if preconditions == "predicted":
-                x = {k: v for k, v in x.items() if k != GT}
-            out = model(to_device(x, device))
-            activated = out.get(ACTIVATED) or flow.get_activation()(out[LOGITS])
-            decoded = out.get(DECODED) or flow.get_decoder()(activated)
-            for key, value in ((LOGITS, out[LOGITS]), (ACTIVATED, activated), (DECODED, decoded), (MASK, out[MASK])):
-                parts[key].append({p: t.detach().cpu() for p, t in value.items()})
-            if y is not None:
-                targets.append({p: t.detach().cpu() for p, t in y.items()})
-            if isinstance(x.get(INDEX), Tensor):
-                indices.append(x[INDEX].detach().cpu().reshape(-1))
-            if isinstance(x.get(SOURCE), Tensor):
-                sources.append(x[SOURCE].detach().cpu().reshape(-1).long())
+        with rng:  # one seeded stream for the whole loader: batches get different masks
+            for batch in loader:
+                x, y = split_batch(batch, "infer", allow_inputs_only=True)
+                if first and preconditions == "gt":
+                    check_first_batch(flow, x, y, "infer", reads_inputs=reads_inputs)
+                first = False
+                if preconditions == "predicted":
+                    x = {k: v for k, v in x.items() if k != GT}
+                xd = to_device(x, device)
+                out = model(xd)
+                if mc_samples is not None:
+                    with dropout_mode(model):
+                        uncertain.append(sample_passes(model, xd, mc_samples, flow.graph))
+                activated = out.get(ACTIVATED) or flow.get_activation()(out[LOGITS])
+                decoded = out.get(DECODED) or flow.get_decoder()(activated)
+                for key, value in ((LOGITS, out[LOGITS]), (ACTIVATED, activated), (DECODED, decoded), (MASK, out[MASK])):
+                    parts[key].append({p: t.detach().cpu() for p, t in value.items()})
+                if y is not None:
+                    targets.append({p: t.detach().cpu() for p, t in y.items()})
+                if isinstance(x.get(INDEX), Tensor):
+                    indices.append(x[INDEX].detach().cpu().reshape(-1))
+                if isinstance(x.get(SOURCE), Tensor):
+                    sources.append(x[SOURCE].detach().cpu().reshape(-1).long())
     finally:
         model.train(was_training)
     result: Dict[str, Any] = {k: concat_rows(v) for k, v in parts.items()}
@@ -110,6 +132,9 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
         raise ValueError(f"{name}: the loader yielded no batches (an empty dataset, or a sampler or "
                          f"drop_last=True leaving none): give it a loader with samples")
     result["targets"] = concat_rows(targets) if targets else None
+    if uncertain:
+        result[UNCERTAINTY] = {p: {k: torch.cat([u[p][k] for u in uncertain]) for k in uncertain[0][p]}
+                               for p in uncertain[0]}
     n = next(iter(result[LOGITS].values())).shape[0]
     index = torch.cat(indices) if indices else torch.arange(n)
     source = torch.cat(sources) if sources else None
@@ -123,6 +148,8 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
         for key in (*PARTS, "targets"):
             if result[key] is not None:
                 result[key] = {p: t[order] for p, t in result[key].items()}
+        if UNCERTAINTY in result:
+            result[UNCERTAINTY] = {p: {k: t[order] for k, t in u.items()} for p, u in result[UNCERTAINTY].items()}
         index = index[order]
         source = source[order] if source is not None else None
     result[INDEX] = index
@@ -132,13 +159,16 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
 
 
 def infer(model: nn.Module, flow: Any, loader: Any, preconditions: str = "predicted", *,
-          name: str = "infer") -> Dict[str, Any]:
+          name: str = "infer", mc_samples: Optional[int] = None, mc_seed: Optional[int] = None) -> Dict[str, Any]:
     """`predict` with numpy arrays instead of tensors: `{"logits", "activated", "decoded", "mask",
-    "targets"}`, each `{path: numpy array}` (`targets` None without labels), and `"index"`."""
-    result = predict(model, flow, loader, preconditions, name=name)
+    "targets"}`, each `{path: numpy array}` (`targets` None without labels), and `"index"`
+    (and `"uncertainty"`, `{path: {statistic: numpy array}}`, with `mc_samples`)."""
+    result = predict(model, flow, loader, preconditions, name=name, mc_samples=mc_samples, mc_seed=mc_seed)
     out: Dict[str, Any] = {}
     for key, value in result.items():
-        if isinstance(value, Mapping):
+        if key == UNCERTAINTY:
+            out[key] = {p: {k: t.numpy() for k, t in u.items()} for p, u in value.items()}
+        elif isinstance(value, Mapping):
             out[key] = {p: t.numpy() for p, t in value.items()}
         elif isinstance(value, Tensor):
             out[key] = value.numpy()
@@ -147,9 +177,10 @@ def infer(model: nn.Module, flow: Any, loader: Any, preconditions: str = "predic
     return out
 
 
-def predict_labelled(model: nn.Module, flow: Any, loader: Any, *, name: str) -> Dict[str, Any]:
+def predict_labelled(model: nn.Module, flow: Any, loader: Any, *, name: str, mc_samples: Optional[int] = None,
+                     mc_seed: Optional[int] = None) -> Dict[str, Any]:
     """`predict` with preconditions from `X["gt"]`, for a loader that must yield `(X, y)` pairs."""
-    result = predict(model, flow, loader, "gt", name=name)
+    result = predict(model, flow, loader, "gt", name=name, mc_samples=mc_samples, mc_seed=mc_seed)
     if result["targets"] is None:
         raise TypeError(f"{name} needs labels: the loader must yield (X, y) pairs")
     return result
@@ -174,17 +205,21 @@ def tune(model: nn.Module, flow: Any, loader: Any, metric: Any = "accuracy", app
 
 
 def evaluate(model: nn.Module, flow: Any, loader: Any, preconditions: str = "gt", *,
-             name: str = "evaluate") -> pd.DataFrame:
+             name: str = "evaluate", mc_samples: Optional[int] = None, mc_seed: Optional[int] = None) -> pd.DataFrame:
     """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res, num_samples`):
     `flow.get_evaluator()` on the activated predictions (made with masks from `X["gt"]`), with
     the evaluator's preconditions from the labels (`"gt"`) or from the predictions (`"predicted"`).
 
     On a loader that mixes sources (its dataset has `source_names`, e.g. a `MixedDataset`) the
     table gains a first column `source`: the rows over all samples keep it empty (`""`), and
-    below them each source has the rows of the tasks it labels, computed on its samples alone."""
-    result = predict_labelled(model, flow, loader, name=name)
+    below them each source has the rows of the tasks it labels, computed on its samples alone.
+
+    `mc_samples=n` adds the columns `entropy` (classifiers) and `variance` (other tasks): their
+    mean over the samples scored, from `n` MC-dropout passes (`predict`; `FlowEvaluator`)."""
+    result = predict_labelled(model, flow, loader, name=name, mc_samples=mc_samples, mc_seed=mc_seed)
     evaluator = flow.get_evaluator()
-    table = evaluator(result[ACTIVATED], result["targets"], preconditions=preconditions)
+    uncertainty = result.get(UNCERTAINTY)
+    table = evaluator(result[ACTIVATED], result["targets"], preconditions=preconditions, uncertainty=uncertainty)
     layout = mixed_sources(loader)
     if layout is None:
         return table
@@ -198,7 +233,8 @@ def evaluate(model: nn.Module, flow: Any, loader: Any, preconditions: str = "gt"
         if not rows.numel() or not paths:
             continue
         pick = lambda parts: {p: t[rows] for p, t in parts.items()}  # noqa: E731
-        part = evaluator(pick(result[ACTIVATED]), pick(result["targets"]), preconditions=preconditions)
+        part = evaluator(pick(result[ACTIVATED]), pick(result["targets"]), preconditions=preconditions,
+                         uncertainty={p: pick(u) for p, u in uncertainty.items()} if uncertainty else None)
         tables.append(part[part["task_path"].isin(paths)].assign(source=source))
     out = pd.concat(tables, ignore_index=True)
     return out[["source", *table.columns]]

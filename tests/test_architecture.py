@@ -18,9 +18,9 @@ LAYERS = {
     # 1 task kinds and their metrics
     "metrics": 1, "tasks": 1,
     # 2 the traced graph and its interpreters
-    "graph": 2, "interpreters": 2, "balancing": 2,
+    "graph": 2, "interpreters": 2, "balancing": 2, "uncertainty": 2,
     # 3 the user's front door over the graph
-    "dsl": 3, "batches": 3, "inference": 3, "mixed": 3,
+    "dsl": 3, "batches": 3, "inference": 3, "mixed": 3, "attribution": 3,
     # 4 data: tables, converters, projects, the synthetic story
     "converters": 4, "datasets": 4, "project": 4, "story": 4, "demo": 4,
     # 4 deployment: export (reads the package version from __init__) and the self-contained runtime

@@ -15,8 +15,10 @@ import pandas as pd
 import torch
 from catalyst.core.callback import Callback
 from torch import Tensor
+from torch.utils.data import default_collate
 
-from ..distributed import is_main_process, world_size
+from .. import attribution as attr
+from ..distributed import is_main_process, unwrap, world_size
 from ..inference import mixed_dataset
 from ..keys import ACTIVATED, EXPLAIN, GT, INDEX, LOGITS, MASK, PER_SAMPLE_LOSS, SOURCE
 from .batch import ChunkBuffer, SampleIndexer, labelled_batch
@@ -318,14 +320,37 @@ class InterpretationCallback(Callback):
         logdir: where to write the CSV (default: `runner.logdir`; no file when neither is set).
         buffer_elements: per-sample losses are computed once per chunk of batches holding about
             this many elements (the same values, fewer small tensor operations).
+        attribution: None (default), or `"saliency"`, `"integrated_gradients"` or `"gradcam"`: for
+            each ranked (best/worst) sample of each task, a heat map of that task's per-sample loss
+            (the value the samples are ranked by; why the loss and not a logit:
+            `dnn_cool_catalyst.attribution`) with respect to each image input (saliency, integrated
+            gradients) or to a layer (GradCAM), computed with captum (`pip install
+            'dnn_cool_catalyst[attribution]'`) on the model in eval mode and published, blended
+            over the image, beside it as `<path>/worst/<i>/attribution` (`.../attribution/<input
+            key>` when a sample has several images), through the image's publisher and captioned
+            like it. Only the `2 * top_k` ranked samples per task are attributed, in one batch per
+            task (one backward; `n_steps` scaled copies for integrated gradients), on the main
+            process, at each interpreted loader's end.
+        attribution_layer: GradCAM's layer, by its name in `model.named_modules()` (e.g.
+            `"backbone.3.0"`); default: the last `nn.Conv2d` of the model outside the flow module.
+            Checked at the experiment's start (a model without one is an error there).
+        attribution_options: keyword arguments for captum's `attribute`, e.g. `{"n_steps": 16}`.
     """
 
     def __init__(self, flow: Any = None, top_k: int = 5, loaders: Optional[Sequence[str]] = None,
                  publishers: Optional[Mapping[str, Any]] = None, default_publishers: Optional[Sequence[Any]] = None,
-                 explain: int = 3, logdir: Optional[str] = None, buffer_elements: int = 2 ** 24):
+                 explain: int = 3, logdir: Optional[str] = None, buffer_elements: int = 2 ** 24,
+                 attribution: Optional[str] = None, attribution_layer: Optional[str] = None,
+                 attribution_options: Optional[Mapping[str, Any]] = None):
         super().__init__(order=METRICS_ORDER)
         if top_k < 1:
             raise ValueError(f"InterpretationCallback: top_k must be at least 1, got {top_k}")
+        if attribution is not None:
+            attr.check_method(attribution)
+            attr.captum_attr()  # missing captum: an error now, naming the extra, not after an epoch
+        self.attribution = attribution
+        self.attribution_layer = attribution_layer
+        self.attribution_options = dict(attribution_options or {})
         self.flow = flow
         self.top_k = int(top_k)
         self.loaders = list(loaders) if loaders is not None else None
@@ -337,6 +362,7 @@ class InterpretationCallback(Callback):
         self.results: Dict[str, pd.DataFrame] = {}
         self._indexer = SampleIndexer(type(self).__name__)
         self._warned_inputs = False
+        self._warned_attribution = False
         # set at the experiment's start
         self._flow: Any = None
         self._graph: Any = None
@@ -370,6 +396,12 @@ class InterpretationCallback(Callback):
         self._explainer = None
         self._buffer = ChunkBuffer(self.buffer_elements)
         self._reset_loader(active=False)
+        if self.attribution == "gradcam":  # a model without the layer: an error before training
+            model = unwrap(runner.model)
+            if self.attribution_layer is None:
+                attr.default_layer(model)
+            else:
+                attr.find_layer(model, self.attribution_layer)
 
     def on_loader_start(self, runner: Any) -> None:
         self._reset_loader(active=loader_selected(runner, self.loaders, "eval"))
@@ -532,14 +564,66 @@ class InterpretationCallback(Callback):
                       for r, i, info, (label, prediction), loss in zip(ranks, shown, infos, texts, losses)]
             log_text(runner, f"{path}/interpretation", "\n".join(lines))
             n = ranks[-1] if ranks else 0
+            heats = self._heat_maps(runner, inputs, path, [int(i) for i in indices]) if self.attribution else {}
             for r, i, info, (label, prediction), loss in zip(ranks, indices, infos, texts, losses):
                 position = f"worst/{r}" if r <= self.top_k else f"best/{n - r + 1}"
                 caption = sample_caption(label, prediction, loss, info)
-                for key, value, publisher in inputs(int(i)):
+                found = inputs(int(i))
+                for key, value, publisher in found:
                     if _takes_caption(publisher):
                         publisher.publish(runner, f"{path}/{position}/{key}", value, caption=caption)
                     else:
                         publisher.publish(runner, f"{path}/{position}/{key}", value)
+                if heats:
+                    self._publish_attribution(runner, heats, int(i), f"{path}/{position}", found, caption)
+
+    def _heat_maps(self, runner: Any, inputs: "_InputReader", path: str,
+                   indices: Sequence[int]) -> Dict[Tuple[int, str], Tensor]:
+        """`{(sample index, image key): heat map (H, W)}` of task `path`'s loss on its ranked samples,
+        over each image input (those whose publisher draws images, `to_hwc_uint8`), all samples
+        attributed in one batch."""
+        keys = [key for key, _, publisher in (inputs(indices[0]) if indices else []) if hasattr(publisher, "to_hwc_uint8")]
+        if not keys:
+            if indices and not self._warned_attribution:
+                self._warned_attribution = True
+                warnings.warn(f"InterpretationCallback: attribution={self.attribution!r} found no image input to draw "
+                              f"the heat map over (task {path!r}); nothing attributed", stacklevel=3)
+            return {}
+        xs, ys = [], []
+        for i in indices:
+            item = inputs.dataset[i]
+            x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else (item, None)
+            if not isinstance(y, Mapping) or path not in y:
+                raise KeyError(f"InterpretationCallback: attribution of task {path!r} needs the label of sample {i}, "
+                               f"but dataset[{i}] gives no label for it (a dataset of (X, y) pairs, as "
+                               "flow.get_dataset builds them, has it)")
+            xs.append(x)
+            ys.append(y[path])
+        x, labels = default_collate(xs), default_collate(ys)
+        out = {}
+        for key in keys:
+            try:
+                heat = attr.attribute(unwrap(runner.model), x, labels, path, key, self.attribution,
+                                      self.attribution_layer, flow=self._flow, options=self.attribution_options)
+            except Exception as e:
+                raise RuntimeError(f"InterpretationCallback: attribution={self.attribution!r} of task {path!r} on "
+                                   f"samples {list(indices)}, input {key!r} failed: {type(e).__name__}: {e}") from e
+            out.update({(i, key): heat[j] for j, i in enumerate(indices)})
+        return out
+
+    def _publish_attribution(self, runner: Any, heats: Mapping[Tuple[int, str], Tensor], index: int, where: str,
+                             found: Sequence[Tuple[str, Any, Any]], caption: str) -> None:
+        """The sample's heat maps blended over its images, as `<where>/attribution` (one image) or
+        `<where>/attribution/<key>` (several)."""
+        images = [(key, value, publisher) for key, value, publisher in found if (index, key) in heats]
+        for key, value, publisher in images:
+            picture = attr.overlay(publisher.to_hwc_uint8(value), heats[(index, key)])
+            tag = f"{where}/attribution" + (f"/{key}" if len(images) > 1 else "")
+            note = f"{caption}\nattribution: {self.attribution} of the loss"
+            if _takes_caption(publisher):
+                publisher.publish(runner, tag, picture, caption=note)
+            else:
+                publisher.publish(runner, tag, picture)
 
     def _label_and_prediction(self, task: Any, path: str, index: int) -> Tuple[str, str]:
         row = self._extremes[path].rows.get(int(index))

@@ -1,7 +1,7 @@
 """`flow.get_evaluator()`: the per-task evaluation table of a whole prediction set."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import pandas as pd
 import torch
@@ -40,6 +40,15 @@ class FlowEvaluator:
     Classification lists the classes among the labels or top-1 predictions (the macro scores are
     their means); multilabel lists every class (NaN where a class has no available label). Values
     follow scikit-learn's `precision_recall_fscore_support(..., zero_division=0)` on the scored samples.
+
+    `uncertainty` (a call's keyword): MC-dropout statistics `{path: {"entropy", "variance", ...}}`
+    per sample, as `uncertainty.mc_dropout` or `runner.predict(loader, mc_samples=n)["uncertainty"]`
+    give them. The table then gains two columns, the same value on every row of a task: `entropy`,
+    the mean predictive entropy (nats) of a classifier (binary, classification, multilabel, masked
+    language modeling; NaN for other tasks), and `variance`, the mean variance of the activated
+    outputs of any other task (regression; NaN for classifiers), each averaged over the samples
+    the task is scored on (those counted in `num_samples`) and over each sample's values (classes
+    of a multilabel task, tokens, outputs); NaN where no sample is scored.
     """
 
     def __init__(self, graph: FlowGraph, preconditions: str = "gt", per_class: bool = True):
@@ -48,7 +57,8 @@ class FlowEvaluator:
         self.per_class = bool(per_class)
 
     def __call__(self, predictions: Mapping[str, Any], targets: Mapping[str, Any],
-                 preconditions: Union[None, str, Mapping[str, Any]] = None) -> pd.DataFrame:
+                 preconditions: Union[None, str, Mapping[str, Any]] = None,
+                 uncertainty: Optional[Mapping[str, Mapping[str, Any]]] = None) -> pd.DataFrame:
         mode = self.preconditions if preconditions is None else preconditions
         if isinstance(predictions, Mapping) and isinstance(predictions.get(ACTIVATED), Mapping):
             predictions = predictions[ACTIVATED]
@@ -79,7 +89,40 @@ class FlowEvaluator:
             order = {p: i for i, p in enumerate(self.graph.paths)}
             rows += metrics.per_class()
             rows.sort(key=lambda row: order[row[0]])  # stable: a task's per-class rows after its overall rows
-        return pd.DataFrame(rows, columns=COLUMNS)
+        table = pd.DataFrame(rows, columns=COLUMNS)
+        if uncertainty is not None:
+            table = _with_uncertainty(self.graph, table, uncertainty, labels, masks, n)
+        return table
+
+
+UNCERTAINTY_COLUMNS = ("entropy", "variance")
+
+
+def _with_uncertainty(graph: FlowGraph, table: pd.DataFrame, uncertainty: Mapping[str, Mapping[str, Any]],
+                      labels: Dict[str, Tensor], masks: Dict[str, Tensor], n: int) -> pd.DataFrame:
+    """`table` with the columns `entropy` and `variance` (see `FlowEvaluator`)."""
+    from ..uncertainty import per_sample, predictive_kind  # the core module of the statistics
+
+    values = {}
+    for leaf in graph.leaves:
+        p = leaf.path
+        stats = uncertainty.get(p)
+        if stats is None:
+            raise KeyError(f"uncertainty has no statistics for task {p!r}; it has {sorted(uncertainty)} (give the "
+                           "whole result of mc_dropout or of predict(..., mc_samples=n))")
+        kind = "entropy" if predictive_kind(leaf.task) is not None else "variance"
+        if kind not in stats:
+            raise KeyError(f"uncertainty of task {p!r} has no {kind!r} (it has {sorted(stats)})")
+        v = per_sample(as_tensor(stats[kind], p, f"uncertainty[{kind!r}]"))
+        if v.shape[0] != n:
+            raise ValueError(f"uncertainty of task {p!r} has {v.shape[0]} samples, the predictions {n}")
+        scored = masks[p].reshape(-1).bool() & leaf.task.available(labels[p]).reshape(n, -1).any(1)
+        mean = float(v[scored].double().mean()) if bool(scored.any()) else float("nan")
+        values[p] = {kind: mean}
+    out = table.copy()
+    for column in UNCERTAINTY_COLUMNS:
+        out[column] = [values[p].get(column, float("nan")) for p in out["task_path"]]
+    return out
 
 
 def precondition_masks(graph: FlowGraph, mode: Union[str, Mapping[str, Any]], labels: Dict[str, Tensor],

@@ -104,12 +104,20 @@ class TreeExplainer:
 
     Options: `top_k` classes shown per classification task, `digits` significant digits,
     `max_values` values shown per vector, `root_format` for the root tags.
+
+    `uncertainty=True` (default False) adds MC-dropout statistics to each task's node, read from
+    `outputs["uncertainty"]` (`runner.predict(loader, mc_samples=n)` gives it, or put
+    `uncertainty.mc_dropout(model, x)` there): `| entropy 0.31, MI 0.05, applied 0.9` for a
+    classifier (entropy and mutual information in nats, averaged over the classes of a multilabel
+    task), `| variance 0.002, applied 1` for any other task; `applied` is the fraction of passes
+    in which the task applied.
     """
 
     def __init__(self, graph: FlowGraph, top_k: int = 3, digits: int = 4, max_values: int = 16,
-                 root_format: str = "inp {}"):
+                 root_format: str = "inp {}", uncertainty: bool = False):
         self.graph = graph
         self.top_k, self.digits, self.max_values, self.root_format = int(top_k), int(digits), int(max_values), root_format
+        self.uncertainty = bool(uncertainty)
         self._items = _plan(graph)
 
     def __call__(self, outputs: Mapping[str, Mapping[str, Any]], ids: Optional[Sequence[Any]] = None) -> List[Tree]:
@@ -124,6 +132,9 @@ class TreeExplainer:
         present = np.stack([leaf_mask[:, it.leaves].any(1) for it in self._items], axis=1).tolist()  # (N, items)
         tags = [self._tags(leaf, logits.get(leaf.path), activated[leaf.path], decoded[leaf.path], n)
                 for leaf in self.graph.leaves]
+        if self.uncertainty:
+            tags = [[t + u for t, u in zip(texts, self._uncertainty_texts(outputs, leaf, n))]
+                    for texts, leaf in zip(tags, self.graph.leaves)]
         fmt = self.root_format
         batch = uuid.uuid4().hex  # tree identifiers: unique, without a uuid per tree (slow)
         trees: List[Tree] = []
@@ -150,6 +161,25 @@ class TreeExplainer:
                              "it must return one text per sample")
         prefix = f"{leaf.path.rsplit('.', 1)[-1]} | "
         return [prefix + text for text in texts]
+
+    def _uncertainty_texts(self, outputs: Mapping[str, Any], leaf: Leaf, n: int) -> List[str]:
+        """`" | entropy .., MI .., applied .."` (classifiers) or `" | variance .., applied .."` per sample."""
+        from ..uncertainty import APPLIED, ENTROPY, MUTUAL_INFORMATION, VARIANCE, per_sample
+
+        stats = outputs.get("uncertainty") if isinstance(outputs, Mapping) else None
+        if not isinstance(stats, Mapping) or leaf.path not in stats:
+            raise KeyError(f"the explainer shows uncertainty (uncertainty=True) but outputs['uncertainty'] has no "
+                           f"statistics for task {leaf.path!r}: predict with runner.predict(loader, mc_samples=n), or "
+                           "set outputs['uncertainty'] = dcc.uncertainty.mc_dropout(model, x)")
+        u = stats[leaf.path]
+        shown = ((ENTROPY, "entropy"), (MUTUAL_INFORMATION, "MI")) if ENTROPY in u else ((VARIANCE, "variance"),)
+        columns = [(label, as_numpy(per_sample(torch.as_tensor(u[key])))) for key, label in shown + ((APPLIED, "applied"),)]
+        for label, values in columns:
+            if values.shape[0] != n:
+                raise ValueError(f"outputs['uncertainty'] of task {leaf.path!r} has {values.shape[0]} samples "
+                                 f"({label}), the outputs {n}")
+        d = self.digits
+        return [" | " + ", ".join(f"{label} {values[i]:.{d}g}" for label, values in columns) for i in range(n)]
 
     def _complete(self, outputs):
         """NumPy logits/activated/decoded/masks, computing what is missing."""

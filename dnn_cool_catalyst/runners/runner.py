@@ -381,19 +381,28 @@ class FlowRunner(dl.Runner):
         return self.model(x)
 
     # After training: `dnn_cool_catalyst.inference` over the runner's model and flow --------------
-    def predict(self, loader: Any, preconditions: str = "predicted") -> Dict[str, Any]:
+    def predict(self, loader: Any, preconditions: str = "predicted", mc_samples: Optional[int] = None,
+                mc_seed: Optional[int] = None) -> Dict[str, Any]:
         """Like `infer`, with torch tensors on the CPU instead of numpy arrays."""
-        return inference.predict(self.model, self.flow, loader, preconditions, name="FlowRunner.predict")
+        return inference.predict(self.model, self.flow, loader, preconditions, name="FlowRunner.predict",
+                                 mc_samples=mc_samples, mc_seed=mc_seed)
 
-    def infer(self, loader: Any, preconditions: str = "predicted") -> Dict[str, Any]:
+    def infer(self, loader: Any, preconditions: str = "predicted", mc_samples: Optional[int] = None,
+              mc_seed: Optional[int] = None) -> Dict[str, Any]:
         """Predictions over a loader, in dataset order (by `X["index"]` when batches carry it).
 
         Returns `{"logits", "activated", "decoded", "mask", "targets"}`, each `{path: numpy array}`
         (`targets` None when the loader yields only `X`), and `"index"` (dataset indices).
         `preconditions="predicted"` (default) computes masks from the decoded predictions, as at
         inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`.
+
+        `mc_samples=n` adds `"uncertainty"`: per task path the MC-dropout statistics of `n` passes
+        with the model's dropout active (`dnn_cool_catalyst.uncertainty.mc_dropout`: mean, variance,
+        entropy and mutual information for classifiers, the fraction of passes in which the task
+        applied); `mc_seed` makes them repeatable. The model must have dropout layers.
         """
-        return inference.infer(self.model, self.flow, loader, preconditions, name="FlowRunner.infer")
+        return inference.infer(self.model, self.flow, loader, preconditions, name="FlowRunner.infer",
+                               mc_samples=mc_samples, mc_seed=mc_seed)
 
     def tune(self, loader: Any, metric: Any = "accuracy", apply: bool = True, save: bool = True) -> Dict[str, Dict[str, Any]]:
         """Tune every tunable decoder on `loader` (samples in `S_t`, from `X["gt"]`) for `metric`;
@@ -407,13 +416,17 @@ class FlowRunner(dl.Runner):
             save_tuned(os.path.join(self._logdir, TUNED_PARAMS_FILE), tuned)
         return tuned
 
-    def evaluate(self, loader: Any, preconditions: str = "gt", save: bool = True, verbose: bool = True) -> pd.DataFrame:
+    def evaluate(self, loader: Any, preconditions: str = "gt", save: bool = True, verbose: bool = True,
+                 mc_samples: Optional[int] = None, mc_seed: Optional[int] = None) -> pd.DataFrame:
         """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res,
         num_samples`; `flow.get_evaluator()` on activated predictions); also written as
         `evaluation.csv` into the logdir when there is one and `save` is true (under torchrun,
         rank 0 only). `verbose` prints it in full, one line per task (`summary.format_table`),
-        and where the logs are."""
-        table = inference.evaluate(self.model, self.flow, loader, preconditions, name="FlowRunner.evaluate")
+        and where the logs are. `mc_samples=n` adds the columns `entropy` (classifiers) and
+        `variance` (other tasks), means over the scored samples of `n` MC-dropout passes
+        (`FlowEvaluator`; the model must have dropout layers)."""
+        table = inference.evaluate(self.model, self.flow, loader, preconditions, name="FlowRunner.evaluate",
+                                   mc_samples=mc_samples, mc_seed=mc_seed)
         if save and self._logdir is not None and is_main_process():
             write_csv(os.path.join(self._logdir, EVALUATION_FILE), table)
         if verbose and is_main_process():
