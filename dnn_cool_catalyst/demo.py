@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,19 @@ class DemoSettings:
     batch_size: int = 64
     lr: float = 3e-3
     features: int = 256  # width of the backbone's output, read by every head as x.features
+    dropout: float = 0.0  # dropout on the backbone's features (needed by mc_samples)
+    mc_samples: int = 0  # MC-dropout passes for the evaluation's entropy/variance columns (0: none)
+    attribution: str = ""  # heat maps beside the logged best/worst images: gradcam, saliency, integrated_gradients
+
+    @property
+    def mc_passes(self) -> Optional[int]:
+        """`mc_samples`, or None when 0 (what `runner.evaluate(mc_samples=...)` takes)."""
+        return self.mc_samples or None
+
+    @property
+    def attribution_method(self) -> Optional[str]:
+        """`attribution`, or None when empty (what `InterpretationCallback(attribution=...)` takes)."""
+        return self.attribution or None
 
     @property
     def data_dir(self) -> str:
@@ -117,7 +130,7 @@ def common_source_splits(df: pd.DataFrame, tables: dict, project_dir: str, seed:
 def story_model(project: Project, settings: DemoSettings) -> BackboneModel:
     """`security_cnn` feeding the project's full flow, initialised from `settings.seed`."""
     torch.manual_seed(settings.seed)
-    return BackboneModel(security_cnn(settings.features), project.get_full_flow())
+    return BackboneModel(security_cnn(settings.features, dropout=settings.dropout), project.get_full_flow())
 
 
 def quality_report(table: pd.DataFrame) -> list:
@@ -154,14 +167,18 @@ def main(argv=None) -> int:
     runner = project.runner(model, settings.runner_name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    callbacks = {}
+    if settings.attribution_method:  # heat maps beside the logged best/worst images
+        from .callbacks import InterpretationCallback  # the demo's Catalyst side, as project.runner
+        callbacks["interpretation"] = InterpretationCallback(attribution=settings.attribution_method)
     runner.train(loaders=project.loaders(batch_size=settings.batch_size, seed=settings.seed), optimizer=optimizer,
                  scheduler=scheduler, num_epochs=settings.epochs, seed=settings.seed, load_best_on_end=True,
-                 overwrite=True)  # each demo run starts afresh in settings.logdir
+                 overwrite=True, callbacks=callbacks)  # each demo run starts afresh in settings.logdir
     print(f"trained {settings.epochs} epochs ({time.time() - start:.0f}s)")
 
     runner.tune(project.loader("valid"))
     print("\nThe test split:")
-    table = runner.evaluate(project.loader("test"))  # prints the table, one line per task
+    table = runner.evaluate(project.loader("test"), mc_samples=settings.mc_passes)  # prints the table, one line per task
 
     print("\nTree explanations of two test images (preconditions from the predictions):")
     x, _ = next(iter(project.get_dataset("test").loader(batch_size=2)))

@@ -120,15 +120,20 @@ def two_source_tables(df, input_cols=("img",), seed: int = 0) -> dict:
     return {"door_cam": df.loc[door, inputs + door_cols], "people": df.loc[~door, inputs + people_cols]}
 
 
-def security_cnn(features: int = 256) -> nn.Module:
+def security_cnn(features: int = 256, dropout: float = 0.0) -> nn.Module:
     """A small conv net for the story's 64x64 RGB images: `(N, 3, H, W)` in [0, 1] -> `(N, features)`.
 
     Four stride-2 conv blocks (16-32-48-64 channels) and a linear layer; about 0.1M parameters plus
-    `features * 64`, fast enough to train on two CPU cores in a couple of minutes.
+    `features * 64`, fast enough to train on two CPU cores in a couple of minutes. `dropout > 0`
+    ends it with `nn.Dropout(dropout)` on the features (what MC-dropout samples); 0 adds no layer,
+    so the default network and its state dict are as before.
     """
 
     def block(i: int, o: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(i, o, 3, stride=2, padding=1), nn.BatchNorm2d(o), nn.ReLU())
 
-    return nn.Sequential(block(3, 16), block(16, 32), block(32, 48), block(48, 64),
-                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, features), nn.ReLU())
+    layers = [block(3, 16), block(16, 32), block(32, 48), block(48, 64),
+              nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, features), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)

@@ -34,6 +34,7 @@ LAYERS[ROOT_NAMES] = 4
 # Imports of a higher layer that are deliberate, each done inside a function (lazily) and said here.
 LAZY_EXCEPTIONS = {
     ("project", "runners"): "Project.runner() builds a FlowRunner; Catalyst is imported only then",
+    ("demo", "callbacks"): "the demo's --attribution builds an InterpretationCallback; only then",
 }
 ADAPTER_ONLY = {"catalyst", "accelerate", "tensorboardX", "tensorboard"}
 

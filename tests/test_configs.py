@@ -29,12 +29,19 @@ def test_config_runs_end_to_end(overlay, tmp_path):
     configs = [BASE] + ([overlay] if overlay else []) + [SMOKE]
     result = _catalyst_run(*configs, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    two_sources = overlay is not None and overlay.name == "two_sources.yml"
-    logdir = tmp_path / "smoke_project" / ("two_sources" if two_sources else "config_run")
+    name = overlay.name if overlay is not None else None
+    two_sources = name == "two_sources.yml"
+    runs = {"two_sources.yml": "two_sources", "uncertainty.yml": "uncertainty_run"}
+    logdir = tmp_path / "smoke_project" / runs.get(name, "config_run")
     assert (logdir / "checkpoints" / "runner.last.pth").is_file()
     assert (logdir / "tuned_params.json").is_file()
     table = pd.read_csv(logdir / "evaluation.csv", keep_default_na=False, na_values=["NaN", "nan"])
     columns = ["task_path", "metric_name", "metric_res", "num_samples"]
+    if name == "uncertainty.yml":  # MC-dropout columns on the test split, heat maps beside the logged images
+        columns += ["entropy", "variance"]
+        assert table["entropy"].notna().any() and table["variance"].notna().any(), table
+        events = b"".join(f.read_bytes() for f in (logdir / "tensorboard").rglob("*") if f.is_file())
+        assert b"/worst/1/attribution" in events
     assert list(table.columns) == (["source"] + columns if two_sources else columns)
     assert "person_regression.body_regression.shirt_type" in set(table.task_path)
     if two_sources:  # one model on two sources: per-source rows and metrics for the tasks each labels
