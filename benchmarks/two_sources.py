@@ -2,12 +2,16 @@
 split (issue 13): each model's evaluation table with *every* label of the test rows (the two-source
 model never saw a row labelled for all tasks), and the demo's quality bar.
 
-Train both first, with the same settings (the two-source project splits each source as the whole
-table is split, `demo.common_source_splits`, so both hold out the same test rows):
+Train both first (the two-source project splits each source as the whole table is split,
+`demo.common_source_splits`, so both hold out the same test rows):
 
     catalyst-run --config configs/security.yml                          # -> <project_dir>/config_run
     catalyst-run --config configs/security.yml configs/two_sources.yml  # -> <project_dir>/two_sources
     python benchmarks/two_sources.py --project-dir demo_project
+
+`configs/two_sources.yml` trains 32 epochs, as many labelled samples per task as the single
+table's 16 (each source labels its tasks on half of the rows). For the same 16 epochs add an
+overlay such as `settings: {epochs: 16, runner_name: two_sources_16}` and pass `--two two_sources_16`.
 
 Both configs end with `runner.export` (`<logdir>/export`: weights and tuned thresholds), which is
 what this script reads. It prints one line per task and metric: the single-table value, the

@@ -51,6 +51,8 @@ def test_config_runs_end_to_end(overlay, tmp_path):
         assert (tmp_path / "smoke_project" / "split_door_cam.json").is_file()
         valid = pd.read_csv(logdir / "csv_logger" / "valid.csv")
         assert "door_cam/camera_blocked/accuracy" in valid.columns and "people/person_present/accuracy" in valid.columns
+        assert "door_cam/camera_blocked/loss" in valid.columns and "people/person_present/loss" in valid.columns
+        assert "people/camera_blocked/loss" not in valid.columns
     # the run says where its logs are and prints the evaluation table, one line per task
     assert "TensorBoard: tensorboard --logdir" in result.stdout, result.stdout[-3000:]
     assert "Evaluation (preconditions from the labels):" in result.stdout
@@ -158,3 +160,26 @@ def test_a_gradient_method_runs_with_catalyst_run(tmp_path):
     assert train["loss"].map(math.isfinite).all()
     weights = [c for c in train.columns if c.endswith("/balance/weight")]
     assert weights and train[weights].notna().any(axis=None), list(train.columns)
+
+
+def test_the_two_source_overlay_trains_each_task_on_as_many_labels_as_the_single_table():
+    """Each source of the two-source story labels its tasks on half of the rows, and an epoch shows
+    every training row once (sampling "proportional"): over its epochs the two-source model must see
+    each task's labels as often as the single-table model over security.yml's (the quality bar of
+    `make demo` is met with that budget, README "Several sources")."""
+    import numpy as np
+    import yaml
+
+    from dnn_cool_catalyst.story import two_source_tables
+
+    def epochs(path):
+        return yaml.safe_load(path.read_text())["settings"].get("epochs")
+
+    base = epochs(BASE)
+    two = epochs(CONFIGS / "two_sources.yml") or base
+    n = 40
+    tasks = ["camera_blocked", "door_open", "door_locked", "person_present", "face_x1", "shirt_type"]
+    df = pd.DataFrame({"img": [f"{i}.png" for i in range(n)], **{t: np.ones(n) for t in tasks}})
+    for task in tasks:
+        labelled = sum(table[task].notna().sum() for table in two_source_tables(df).values() if task in table)
+        assert two * labelled >= base * n, (task, two, labelled, base)

@@ -47,8 +47,10 @@ class FlowMetricsCallback(Callback):
     batch holding all of that source's samples of the loader would give, exact under DDP as the
     overall ones. They are updated with the chunks of batches (a source's mask is the task's mask
     and the source's rows), so a plain loader pays nothing and a mixed one one comparison per source
-    and chunk. Not with DataParallel memory balancing (the replicas reduce the states of the whole
-    batch): a warning says so once and only the overall values are logged.
+    and chunk. On loaders that do not train each task's loss is logged per source too,
+    `<source>/<path>/loss` (the flow loss's terms over the source's rows: one more loss evaluation
+    per source and batch). Not with DataParallel memory balancing (the replicas reduce the states
+    of the whole batch): a warning says so once and only the overall values are logged.
 
     Batches whose metric states were computed inside DataParallel replicas (`"metric_states"` in
     `runner.batch`, see `runners.balance`) are merged as they are; only the decoded metrics of
@@ -123,6 +125,7 @@ class FlowMetricsCallback(Callback):
         # several sources: (position, name, labelled paths, FlowMetrics) per source, or () for a plain loader
         self._per_source: Tuple[Tuple[int, str, frozenset, Any], ...] = ()
         self._kept_sources: List[Tensor] = []  # X["source"] of each batch, for the deferred decoded metrics
+        self._source_terms: Dict[int, List[Tensor]] = {}  # per source position: (tasks, 2) loss terms per batch
 
     # Setup ---------------------------------------------------------------------------------------
     def on_experiment_start(self, runner: Any) -> None:
@@ -214,7 +217,10 @@ class FlowMetricsCallback(Callback):
         if outputs.get(DECODED):  # decisions as taken now, by the decoders of this batch
             parts[DECODED] = {p: d for p, d in outputs[DECODED].items() if p not in self._defer}
         if self._per_source:
-            parts[SOURCE] = {SOURCE: self._batch_sources(runner, batch.inputs, n)}
+            src = self._batch_sources(runner, batch.inputs, n)
+            parts[SOURCE] = {SOURCE: src}
+            if not runner.is_train_loader:
+                self._add_source_losses(outputs, targets, src)
         self._buffer.add(n, parts)
         if self._buffer.full:
             self._flush()
@@ -232,6 +238,43 @@ class FlowMetricsCallback(Callback):
         if self._defer:
             self._kept_sources.append(src.cpu())
         return src
+
+    @torch.no_grad()
+    def _add_source_losses(self, outputs: Dict[str, Any], targets: Any, src: Tensor) -> None:
+        """Each source's loss terms of the batch: the flow loss's `(sum, count)` per task over the
+        source's rows (the task's mask and `X["source"] == position`), for `<source>/<path>/loss`
+        on loaders that do not train (one more loss evaluation per source and batch there)."""
+        logits, masks = outputs[LOGITS], outputs[MASK]
+        for position, _, _, _ in self._per_source:
+            rows = src == position
+            terms = self._loss.terms({LOGITS: logits, MASK: {p: masks[p].reshape(-1) & rows for p in self._paths}},
+                                     targets)
+            stacked = torch.stack([t for p in self._paths for t in terms[p]]).view(len(self._paths), 2)
+            self._source_terms.setdefault(position, []).append(stacked)
+
+    def _source_losses(self, runner: Any) -> Dict[str, float]:
+        """`<source>/<path>/loss` over the loader for each task the source labels: the sum of its
+        element losses over the source's samples in `S_t` divided by their count, summed over the
+        processes under DDP (every process holds the same sources, in the same order)."""
+        if runner.is_train_loader or not self._per_source:
+            return {}
+        tasks = len(self._paths)
+        totals = torch.stack([torch.stack(self._source_terms[position]).double().sum(0).cpu()
+                              if self._source_terms.get(position) else torch.zeros(tasks, 2, dtype=torch.float64)
+                              for position, _, _, _ in self._per_source])
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            device = collective_device(getattr(getattr(runner, "engine", None), "device", None))
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        out = {}
+        for (_, name, labelled, _), per_task in zip(self._per_source, totals.tolist()):
+            for p, (s, c) in zip(self._paths, per_task):
+                if p in labelled:
+                    out[f"{name}/{p}/loss"] = s / c if c > 0 else math.nan
+        return out
 
     def _no_sources_with_reduced_states(self, runner: Any) -> None:
         self._per_source = ()
@@ -348,6 +391,7 @@ class FlowMetricsCallback(Callback):
         metrics.update(self._metrics.compute())
         for _, name, labelled, source_metrics in self._per_source:
             metrics.update({f"{name}/{tm.key}": tm.metric.compute() for tm in source_metrics if tm.path in labelled})
+        metrics.update(self._source_losses(runner))
         runner.loader_metrics.update(metrics)
         if self.pr_curves and not runner.is_train_loader:
             self._log_pr_curves(runner, kept)

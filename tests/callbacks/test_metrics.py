@@ -276,9 +276,11 @@ def test_per_source_metrics_equal_the_metrics_of_each_source_alone(small_flow, f
         alone, _ = whole_loader_reference(small_flow, mixed.sources[name], train_mode=loader_key == "train",
                                           assert_clear_decisions=assert_clear_decisions)
         labelled = mixed.labelled_paths(name)
+        # every metric of every task the source labels, and its loss on a loader that does not train
+        measured = metric_names | ({"loss"} if loader_key != "train" else set())
         expected = {f"{name}/{key}": v for key, v in alone.items()
-                    if key.rsplit("/", 1)[0] in labelled and key.rsplit("/", 1)[1] in metric_names}
-        assert expected  # every metric of every task the source labels
+                    if key.rsplit("/", 1)[0] in labelled and key.rsplit("/", 1)[1] in measured}
+        assert expected
         assert_same(got, expected)
         logged = {k for k in got if k.startswith(f"{name}/")}
         assert logged == set(expected)  # nothing for the tasks the source does not label
@@ -290,6 +292,27 @@ def test_per_source_metrics_equal_the_metrics_of_each_source_alone(small_flow, f
         for xs, ys in zip(x, y):
             metrics.update(small_flow.torch()(xs), ys)
     assert_same(got, metrics.compute())
+
+
+@pytest.mark.parametrize("loader_key", ["valid", "train"])
+def test_per_source_losses_on_loaders_that_do_not_train(small_flow, fake_runner_cls, two_security_sources,
+                                                        loader_key):
+    mixed = two_security_sources(small_flow)
+    runner = fake_runner_cls(small_flow)
+    cb = FlowMetricsCallback()
+    runner.start([cb])
+    got = runner.run_loader([cb], loader_key, mixed.loader(batch_size=32))
+    losses = {k for k in got if k.endswith("/loss") and k.split("/")[0] in mixed.source_names}
+    if loader_key == "train":  # per-source losses cost a loss evaluation per source: not while training
+        assert not losses
+        return
+    assert losses == {f"{name}/{p}/loss" for name in mixed.source_names for p in mixed.labelled_paths(name)}
+    assert "door_cam/door_open/loss" in losses and "people/door_open/loss" not in losses
+    # a task labelled by one source only: its loss there is the overall one (the same samples; float32
+    # sums of up to 120 terms in another order, see assert_same)
+    assert got["door_cam/door_open/loss"] == pytest.approx(got["door_open/loss"], rel=1e-5)
+    path = "person_regression.face_regression.face_x1"
+    assert got[f"people/{path}/loss"] == pytest.approx(got[f"{path}/loss"], rel=1e-5)
 
 
 def test_a_plain_loader_logs_no_per_source_metrics(small_flow, small_data, fake_runner_cls, two_security_sources):
