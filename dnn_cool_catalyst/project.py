@@ -628,8 +628,15 @@ class Project(Tasks):
 
         Several sources: the train loader mixes them as `sampling`, `temperature` and
         `epoch_size` say (`MixedDataset`); the others take every row once (proportional), so that
-        their metrics, overall and per source, are over the whole split."""
+        their metrics, overall and per source, are over the whole split. A project of one table
+        has nothing to mix: a `sampling`, `temperature` or `epoch_size` other than the defaults
+        is an error there, not silently ignored."""
         if self.sources is None:
+            given = [name for name, value, default in (("sampling", sampling, "proportional"), ("temperature", temperature, None),
+                                                       ("epoch_size", epoch_size, None)) if value != default]
+            if given:
+                raise TypeError(f"Project.loaders: {', '.join(given)} choose how several sources are mixed, but this "
+                                "project has one table; pass a mapping of tables, Project({name: df, ...}), to mix sources")
             return {name: self.loader(name, batch_size, shuffle=name == "train", seed=seed, flow=flow, **kwargs)
                     for name in splits}
         return {name: self.loader(name, batch_size, seed=seed, flow=flow, **kwargs,

@@ -616,3 +616,18 @@ def test_several_tables_errors_name_the_table(tmp_path):
         dcc.Project({"clinic": a, "ward_book": b.iloc[:0]}, input_col=["age", "height"])
     with pytest.raises(dcc.project.TableError, match="source names must be plain"):
         dcc.Project({"": a}, input_col=["age", "height"])
+
+
+def test_mixing_options_on_a_one_table_project_are_an_error(tmp_path):
+    a, _ = _two_tables()
+    project = dcc.Project(a, input_col=["age", "height"], project_dir=tmp_path / "p")
+
+    @project.add_flow
+    def full(flow, x, out):
+        out += flow.sick(x.features)
+        return out
+
+    assert set(project.loaders(batch_size=8)) == {"train", "valid"}  # the defaults: fine
+    for option in ({"sampling": "uniform"}, {"temperature": 2.0}, {"epoch_size": 10}):
+        with pytest.raises(TypeError, match=f"{next(iter(option))}.*one table"):
+            project.loaders(batch_size=8, **option)
