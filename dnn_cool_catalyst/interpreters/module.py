@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..errors import HeadError, InputError
 from ..graph import FlowGraph, InputKey, lookup
 from ..keys import ACTIVATED, DECODED, GT, LOGITS, MASK
-from .masks import compute_masks
+from .masks import compute_masks, mask_plan
 
 
 def read_input(x: Any, key: InputKey, path: str) -> Any:
@@ -75,6 +75,7 @@ class FlowModule(nn.Module):
         for node in graph.nodes:
             self.add_module(node.name, FlowModule(node.task.graph) if node.is_flow else node.task.module)
         self._routes = tuple((leaf.path, tuple(leaf.path.split(".")), leaf.input_key, leaf.task) for leaf in graph.leaves)
+        mask_plan(graph)  # derived now, so that torch.compile only reads it
 
     def forward(self, x: Mapping[str, Any]) -> Dict[str, Dict[str, Tensor]]:
         logits: Dict[str, Tensor] = {}
