@@ -217,12 +217,22 @@ class TaskFlow:
         return {leaf.path: leaf.task for leaf in self.graph.leaves}
 
     # Products (each an interpreter of `self.graph`) ---------------------------------------------
-    def torch(self):
-        """The `nn.Module` (heads as named submodules); the same object on every call."""
-        from .interpreters.module import FlowModule
+    def torch(self, fuse: Optional[bool] = None):
+        """The `nn.Module` (heads as named submodules); the same object on every call.
+
+        `fuse=True`: the tasks' plain `nn.Linear` heads that read the same input run as one GEMM
+        per input (`interpreters.module.FlowModule`; same outputs, state dict with the same
+        names). `None`: as the module was built, or `FUSE_DEFAULT` (False) on the first call. The
+        module is built once: asking for the other `fuse` afterwards is an error."""
+        from .interpreters.module import FUSE_DEFAULT, FlowModule
 
         if self._module is None:
-            self._module = FlowModule(self.graph)
+            self._module = FlowModule(self.graph, fuse=FUSE_DEFAULT if fuse is None else fuse)
+        elif fuse is not None and bool(fuse) != self._module.fuse:
+            raise ValueError(f"flow {self.name!r}: flow.torch() was already built with fuse={self._module.fuse}, and "
+                             f"it is one module per flow (the runner, the exporter and inference expect that one); "
+                             f"call flow.torch(fuse={bool(fuse)}) before anything else builds it, or build "
+                             f"FlowModule(flow.graph, fuse={bool(fuse)}) for a separate module")
         return self._module
 
     def get_loss(self, balancer: Any = None, **kwargs):

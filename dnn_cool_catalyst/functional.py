@@ -89,3 +89,12 @@ def nan_available(labels: Tensor) -> Tensor:
 def softmax_last(logits: Tensor) -> Tensor:
     """Softmax over the last dimension (the classes, or a token's vocabulary)."""
     return torch.softmax(logits, dim=-1)
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile (dynamo) is tracing the caller: trace-time code must then neither
+    branch on data nor fill caches with traced tensors."""
+    fn = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3; torch._dynamo's before
+    if fn is None:
+        from torch._dynamo import is_compiling as fn
+    return bool(fn())

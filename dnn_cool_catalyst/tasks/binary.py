@@ -62,17 +62,17 @@ class BinaryClassificationTask(Task):
         return t
 
     def condition_not_false(self, labels: Tensor, negated: bool) -> Tensor:
-        v = _first_column(labels)
+        v = first_column(labels)
         # comparisons with NaN are false, so a missing label never makes the condition FALSE
         return ~(v > 0.5) if negated else ~(v <= 0.5)
 
     def condition(self, values: Tensor, from_labels: bool) -> Tuple[Tensor, Tensor]:
-        v = _first_column(values)
+        v = first_column(values)
         if from_labels:
             return ~torch.isnan(v), v > 0.5
         return torch.ones_like(v, dtype=torch.bool), v.bool()
 
 
-def _first_column(values: Tensor) -> Tensor:
+def first_column(values: Tensor) -> Tensor:
     """`(N,)` from `(N,)` or `(N, 1)` (also for an empty batch, where reshape(N, -1) is ambiguous)."""
     return values if values.dim() == 1 else values.reshape(values.shape[0], values.shape[1:].numel())[:, 0]

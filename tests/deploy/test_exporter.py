@@ -140,6 +140,24 @@ def test_or_else_and_xor_preconditions(tmp_path, fmt, assert_clear_decisions):
         {"op": "xor", "operands": [{"task": "a", "negated": False}, {"task": "c", "negated": False}]}]}
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_fused_module_exports_as_the_unfused_one(tmp_path, fmt, assert_clear_decisions):
+    from dnn_cool_catalyst.synthetic import generated_tasks
+
+    flow = generated_tasks(16, features=4, seed=0).get_full_flow()
+    model = flow.torch(fuse=True).eval()  # one GEMM for the 16 heads
+    assert len(model.fused_heads) == 1
+    path = dcc.deploy.export(flow, model, tmp_path / f"fused.{fmt}", format=fmt)  # example inputs inferred
+    inputs = {"features": np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32) * 3}
+    reference = eager(model, flow, inputs)
+    assert_clear_decisions(flow, reference["activated"])
+    assert_same(dcc.deploy.load(path)(inputs), reference, flow)
+    plain = generated_tasks(16, features=4, seed=0).get_full_flow()
+    unfused = eager(plain.torch().eval(), plain, inputs)
+    for p in flow.graph.paths:
+        assert torch.equal(unfused["mask"][p], reference["mask"][p]), p
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 def _one_task_flow(task):
     tasks = dcc.Tasks([task])

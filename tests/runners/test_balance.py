@@ -118,11 +118,13 @@ GATES = {
 }
 
 
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("case", list(GATES))
-def test_replicas_merge_to_the_whole_batch(case, assert_clear_decisions):
+def test_replicas_merge_to_the_whole_batch(case, fuse, assert_clear_decisions):
     gate, devices = GATES[case]
     flow = _flow()
-    module = flow.torch().train()
+    module = flow.torch(fuse=fuse).train()
+    assert bool(fuse and module.fused_heads) == fuse  # gate, value, tags, kind: one GEMM when fused
     x, y = _batch(gate)
     out, loss, metrics, per_sample = _whole_batch(flow, module, x, y)
     loss.backward()
@@ -157,6 +159,29 @@ def test_replicas_merge_to_the_whole_batch(case, assert_clear_decisions):
                                rtol=1e-5, atol=1e-6)
     assert merged[EXPLAIN]["index"].tolist() == [0, 1, 2]
     torch.testing.assert_close(merged[EXPLAIN]["logits"]["mlm"], out["logits"]["mlm"][:3].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_heads_give_the_unfused_balanced_results():
+    x, y = _batch([1, 0, 1, 1, 0, 1, 0, 1])
+    results = []
+    for fuse in (False, True):
+        flow = _flow()  # seeded: the same weights
+        model = BalancedDataParallel(flow.torch(fuse=fuse).train(), flow, device_ids=[], explain=2)
+        reduced = model(x, y)
+        reduced["loss"].backward()
+        results.append((reduced, model.state_dict(), flow))
+    (plain, plain_sd, _), (fused, fused_sd, flow) = results
+    assert list(plain_sd) == list(fused_sd)  # the same checkpoint names
+    # one GEMM against one per head: another blocking of float32 dot products over 3 features
+    torch.testing.assert_close(fused["loss"], plain["loss"], rtol=1e-6, atol=1e-6)
+    for p, v in plain[PER_SAMPLE_LOSS].items():
+        torch.testing.assert_close(fused[PER_SAMPLE_LOSS][p], v, equal_nan=True, rtol=1e-6, atol=1e-6)
+    for k, v in plain[METRIC_STATES].items():
+        torch.testing.assert_close(fused[METRIC_STATES][k], v, rtol=1e-6, atol=1e-6)
+    group = flow.torch().fused_heads[0]
+    for i, path in enumerate(("gate", "value", "tags", "kind")):
+        torch.testing.assert_close(group.weight.grad[group.rows(i)], results[0][2].torch()._modules[path].weight.grad,
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_only_small_tensors_are_gathered():
@@ -264,9 +289,10 @@ def test_balanced_runner_trains_and_measures_as_the_plain_one(tmp_path, security
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_two_gpus_reduce_to_the_whole_batch():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_two_gpus_reduce_to_the_whole_batch(fuse):
     flow = _flow()
-    module = flow.torch().cuda().train()
+    module = flow.torch(fuse=fuse).cuda().train()
     x, y = _batch([1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1])
     to = lambda t: {k: to(v) for k, v in t.items()} if isinstance(t, dict) else t.cuda()  # noqa: E731
     x, y = to(x), to(y)
