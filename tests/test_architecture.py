@@ -22,7 +22,7 @@ LAYERS = {
     # 3 the user's front door over the graph
     "dsl": 3, "batches": 3, "inference": 3, "mixed": 3,
     # 4 data: tables, converters, projects, the synthetic story
-    "converters": 4, "datasets": 4, "project": 4, "story": 4, "demo": 4,
+    "converters": 4, "datasets": 4, "project": 4, "story": 4, "demo": 4, "synthetic": 4,
     # 4 deployment: export (reads the package version from __init__) and the self-contained runtime
     "deploy": 4,
     # 5 Catalyst adapters
