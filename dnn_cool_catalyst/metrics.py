@@ -47,6 +47,7 @@ shapes), one kernel gives every task's state increments as `(G, ...)` tensors, t
 from __future__ import annotations
 
 import abc
+import math
 from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Union
 
 import torch
@@ -108,6 +109,18 @@ class Metric(abc.ABC):
         error names the problem)."""
         return None
 
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        """Metrics with equal keys compute alike from stacked states (`compute_rows`); None (the
+        default): this metric computes only from its own states."""
+        return None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        """`compute()` of each row of stacked states `{state: (G, ...)}`, as a metric like this
+        one would compute it from that row alone (the same float64 operations: the same values);
+        for metrics with a `rows_key`."""
+        raise NotImplementedError(f"{type(self).__name__} computes from its own states only")
+
     def merge(self, other: Union["Metric", Mapping[str, Tensor]]) -> None:
         """Add the states of another instance of the same metric (another device, batch or rank),
         given as the instance or as its `states` dict."""
@@ -149,6 +162,13 @@ def _ratio(num: Tensor, den: Tensor, seen: Tensor) -> float:
         return float("nan")
     den_ = _float(den)
     return _float(num) / den_ if den_ > 0 else 0.0
+
+
+def _ratio_rows(num: Tensor, den: Tensor, scale: float) -> List[float]:
+    """`_ratio(num, den, den) * scale` of each row `(G,)`, with the same float64 operations."""
+    num, den = num.double(), den.double()
+    values = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), math.nan)
+    return (values * scale).tolist()
 
 
 def _zeros(*names: str, shape=()) -> States:
@@ -235,6 +255,19 @@ class BinaryConfusionMetric(Metric):
 
     def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
         return binary_counts(preds, targets, mask, groups=groups)
+
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        own = type(self).compute is BinaryConfusionMetric.compute  # a subclass computing otherwise: alone
+        return ("binary_confusion", self.kind) if own else None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        tp, fp, fn, tn = (states[k].double() for k in ("tp", "fp", "fn", "tn"))
+        n = tp + fp + fn + tn  # `binary_scores`, row by row
+        num, den = {"accuracy": (tp + tn, n), "precision": (tp, tp + fp), "recall": (tp, tp + fn),
+                    "f1_score": (2 * tp, 2 * tp + fp + fn)}[self.kind]
+        values = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+        return torch.where(n > 0, values, math.nan).tolist()
 
     def compute(self) -> float:
         s = self.states
@@ -359,6 +392,13 @@ class TopKAccuracy(Metric):
 
     def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
         return self._counts(preds, targets, mask, groups)
+
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        return "correct_ratio" if type(self).compute is TopKAccuracy.compute else None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        return _ratio_rows(states["correct"], states["count"], 1.0)
 
     def _counts(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: Optional[int]) -> States:
         t = targets.reshape(-1).long()
@@ -554,6 +594,13 @@ class MeanAbsoluteError(Metric):
 
     def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
         return self._sums(preds, targets, mask, groups)
+
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        return ("absolute_error", self.scale) if type(self).compute is MeanAbsoluteError.compute else None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        return _ratio_rows(states["abs_sum"], states["count"], self.scale)
 
     @staticmethod
     def _sums(preds: Tensor, targets: Tensor, mask: Tensor, groups: Optional[int]) -> States:

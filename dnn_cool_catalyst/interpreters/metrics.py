@@ -97,6 +97,12 @@ class StateStack:
         self._index: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
 
     @property
+    def stacked(self) -> Dict[str, Tensor]:
+        """The stacked states `{state: (G, ...)}` (rows in the order of `groups`); read them only
+        while `linked`."""
+        return self._storage
+
+    @property
     def linked(self) -> bool:
         """Whether every owner's states are still the rows of the stacked tensors."""
         if not self._storage:
@@ -342,7 +348,23 @@ class FlowMetrics:
         return {p: int(c) for p, c in self._counts.items()}
 
     def compute(self) -> Dict[str, float]:
-        return {tm.key: tm.metric.compute() for tm in self.metrics}
+        """`{"<path>/<metric>": value}`. Metrics of a stack whose states are still stacked compute
+        all their tasks' values at once (`Metric.compute_rows`: the same values)."""
+        values: Dict[int, float] = {}
+        for stack, groups in self._units:
+            if stack is None or not stack.linked:
+                continue
+            rows: Dict[Any, List[float]] = {}
+            for i, g in enumerate(groups):
+                for tm in g.members:
+                    key = tm.metric.rows_key
+                    if key is None:
+                        continue
+                    if key not in rows:
+                        rows[key] = tm.metric.compute_rows(stack.stacked)
+                    values[id(tm.metric)] = rows[key][i]
+        return {tm.key: values[id(tm.metric)] if id(tm.metric) in values else tm.metric.compute()
+                for tm in self.metrics}
 
     def per_class(self) -> List[Tuple[str, str, float, int]]:
         """Per-class results from the states, in flow order: `(path, "<kind>/<class>", value,
