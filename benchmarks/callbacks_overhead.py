@@ -26,6 +26,11 @@ relative to `none`'s median epoch: the direct cost.
 
     python benchmarks/callbacks_overhead.py                 # 1 thread, defaults below, about 3-4 minutes
     python benchmarks/callbacks_overhead.py --threads 2 --reps 3 --train 16384
+    python benchmarks/callbacks_overhead.py --tasks 256     # a generated flow (dnn_cool_catalyst.synthetic)
+
+`--tasks N` replaces the story's flow by `synthetic.generated_tasks(N)` (binary, bounded
+regression, 7-class and 5-label tasks with preconditions up to depth 3, some tasks labelled on
+10% of the samples) with `synthetic.generated_labels`.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from torch import nn
 from dnn_cool_catalyst.callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
 from dnn_cool_catalyst.runners import FlowRunner, FlowTensorboardLogger
 from dnn_cool_catalyst.story import security_labels, security_tasks
+from dnn_cool_catalyst.synthetic import generated_labels, generated_tasks
 
 CONFIGS = ("none", "metrics", "interpretation", "tuning", "all")
 CLOCK: Callable[[], float] = time.thread_time  # CPU time of the calling thread
@@ -147,7 +153,8 @@ class Timed(dl.CallbackWrapper):
 
 def build(args, seed: int = 0):
     torch.manual_seed(seed)
-    flow = security_tasks(features=args.features).get_full_flow()
+    tasks = generated_tasks(args.tasks, features=args.features) if args.tasks else security_tasks(features=args.features)
+    flow = tasks.get_full_flow()
     return flow, Backbone(flow.torch(), args.raw, args.features)
 
 
@@ -155,7 +162,10 @@ def make_data(args):
     rng = np.random.default_rng(0)
     n = args.train + args.valid
     inputs = {"raw": rng.normal(size=(n, args.raw)).astype(np.float32)}
-    labels = security_labels(n, seed=1)
+    if args.tasks:
+        labels = {k: v.numpy() for k, v in generated_labels(build(args)[0], n, seed=1).items()}
+    else:
+        labels = security_labels(n, seed=1)
     split = lambda v, s: {k: a[s] for k, a in v.items()}  # noqa: E731
     return ((split(inputs, slice(0, args.train)), split(labels, slice(0, args.train))),
             (split(inputs, slice(args.train, n)), split(labels, slice(args.train, n))))
@@ -256,6 +266,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=13, help="epochs per training (the first is left out)")
     parser.add_argument("--reps", type=int, default=3, help="trainings per configuration")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tasks", type=int, default=0, help="a generated flow of this many tasks (0: the story's 16)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = parser.parse_args()
     global CLOCK
@@ -275,7 +286,8 @@ def main() -> None:
                 inside[name] += r["inside"]
         order = order[1:] + order[:1]
     base_min, base_median = min(epochs["none"]), statistics.median(epochs["none"])
-    print(f"security flow (16 tasks), {args.train} train + {args.valid} valid samples, batch {args.batch}, "
+    workload = f"generated flow ({args.tasks} tasks)" if args.tasks else "security flow (16 tasks)"
+    print(f"{workload}, {args.train} train + {args.valid} valid samples, batch {args.batch}, "
           f"backbone {args.raw}->{args.features}, {args.threads} thread(s), {args.reps} runs x {args.epochs - 1} timed "
           f"epochs per configuration, taking turns epoch by epoch, {args.clock} time")
     print(f"{'configuration':<16}{'epoch min':>11}{'median':>9}{'min/none':>10}{'paired':>8}{'in callbacks':>14}"
