@@ -122,7 +122,8 @@ def kind_groups(leaves: Sequence[Tuple[str, Any]]) -> Tuple[Tuple[Tuple[int, ...
     positions of the others."""
     keyed: Dict[Any, List[int]] = {}
     for i, (_, task) in enumerate(leaves):
-        key = task.loss_group()
+        group = getattr(task, "loss_group", None)  # a duck-typed task without it: alone
+        key = group() if callable(group) else None
         if key is not None:
             keyed.setdefault(key, []).append(i)
     groups = tuple(tuple(ix) for ix in keyed.values() if len(ix) > 1)
