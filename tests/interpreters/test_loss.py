@@ -673,3 +673,19 @@ def test_bad_shape_in_a_group_names_the_task():
     labels = {"c1": torch.tensor([0, 3, 2, -1, 1]), "c2": torch.zeros(5, 2, dtype=torch.long)}
     with pytest.raises(dcc.LabelError, match=r"'c2'.*\(5, 4\).*\(5, 2\)"):
         flow.get_loss()(outputs, labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_out_of_range_class_index_on_cuda_first_batch_error_then_only_its_term_nan():
+    flow = _two_classifications()
+    loss_fn = flow.get_loss()
+    ones = torch.ones(3, dtype=torch.bool, device="cuda")
+    outputs = {"logits": {"c1": torch.randn(3, 4, device="cuda"), "c2": torch.randn(3, 4, device="cuda")},
+               "mask": {"c1": ones, "c2": ones}}
+    good = {"c1": torch.tensor([0, 3, 1], device="cuda"), "c2": torch.tensor([2, 1, 0], device="cuda")}
+    bad = {"c1": good["c1"], "c2": torch.tensor([2, 7, 0], device="cuda")}
+    with pytest.raises(dcc.LabelError, match=r"'c2': label 7 at sample 1 .* width 4"):
+        loss_fn(outputs, bad)  # the first batch: checked at once
+    assert torch.isfinite(loss_fn(outputs, good))
+    terms = loss_fn.terms(outputs, bad)  # later: no host sync, only c2's term is NaN
+    assert torch.isfinite(terms["c1"][0]) and torch.isnan(terms["c2"][0])
