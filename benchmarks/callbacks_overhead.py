@@ -35,6 +35,12 @@ are then `(1, s, s)` images (s*s = `--raw`, a square of at least 64) that the ba
 first (the same arithmetic), so `interpretation` also publishes its samples' images and the
 difference between the two is the cost of the heat maps; with "gradcam" every backbone starts with
 a 3x3 `nn.Conv2d(1, 1)` (GradCAM's layer).
+
+    python benchmarks/callbacks_overhead.py --tasks 256     # a generated flow (dnn_cool_catalyst.synthetic)
+
+`--tasks N` replaces the story's flow by `synthetic.generated_tasks(N)` (binary, bounded
+regression, 7-class and 5-label tasks with preconditions up to depth 3, some tasks labelled on
+10% of the samples) with `synthetic.generated_labels`.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ from torch import nn
 from dnn_cool_catalyst.callbacks import FlowMetricsCallback, InterpretationCallback, ThresholdTuningCallback
 from dnn_cool_catalyst.runners import FlowRunner, FlowTensorboardLogger
 from dnn_cool_catalyst.story import security_labels, security_tasks
+from dnn_cool_catalyst.synthetic import generated_labels, generated_tasks
 
 CONFIGS = ("none", "metrics", "interpretation", "tuning", "all")
 CLOCK: Callable[[], float] = time.thread_time  # CPU time of the calling thread
@@ -158,7 +165,8 @@ class Timed(dl.CallbackWrapper):
 
 def build(args, seed: int = 0):
     torch.manual_seed(seed)
-    flow = security_tasks(features=args.features).get_full_flow()
+    tasks = generated_tasks(args.tasks, features=args.features) if args.tasks else security_tasks(features=args.features)
+    flow = tasks.get_full_flow()
     return flow, Backbone(flow.torch(), args.raw, args.features, conv=args.attribution == "gradcam")
 
 
@@ -171,7 +179,10 @@ def make_data(args):
         if side * side != args.raw or side < 8:
             raise SystemExit(f"--attribution needs --raw to be a square of at least 64 (images s x s), got {args.raw}")
         inputs["raw"] = inputs["raw"].reshape(n, 1, side, side)
-    labels = security_labels(n, seed=1)
+    if args.tasks:
+        labels = {k: v.numpy() for k, v in generated_labels(build(args)[0], n, seed=1).items()}
+    else:
+        labels = security_labels(n, seed=1)
     split = lambda v, s: {k: a[s] for k, a in v.items()}  # noqa: E731
     return ((split(inputs, slice(0, args.train)), split(labels, slice(0, args.train))),
             (split(inputs, slice(args.train, n)), split(labels, slice(args.train, n))))
@@ -274,6 +285,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=13, help="epochs per training (the first is left out)")
     parser.add_argument("--reps", type=int, default=3, help="trainings per configuration")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tasks", type=int, default=0, help="a generated flow of this many tasks (0: the story's 16)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--attribution", choices=("saliency", "integrated_gradients", "gradcam"), default=None,
                         help="add the configuration `attribution` (InterpretationCallback with heat maps)")
@@ -298,7 +310,8 @@ def main() -> None:
                 inside[name] += r["inside"]
         order = order[1:] + order[:1]
     base_min, base_median = min(epochs["none"]), statistics.median(epochs["none"])
-    print(f"security flow (16 tasks), {args.train} train + {args.valid} valid samples, batch {args.batch}, "
+    workload = f"generated flow ({args.tasks} tasks)" if args.tasks else "security flow (16 tasks)"
+    print(f"{workload}, {args.train} train + {args.valid} valid samples, batch {args.batch}, "
           f"backbone {args.raw}->{args.features}, {args.threads} thread(s), {args.reps} runs x {args.epochs - 1} timed "
           f"epochs per configuration, taking turns epoch by epoch, {args.clock} time")
     print(f"{'configuration':<16}{'epoch min':>11}{'median':>9}{'min/none':>10}{'paired':>8}{'in callbacks':>14}"

@@ -36,6 +36,17 @@ def selected_sum_count(elem_loss: Tensor, selected: Tensor) -> Tuple[Tensor, Ten
     return s, selected.sum(dtype=acc)
 
 
+def grouped_sum_count(elem_loss: Tensor, selected: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
+    """`selected_sum_count` of each of `groups` equal blocks along the first dimension: the element
+    losses of several tasks joined with `torch.cat` (task-major), `(groups,)` sums and counts in
+    `accumulation_dtype`. Each block's sum adds the same elements as its own `selected_sum_count`
+    (the order of the additions may differ: equal up to float rounding)."""
+    acc = accumulation_dtype(elem_loss.dtype)
+    shape = (groups, selected.numel() // groups)  # not -1: an empty batch has blocks of 0 elements
+    s = torch.where(selected, elem_loss.to(acc), 0.0).reshape(shape).sum(1)
+    return s, selected.reshape(shape).sum(1, dtype=acc)
+
+
 def masked_sum_count(elem_loss: Tensor, available: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
     """Sum of `elem_loss` over available elements of masked samples, and their count
     (`selected_sum_count` on `available & mask`).

@@ -38,10 +38,16 @@ precision, recall and F1 all count one confusion matrix; the two mean absolute e
 regression task one sum of errors). A collection of one task's metrics (`FlowMetrics`) then
 updates one of them and lets the others read its states (`share_states`), so that the counting is
 done once; used on its own, every metric keeps its own states as before.
+
+The common kinds' metrics also count several tasks at once (`Metric.stacked_increments`): given
+the predictions, labels and masks of `G` tasks joined along the samples (`torch.cat`, equal
+shapes), one kernel gives every task's state increments as `(G, ...)` tensors, the same counts as
+`G` calls of `update`. `FlowMetrics` keeps such tasks' states stacked (`StateStack`).
 """
 from __future__ import annotations
 
 import abc
+import math
 from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Union
 
 import torch
@@ -95,6 +101,26 @@ class Metric(abc.ABC):
     def compute(self) -> float:
         """The metric over everything seen since the last reset (NaN when nothing was seen)."""
 
+    def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
+        """What `update` would add to the states of each of `groups` metrics like this one (equal
+        `state_key`), for their tasks' batches joined along the first dimension (task-major, equal
+        blocks): `{state: (groups, *state shape)}`; None (the default) when the metric has no such
+        kernel, or cannot count these inputs together (they are then updated one by one, where an
+        error names the problem)."""
+        return None
+
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        """Metrics with equal keys compute alike from stacked states (`compute_rows`); None (the
+        default): this metric computes only from its own states."""
+        return None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        """`compute()` of each row of stacked states `{state: (G, ...)}`, as a metric like this
+        one would compute it from that row alone (the same float64 operations: the same values);
+        for metrics with a `rows_key`."""
+        raise NotImplementedError(f"{type(self).__name__} computes from its own states only")
+
     def merge(self, other: Union["Metric", Mapping[str, Tensor]]) -> None:
         """Add the states of another instance of the same metric (another device, batch or rank),
         given as the instance or as its `states` dict."""
@@ -138,6 +164,13 @@ def _ratio(num: Tensor, den: Tensor, seen: Tensor) -> float:
     return _float(num) / den_ if den_ > 0 else 0.0
 
 
+def _ratio_rows(num: Tensor, den: Tensor, scale: float) -> List[float]:
+    """`_ratio(num, den, den) * scale` of each row `(G,)`, with the same float64 operations."""
+    num, den = num.double(), den.double()
+    values = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), math.nan)
+    return (values * scale).tolist()
+
+
 def _zeros(*names: str, shape=()) -> States:
     return {n: torch.zeros(shape, dtype=torch.float64) for n in names}
 
@@ -145,20 +178,34 @@ def _zeros(*names: str, shape=()) -> States:
 # Binary decisions (binary tasks, multilabel elements) ---------------------------------------------------------
 
 
-def binary_counts(preds: Tensor, targets: Tensor, mask: Tensor, per_class: bool = False) -> Dict[str, Tensor]:
+def per_group(values: Tensor, groups: Optional[int], per_class: bool = False) -> Tensor:
+    """The sum of `values` (element shape, first dimension the samples): over everything, or per
+    index of the last dimension (`per_class`); with `groups`, separately for each of that many
+    equal blocks of samples (tasks joined with `torch.cat`), `(groups,)` or `(groups, C)`."""
+    if groups is None:
+        return values.sum(tuple(range(values.dim() - 1)) if per_class else ())
+    if per_class:
+        c = values.shape[-1]
+        return values.reshape(groups, values.numel() // (groups * c) if c else 0, c).sum(1)
+    return values.reshape(groups, values.numel() // groups).sum(1)
+
+
+def binary_counts(preds: Tensor, targets: Tensor, mask: Tensor, per_class: bool = False,
+                  groups: Optional[int] = None) -> Dict[str, Tensor]:
     """`tp, fp, fn, tn` of boolean decisions `preds` against 0/1/NaN `targets` (same element shape,
     `(N,)` labels also accept `(N, 1)` predictions) over the available elements of masked samples;
-    `per_class`: one count per index of the last dimension (multilabel classes) instead of one in all."""
+    `per_class`: one count per index of the last dimension (multilabel classes) instead of one in
+    all; `groups`: counted per task of that many joined ones (`per_group`)."""
     if preds.shape != targets.shape:
         preds = preds.reshape(targets.shape)
     w = ~torch.isnan(targets) & expand_mask(mask, targets)
     p = preds.bool()
     pos = (targets > 0.5) & w
     neg = (targets <= 0.5) & w  # NaN compares false: missing elements are in neither
-    dims = tuple(range(targets.dim() - 1)) if per_class else ()
-    tp = (p & pos).sum(dims)
-    fp = (p & neg).sum(dims)
-    return {"tp": tp, "fp": fp, "fn": pos.sum(dims) - tp, "tn": neg.sum(dims) - fp}
+    tp = per_group(p & pos, groups, per_class)
+    fp = per_group(p & neg, groups, per_class)
+    return {"tp": tp, "fp": fp, "fn": per_group(pos, groups, per_class) - tp,
+            "tn": per_group(neg, groups, per_class) - fp}
 
 
 def binary_scores(tp, fp, fn, tn, kind: str):
@@ -205,6 +252,22 @@ class BinaryConfusionMetric(Metric):
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
         self._add(**binary_counts(preds, targets, mask))
+
+    def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
+        return binary_counts(preds, targets, mask, groups=groups)
+
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        own = type(self).compute is BinaryConfusionMetric.compute  # a subclass computing otherwise: alone
+        return ("binary_confusion", self.kind) if own else None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        tp, fp, fn, tn = (states[k].double() for k in ("tp", "fp", "fn", "tn"))
+        n = tp + fp + fn + tn  # `binary_scores`, row by row
+        num, den = {"accuracy": (tp + tn, n), "precision": (tp, tp + fp), "recall": (tp, tp + fn),
+                    "f1_score": (2 * tp, 2 * tp + fp + fn)}[self.kind]
+        values = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+        return torch.where(n > 0, values, math.nan).tolist()
 
     def compute(self) -> float:
         s = self.states
@@ -268,6 +331,11 @@ class MultilabelConfusionMetric(BinaryConfusionMetric):
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
         self._add(**binary_counts(preds, targets, mask, per_class=True))
 
+    def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
+        if targets.dim() < 2:
+            return None
+        return binary_counts(preds, targets, mask, per_class=True, groups=groups)
+
     def compute(self) -> float:
         s = self.states
         if self.kind == "accuracy" or self.average == "micro" or s["tp"].dim() == 0:
@@ -320,10 +388,23 @@ class TopKAccuracy(Metric):
         return ("top_k_accuracy", self.k)
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
+        self._add(**self._counts(preds, targets, mask, None))
+
+    def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
+        return self._counts(preds, targets, mask, groups)
+
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        return "correct_ratio" if type(self).compute is TopKAccuracy.compute else None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        return _ratio_rows(states["correct"], states["count"], 1.0)
+
+    def _counts(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: Optional[int]) -> States:
         t = targets.reshape(-1).long()
         w = (t >= 0) & mask.reshape(-1)
         hit = (preds[..., : self.k] == t.unsqueeze(-1)).any(-1) & w
-        self._add(correct=hit.sum(), count=w.sum())
+        return {"correct": per_group(hit, groups), "count": per_group(w, groups)}
 
     def compute(self) -> float:
         return _ratio(self.states["correct"], self.states["count"], self.states["count"])
@@ -339,6 +420,22 @@ def confusion_matrix(top1: Tensor, targets: Tensor, mask: Tensor, num_classes: i
         raise ValueError(f"class index out of range for {num_classes} classes "
                          f"(largest label {int(t[w].max())}, largest prediction {int(top1.reshape(-1)[w].max())})")
     return counts.reshape(num_classes, num_classes)
+
+
+def confusion_matrices(top1: Tensor, targets: Tensor, mask: Tensor, num_classes: int, groups: int) -> Optional[Tensor]:
+    """`confusion_matrix` of each of `groups` tasks joined along the samples, `(groups, C, C)`, with
+    one `bincount`; None when a label or prediction of a counted sample is outside `[0, C)` (it
+    would land in another task's matrix: counted one by one instead, where `confusion_matrix`
+    raises)."""
+    t = targets.reshape(-1).long()
+    p = top1.reshape(-1).long()
+    w = (t >= 0) & mask.reshape(-1)
+    cc = num_classes * num_classes
+    if bool((w & ((torch.maximum(t, p) >= num_classes) | (p < 0))).any()):  # one host sync, as bincount's own
+        return None
+    task = torch.arange(groups, device=t.device).repeat_interleave(t.shape[0] // groups)
+    idx = task * cc + t.clamp_min(0) * num_classes + p
+    return torch.bincount(idx[w], minlength=groups * cc).reshape(groups, num_classes, num_classes)
 
 
 AVERAGES = ("macro", "micro", "weighted")
@@ -429,6 +526,14 @@ class ConfusionMatrixMetric(Metric):
         top1 = preds[..., 0] if preds.dim() >= 2 else preds
         self._add(matrix=confusion_matrix(top1, targets, mask, c))
 
+    def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
+        c = self.states["matrix"].shape[0] or (preds.shape[-1] if preds.dim() >= 2 else 0)
+        if c == 0:
+            return None
+        top1 = preds[..., 0] if preds.dim() >= 2 else preds
+        matrices = confusion_matrices(top1, targets, mask, c, groups)
+        return None if matrices is None else {"matrix": matrices}
+
     def merge(self, other: Union[Metric, Mapping[str, Tensor]]) -> None:
         states = other.states if isinstance(other, Metric) else other
         a, b = self.states["matrix"], states["matrix"].to(self.states["matrix"].device, torch.float64)
@@ -485,11 +590,25 @@ class MeanAbsoluteError(Metric):
         return "absolute_error"  # `scale` only enters `compute`
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
+        self._add(**self._sums(preds, targets, mask, None))
+
+    def stacked_increments(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: int) -> Optional[States]:
+        return self._sums(preds, targets, mask, groups)
+
+    @property
+    def rows_key(self) -> Optional[Hashable]:
+        return ("absolute_error", self.scale) if type(self).compute is MeanAbsoluteError.compute else None
+
+    def compute_rows(self, states: Mapping[str, Tensor]) -> List[float]:
+        return _ratio_rows(states["abs_sum"], states["count"], self.scale)
+
+    @staticmethod
+    def _sums(preds: Tensor, targets: Tensor, mask: Tensor, groups: Optional[int]) -> States:
         t = targets.reshape(-1)
         p = preds.reshape(-1)
         w = ~torch.isnan(t) & mask.reshape(-1)
         err = torch.where(w, (p.double() - torch.nan_to_num(t).double()).abs(), torch.zeros((), dtype=torch.float64, device=t.device))
-        self._add(abs_sum=err.sum(), count=w.sum())
+        return {"abs_sum": per_group(err, groups), "count": per_group(w, groups)}
 
     def compute(self) -> float:
         return _ratio(self.states["abs_sum"], self.states["count"], self.states["count"]) * self.scale

@@ -101,6 +101,7 @@ class FlowMetricsCallback(Callback):
         self._weights: Dict[str, float] = {}
         self._metrics: Any = None
         self._groups: Dict[str, Any] = {}
+        self._decoded_paths: Set[str] = set()  # tasks with metrics of decoded predictions
         self._tunable: Set[str] = set()
         self._binary: Set[str] = set()
         self._curved: Set[str] = set()
@@ -138,6 +139,7 @@ class FlowMetricsCallback(Callback):
         self._weights = self._loss.weights
         self._metrics = self._flow.get_metrics()
         self._groups = self._metrics.groups_by_path  # metrics counting the same states are updated once
+        self._decoded_paths = {p for p, groups in self._groups.items() if any(g.uses != "activated" for g in groups)}
         self._tunable = {leaf.path for leaf in self._leaves if leaf.task.decoder.params()}
         self._binary = {leaf.path for leaf in self._leaves if leaf.task.can_condition}
         # PR curves: binary tasks, and per class the thresholded tasks with several classes (multilabel)
@@ -324,24 +326,20 @@ class FlowMetricsCallback(Callback):
         chunk = self._buffer.take()
         activated, logits, decoded = chunk.get(ACTIVATED), chunk.get(LOGITS), chunk.get(DECODED) or {}
         sources = self._source_rows(chunk[SOURCE][SOURCE]) if SOURCE in chunk else ()
+        acts: Dict[str, Tensor] = {}
+        decs: Dict[str, Tensor] = {}
         for leaf in self._leaves:
             p = leaf.path
             a = activated[p] if activated is not None else leaf.task.activate(logits[p])
-            y, m = chunk["targets"][p], chunk[MASK][p]
-            d = decoded.get(p)
-            for i, g in enumerate(self._groups[p]):
-                if g.uses == "activated":
-                    preds = a
-                elif p not in self._defer:
-                    if d is None:
-                        d = leaf.task.decode(a)
-                    preds = d
-                else:
-                    continue
-                g.update(preds, y, m)
-                for labelled, metrics, rows in sources:
-                    if p in labelled:  # the same group of the source's own metrics, on its rows only
-                        metrics.groups_by_path[p][i].update(preds, y, m.reshape(-1) & rows)
+            acts[p] = a
+            if p not in self._defer and p in self._decoded_paths:
+                d = decoded.get(p)
+                decs[p] = leaf.task.decode(a) if d is None else d
+        predictions = {ACTIVATED: acts, DECODED: decs}  # decoded metrics of deferred tasks wait
+        targets, masks = chunk["targets"], chunk[MASK]
+        self._metrics.update_states(predictions, targets, masks)  # one kernel per kind (StateStack)
+        for labelled, metrics, rows in sources:  # the source's own metrics, on its rows only
+            metrics.update_states(predictions, targets, {p: masks[p].reshape(-1) & rows for p in labelled}, labelled)
 
     def _source_rows(self, src: Tensor) -> List[Tuple[frozenset, Any, Tensor]]:
         """`(labelled paths, metrics, rows (N,) bool)` of each source, for a chunk's `X["source"]`."""
@@ -369,16 +367,16 @@ class FlowMetricsCallback(Callback):
         self._reduce_across_processes(runner)
         kept = self._shared.outputs() if self._keep else {}
         sources = self._deferred_source_rows(kept)
-        for leaf in self._leaves:
-            if leaf.path in self._defer and leaf.path in kept:
-                a, y, m = kept[leaf.path]
-                d = leaf.task.decode(a)  # with the decoder as it is now: thresholds tuned on this loader apply
-                for i, g in enumerate(self._groups[leaf.path]):
-                    if g.uses != "activated":
-                        g.update(d, y, m)
-                        for labelled, metrics, rows in sources:
-                            if leaf.path in labelled:
-                                metrics.groups_by_path[leaf.path][i].update(d, y, m.reshape(-1) & rows)
+        deferred = [leaf for leaf in self._leaves if leaf.path in self._defer and leaf.path in kept]
+        if deferred:
+            # with the decoders as they are now: thresholds tuned on this loader apply
+            decs = {leaf.path: leaf.task.decode(kept[leaf.path][0]) for leaf in deferred}
+            targets = {p: kept[p][1] for p in decs}
+            masks = {p: kept[p][2] for p in decs}
+            self._metrics.update_states({DECODED: decs}, targets, masks)
+            for labelled, metrics, rows in sources:
+                paths = labelled & decs.keys()
+                metrics.update_states({DECODED: decs}, targets, {p: masks[p].reshape(-1) & rows for p in paths}, paths)
         metrics: Dict[str, float] = {}
         if self._sums is not None:
             for p, s, c in zip(self._paths, self._sums.tolist(), self._counts.tolist()):

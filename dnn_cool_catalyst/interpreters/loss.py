@@ -20,6 +20,12 @@ batch on one process, however unevenly each task's samples fall on the ranks (a 
 samples of a task contributes 0 for it). Every head is in every rank's graph (masked, not
 indexed), so DDP needs no `find_unused_parameters`.
 
+Tasks of one kind are computed together (`ITask.loss_group`): the logits, labels and masks of,
+e.g., all binary tasks joined along the sample dimension, one element loss and one masked sum per
+group instead of one per task (`kind_groups`, `grouped_sum_count`). Each task's `(sum, count)`
+adds exactly the elements its own computation would (sums equal up to the order of float
+additions, counts exactly), so DDP scaling, balancing and the metrics see the same terms.
+
 `flow.get_loss(balancer=b)` gives a `BalancedFlowLoss`: the per-task means of the global batch
 (`global_means`) are combined by a `dnn_cool_catalyst.balancing` method instead of summed; tasks
 with an empty `S_t` take no part in the step. Without a balancer nothing of that runs.
@@ -44,7 +50,7 @@ from .. import distributed
 from ..balancing.base import present_index
 from ..balancing.gradient import GradientBalancer, split_like, task_gradients
 from ..errors import LabelError, capped
-from ..functional import expand_mask, per_sample_masked, selected_sum_count, where_selected
+from ..functional import expand_mask, grouped_sum_count, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
 from ..keys import LOGITS, MASK
 from ..tasks.base import label_position
@@ -110,6 +116,32 @@ def global_stacked(stacked: Tensor, group: Any = None) -> Tensor:
     return torch.stack([stacked[:, 0] * world, counts.to(stacked.dtype)], dim=1)
 
 
+def kind_groups(leaves: Sequence[Tuple[str, Any]]) -> Tuple[Tuple[Tuple[int, ...], ...], Tuple[int, ...]]:
+    """`(groups, alone)`: the positions in `leaves` (`(path, task)` pairs) of tasks that share a
+    `loss_group` key with at least one other task, one tuple per key in flow order, and the
+    positions of the others."""
+    keyed: Dict[Any, List[int]] = {}
+    for i, (_, task) in enumerate(leaves):
+        group = getattr(task, "loss_group", None)  # a duck-typed task without it: alone
+        key = group() if callable(group) else None
+        if key is not None:
+            keyed.setdefault(key, []).append(i)
+    groups = tuple(tuple(ix) for ix in keyed.values() if len(ix) > 1)
+    grouped = {i for ix in groups for i in ix}
+    return groups, tuple(i for i in range(len(leaves)) if i not in grouped)
+
+
+def _joinable(z: Tensor, y: Tensor, m: Tensor) -> Optional[Tuple[Any, ...]]:
+    """What must be equal for tasks of one loss group to be joined along the samples (shapes,
+    dtypes, devices: a different dtype would be promoted by `torch.cat` and change the task's
+    loss); None when the tensors do not have one row per sample (computed alone, where a bad
+    shape gets its error naming the task)."""
+    if z.dim() == 0 or y.dim() == 0 or m.dim() != 1 or m.dtype != torch.bool or not (
+            z.shape[0] == y.shape[0] == m.shape[0]):
+        return None
+    return z.shape, y.shape, z.dtype, y.dtype, z.device, y.device, m.device
+
+
 class FlowLoss(nn.Module):
     """`loss(outputs, targets) -> scalar`; `outputs` as returned by `flow.torch()`.
 
@@ -122,43 +154,159 @@ class FlowLoss(nn.Module):
     so every rank must call the loss equally often, as DDP's backward requires anyway). The value
     on one rank is then that rank's estimate of the global loss (their mean over ranks is exact).
     `distributed=False` keeps each rank's own masked means.
+
+    `by_kind` (default True): compute the tasks of each loss group together (module docstring);
+    False computes every task alone (the same terms, one computation per task). Which tasks form a
+    group is decided when the loss is built.
     """
 
-    def __init__(self, graph: FlowGraph, distributed: bool = True):
+    def __init__(self, graph: FlowGraph, distributed: bool = True, by_kind: bool = True):
         super().__init__()
         self.graph = graph
         self.distributed = bool(distributed)
         self._leaves = tuple((leaf.path, leaf.task) for leaf in graph.leaves)
+        self.paths: Tuple[str, ...] = tuple(path for path, _ in self._leaves)
+        self._groups, self._alone = kind_groups(self._leaves) if by_kind else ((), tuple(range(len(self._leaves))))
         self._bounds_checked: set = set()  # paths whose labels were checked synchronously once
+        self._orders: Dict[Tuple[Any, ...], Tensor] = {}  # row permutations into flow order, per device
 
     def terms(self, outputs: Mapping[str, Mapping[str, Tensor]], targets: Mapping[str, Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
         """`{path: (sum, count)}` of each task's element losses over `S_t`, in at least float32.
 
         Logits and labels outside `S_t` never reach the sums, whatever they are (inf, NaN), and
         the gradient of those logits is exactly 0. Class-index labels are checked against the
-        logits' width first (`check_label_bounds`)."""
+        logits' width first (`check_label_bounds`). The pairs are rows of `stacked_terms`."""
+        stacked, paths = self.stacked_terms(outputs, targets)
+        return {p: (row[0], row[1]) for p, row in zip(paths, stacked.unbind(0))}
+
+    def stacked_terms(self, outputs: Mapping[str, Mapping[str, Tensor]],
+                      targets: Mapping[str, Tensor]) -> Tuple[Tensor, Tuple[str, ...]]:
+        """`(stack_terms(terms), paths)`: the terms as `(tasks, 2)` rows, computed per loss group
+        (module docstring) and put in flow order (`self.paths`) with one permutation. A subclass
+        that overrides `terms` gets its terms stacked instead."""
+        if type(self).terms is not FlowLoss.terms:
+            terms = self.terms(outputs, targets)
+            return stack_terms(terms), tuple(terms)
         logits, masks = outputs[LOGITS], outputs[MASK]
-        result = {}
-        for path, task in self._leaves:
-            y = _labels(targets, path, self.graph)
-            z = logits[path]
-            bad_index = self._label_bound_guard(path, task, z, y)
+        blocks: List[Tensor] = []
+        order: List[int] = []
+        alone: List[int] = list(self._alone)
+        for group in self._groups:
+            for members, block in self._group_terms(group, logits, masks, targets):
+                if block is None:
+                    alone += members
+                else:
+                    blocks.append(block)
+                    order += members
+        if alone:
+            pairs = [self._task_terms(i, logits, masks, targets) for i in alone]
+            blocks.append(torch.stack([t for pair in pairs for t in pair]).reshape(len(alone), 2))
+            order += alone
+        if not blocks:
+            return torch.zeros((0, 2)), ()
+        stacked = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        return self._in_flow_order(stacked, order), self.paths
+
+    def _in_flow_order(self, stacked: Tensor, order: List[int]) -> Tensor:
+        """`stacked` (rows for the leaves `order`) permuted into flow order."""
+        if all(i == k for k, i in enumerate(order)):
+            return stacked
+        key = (tuple(order), stacked.device)
+        index = self._orders.get(key)
+        if index is None:
+            inverse = [0] * len(order)
+            for row, i in enumerate(order):
+                inverse[i] = row
+            index = self._orders[key] = torch.tensor(inverse, device=stacked.device)
+        return stacked.index_select(0, index)
+
+    def _task_terms(self, i: int, logits: Mapping[str, Tensor], masks: Mapping[str, Tensor],
+                    targets: Mapping[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """`(sum, count)` of the task at position `i`, computed alone."""
+        path, task = self._leaves[i]
+        y = _labels(targets, path, self.graph)
+        z = logits[path]
+        bad_index = self._label_bound_guard(path, task, z, y)
+        try:
+            avail = task.available(y)
+            mask = masks[path]
+            selected = avail & expand_mask(mask, avail)
+            if z.requires_grad:
+                # the backward of an element loss at an excluded non-finite logit (or label) is
+                # NaN, and NaN * 0 is NaN: this `where`'s backward drops it (and its forward
+                # gives the loss finite logits there)
+                z = where_selected(z, selected, mask, 0.0)
+            s, c = selected_sum_count(task.elementwise_loss(z, y), selected)
+        except (RuntimeError, ValueError) as e:
+            raise _shape_error(path, z, y, e) from e
+        if bad_index is not None:  # an out-of-range label makes the term NaN, never a silent clamp
+            s = torch.where(bad_index, math.nan, s)
+        return s, c
+
+    def _group_terms(self, group: Sequence[int], logits: Mapping[str, Tensor], masks: Mapping[str, Tensor],
+                     targets: Mapping[str, Tensor]) -> List[Tuple[List[int], Optional[Tensor]]]:
+        """The terms of one loss group: `[(positions, (k, 2) rows or None)]`, one entry per set of
+        members whose tensors can be joined (`_joinable`); None for a set of one, or one whose
+        joined computation failed (computed alone then, where the error names the task)."""
+        sets: Dict[Any, List[int]] = {}
+        parts: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {}
+        result: List[Tuple[List[int], Optional[Tensor]]] = []
+        for i in group:
+            path = self._leaves[i][0]
+            z, y, m = logits[path], _labels(targets, path, self.graph), masks[path]
+            key = _joinable(z, y, m)
+            if key is None:
+                result.append(([i], None))
+                continue
+            sets.setdefault(key, []).append(i)
+            parts[i] = z, y, m
+        for members in sets.values():
+            if len(members) == 1:
+                result.append((members, None))
+                continue
             try:
-                avail = task.available(y)
-                mask = masks[path]
-                selected = avail & expand_mask(mask, avail)
-                if z.requires_grad:
-                    # the backward of an element loss at an excluded non-finite logit (or label) is
-                    # NaN, and NaN * 0 is NaN: this `where`'s backward drops it (and its forward
-                    # gives the loss finite logits there)
-                    z = where_selected(z, selected, mask, 0.0)
-                s, c = selected_sum_count(task.elementwise_loss(z, y), selected)
-            except (RuntimeError, ValueError) as e:
-                raise _shape_error(path, z, y, e) from e
-            if bad_index is not None:  # an out-of-range label makes the term NaN, never a silent clamp
-                s = torch.where(bad_index, math.nan, s)
-            result[path] = (s, c)
+                block = self._joined_terms(members, [parts[i] for i in members])
+            except LabelError:
+                raise
+            except (RuntimeError, ValueError):
+                block = None  # each task alone gives the error that names it
+            result.append((members, block))
         return result
+
+    def _joined_terms(self, members: Sequence[int], parts: Sequence[Tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        """`(k, 2)` terms of `members` computed at once on their joined logits, labels and masks:
+        the computation of `_task_terms` on `torch.cat`, summed per task (`grouped_sum_count`)."""
+        task = self._leaves[members[0]][1]
+        z = torch.cat([p[0] for p in parts])
+        y = torch.cat([p[1] for p in parts])
+        mask = torch.cat([p[2] for p in parts])
+        bad_index = self._joined_bound_guard(members, task, z, y, [p[1] for p in parts])
+        avail = task.available(y)
+        selected = avail & expand_mask(mask, avail)
+        if z.requires_grad:  # as in `_task_terms`
+            z = where_selected(z, selected, mask, 0.0)
+        sums, counts = grouped_sum_count(task.elementwise_loss(z, y), selected, len(members))
+        if bad_index is not None:
+            sums = torch.where(bad_index, math.nan, sums)
+        return torch.stack([sums, counts], dim=1)
+
+    def _joined_bound_guard(self, members: Sequence[int], task: Any, z: Tensor, y: Tensor,
+                            labels: Sequence[Tensor]) -> Optional[Tensor]:
+        """`_label_bound_guard` for joined tasks: one `amax` for all of them; on error (or on an
+        accelerator after the first batch, per task: `(k,)` flags that poison the terms) each task's
+        own labels are looked at, so the `LabelError` names the task and the position in its labels."""
+        bound = task.label_bound(z)
+        if bound is None or y.numel() == 0:
+            return None
+        paths = [self._leaves[i][0] for i in members]
+        if not _compiling() and (y.device.type == "cpu" or any(p not in self._bounds_checked for p in paths)):
+            if int(y.amax()) >= bound:
+                for path, labels_ in zip(paths, labels):
+                    if labels_.numel():
+                        check_label_bounds(path, labels_, bound)
+            self._bounds_checked.update(paths)
+            return None
+        return y.reshape(len(members), -1).amax(1) >= bound
 
     def _label_bound_guard(self, path: str, task: Any, z: Tensor, y: Tensor) -> Optional[Tensor]:
         """Check the labels of a class-index task against the logits' width: at once (an error)
@@ -225,10 +373,13 @@ class FlowLoss(nn.Module):
     def forward(self, outputs, targets, return_terms: bool = False):
         """The flow loss; with `return_terms=True` also `{path: detached mean loss}` for logging
         (this rank's own masked means)."""
-        terms = self.terms(outputs, targets)
-        total = self.from_terms(terms)
+        stacked, paths = self.stacked_terms(outputs, targets)
+        if not paths:
+            return (None, {}) if return_terms else None
+        total = self.from_stacked(stacked, paths)
         if return_terms:
-            return total, {p: (s / c.clamp_min(1)).detach() for p, (s, c) in terms.items()}
+            means = (stacked[:, 0] / stacked[:, 1].clamp_min(1)).detach()
+            return total, dict(zip(paths, means.unbind()))
         return total
 
     def backward(self, outputs, targets, shared_parameters: Optional[Iterable[Tensor]] = None) -> Tensor:
@@ -320,8 +471,8 @@ class BalancedFlowLoss(FlowLoss):
     forward hooks on the flow's heads (`HeadInputs`) that keep what each head read; only then.
     """
 
-    def __init__(self, graph: FlowGraph, balancer: nn.Module, distributed: bool = True):
-        super().__init__(graph, distributed=distributed)
+    def __init__(self, graph: FlowGraph, balancer: nn.Module, distributed: bool = True, by_kind: bool = True):
+        super().__init__(graph, distributed=distributed, by_kind=by_kind)
         if not callable(getattr(balancer, "bind", None)) or not isinstance(balancer, nn.Module):
             raise TypeError(f"balancer must be a dnn_cool_catalyst.balancing.Balancer (e.g. "
                             f"balancing.UncertaintyWeighting()), got {type(balancer).__name__}")
@@ -354,10 +505,11 @@ class BalancedFlowLoss(FlowLoss):
     def shared_parameters(self, parameters: Optional[Iterable[Tensor]]) -> None:
         self._shared = None if parameters is None else _trainable(parameters)
 
-    def terms(self, outputs, targets):
-        """`FlowLoss.terms`; with a representation-variant gradient method it also notes this
-        step's logits, to find the inputs of the head calls that produced them."""
-        result = super().terms(outputs, targets)
+    def stacked_terms(self, outputs, targets):
+        """`FlowLoss.stacked_terms` (which `terms` reads); with a representation-variant gradient
+        method it also notes this step's logits, to find the inputs of the head calls that
+        produced them."""
+        result = super().stacked_terms(outputs, targets)
         if self._heads is not None:
             self._step_logits = dict(outputs[LOGITS])
         return result
@@ -499,29 +651,68 @@ class FlowPerSampleLoss:
 
     A task's value is the mean loss over the sample's available elements, NaN where the sample is
     outside `S_t`; `"overall"` is the weighted sum with those NaNs counted as 0 (left out with
-    `overall=False`, for callers that only rank the tasks' own losses).
+    `overall=False`, for callers that only rank the tasks' own losses). Tasks of one loss group
+    (`ITask.loss_group`) are computed together, as in `FlowLoss` (`by_kind=False`: each alone).
     """
 
-    def __init__(self, graph: FlowGraph):
+    def __init__(self, graph: FlowGraph, by_kind: bool = True):
         self.graph = graph
         self._leaves = tuple((leaf.path, leaf.task) for leaf in graph.leaves)
+        self._groups = kind_groups(self._leaves)[0] if by_kind else ()
 
     def __call__(self, outputs, targets, overall: bool = True) -> Dict[str, Tensor]:
         logits, masks = outputs[LOGITS], outputs[MASK]
-        result: Dict[str, Tensor] = {}
-        total = None
-        for path, task in self._leaves:
+        values: Dict[int, Tensor] = {}
+        totals: List[Tensor] = []
+        for group in self._groups:
+            sets: Dict[Any, List[int]] = {}
+            for i in group:
+                path = self._leaves[i][0]
+                key = _joinable(logits[path], _labels(targets, path, self.graph), masks[path])
+                if key is not None:
+                    sets.setdefault(key, []).append(i)
+            for members in sets.values():
+                if len(members) > 1:
+                    self._joined(members, logits, masks, targets, values, totals if overall else None)
+        for i, (path, task) in enumerate(self._leaves):
+            if i in values:
+                continue
             y = _labels(targets, path, self.graph)
             z = logits[path]
             try:
                 ps = per_sample_masked(task.sample_loss(z, y).reshape(-1), masks[path])
             except (RuntimeError, ValueError) as e:
                 raise _shape_error(path, z, y, e) from e
-            result[path] = ps
+            values[i] = ps
             if overall:
                 # NaN (outside S_t, or no available element) counts 0; an infinite loss stays infinite
-                term = float(task.weight) * torch.where(torch.isnan(ps), 0.0, ps)
-                total = term if total is None else total + term
+                totals.append(float(task.weight) * torch.where(torch.isnan(ps), 0.0, ps))
+        result = {path: values[i] for i, (path, _) in enumerate(self._leaves)}
         if overall:
+            total = totals[0] if totals else None
+            for t in totals[1:]:
+                total = total + t
             result["overall"] = total
         return result
+
+    def _joined(self, members: Sequence[int], logits: Mapping[str, Tensor], masks: Mapping[str, Tensor],
+                targets: Mapping[str, Tensor], values: Dict[int, Tensor], totals: Optional[List[Tensor]]) -> None:
+        """The per-sample losses of `members` at once, on their joined logits, labels and masks, into
+        `values` (and their weighted sum into `totals`); nothing when that fails (the tasks are
+        then computed alone, where an error names the task)."""
+        paths = [self._leaves[i][0] for i in members]
+        task = self._leaves[members[0]][1]
+        try:
+            z = torch.cat([logits[p] for p in paths])
+            y = torch.cat([targets[p] for p in paths])
+            ps = per_sample_masked(task.sample_loss(z, y).reshape(-1), torch.cat([masks[p] for p in paths]))
+            rows = ps.reshape(len(members), ps.shape[0] // len(members))  # not -1: an empty batch
+        except (RuntimeError, ValueError):
+            return
+        values.update(zip(members, rows.unbind(0)))
+        if totals is not None:
+            weights = [float(self._leaves[i][1].weight) for i in members]
+            kept = torch.where(torch.isnan(rows), 0.0, rows)
+            if any(w != 1.0 for w in weights):
+                kept = kept * torch.tensor(weights, dtype=kept.dtype, device=kept.device).unsqueeze(1)
+            totals.append(kept.sum(0))

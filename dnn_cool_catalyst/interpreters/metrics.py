@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,122 @@ def group_metrics(metrics: List[TaskMetric]) -> List[StateGroup]:
     return [StateGroup(members[0].path, tuple(members)) for members in groups.values()]
 
 
+def _stackable(metric: Metric) -> bool:
+    """Whether `metric` counts with its class's own `stacked_increments` kernel: a subclass that
+    overrides `update` without it is updated alone."""
+    cls = type(metric)
+    if cls.stacked_increments is Metric.stacked_increments:
+        return False
+    kernel = next(k for k in cls.__mro__ if "stacked_increments" in vars(k))
+    return cls.update is kernel.update
+
+
+class StateStack:
+    """State groups of several tasks whose owners count alike (same metric class, `state_key` and
+    `uses`, with a `Metric.stacked_increments` kernel), counted together: each batch of theirs is
+    one kernel call on the tasks' joined tensors and one in-place addition per state into `(G, ...)`
+    tensors, whose rows *are* the owners' states (views). Anything that replaces an owner's state
+    (`reset`, `merge`, `all_reduce`) unlinks it; the next update stacks the states anew. Where the
+    tasks' tensors cannot be joined or the kernel declines, the groups are updated one by one."""
+
+    def __init__(self, groups: Sequence[StateGroup]):
+        self.groups = tuple(groups)
+        self._storage: Dict[str, Tensor] = {}
+        self._views: List[Dict[str, Tensor]] = []
+        self._index: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
+
+    @property
+    def stacked(self) -> Dict[str, Tensor]:
+        """The stacked states `{state: (G, ...)}` (rows in the order of `groups`); read them only
+        while `linked`."""
+        return self._storage
+
+    @property
+    def linked(self) -> bool:
+        """Whether every owner's states are still the rows of the stacked tensors."""
+        if not self._storage:
+            return False
+        for g, views in zip(self.groups, self._views):
+            states = g.owner.metric.states
+            if len(states) != len(views) or any(states.get(k) is not v for k, v in views.items()):
+                return False
+        return True
+
+    def _link(self, increments: Mapping[str, Tensor]) -> bool:
+        """Stack the owners' current states into tensors shaped like `increments` and hand each
+        owner its rows; False (nothing changed) where a state does not fit."""
+        device = next(iter(increments.values())).device
+        if device.type == "mps":  # no float64 there: states stay on the CPU (`Metric._add`)
+            return False
+        storage: Dict[str, Tensor] = {}
+        for k, inc in increments.items():
+            rows = []
+            for g in self.groups:
+                state = g.owner.metric.states.get(k)
+                if state is None or set(g.owner.metric.states) != set(increments):
+                    return False
+                state = state.detach().to(device, torch.float64)
+                shape = inc.shape[1:]
+                if state.shape != shape:
+                    if state.numel() == 0:  # a confusion matrix before its first update: nothing seen
+                        state = torch.zeros(shape, dtype=torch.float64, device=device)
+                    elif state.dim() == 0:  # per-class counts before their first update
+                        state = state.expand(shape)
+                    else:
+                        return False
+                rows.append(state)
+            storage[k] = torch.stack(rows)
+        self._storage, self._views = storage, []
+        for i, g in enumerate(self.groups):
+            views = {k: v[i] for k, v in storage.items()}
+            g.owner.metric.states.update(views)
+            self._views.append(views)
+        return True
+
+    def update(self, members: Sequence[int], preds: Sequence[Tensor], targets: Sequence[Tensor],
+               masks: Sequence[Tensor]) -> None:
+        """Add one batch of the groups at positions `members` (their predictions, labels and
+        masks, in that order)."""
+        groups = [self.groups[i] for i in members]
+        if len(groups) > 1 and _joinable(preds) and _joinable(targets) and _joinable(masks):
+            increments = groups[0].owner.metric.stacked_increments(
+                torch.cat(list(preds)), torch.cat(list(targets)), torch.cat([m.reshape(-1) for m in masks]),
+                len(groups))
+            if increments is not None and self._add(members, increments):
+                return
+        for g, p, y, m in zip(groups, preds, targets, masks):
+            g.update(p, y, m)
+
+    def _add(self, members: Sequence[int], increments: Mapping[str, Tensor]) -> bool:
+        """Add `increments` (rows for `members`) to the stacked states, (re)linking them first
+        where needed; False when the states cannot be stacked (nothing added then)."""
+        fits = self.linked and all(k in self._storage and self._storage[k].shape[1:] == v.shape[1:]
+                                   and self._storage[k].device == v.device for k, v in increments.items())
+        full = len(members) == len(self.groups)
+        if not fits:
+            shapes = increments if full else {k: v.new_zeros((len(self.groups), *v.shape[1:]))
+                                              for k, v in increments.items()}
+            if not self._link(shapes):
+                return False
+        for k, v in increments.items():
+            target = self._storage[k]
+            if full:
+                target.add_(v.to(target.dtype))
+                continue
+            key = (tuple(members), target.device)
+            index = self._index.get(key)
+            if index is None:
+                index = self._index[key] = torch.tensor(list(members), device=target.device)
+            target.index_add_(0, index, v.to(target.dtype))
+        return True
+
+
+def _joinable(tensors: Sequence[Tensor]) -> bool:
+    """Whether the tensors can be joined along the first dimension into equal blocks."""
+    first = tensors[0]
+    return all(t.shape == first.shape and t.dtype == first.dtype and t.device == first.device for t in tensors)
+
+
 class FlowMetrics:
     """All default metrics of a flow. `update(outputs, targets)` takes the module's outputs
     (activated/decoded are computed from logits when absent, as in training mode) and the masks in
@@ -97,8 +213,19 @@ class FlowMetrics:
         self.groups_by_path: Dict[str, List[StateGroup]] = {leaf.path: [] for leaf in graph.leaves}
         for g in self.groups:
             self.groups_by_path[g.path].append(g)
+        self._units = self._stack_groups()
         self._counts: Dict[str, Tensor] = {}
         self.reset()
+
+    def _stack_groups(self) -> List[Tuple[Any, List[StateGroup]]]:
+        """The groups in update order: `(StateStack, its groups)` for groups of several tasks that
+        count alike (`StateStack`), `(None, [group])` for any other, in order of first appearance."""
+        keyed: Dict[Any, List[StateGroup]] = {}
+        for i, g in enumerate(self.groups):
+            metric = g.owner.metric
+            key = (type(metric), metric.state_key, metric.uses) if _stackable(metric) else i
+            keyed.setdefault(key, []).append(g)
+        return [(StateStack(gs), gs) if len(gs) > 1 else (None, gs) for gs in keyed.values()]
 
     def __iter__(self):
         return iter(self.metrics)
@@ -119,7 +246,8 @@ class FlowMetrics:
         for g in self.groups:
             key = g.key
             for k, v in g.owner.metric.states.items():
-                out[f"{key}/{k}"] = v
+                # rows of stacked states are added to in place: a copy, so the export stays as it is now
+                out[f"{key}/{k}"] = v.clone() if v._base is not None else v
         return out
 
     def merge(self, other: Union["FlowMetrics", Mapping[str, Tensor]]) -> None:
@@ -190,15 +318,53 @@ class FlowMetrics:
             if c.device != seen.device and seen.device.type != "mps":
                 c = c.to(seen.device)
             self._counts[p] = c + seen.to(c.device)
-        for g in self.groups:
-            preds = cache_a[g.path] if g.uses == "activated" else cache_d[g.path]
-            g.update(preds, targets[g.path], masks[g.path])
+        self.update_states({ACTIVATED: cache_a, DECODED: cache_d}, targets, masks)
+
+    @torch.no_grad()
+    def update_states(self, predictions: Mapping[str, Mapping[str, Tensor]], targets: Mapping[str, Tensor],
+                      masks: Mapping[str, Tensor], paths: Optional[Collection[str]] = None) -> None:
+        """Add one batch to the metrics' states (not to `num_samples`): `predictions` is
+        `{"activated": {path: ...}, "decoded": {path: ...}}`; a group whose predictions are absent
+        there is left out (e.g. decoded metrics that wait for tuned thresholds), and so is every
+        task not in `paths` (when given). Groups that count alike for several tasks are counted
+        together (`StateStack`: one kernel per kind instead of one update per task)."""
+        for stack, groups in self._units:
+            chosen, preds = [], []
+            for i, g in enumerate(groups):
+                p = predictions.get(g.uses, {}).get(g.path)
+                if p is not None and (paths is None or g.path in paths):
+                    chosen.append(i)
+                    preds.append(p)
+            if not chosen:
+                continue
+            if stack is None:
+                g = groups[0]
+                g.update(preds[0], targets[g.path], masks[g.path])
+            else:
+                stack.update(chosen, preds, [targets[groups[i].path] for i in chosen],
+                             [masks[groups[i].path] for i in chosen])
 
     def num_samples(self) -> Dict[str, int]:
         return {p: int(c) for p, c in self._counts.items()}
 
     def compute(self) -> Dict[str, float]:
-        return {tm.key: tm.metric.compute() for tm in self.metrics}
+        """`{"<path>/<metric>": value}`. Metrics of a stack whose states are still stacked compute
+        all their tasks' values at once (`Metric.compute_rows`: the same values)."""
+        values: Dict[int, float] = {}
+        for stack, groups in self._units:
+            if stack is None or not stack.linked:
+                continue
+            rows: Dict[Any, List[float]] = {}
+            for i, g in enumerate(groups):
+                for tm in g.members:
+                    key = tm.metric.rows_key
+                    if key is None:
+                        continue
+                    if key not in rows:
+                        rows[key] = tm.metric.compute_rows(stack.stacked)
+                    values[id(tm.metric)] = rows[key][i]
+        return {tm.key: values[id(tm.metric)] if id(tm.metric) in values else tm.metric.compute()
+                for tm in self.metrics}
 
     def per_class(self) -> List[Tuple[str, str, float, int]]:
         """Per-class results from the states, in flow order: `(path, "<kind>/<class>", value,

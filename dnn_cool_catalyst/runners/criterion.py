@@ -47,6 +47,10 @@ class FlowLossStep:
 
     def __call__(self, outputs: Mapping[str, Any], targets: Mapping[str, Tensor],
                  terms: Optional[Terms] = None) -> Tuple[Tensor, Optional[Terms]]:
+        stacked_terms = getattr(self.criterion, "stacked_terms", None)
+        if terms is None and stacked_terms is not None:  # FlowLoss's: computed stacked (per loss group)
+            stacked, paths = stacked_terms(outputs, targets)
+            return self.criterion.from_stacked(stacked, paths), StackedLossTerms(paths, stacked.detach())
         if terms is None:
             terms = self.criterion.terms(outputs, targets)
         paths = tuple(terms)

@@ -17,7 +17,7 @@ import copy
 import math
 import warnings
 from dataclasses import InitVar, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -319,6 +319,19 @@ class ITask(abc.ABC):
         for labels of any other kind."""
         return None
 
+    def loss_group(self) -> Optional[Hashable]:
+        """A key under which the flow loss may compute this task's loss together with other tasks'
+        (one element loss over their batches joined along the sample dimension), or None (the
+        default): computed alone.
+
+        Tasks with equal keys promise that `elementwise_loss`, `available`, `sample_loss` and
+        `label_bound` are the same functions of the logits and labels, applied sample by sample:
+        on `torch.cat` of several tasks' logits and labels (equal shapes past the first dimension)
+        they give the `torch.cat` of each task's own results. The predefined kinds return a key
+        only while their loss is the kind's built-in one (`builtin_loss_group`); a subclass that
+        overrides any of those methods, or a task whose `loss` was replaced, is computed alone."""
+        return None
+
     def condition(self, values: Tensor, from_labels: bool) -> Tuple[Tensor, Tensor]:
         """For condition tasks: `(known, value)` boolean `(N,)` from labels or decoded outputs."""
         raise TypeError(f"task {self.name!r} cannot be used as a condition")
@@ -343,6 +356,21 @@ class ITask(abc.ABC):
         count = keep.sum(1, dtype=loss.dtype)
         s = torch.where(keep, loss.flatten(1), 0.0).sum(1)
         return torch.where(count > 0, s / count.clamp_min(1), math.nan)
+
+
+_GROUPED_METHODS = ("elementwise_loss", "available", "sample_loss", "label_bound")
+
+
+def builtin_loss_group(task: "Task", kind: type, loss: Callable, available: Callable, key: Hashable) -> Optional[Hashable]:
+    """`key` if `task` computes its loss as the predefined `kind` does: `loss` and `available` are
+    its fields, no per-sample override, and `kind`'s own `_GROUPED_METHODS` (a subclass may
+    override anything else, e.g. `describe`); None otherwise (`ITask.loss_group`)."""
+    if task.loss is not loss or task.available_func is not available or task.per_sample_loss is not None:
+        return None
+    cls = type(task)
+    if any(getattr(cls, m) is not getattr(kind, m) for m in _GROUPED_METHODS):
+        return None
+    return key
 
 
 def _identity(x: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import LabelError
 from ..functional import nan_available
 from ..metrics import BinaryConfusionMetric
-from .base import Task, ThresholdDecoder, check_vector_labels
+from .base import Task, ThresholdDecoder, builtin_loss_group, check_vector_labels
 from .describe import describe_decisions
 
 
@@ -37,6 +37,10 @@ class BinaryClassificationTask(Task):
                          decoder=ThresholdDecoder(threshold, per_class=False),
                          metrics=[(k, BinaryConfusionMetric(k)) for k in BinaryConfusionMetric.KINDS],
                          available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
+
+    def loss_group(self):
+        """`("binary",)`: binary tasks with the built-in BCE share one loss computation."""
+        return builtin_loss_group(self, BinaryClassificationTask, _bce_elementwise, nan_available, ("binary",))
 
     @property
     def can_condition(self) -> bool:

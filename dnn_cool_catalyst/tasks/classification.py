@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..errors import LabelError
 from ..functional import softmax_last
 from ..metrics import ConfusionMatrixMetric, TopKAccuracy, averaged_name
-from .base import RankedTask, SortDecoder, check_index_floats, check_vector_labels, raw_labels
+from .base import RankedTask, SortDecoder, builtin_loss_group, check_index_floats, check_vector_labels, raw_labels
 
 
 def _ce_elementwise(logits: Tensor, labels: Tensor) -> Tensor:
@@ -44,6 +44,11 @@ class ClassificationTask(RankedTask):
                          + [(averaged_name(kind, average, "macro"), ConfusionMatrixMetric(kind, n, average))
                             for kind in ConfusionMatrixMetric.KINDS],
                          available_func=_index_available, missing=-1, label_dtype=torch.int64, weight=weight)
+
+    def loss_group(self):
+        """`("classification",)`: classification tasks with the built-in cross entropy share one loss
+        computation (the flow loss joins only those whose logits have equal widths)."""
+        return builtin_loss_group(self, ClassificationTask, _ce_elementwise, _index_available, ("classification",))
 
     def label_shape(self) -> Optional[Tuple[int, ...]]:
         """One label per sample."""

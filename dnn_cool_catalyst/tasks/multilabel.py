@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import LabelError
 from ..functional import nan_available
 from ..metrics import MultilabelConfusionMetric, averaged_name
-from .base import Task, ThresholdDecoder, raw_labels
+from .base import Task, ThresholdDecoder, builtin_loss_group, raw_labels
 from .describe import describe_decisions
 
 
@@ -42,6 +42,11 @@ class MultilabelClassificationTask(Task):
                                   (averaged_name("f1_score", average, "micro"),
                                    MultilabelConfusionMetric("f1_score", n or None, average))],
                          available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
+
+    def loss_group(self):
+        """`("multilabel",)`: multilabel tasks with the built-in BCE share one loss computation (the
+        flow loss joins only those with equal numbers of labels)."""
+        return builtin_loss_group(self, MultilabelClassificationTask, _bce_elementwise, nan_available, ("multilabel",))
 
     def describe(self, decoded: np.ndarray, activated: np.ndarray, logits: Optional[np.ndarray] = None, *,
                  digits: int = 4, max_values: int = 16, top_k: int = 3) -> List[str]:

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from ..errors import LabelError
 from ..functional import nan_available
 from ..metrics import MeanAbsoluteError
-from .base import ScaleDecoder, Task, check_vector_labels
+from .base import ScaleDecoder, Task, builtin_loss_group, check_vector_labels
 
 
 def _mse_on_sigmoid(logits: Tensor, labels: Tensor) -> Tensor:
@@ -63,6 +63,12 @@ class BoundedRegressionTask(Task):
                          metrics=[("mean_absolute_error", MeanAbsoluteError(1.0)),
                                   ("mean_absolute_error_decoded", MeanAbsoluteError(scale))],
                          available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
+
+    def loss_group(self):
+        """`("bounded_regression", loss)`: bounded regressions with the same built-in loss share one
+        loss computation (`scale` only enters the decoder and a metric)."""
+        return builtin_loss_group(self, BoundedRegressionTask, LOSSES.get(self.loss_name), nan_available,
+                                  ("bounded_regression", self.loss_name))
 
     def label_shape(self) -> Optional[Tuple[int, ...]]:
         """One label per sample."""

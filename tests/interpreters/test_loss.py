@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import dnn_cool_catalyst as dcc
@@ -445,3 +446,246 @@ def test_balanced_loss_under_ddp_gives_the_one_process_update(key, balanced_ddp_
             # float32 sums (and all-reduced gradient matrices) taken in another order on two
             # processes: rounding only
             np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{key}, rank {r}")
+
+
+# ---- losses by kind: tasks of one loss group computed together --------------------------------------------------
+class _OwnBCE(dcc.BinaryClassificationTask):
+    """A user's binary task that overrides the element loss: never joined with the built-in ones."""
+
+    def elementwise_loss(self, logits, labels):
+        return 2.0 * super().elementwise_loss(logits, labels)
+
+
+def _kind_task(rng, name, f):
+    """A random task of a random kind; several kinds come in variants that must not be joined."""
+    kind = str(rng.choice(["binary", "binary", "binary_flat", "regression", "classification", "multilabel", "mlm",
+                           "own", "custom"]))
+    if kind == "binary":
+        return dcc.BinaryClassificationTask(name, nn.Linear(f, 1), weight=float(rng.choice([1.0, 0.5])))
+    if kind == "binary_flat":  # (N,) logits: joined only with other (N,) ones
+        return dcc.BinaryClassificationTask(name, nn.Sequential(nn.Linear(f, 1), nn.Flatten(0)))
+    if kind == "regression":
+        return dcc.BoundedRegressionTask(name, nn.Linear(f, 1), loss=str(rng.choice(["mse", "l1", "smooth_l1"])))
+    if kind == "classification":
+        return dcc.ClassificationTask(name, nn.Linear(f, int(rng.choice([3, 4]))))
+    if kind == "multilabel":
+        return dcc.MultilabelClassificationTask(name, nn.Linear(f, int(rng.choice([2, 3]))))
+    if kind == "mlm":
+        return dcc.MaskedLanguageModelingTask(name, nn.Sequential(nn.Linear(f, 6), nn.Unflatten(1, (2, 3))))
+    if kind == "own":
+        return _OwnBCE(name, nn.Linear(f, 1))
+    return dcc.Task(name=name, module=nn.Linear(f, 1), loss=lambda z, y: (z.reshape(y.shape) - y.nan_to_num()) ** 2)
+
+
+def _kind_flow(rng, count):
+    tasks = dcc.Tasks([_kind_task(rng, f"t{i}", 4) for i in range(count)])
+    names = [f"t{i}" for i in range(count)]
+    half = len(names) // 2
+
+    @tasks.add_flow
+    def inner(flow, x, out):
+        for name in names[half:]:
+            out += getattr(flow, name)(x.f)
+        return out
+
+    @tasks.add_flow
+    def outer(flow, x, out):
+        for name in names[:half]:
+            out += getattr(flow, name)(x.f)
+        out += flow.inner(x)
+        return out
+
+    return outer
+
+
+def _kind_batch(rng, flow, n, dtype, missing):
+    """Random logits (leaves requiring a gradient), labels and masks for every task; non-finite logits
+    wherever an element is outside S_t (masked out, or its label missing)."""
+    logits, labels, masks = {}, {}, {}
+    for leaf in flow.graph.leaves:
+        task, path = leaf.task, leaf.path
+        probe = task.module(torch.zeros(1, 4))
+        shape = (n, *probe.shape[1:])
+        z = torch.as_tensor(rng.normal(0, 3, size=shape)).to(dtype)
+        if isinstance(task, dcc.ClassificationTask):
+            y = torch.as_tensor(rng.integers(0, shape[-1], n))
+            y[torch.as_tensor(rng.random(n) < missing)] = -1
+        elif isinstance(task, dcc.MaskedLanguageModelingTask):
+            y = torch.as_tensor(rng.integers(0, shape[-1], shape[:-1]))
+            y[torch.as_tensor(rng.random(shape[:-1]) < missing)] = -100
+        else:
+            lab_shape = shape if isinstance(task, dcc.MultilabelClassificationTask) else (n,)
+            y = torch.as_tensor(rng.integers(0, 2, lab_shape).astype(np.float32))
+            if isinstance(task, dcc.BoundedRegressionTask):
+                y = torch.as_tensor(rng.random(lab_shape).astype(np.float32))
+            y[torch.as_tensor(rng.random(lab_shape) < missing)] = math.nan
+        m = torch.as_tensor(rng.random(n) < 0.6)
+        # junk where the element is not selected: it must reach neither the terms nor the gradients
+        av = task.available(y)
+        junk_rows = ~m | (~av if av.dim() == 1 else (~av).flatten(1).all(1))
+        junk = torch.as_tensor(rng.choice([math.inf, -math.inf, math.nan], size=shape)).to(dtype)
+        z = torch.where(junk_rows.reshape(n, *([1] * (z.dim() - 1))), junk, z)
+        logits[path] = z.requires_grad_()
+        labels[path], masks[path] = y, m
+    return {"logits": logits, "mask": masks}, labels
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), count=st.integers(2, 14), n=st.integers(0, 9),
+       missing=st.sampled_from([0.0, 0.3, 1.0]))
+def test_losses_by_kind_equal_the_per_task_terms_losses_and_gradients(seed, count, n, missing):
+    """Grouped (`by_kind=True`) against every task alone: the same (sum, count) terms (counts
+    exactly), loss, per-sample losses and logits' gradients. Tolerance: a group's sums add the same
+    float32 element losses as each task's own sum, in another order (a row of a (G, N) reduction
+    instead of a 1-D sum), and vectorised kernels may round an element loss 1 ulp differently on a
+    longer tensor: |error| <= a few ulp of the sum, far below rtol=1e-6 at these sizes."""
+    rng = np.random.default_rng(seed)
+    flow = _kind_flow(rng, count)
+    outputs, labels = _kind_batch(rng, flow, n, torch.float32, missing)
+    grouped, alone = flow.get_loss(), flow.get_loss(by_kind=False)
+    tg, ta = grouped.terms(outputs, labels), alone.terms(outputs, labels)
+    assert list(tg) == list(ta) == [leaf.path for leaf in flow.graph.leaves]
+    for p in ta:
+        assert tg[p][1].item() == ta[p][1].item(), p  # counts exactly
+        torch.testing.assert_close(tg[p][0], ta[p][0], rtol=1e-6, atol=1e-6, msg=p)
+        assert torch.isfinite(tg[p][0]), p  # junk outside S_t never leaks
+    grads = []
+    for loss_fn in (grouped, alone):
+        for z in outputs["logits"].values():
+            z.grad = None
+        loss = loss_fn(outputs, labels)
+        loss.backward()
+        grads.append((loss.detach(), {p: z.grad.clone() for p, z in outputs["logits"].items()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    for p, g in grads[1][1].items():
+        assert torch.isfinite(grads[0][1][p]).all(), p
+        torch.testing.assert_close(grads[0][1][p], g, rtol=1e-6, atol=1e-7, msg=p)
+    from dnn_cool_catalyst.interpreters.loss import FlowPerSampleLoss
+
+    detached = {"logits": {p: z.detach() for p, z in outputs["logits"].items()}, "mask": outputs["mask"]}
+    pg = FlowPerSampleLoss(flow.graph)(detached, labels)
+    pa = FlowPerSampleLoss(flow.graph, by_kind=False)(detached, labels)
+    assert list(pg) == list(pa)
+    for p in pa:
+        torch.testing.assert_close(pg[p], pa[p], rtol=1e-6, atol=1e-6, equal_nan=True, msg=p)
+
+
+def test_loss_groups_follow_the_kind_its_loss_and_overrides():
+    from dnn_cool_catalyst.interpreters.loss import kind_groups
+
+    lin = lambda k=1: nn.Linear(2, k)  # noqa: E731
+    tasks = [
+        dcc.BinaryClassificationTask("b1", lin()), dcc.BinaryClassificationTask("b2", lin(), weight=3.0),
+        _OwnBCE("own", lin()),
+        dcc.BoundedRegressionTask("r1", lin()), dcc.BoundedRegressionTask("r2", lin(), loss="l1"),
+        dcc.BoundedRegressionTask("r3", lin(), scale=5.0),
+        dcc.ClassificationTask("c1", lin(3)), dcc.ClassificationTask("c2", lin(3)),
+        dcc.MultilabelClassificationTask("m1", lin(2)), dcc.MultilabelClassificationTask("m2", lin(2)),
+        dcc.BinaryClassificationTask("b3", lin()),
+    ]
+    tasks[-1].loss = lambda z, y: (z.reshape(y.shape) - y.nan_to_num()) ** 2  # a replaced loss: alone
+    groups, alone = kind_groups([(t.name, t) for t in tasks])
+    named = [[tasks[i].name for i in g] for g in groups]
+    assert named == [["b1", "b2"], ["r1", "r3"], ["c1", "c2"], ["m1", "m2"]]
+    assert [tasks[i].name for i in alone] == ["own", "r2", "b3"]
+
+
+def test_half_precision_losses_by_kind_equal_per_task():
+    """float16 / bfloat16 logits: the element losses are computed in half precision on both paths,
+    summed in float32; an element loss may round 1 half-precision ulp differently in a longer
+    vectorised kernel (rel. 2**-8 for bfloat16), hence rtol 1e-2 / 1e-3 on the sums and gradients."""
+    rng = np.random.default_rng(7)
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask(f"b{i}", nn.Linear(4, 1)) for i in range(5)]
+                      + [dcc.BoundedRegressionTask(f"r{i}", nn.Linear(4, 1)) for i in range(3)]
+                      + [dcc.ClassificationTask(f"c{i}", nn.Linear(4, 3)) for i in range(3)])
+
+    @tasks.add_flow
+    def flat(flow, x, out):
+        for name in [f"b{i}" for i in range(5)] + [f"r{i}" for i in range(3)] + [f"c{i}" for i in range(3)]:
+            out += getattr(flow, name)(x.f)
+        return out
+
+    for dtype, rtol in ((torch.float16, 1e-3), (torch.bfloat16, 1e-2)):
+        outputs, labels = _kind_batch(rng, flat, 40, dtype, 0.2)
+        tg = flat.get_loss().terms(outputs, labels)
+        ta = flat.get_loss(by_kind=False).terms(outputs, labels)
+        for p in ta:
+            assert tg[p][0].dtype == torch.float32 and tg[p][1].item() == ta[p][1].item()
+            torch.testing.assert_close(tg[p][0], ta[p][0], rtol=rtol, atol=rtol, msg=p)
+        lg = flat.get_loss()(outputs, labels)
+        lg.backward()
+        gg = {p: z.grad.clone() for p, z in outputs["logits"].items()}
+        for z in outputs["logits"].values():
+            z.grad = None
+        flat.get_loss(by_kind=False)(outputs, labels).backward()
+        for p, z in outputs["logits"].items():
+            assert gg[p].dtype == dtype and torch.isfinite(gg[p]).all()
+            torch.testing.assert_close(gg[p].float(), z.grad.float(), rtol=rtol, atol=rtol, msg=p)
+
+
+def _two_classifications(width=4):
+    tasks = dcc.Tasks([dcc.ClassificationTask("c1", nn.Linear(3, width)),
+                       dcc.ClassificationTask("c2", nn.Linear(3, width))])
+
+    @tasks.add_flow
+    def pair(flow, x, out):
+        out += flow.c1(x.f)
+        out += flow.c2(x.f)
+        return out
+
+    return pair
+
+
+def test_grouped_class_index_beyond_the_logits_names_its_own_task_and_position():
+    flow = _two_classifications()
+    loss_fn = flow.get_loss()
+    assert loss_fn._groups  # c1 and c2 are computed together
+    outputs = {"logits": {"c1": torch.randn(5, 4), "c2": torch.randn(5, 4)},
+               "mask": {"c1": torch.ones(5, dtype=torch.bool), "c2": torch.ones(5, dtype=torch.bool)}}
+    labels = {"c1": torch.tensor([0, 3, 2, -1, 1]), "c2": torch.tensor([0, 1, -1, 6, 2])}
+    with pytest.raises(dcc.LabelError, match=r"'c2': label 6 at sample 3 is out of range for logits of width 4"):
+        loss_fn(outputs, labels)
+    labels["c2"] = torch.tensor([0, 1, -1, 3, 2])
+    assert torch.isfinite(loss_fn(outputs, labels))
+
+
+def test_grouped_out_of_range_class_index_under_torch_compile_makes_only_its_term_nan():
+    flow = _two_classifications()
+    loss_fn = flow.get_loss()
+    masks = {"c1": torch.ones(3, dtype=torch.bool), "c2": torch.ones(3, dtype=torch.bool)}
+    z = {"c1": torch.randn(3, 4), "c2": torch.randn(3, 4)}
+
+    def terms(y1, y2):
+        stacked, _ = loss_fn.stacked_terms({"logits": z, "mask": masks}, {"c1": y1, "c2": y2})
+        return stacked
+
+    step = torch.compile(terms, fullgraph=True, backend="aot_eager")
+    good = step(torch.tensor([0, 1, 2]), torch.tensor([3, 1, 2]))
+    assert torch.isfinite(good).all()
+    bad = step(torch.tensor([0, 1, 2]), torch.tensor([3, 9, 2]))
+    assert torch.isfinite(bad[0]).all() and torch.isnan(bad[1, 0]) and bad[1, 1].item() == 3
+
+
+def test_bad_shape_in_a_group_names_the_task():
+    flow = _two_classifications()
+    outputs = {"logits": {"c1": torch.randn(5, 4), "c2": torch.randn(5, 4)},
+               "mask": {"c1": torch.ones(5, dtype=torch.bool), "c2": torch.ones(5, dtype=torch.bool)}}
+    labels = {"c1": torch.tensor([0, 3, 2, -1, 1]), "c2": torch.zeros(5, 2, dtype=torch.long)}
+    with pytest.raises(dcc.LabelError, match=r"'c2'.*\(5, 4\).*\(5, 2\)"):
+        flow.get_loss()(outputs, labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_out_of_range_class_index_on_cuda_first_batch_error_then_only_its_term_nan():
+    flow = _two_classifications()
+    loss_fn = flow.get_loss()
+    ones = torch.ones(3, dtype=torch.bool, device="cuda")
+    outputs = {"logits": {"c1": torch.randn(3, 4, device="cuda"), "c2": torch.randn(3, 4, device="cuda")},
+               "mask": {"c1": ones, "c2": ones}}
+    good = {"c1": torch.tensor([0, 3, 1], device="cuda"), "c2": torch.tensor([2, 1, 0], device="cuda")}
+    bad = {"c1": good["c1"], "c2": torch.tensor([2, 7, 0], device="cuda")}
+    with pytest.raises(dcc.LabelError, match=r"'c2': label 7 at sample 1 .* width 4"):
+        loss_fn(outputs, bad)  # the first batch: checked at once
+    assert torch.isfinite(loss_fn(outputs, good))
+    terms = loss_fn.terms(outputs, bad)  # later: no host sync, only c2's term is NaN
+    assert torch.isfinite(terms["c1"][0]) and torch.isnan(terms["c2"][0])
