@@ -50,7 +50,7 @@ from .. import distributed
 from ..balancing.base import present_index
 from ..balancing.gradient import GradientBalancer, split_like, task_gradients
 from ..errors import LabelError, capped
-from ..functional import expand_mask, grouped_sum_count, per_sample_masked, selected_sum_count, where_selected
+from ..functional import expand_mask, grouped_sum_count, is_compiling, per_sample_masked, selected_sum_count, where_selected
 from ..graph import FlowGraph
 from ..keys import LOGITS, MASK
 from ..tasks.base import label_position
@@ -67,14 +67,6 @@ def _labels(targets: Mapping[str, Tensor], path: str, graph: FlowGraph) -> Tenso
 def _shape_error(path: str, logits: Tensor, labels: Tensor, err: Exception) -> LabelError:
     return LabelError(f"task {path!r}: logits of shape {tuple(logits.shape)} do not fit labels of shape "
                       f"{tuple(labels.shape)} ({err})")
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing (no data-dependent Python branches then)."""
-    fn = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3; torch._dynamo's before
-    if fn is None:
-        from torch._dynamo import is_compiling as fn
-    return bool(fn())
 
 
 def check_label_bounds(path: str, labels: Tensor, bound: int) -> None:
@@ -299,7 +291,7 @@ class FlowLoss(nn.Module):
         if bound is None or y.numel() == 0:
             return None
         paths = [self._leaves[i][0] for i in members]
-        if not _compiling() and (y.device.type == "cpu" or any(p not in self._bounds_checked for p in paths)):
+        if not is_compiling() and (y.device.type == "cpu" or any(p not in self._bounds_checked for p in paths)):
             if int(y.amax()) >= bound:
                 for path, labels_ in zip(paths, labels):
                     if labels_.numel():
@@ -316,7 +308,7 @@ class FlowLoss(nn.Module):
         bound = task.label_bound(z)
         if bound is None or y.numel() == 0:
             return None
-        if not _compiling() and (y.device.type == "cpu" or path not in self._bounds_checked):
+        if not is_compiling() and (y.device.type == "cpu" or path not in self._bounds_checked):
             check_label_bounds(path, y, bound)
             self._bounds_checked.add(path)
             return None
