@@ -80,7 +80,7 @@ def test_every_setting_reaches_the_run(tmp_path):
     from dnn_cool_catalyst.demo import DemoSettings
 
     changed = {"project_dir": "other_project", "runner_name": "other_run", "n": 48, "seed": 3, "epochs": 2,
-               "batch_size": 8, "lr": 0.01, "features": 12}
+               "batch_size": 8, "lr": 0.01, "features": 12, "dropout": 0.25, "mc_samples": 3, "attribution": "saliency"}
     assert set(changed) == {f.name for f in dataclasses.fields(DemoSettings)}, "a new setting needs a check here"
     overlay = tmp_path / "every_setting.yml"
     overlay.write_text("settings:\n" + "".join(f"  {k}: {v}\n" for k, v in changed.items()))
@@ -97,6 +97,10 @@ def test_every_setting_reaches_the_run(tmp_path):
     assert state["batch_step"] == 2 * steps_per_epoch, (state["batch_step"], steps_per_epoch)
     assert state["optimizer_state_dict"]["param_groups"][0]["initial_lr"] == 0.01      # lr
     assert state["model_state_dict"]["flow.camera_blocked.weight"].shape == (1, 12)    # features
+    table = pd.read_csv(logdir / "evaluation.csv")  # MC-dropout refuses a model without dropout: dropout, mc_samples
+    assert {"entropy", "variance"} <= set(table.columns) and table["entropy"].notna().any()
+    events = b"".join(f.read_bytes() for f in (logdir / "tensorboard").rglob("*") if f.is_file())
+    assert b"/worst/1/attribution" in events                                           # attribution
 
 
 def test_an_unknown_setting_is_an_error(tmp_path):

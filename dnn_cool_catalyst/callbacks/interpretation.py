@@ -123,6 +123,11 @@ def _write_ranked_csv(path: str, ranked: Dict[str, Tuple[np.ndarray, np.ndarray,
 
 # Naming and captioning samples ------------------------------------------------------------------
 
+def _no_names(index: int) -> Dict[str, Any]:
+    """No names for any sample (before a loader's samples can be described)."""
+    return {}
+
+
 def sample_describer(loader: Any) -> Optional[Any]:
     """`describe(index) -> {name: value}` of the dataset behind `loader` (`FlowDataset.describe`,
     filled by `Project`: the DataFrame's index label `row` and the image `file`), looked up through
@@ -382,7 +387,7 @@ class InterpretationCallback(Callback):
         self._extremes: Dict[str, _Extremes] = ({leaf.path: _Extremes(self.top_k) for leaf in self._graph.leaves}
                                                 if self._graph is not None else {})
         self._explained: List[Tuple[int, Dict[str, Dict[str, Tensor]]]] = []
-        self._describe: Any = lambda index: {}
+        self._describe: Any = _no_names  # a function, not a lambda: DDP's spawn pickles given callbacks
         self._shared: Optional[LoaderOutputs] = None
         self._mixed: Optional[MixedIds] = None  # a loader mixing sources: samples go by global ids
 

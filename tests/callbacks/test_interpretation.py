@@ -352,3 +352,14 @@ def test_a_mixed_loader_names_the_source_of_each_ranked_sample(small_flow, fake_
     assert sorted(t for t in texts if t.startswith("explanations/")) == ["explanations/door_cam/sample_0",
                                                                           "explanations/people/sample_0"]
     assert texts["explanations/people/sample_0"].splitlines()[1] == "inp 0 (row 'people-0', source people)"
+
+
+def test_a_given_callback_pickles_for_ddp_spawn(security_flow):
+    """DDP's spawn pickles the callbacks a user (or a YAML config) passes to `train`."""
+    import pickle
+
+    from dnn_cool_catalyst.callbacks import InterpretationCallback
+
+    for callback in (InterpretationCallback(), InterpretationCallback(flow=security_flow, attribution="saliency")):
+        again = pickle.loads(pickle.dumps(callback))
+        assert again.top_k == callback.top_k and again.attribution == callback.attribution
