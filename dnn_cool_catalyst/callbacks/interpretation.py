@@ -519,7 +519,8 @@ class InterpretationCallback(Callback):
         rows = stacked.numpy()  # float32 orders as its exact float64 values in `_ranked` do
         ids = index.reshape(-1).to(torch.int64).cpu().numpy()
         for leaf, losses, row, (pos, _) in zip(leaves, stacked.unbind(), rows, _chosen_rows(rows, ids, self.top_k)):
-            self._losses[leaf.path].append(losses)
+            # a row of its own: a view would keep (and pickle, in the DDP gather) the whole matrix
+            self._losses[leaf.path].append(losses.clone())
             self._extremes[leaf.path].add_chosen(pos, row, ids, chunk["targets"][leaf.path], chunk[LOGITS][leaf.path],
                                                  leaf.task.activate)
         self._indices.append(index)

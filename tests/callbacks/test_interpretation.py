@@ -258,6 +258,27 @@ def test_ranked_samples_are_captioned_with_label_prediction_and_loss(small_flow,
     assert text.startswith("label: ") and "\nprediction: " in text and "\nloss: " in text and "\nrow: r" in text
 
 
+def test_kept_losses_do_not_hold_the_other_tasks_losses(small_flow, small_data, fake_runner_cls):
+    """The losses kept per task (gathered with pickle under DDP) are each task's own: not views of
+    the (tasks, N) matrix the ranking uses, which would pickle every task's losses once per task."""
+    kept = {}
+
+    class Recording(InterpretationCallback):
+        def _gather_across_processes(self):  # what a DDP gather would pickle, at the loader's end
+            kept.update({p: list(chunks) for p, chunks in self._losses.items()})
+            super()._gather_across_processes()
+
+    ds = small_flow.get_dataset(*small_data, with_index=True)
+    runner = fake_runner_cls(small_flow)
+    cb = Recording(top_k=1, explain=0, buffer_elements=2000)  # several chunks
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=16))
+    assert set(kept) == set(small_flow.graph.paths) and all(len(chunks) > 1 for chunks in kept.values())
+    for chunks in kept.values():
+        for t in chunks:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_label_and_prediction_in_the_tasks_terms():
     from torch import nn
 
