@@ -52,6 +52,52 @@ def _ranked(losses: Tensor, indices: Tensor, k: int) -> Tuple[np.ndarray, np.nda
     return ranks, index[chosen], loss[chosen]
 
 
+def _ranked_rows(losses: np.ndarray, indices: np.ndarray, k: int) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`_ranked` of every row of `losses` `(T, N)` (one task a row, NaN outside its `S_t`), all
+    tasks at once (`_chosen_rows`): the same ranks, indices and losses."""
+    loss = np.asarray(losses, dtype=np.float64)
+    index = np.asarray(indices, dtype=np.int64).reshape(-1)
+    return [(ranks, index[pos], loss[t, pos]) for t, (pos, ranks) in enumerate(_chosen_rows(loss, index, k))]
+
+
+def _chosen_rows(loss: np.ndarray, index: np.ndarray, k: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """`_chosen` of every row of `loss` `(T, N)`, NaN where a sample is not in the row's `S_t`:
+    per row, the positions (into the row) of its `k` worst and `k` best and their ranks.
+
+    As `_chosen` does for one task, only the samples that can be among a row's `k` highest or `k`
+    lowest losses (ties included) are sorted, here found for all rows by one partition each way,
+    and sorted by one `lexsort` of all rows' candidates (row, then loss descending, then index)."""
+    t, n = loss.shape
+    if t == 0:
+        return []
+    known = ~np.isnan(loss)
+    counts = known.sum(1)
+    if n > 4 * k:
+        # NaN as -inf / +inf: never above a row's k-th highest or below its k-th lowest known loss
+        # (a known infinite loss at the bound takes every known sample in: more candidates, same result)
+        high = np.partition(np.where(known, loss, -np.inf), n - k, axis=1)[:, n - k:n - k + 1]
+        low = np.partition(np.where(known, loss, np.inf), k - 1, axis=1)[:, k - 1:k]
+        candidates = known & ((loss >= high) | (loss <= low) | (counts <= 4 * k)[:, None])
+    else:
+        candidates = known
+    rows, cols = np.nonzero(candidates)
+    order = np.lexsort((index[cols], -loss[rows, cols], rows))
+    cols = cols[order]
+    ends = np.cumsum(np.bincount(rows, minlength=t)).tolist()
+    out, start = [], 0
+    for end, c in zip(ends, counts.tolist()):
+        sorted_cols, start = cols[start:end], end
+        if c <= 2 * k:  # every known sample (a row with at most 4k has all of them as candidates)
+            out.append((sorted_cols, np.arange(1, c + 1, dtype=np.int64)))
+        elif c <= 4 * k:
+            ranks = np.concatenate([np.arange(k), np.arange(c - k, c)])
+            out.append((sorted_cols[ranks], ranks.astype(np.int64) + 1))
+        else:
+            out.append((np.concatenate([sorted_cols[:k], sorted_cols[len(sorted_cols) - k:]]),
+                        np.concatenate([np.arange(1, k + 1), np.arange(c - k + 1, c + 1)]).astype(np.int64)))
+    return out
+
+
 def _chosen(loss: np.ndarray, index: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Positions of the `k` worst and `k` best of `loss` (no NaN) by loss descending, then index,
     and their ranks (1 = the highest loss)."""
@@ -89,7 +135,12 @@ class _Extremes:
         loss = losses.reshape(-1).numpy()  # float32 orders as its exact float64 values in `_ranked` do
         index = indices.reshape(-1).to(torch.int64).numpy()
         keep = np.flatnonzero(~np.isnan(loss))
-        pos = keep[_chosen(loss[keep], index[keep], self.k)[0]]
+        self.add_chosen(keep[_chosen(loss[keep], index[keep], self.k)[0]], loss, index, labels, values, activate)
+
+    def add_chosen(self, pos: np.ndarray, loss: np.ndarray, index: np.ndarray, labels: Tensor,
+                   values: Optional[Tensor], activate: Any = None) -> None:
+        """`add`, with the chunk's candidates already chosen: `pos`, the positions in the chunk of
+        its `k` worst and `k` best (`_chosen`, `_chosen_rows`); `loss` and `index` as numpy arrays."""
         if not pos.size:
             return
         rows = torch.from_numpy(pos)
@@ -100,9 +151,12 @@ class _Extremes:
             act_rows = (activate(picked) if activate is not None else picked).detach().cpu()
         for j, i in enumerate(index[pos].tolist()):
             self.rows[i] = (label_rows[j], act_rows[j] if act_rows is not None else None)
-        loss, index = np.concatenate([self.loss, loss[pos]]), np.concatenate([self.index, index[pos]])
-        chosen = _chosen(loss, index, self.k)[0]
-        self.loss, self.index = loss[chosen], index[chosen]
+        if not self.loss.size:  # the first chunk: its candidates are already the chosen ones
+            self.loss, self.index = loss[pos], index[pos]
+        else:
+            loss, index = np.concatenate([self.loss, loss[pos]]), np.concatenate([self.index, index[pos]])
+            chosen = _chosen(loss, index, self.k)[0]
+            self.loss, self.index = loss[chosen], index[chosen]
         self.rows = {i: self.rows[i] for i in self.index.tolist()}
 
 
@@ -464,11 +518,16 @@ class InterpretationCallback(Callback):
         chunk = self._buffer.take()
         index = chunk[INDEX][INDEX]
         per_sample = self._per_sample({LOGITS: chunk[LOGITS], MASK: chunk[MASK]}, chunk["targets"], overall=False)
-        for leaf in self._graph.leaves:
-            losses = per_sample[leaf.path].float().cpu()
-            self._losses[leaf.path].append(losses)
-            self._extremes[leaf.path].add(losses, index, chunk["targets"][leaf.path], chunk[LOGITS][leaf.path],
-                                          leaf.task.activate)
+        leaves = self._graph.leaves
+        # all tasks' candidates at once: one (tasks, N) matrix, one sort (`_chosen_rows`)
+        stacked = torch.stack([per_sample[leaf.path].reshape(-1).float() for leaf in leaves]).cpu()
+        rows = stacked.numpy()  # float32 orders as its exact float64 values in `_ranked` do
+        ids = index.reshape(-1).to(torch.int64).cpu().numpy()
+        for leaf, losses, row, (pos, _) in zip(leaves, stacked.unbind(), rows, _chosen_rows(rows, ids, self.top_k)):
+            # a row of its own: a view would keep (and pickle, in the DDP gather) the whole matrix
+            self._losses[leaf.path].append(losses.clone())
+            self._extremes[leaf.path].add_chosen(pos, row, ids, chunk["targets"][leaf.path], chunk[LOGITS][leaf.path],
+                                                 leaf.task.activate)
         self._indices.append(index)
         if self.explain > 0:
             rows = torch.nonzero(self._local(index) < self.explain).reshape(-1)
@@ -500,7 +559,9 @@ class InterpretationCallback(Callback):
         if not self._indices:
             return
         indices = torch.cat(self._indices)
-        ranked = {leaf.path: _ranked(torch.cat(self._losses[leaf.path]), indices, self.top_k) for leaf in self._graph.leaves}
+        paths = [leaf.path for leaf in self._graph.leaves]
+        losses = torch.stack([torch.cat(self._losses[p]).reshape(-1) for p in paths]).double().numpy()
+        ranked = dict(zip(paths, _ranked_rows(losses, indices.reshape(-1).to(torch.int64).cpu().numpy(), self.top_k)))
         self._describe = self._sample_names(runner)
         names = list(dict.fromkeys(k for r in ranked.values() for i in r[1].tolist() for k in self._describe(i)))
         named = {path: [[self._describe(i).get(k) for i in r[1].tolist()] for k in names] for path, r in ranked.items()}

@@ -10,7 +10,8 @@ from torch import nn
 
 import dnn_cool_catalyst as dcc
 from dnn_cool_catalyst.callbacks import InterpretationCallback, rank_samples
-from dnn_cool_catalyst.callbacks.interpretation import (CSV_COLUMNS, _Extremes, _ranked, label_and_prediction,
+from dnn_cool_catalyst.callbacks.interpretation import (CSV_COLUMNS, _Extremes, _chosen_rows, _ranked, _ranked_rows,
+                                                        label_and_prediction,
                                                         sample_caption, sample_describer)
 from dnn_cool_catalyst.runners.compat import batch_fetching_loader
 from dnn_cool_catalyst.tasks import (BinaryClassificationTask, BoundedRegressionTask, ClassificationTask,
@@ -257,6 +258,27 @@ def test_ranked_samples_are_captioned_with_label_prediction_and_loss(small_flow,
     assert text.startswith("label: ") and "\nprediction: " in text and "\nloss: " in text and "\nrow: r" in text
 
 
+def test_kept_losses_do_not_hold_the_other_tasks_losses(small_flow, small_data, fake_runner_cls):
+    """The losses kept per task (gathered with pickle under DDP) are each task's own: not views of
+    the (tasks, N) matrix the ranking uses, which would pickle every task's losses once per task."""
+    kept = {}
+
+    class Recording(InterpretationCallback):
+        def _gather_across_processes(self):  # what a DDP gather would pickle, at the loader's end
+            kept.update({p: list(chunks) for p, chunks in self._losses.items()})
+            super()._gather_across_processes()
+
+    ds = small_flow.get_dataset(*small_data, with_index=True)
+    runner = fake_runner_cls(small_flow)
+    cb = Recording(top_k=1, explain=0, buffer_elements=2000)  # several chunks
+    runner.start([cb])
+    runner.run_loader([cb], "valid", ds.loader(batch_size=16))
+    assert set(kept) == set(small_flow.graph.paths) and all(len(chunks) > 1 for chunks in kept.values())
+    for chunks in kept.values():
+        for t in chunks:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_label_and_prediction_in_the_tasks_terms():
     from torch import nn
 
@@ -291,6 +313,32 @@ def test_kept_candidates_hold_every_ranked_sample():
         for i in ranked.tolist():
             label, activated = kept.rows[i]
             assert float(label) == i * 10 and float(activated[0]) == i * 10 + 1
+
+
+def test_ranking_all_tasks_at_once_gives_each_tasks_own_ranking():
+    """`_ranked_rows` / `_chosen_rows` (one sort of a (tasks, N) matrix) rank every row as `_ranked`
+    ranks it alone: ties by dataset index, NaN (outside S_t) left out, rows with few or no samples."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        t, n, k = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(1, 120, (1,), generator=g)), \
+            int(torch.randint(1, 6, (1,), generator=g))
+        # ties (few distinct values, also 0.0 against -0.0), negative and infinite losses
+        losses = (torch.randint(-3, 4, (t, n), generator=g).float() / 2 if trial % 2 else torch.rand(t, n, generator=g))
+        losses[torch.rand(t, n, generator=g) < torch.rand(t, 1, generator=g)] = math.nan  # some rows all NaN
+        if trial % 3 == 0:
+            losses[0, : n // 2] = math.inf
+            losses[-1, n // 3:] = -0.0
+        indices = torch.randperm(n, generator=g) * 3
+        rows = _ranked_rows(losses.double().numpy(), indices.numpy(), k)
+        chosen = _chosen_rows(losses.numpy(), indices.numpy(), k)
+        for row, (ranks, index, loss), (pos, chosen_ranks) in zip(losses, rows, chosen):
+            want_ranks, want_index, want_loss = _ranked(row, indices, k)
+            np.testing.assert_array_equal(ranks, want_ranks)
+            np.testing.assert_array_equal(index, want_index)
+            np.testing.assert_array_equal(loss, want_loss)
+            np.testing.assert_array_equal(indices.numpy()[pos], want_index)
+            np.testing.assert_array_equal(chosen_ranks, want_ranks)
+            assert ranks.dtype == want_ranks.dtype and index.dtype == want_index.dtype and loss.dtype == want_loss.dtype
 
 
 def test_label_and_prediction_asks_the_task():
