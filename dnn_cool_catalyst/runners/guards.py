@@ -162,6 +162,15 @@ class NonFiniteLossGuard:
                 f"optimizer step; counted as the loader metric {NONFINITE_METRIC!r})")
 
 
+def nonfinite_parameters(model: torch.nn.Module) -> List[str]:
+    """The state-dict names of `model`'s floating-point entries (parameters, and buffers such as
+    BatchNorm's running statistics) holding NaN or inf. State-dict names, not `named_parameters`:
+    a fused head group (`flow.torch(fuse=True)`) is one parameter, but its state dict names each
+    task's rows, so the task whose head diverged is named."""
+    return [name for name, t in model.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
 def _describe(seen: _Seen, runner: Any, lagged: bool) -> str:
     """What is not finite in a batch: the loss, the tasks' terms, inputs (rows and dataset
     indices), infinite labels, and with finite inputs the model's non-finite parameters."""
@@ -196,8 +205,7 @@ def _describe(seen: _Seen, runner: Any, lagged: bool) -> str:
                  f"batch: the model took this batch's optimizer step; no checkpoint of this epoch was written)")
     elif not inputs:
         model = getattr(runner, "model", None)
-        params = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())] \
-            if isinstance(model, torch.nn.Module) else []
+        params = nonfinite_parameters(model) if isinstance(model, torch.nn.Module) else []
         if params:
             text += (f"; the model's parameters [{capped(params)}] are not finite (training diverged: lower the "
                      f"learning rate, clip gradients)")

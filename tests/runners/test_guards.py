@@ -304,3 +304,28 @@ def test_a_misspelled_valid_metric_with_a_balancer_still_fails_before_training(d
             loaders=loaders_for(flow, data), num_epochs=1, logdir=str(tmp_path), valid_metric="door_open/acuracy",
             minimize_valid_metric=False)
     assert forwards == []
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_nonfinite_parameters_name_the_task_even_in_a_fused_head_group(fuse):
+    from torch import nn
+
+    from dnn_cool_catalyst import Tasks
+    from dnn_cool_catalyst.runners.guards import nonfinite_parameters
+    from dnn_cool_catalyst.tasks import BinaryClassificationTask
+
+    tasks = Tasks([BinaryClassificationTask(n, nn.Linear(4, 1)) for n in ("a", "b", "c")], inputs=["features"])
+
+    @tasks.add_flow
+    def full(flow, x, out):
+        out += flow.a(x.features)
+        out += flow.b(x.features)
+        out += flow.c(x.features)
+        return out
+
+    model = nn.Sequential(nn.BatchNorm1d(4), tasks.get_full_flow().torch(fuse=fuse))
+    assert nonfinite_parameters(model) == []
+    with torch.no_grad():
+        model[1].b.weight[0, 2] = math.nan  # task b's row (of the group's weight when fused)
+        model[0].running_var[1] = math.inf
+    assert nonfinite_parameters(model) == ["0.running_var", "1.b.weight"]
