@@ -44,10 +44,15 @@ def _shorten(path: str, width: int) -> str:
     return "..." + path[-(width - 3):]
 
 
+#: Per-task columns of an evaluation with `mc_samples=` (`inference.evaluate`), shown after the metrics.
+UNCERTAINTY_COLUMNS = ("entropy", "variance")
+
+
 def format_table(table: pd.DataFrame, width: int = 100) -> str:
     """The evaluation table as text: tasks with the same metrics in one block, one line per task
-    (its path, the number of samples scored and one column per metric), at most `width` characters
-    a line (long task paths are cut from the left)."""
+    (its path, the number of samples scored and one column per metric, then its MC-dropout
+    `entropy` or `variance` where the table has them), at most `width` characters a line (long
+    task paths are cut from the left)."""
     missing = [c for c in ("task_path", "metric_name", "metric_res", "num_samples") if c not in table.columns]
     if missing:
         raise ValueError(f"format_table takes an evaluation table; it has no column(s) {missing}")
@@ -58,6 +63,12 @@ def format_table(table: pd.DataFrame, width: int = 100) -> str:
         path = f"{sources[i]}/{row.task_path}" if sources and sources[i] else row.task_path
         n, values = tasks.setdefault(path, (int(row.num_samples), {}))
         values[str(row.metric_name)] = row.metric_res
+    for column in UNCERTAINTY_COLUMNS:  # MC-dropout (`mc_samples=`): one value per task, after its metrics
+        if column in overall.columns:
+            for i, (path_, value) in enumerate(zip(overall["task_path"], overall[column])):
+                path = f"{sources[i]}/{path_}" if sources and sources[i] else path_
+                if pd.notna(value):
+                    tasks[path][1].setdefault(column, value)
     blocks: Dict[Tuple[str, ...], List[str]] = {}
     for path, (_, values) in tasks.items():
         blocks.setdefault(tuple(values), []).append(path)

@@ -50,3 +50,17 @@ def test_a_summary_shows_each_source_s_rows_apart():
     lines = format_table(table).splitlines()
     assert [line.split()[:3] for line in lines[1:]] == [["t", "4", "0.5000"], ["a/t", "2", "1.0000"],
                                                         ["b/t", "2", "0.0000"]]
+
+
+def test_mc_dropout_columns_are_shown_after_each_task_s_metrics():
+    table = _table()
+    entropy = table["task_path"].map({"camera_blocked": 0.25, "door_open": 0.125,
+                                      "person_regression.body_regression.shirt_type": 0.5})
+    table["entropy"] = entropy
+    table["variance"] = table["task_path"].map({"person_regression.face_regression.face_x1": 0.0042})
+    lines = format_table(table).splitlines()
+    door = next(line for line in lines if line.startswith("door_open"))
+    assert door.split() == ["door_open", "12", "0.9100", "0.5000", "-", "1.0000", "0.1250"]
+    assert "entropy" in lines[lines.index(door) - 2]  # the block's header names the column
+    assert any("face_x1" in line and line.split()[-2:] == ["0.0123", "0.0042"] for line in lines)
+    assert any("shirt_type" in line and line.split()[-1] == "0.5000" for line in lines)
