@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .errors import FlowDefinitionError, capped, did_you_mean
 from .graph import Compound, Condition, FlowGraph, InputKey, Literal, build_graph
-from .keys import GT
+from .keys import ELEMENTS, GT
 from .tasks.base import ITask
 
 
@@ -115,6 +115,9 @@ class _Features:
             raise AttributeError(name)
         if name == GT:
             raise FlowDefinitionError(f"flow {self._flow!r}: `x.gt` is reserved for ground-truth preconditions")
+        if name == ELEMENTS and not self._key:
+            raise FlowDefinitionError(f"flow {self._flow!r}: `x.elements` is reserved for the padding marker of tasks "
+                                      "with element dimensions (bool (N, T), True where a token exists)")
         if not self._key and self._known is not None and name not in self._known:
             raise FlowDefinitionError(f"flow {self._flow!r}: unknown feature x.{name}{did_you_mean(name, self._known)}")
         return _Features(self._key + (name,), self._flow, None)

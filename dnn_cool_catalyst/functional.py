@@ -15,10 +15,57 @@ from torch import Tensor
 
 
 def expand_mask(mask: Tensor, like: Tensor) -> Tensor:
-    """A per-sample mask `(N,)` viewed to broadcast over an element tensor `(N, ...)`."""
-    if like.dim() == 1:
+    """A mask of leading shape, per sample `(N,)` or per element `(N, *E)`, viewed to broadcast
+    over a tensor `(N, *E, ...)` (trailing dimensions of size 1 added: never aligned from the
+    right, which would pair a `(N,)` mask with a `(T,)` dimension)."""
+    if like.dim() <= mask.dim():
         return mask
-    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
+    return mask.reshape(*mask.shape, *([1] * (like.dim() - mask.dim())))
+
+
+def and_masks(a: Tensor, b: Tensor) -> Tensor:
+    """`a & b` for masks of leading shapes (`(N,)` and `(N, T)`, say): the one with fewer
+    dimensions is broadcast over the other's element dimensions (`expand_mask`), not aligned from
+    the right as torch's broadcasting would."""
+    if a.dim() < b.dim():
+        a = expand_mask(a, b)
+    elif b.dim() < a.dim():
+        b = expand_mask(b, a)
+    return a & b
+
+
+def element_dims(task: Any) -> int:
+    """How many element dimensions follow the batch dimension in a task's labels: 0 for one label
+    per sample (the default, also for tasks without the attribute), 1 for one per token `(N, T)`
+    (`ITask.element_dims`)."""
+    return int(getattr(task, "element_dims", 0) or 0)
+
+
+def element_rows(k: int, mask: Tensor, *values: Tensor) -> Tuple[Tensor, ...]:
+    """`(mask_rows, *value_rows)`: a task with `k` element dimensions seen as one row per element.
+
+    `values` are `(N, *E, ...)` (labels `(N, *E)`, predictions `(N, *E, C)`), viewed as
+    `(N * |E|, ...)`; `mask` (per sample `(N,)` or per element `(N, *E)`) is broadcast to
+    `(N, *E)` and flattened to `(N * |E|,)`. So metrics, tuning and the evaluator score elements
+    as they score samples. With `k == 0` everything is returned as it is.
+    """
+    if k == 0:
+        return (mask, *values)
+    if not values:
+        raise ValueError("element_rows needs at least one value tensor to know the element shape")
+    lead = values[0].shape[: 1 + k]
+    if len(lead) != 1 + k:
+        raise ValueError(f"a tensor of shape {tuple(values[0].shape)} has no {k} element dimension(s) after the batch")
+    for v in values[1:]:
+        if v.shape[: 1 + k] != lead:
+            raise ValueError(f"tensors of shapes {tuple(values[0].shape)} and {tuple(v.shape)} do not share the "
+                             f"element shape {tuple(lead)}")
+    if mask.shape != lead:
+        if mask.shape != lead[: mask.dim()]:
+            raise ValueError(f"a mask of shape {tuple(mask.shape)} does not fit elements of shape {tuple(lead)}")
+        mask = mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead)
+    rows = lead.numel()
+    return (mask.reshape(rows), *(v.reshape(rows, *v.shape[1 + k:]) for v in values))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,6 +128,19 @@ def where_selected(values: Tensor, selected: Tensor, mask: Tensor, fill: Any) ->
     else:
         keep = expand_mask(mask, values)
     return torch.where(keep, values, fill)
+
+
+def per_sample_mean(elem_loss: Tensor, selected: Tensor) -> Tensor:
+    """`(N,)`: the mean of each sample's selected elements of `elem_loss` (element shape), NaN where
+    a sample has none; in `accumulation_dtype` (the tokens of one sample can overflow a float16
+    sum), selected with `where` so that a non-finite loss of an unselected element never counts."""
+    loss = elem_loss.to(accumulation_dtype(elem_loss.dtype))
+    if loss.dim() == 1:
+        return torch.where(selected, loss, float("nan"))
+    keep = selected.flatten(1)
+    count = keep.sum(1, dtype=loss.dtype)
+    s = torch.where(keep, loss.flatten(1), 0.0).sum(1)
+    return torch.where(count > 0, s / count.clamp_min(1), float("nan"))
 
 
 def per_sample_masked(per_sample: Tensor, mask: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple, Union
 
+from .errors import FlowDefinitionError
 from .tasks.base import ITask
 
 InputKey = Tuple[str, ...]  # () is the whole input mapping, ("a", "b") is x["a"]["b"] (see `lookup`)
@@ -141,7 +142,25 @@ def build_graph(name: str, entries) -> FlowGraph:
                               children=tuple(_rebase(n, entry_name, key) for n in sub.nodes), is_flow=True))
     leaves = []
     _collect(tuple(nodes), (), leaves)
+    _check_element_conditions(name, leaves)
     return FlowGraph(name, tuple(nodes), tuple(leaves))
+
+
+def _check_element_conditions(name: str, leaves) -> None:
+    """A condition on a task with element dimensions (`out.is_entity`, one value per token) can
+    only precondition tasks with the same element dimensions (it applies element by element); a
+    per-sample task has no token to take it from. Per-sample conditions apply to every task."""
+    dims = {leaf.path: int(getattr(leaf.task, "element_dims", 0) or 0) for leaf in leaves}
+    for leaf in leaves:
+        for cond in leaf.precondition:
+            for p in cond.paths:
+                k = dims.get(p, 0)
+                if k and k != dims[leaf.path]:
+                    raise FlowDefinitionError(
+                        f"flow {name!r}: task {leaf.path!r} ({dims[leaf.path]} element dimension(s)) is preconditioned "
+                        f"by {cond}, which has {k} element dimension(s) (one value per token): a per-element condition "
+                        f"applies only to tasks with the same element dimensions (give {leaf.path!r} element_dims={k}, "
+                        "or condition it on a per-sample task)")
 
 
 def _rebase(node: Node, prefix: str, key: InputKey) -> Node:

@@ -50,7 +50,8 @@ from .. import distributed
 from ..balancing.base import present_index
 from ..balancing.gradient import GradientBalancer, split_like, task_gradients
 from ..errors import LabelError, capped
-from ..functional import expand_mask, grouped_sum_count, is_compiling, per_sample_masked, selected_sum_count, where_selected
+from ..functional import (expand_mask, grouped_sum_count, is_compiling, per_sample_masked, per_sample_mean,
+                          selected_sum_count, where_selected)
 from ..graph import FlowGraph
 from ..keys import LOGITS, MASK
 from ..tasks.base import label_position
@@ -672,7 +673,13 @@ class FlowPerSampleLoss:
             y = _labels(targets, path, self.graph)
             z = logits[path]
             try:
-                ps = per_sample_masked(task.sample_loss(z, y).reshape(-1), masks[path])
+                m = masks[path]
+                if m.dim() > 1:  # per element (a task preconditioned per token): its selected elements' mean
+                    avail = task.available(y)
+                    selected = avail & expand_mask(m, avail)
+                    ps = per_sample_mean(task.elementwise_loss(where_selected(z, selected, m, 0.0), y), selected)
+                else:
+                    ps = per_sample_masked(task.sample_loss(z, y).reshape(-1), m)
             except (RuntimeError, ValueError) as e:
                 raise _shape_error(path, z, y, e) from e
             values[i] = ps

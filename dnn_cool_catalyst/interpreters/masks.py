@@ -7,15 +7,23 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..functional import is_compiling
+from ..functional import and_masks, element_dims, expand_mask, is_compiling
 from ..graph import Compound, Condition, FlowGraph, Literal
 from ..tasks.binary import BinaryClassificationTask, first_column
 
 
 def compute_masks(graph: FlowGraph, batch_size: int, device: torch.device,
                   gt: Optional[Mapping[str, Tensor]] = None,
-                  decoded: Optional[Mapping[str, Tensor]] = None) -> Dict[str, Tensor]:
+                  decoded: Optional[Mapping[str, Tensor]] = None,
+                  elements: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """`{path: bool (N,)}`: where each leaf's precondition is not FALSE.
+
+    Tasks with element dimensions (`ITask.element_dims`, one label per token): a condition on
+    such a task is a value per element, and the mask of a task it preconditions is `(N, *E)`
+    (per-sample conditions broadcast over the elements, `functional.and_masks`). `elements`
+    (the input's `x["elements"]`, bool `(N, *E)`, True where a position exists) is the padding
+    marker: every task with element dimensions gets it in its mask, so padding positions never
+    apply, at inference too (where there are no labels to mark them missing).
 
     With `gt` (training, ground-truth evaluation) conditions are three-valued: `out.b` is FALSE
     where b's own precondition is FALSE, UNKNOWN where b's label is missing, else the label; `~`
@@ -46,11 +54,17 @@ def compute_masks(graph: FlowGraph, batch_size: int, device: torch.device,
     for j in range(1, plan.width):
         pure = pure & blocks[j]
     masks: Dict[str, Tensor] = dict(zip(plan.pure_paths, pure.unbind(0)))
+    if elements is not None:
+        for path in plan.element_paths:
+            if path in masks:
+                masks[path] = and_masks(masks[path], _elements(graph, path, elements, batch_size))
     if not plan.other_leaves:
         return masks
     literal_values: Dict[Condition, Tensor] = {}
     for leaf in plan.other_leaves:
         m = None
+        if elements is not None and leaf.path in plan.element_paths:
+            m = _elements(graph, leaf.path, elements, batch_size)
         for lit in leaf.precondition:
             v = literal_values.get(lit)
             if v is None:
@@ -58,11 +72,24 @@ def compute_masks(graph: FlowGraph, batch_size: int, device: torch.device,
                     _, false = three_valued(graph, lit, masks, gt, decoded)
                     v = ~false
                 else:
-                    v = masks[lit.path] & _literal(graph, lit, gt, decoded)
+                    v = and_masks(masks[lit.path], _literal(graph, lit, gt, decoded))
                 literal_values[lit] = v
-            m = v if m is None else m & v
-        masks[leaf.path] = m
+            m = v if m is None else and_masks(m, v)
+        masks[leaf.path] = m if m is not None else torch.ones(batch_size, dtype=torch.bool, device=device)
     return {path: masks[path] for path in graph.paths}  # flow order, as every consumer iterates it
+
+
+def _elements(graph: FlowGraph, path: str, elements: Tensor, batch_size: int) -> Tensor:
+    """The padding marker `x["elements"]` checked against a task with element dimensions."""
+    k = element_dims(graph.leaf(path).task)
+    if not isinstance(elements, Tensor) or elements.dtype != torch.bool:
+        raise InputError(f"x['elements'] (which positions exist, for task {path!r} and the other tasks with element "
+                         f"dimensions) must be a bool tensor (N, T), got "
+                         f"{elements.dtype if isinstance(elements, Tensor) else type(elements).__name__}")
+    if elements.dim() < 2 or elements.dim() > 1 + k or elements.shape[0] != batch_size:
+        raise InputError(f"x['elements'] has shape {tuple(elements.shape)}; task {path!r} has {k} element dimension(s) "
+                         f"and the batch {batch_size} samples: give (N, T) for tokens")
+    return elements
 
 
 def _default_condition(task) -> bool:
@@ -86,11 +113,15 @@ class MaskPlan:
 
     def __init__(self, graph: FlowGraph):
         leaves = {leaf.path: leaf for leaf in graph.leaves}
+        # tasks with element dimensions: their masks may be per element (conditions per token, the
+        # padding marker), so they, and the leaves that read their conditions, take the
+        # sequential path, where `and_masks` broadcasts per-sample values over the elements
+        self.element_paths = frozenset(leaf.path for leaf in graph.leaves if element_dims(leaf.task))
         closure: Dict[str, Optional[Tuple[Literal, ...]]] = {}  # None: a compound is involved
         for leaf in graph.leaves:
             lits: Dict[Literal, None] = {}
             for cond in leaf.precondition:
-                inner = closure.get(cond.path) if isinstance(cond, Literal) else None
+                inner = closure.get(cond.path) if isinstance(cond, Literal) and cond.path not in self.element_paths else None
                 if inner is None:
                     lits = None
                     break
@@ -199,11 +230,12 @@ def three_valued(graph: FlowGraph, cond, masks: Mapping[str, Tensor], gt, decode
         else:
             known, value = task.condition(decoded[cond.path], from_labels=False)
         says = value != cond.negated
-        applies = masks[cond.path]
+        applies, known, says = _broadcast(masks[cond.path], known, says)
         return applies & known & says, ~applies | (known & ~says)
     parts = [three_valued(graph, c, masks, gt, decoded) for c in cond.operands]
-    trues = torch.stack([t for t, _ in parts])
-    falses = torch.stack([f for _, f in parts])
+    values = _broadcast(*(t for part in parts for t in part))
+    trues = torch.stack(values[0::2])
+    falses = torch.stack(values[1::2])
     if cond.op == "and":
         return trues.all(0), falses.any(0)
     if cond.op == "or":
@@ -211,3 +243,10 @@ def three_valued(graph: FlowGraph, cond, masks: Mapping[str, Tensor], gt, decode
     known = (trues | falses).all(0)
     odd = (trues.sum(0) % 2) == 1
     return known & odd, known & ~odd
+
+
+def _broadcast(*masks: Tensor) -> Tuple[Tensor, ...]:
+    """Masks of leading shapes (`(N,)`, `(N, T)`) expanded to the shape of the one with the most
+    dimensions (`functional.expand_mask`: per-sample values repeat over the elements)."""
+    widest = max(masks, key=lambda m: m.dim())
+    return tuple(m if m.dim() == widest.dim() else expand_mask(m, widest).expand(widest.shape) for m in masks)

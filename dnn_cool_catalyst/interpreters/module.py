@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import HeadError, InputError
 from ..graph import FlowGraph, InputKey, lookup
-from ..keys import ACTIVATED, DECODED, GT, LOGITS, MASK
+from ..keys import ACTIVATED, DECODED, ELEMENTS, GT, LOGITS, MASK
 from .masks import compute_masks, mask_plan
 
 
@@ -289,7 +289,8 @@ class FlowModule(nn.Module):
             decoded = {path: task.decode(activated[path]) for path, task in self._tasks}
             out[ACTIVATED], out[DECODED] = activated, decoded
         first = next(iter(logits.values()))
-        out[MASK] = compute_masks(self.graph, first.shape[0], first.device, gt=gt, decoded=decoded)
+        elements = x.get(ELEMENTS) if isinstance(x, Mapping) else None
+        out[MASK] = compute_masks(self.graph, first.shape[0], first.device, gt=gt, decoded=decoded, elements=elements)
         return out
 
     def extra_repr(self) -> str:

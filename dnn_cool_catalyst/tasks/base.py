@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LabelError
-from ..functional import accumulation_dtype, nan_available
+from ..functional import nan_available, per_sample_mean
 from ..keys import ACTIVATED, DECODED, GT, LOGITS, MASK
 from ..tuning import check_threshold
 from .describe import describe_ranked, describe_values, sample_decisions, sample_ranked, sample_values
@@ -140,7 +140,9 @@ class ThresholdDecoder(Decoder):
 
         name, fn = metric_function(metric)
         a, y, w = as_numpy(activated), as_numpy(labels), as_numpy(available).astype(bool)
-        per_class = isinstance(self.threshold, list) or (a.ndim >= 2 and a.shape[-1] > 1)
+        # a decoder with one threshold (`per_class=False`, binary) is never per class: per-token
+        # outputs `(N, T)` are T elements, not T classes
+        per_class = isinstance(self.threshold, list) or (self.per_class and a.ndim >= 2 and a.shape[-1] > 1)
         if not per_class:
             a, y, w = a.reshape(-1), y.reshape(-1), w.reshape(-1)
             if not a.shape == y.shape == w.shape:
@@ -217,6 +219,14 @@ class ITask(abc.ABC):
     # classes (classification, multilabel); None for any other task. Shown by the explainer, the
     # per-class metrics and the evaluation table (indices where None).
     class_names: Optional[List[str]] = None
+    # How many element dimensions follow the batch dimension in the labels: 0 (the default) for
+    # one label (or one label vector, multilabel) per sample; 1 for one per token, labels `(N, T)`
+    # and logits `(N, T, ...)` (token tagging); 2 for a grid. Preconditions of such a task apply
+    # per element where the condition task has the same element dimensions, and are broadcast from
+    # a per-sample condition; loss, metrics and tuning run over its elements
+    # (`functional.element_rows`). Masked language modeling keeps 0: its tokens are label elements
+    # of one sample, as a multilabel task's classes are.
+    element_dims: int = 0
     # A stable name of the task's kind, recorded in an export's manifest and compared when it is
     # loaded. Each predefined kind sets its own; any other subclass gets its class name (see
     # `__init_subclass__`) unless it sets `kind` itself.
@@ -345,17 +355,7 @@ class ITask(abc.ABC):
 
     def sample_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over each sample's available elements, `(N,)`, NaN where none is available."""
-        loss = self.elementwise_loss(logits, labels)
-        avail = self.available(labels)
-        # in at least float32 (the tokens of one sample can overflow a float16 sum), and selected
-        # with `where`, so that a non-finite loss of a missing element never reaches the mean
-        loss = loss.to(accumulation_dtype(loss.dtype))
-        if loss.dim() == 1:
-            return torch.where(avail, loss, math.nan)
-        keep = avail.flatten(1)
-        count = keep.sum(1, dtype=loss.dtype)
-        s = torch.where(keep, loss.flatten(1), 0.0).sum(1)
-        return torch.where(count > 0, s / count.clamp_min(1), math.nan)
+        return per_sample_mean(self.elementwise_loss(logits, labels), self.available(labels))
 
 
 _GROUPED_METHODS = ("elementwise_loss", "available", "sample_loss", "label_bound")
@@ -411,6 +411,7 @@ class Task(ITask):
     weight: float = 1.0
     labels: InitVar[Any] = None  # the seed's fields, not kept (see the class docstring)
     inputs: InitVar[Any] = None
+    element_dims: int = 0  # see `ITask.element_dims`
 
     def __post_init__(self, labels: Any = None, inputs: Any = None):
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -422,6 +423,9 @@ class Task(ITask):
                             + ("" if type(self) is not Task else
                                " (Task's second field is the module; the seed's Task took labels there: "
                                "pass the fields by keyword, e.g. Task(name=..., module=..., loss=...))"))
+        if isinstance(self.element_dims, bool) or not isinstance(self.element_dims, int) or self.element_dims < 0:
+            raise ValueError(f"task {self.name!r}: element_dims must be a whole number >= 0 (0: one label per sample, "
+                             f"1: one per token), got {self.element_dims!r}")
         if self.activation is None:  # the seed's `activation: Optional[nn.Module]`
             self.activation = _identity
         if self.decoder is None:
@@ -528,12 +532,33 @@ def squeeze_last(t: Tensor) -> Tensor:
     return t.squeeze(-1) if t.dim() == 2 and t.shape[-1] == 1 else t
 
 
-def check_vector_labels(t: Tensor, name: str) -> Tensor:
-    """Labels with one value per sample: `(N,)` or `(N, 1)` -> `(N,)`."""
+def check_vector_labels(t: Tensor, name: str, element_dims: int = 0) -> Tensor:
+    """Labels with one value per sample: `(N,)` or `(N, 1)` -> `(N,)`; with `element_dims` k > 0,
+    one value per element: exactly `(N, *E)` with k element dimensions (`ITask.element_dims`)."""
+    if element_dims:
+        if t.dim() != 1 + element_dims:
+            dims = ", ".join(["N", "T", "U", "V"][: 1 + element_dims]) if element_dims <= 3 else f"N and {element_dims} more"
+            raise LabelError(f"task {name!r}: labels must have shape ({dims}) (element_dims={element_dims}: one label per "
+                             f"element, missing or padding positions marked missing), got {tuple(t.shape)}")
+        return t
     t = squeeze_last(t)
     if t.dim() != 1:
-        raise LabelError(f"task {name!r}: labels must have shape (N,) or (N, 1), got {tuple(t.shape)}")
+        raise LabelError(f"task {name!r}: labels must have shape (N,) or (N, 1), got {tuple(t.shape)}"
+                         + (" (labels per token: give the task element_dims=1)" if t.dim() == 2 else ""))
     return t
+
+
+def element_values(values: Tensor, element_dims: int) -> Tensor:
+    """A one-value-per-element task's labels or outputs as `(N, *E)`: `(N, *E, 1)` (a head with one
+    output) is squeezed; `(N,)` / `(N, 1)` per sample when `element_dims` is 0 (`first_column`)."""
+    if element_dims == 0:
+        return values if values.dim() == 1 else values.reshape(values.shape[0], values.shape[1:].numel())[:, 0]
+    if values.dim() == element_dims + 2 and values.shape[-1] == 1:
+        return values.squeeze(-1)
+    if values.dim() != element_dims + 1:
+        raise ValueError(f"values of shape {tuple(values.shape)} do not have one value per element "
+                         f"(element_dims={element_dims})")
+    return values
 
 
 

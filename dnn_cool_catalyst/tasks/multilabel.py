@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import LabelError
 from ..functional import nan_available
 from ..metrics import MultilabelConfusionMetric, averaged_name
-from .base import Task, ThresholdDecoder, builtin_loss_group, raw_labels
+from .base import Task, ThresholdDecoder, builtin_loss_group, label_position, raw_labels
 from .describe import describe_decisions
 
 
@@ -27,12 +27,13 @@ class MultilabelClassificationTask(Task):
     Metrics: accuracy per available element and F1 over the available elements (counted per class,
     for the per-class precision / recall / F1 of the evaluation table), `average="micro"` by default
     (named `f1_score`); `"macro"` or `"weighted"` average the classes' F1 instead (named
-    `f1_score_macro`, `f1_score_weighted`)."""
+    `f1_score_macro`, `f1_score_weighted`). With `element_dims=1` a label vector per token:
+    logits and labels `(N, T, C)`."""
 
     kind = "MultilabelClassificationTask"
 
     def __init__(self, name: str, module: nn.Module, class_names: Optional[Sequence[str]] = None,
-                 weight: float = 1.0, average: str = "micro"):
+                 weight: float = 1.0, average: str = "micro", element_dims: int = 0):
         self.class_names = list(class_names) if class_names is not None else None
         n = len(self.class_names) if self.class_names is not None else None
         super().__init__(name=name, module=module, loss=_bce_elementwise, activation=torch.sigmoid,
@@ -41,7 +42,8 @@ class MultilabelClassificationTask(Task):
                          metrics=[("accuracy", MultilabelConfusionMetric("accuracy", n or None)),
                                   (averaged_name("f1_score", average, "micro"),
                                    MultilabelConfusionMetric("f1_score", n or None, average))],
-                         available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
+                         available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight,
+                         element_dims=element_dims)
 
     def loss_group(self):
         """`("multilabel",)`: multilabel tasks with the built-in BCE share one loss computation (the
@@ -58,16 +60,17 @@ class MultilabelClassificationTask(Task):
 
     def label_shape(self) -> Optional[Tuple[int, ...]]:
         """`(C,)` with `class_names`; without them the number of classes is the data's (None)."""
-        return (len(self.class_names),) if self.class_names is not None else None
+        return (len(self.class_names),) if self.class_names is not None and not self.element_dims else None
 
     def prepare_labels(self, values: Any) -> Tensor:
         t = raw_labels(values, self.name).to(torch.float32)
         n = len(self.class_names) if self.class_names is not None else None
-        if t.dim() != 2 or (n is not None and t.shape[1] != n):
-            want = f"(N, {n})" if n is not None else "(N, C)"
+        k = self.element_dims
+        if t.dim() != 2 + k or (n is not None and t.shape[-1] != n):
+            want = "(N, " + "T, " * k + (f"{n})" if n is not None else "C)")
             raise LabelError(f"task {self.name!r}: multilabel labels must have shape {want}, got {tuple(t.shape)}")
         bad = ~(torch.isnan(t) | (t == 0) | (t == 1))
         if bad.any():
-            i, j = (int(v) for v in bad.nonzero()[0])
-            raise LabelError(f"task {self.name!r}: multilabel labels must be 0, 1 or NaN; [{i}, {j}] is {float(t[i, j])}")
+            pos, where = label_position(bad)
+            raise LabelError(f"task {self.name!r}: multilabel labels must be 0, 1 or NaN; {where} is {float(t[pos])}")
         return t

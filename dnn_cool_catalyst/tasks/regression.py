@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from ..errors import LabelError
 from ..functional import nan_available
 from ..metrics import MeanAbsoluteError
-from .base import ScaleDecoder, Task, builtin_loss_group, check_vector_labels
+from .base import ScaleDecoder, Task, builtin_loss_group, check_vector_labels, label_position
 
 
 def _mse_on_sigmoid(logits: Tensor, labels: Tensor) -> Tensor:
@@ -38,7 +38,8 @@ LOSSES = {"mse": _mse_on_sigmoid, "l1": _l1_on_sigmoid, "smooth_l1": _smooth_l1_
 
 class BoundedRegressionTask(Task):
     """A value in `[0, scale]`. The module outputs one logit per sample; labels are already divided
-    by `scale` (in [0, 1]), NaN for missing. Decoded: `sigmoid(logits) * scale`.
+    by `scale` (in [0, 1]), NaN for missing. Decoded: `sigmoid(logits) * scale`. With
+    `element_dims=1` one value per token: logits `(N, T, 1)` or `(N, T)`, labels `(N, T)`.
 
     `loss` compares the activated value `sigmoid(logits)` with the label:
     - `"mse"` (default): squared error. Its gradient shrinks with the error and with the sigmoid's
@@ -51,7 +52,8 @@ class BoundedRegressionTask(Task):
 
     kind = "BoundedRegressionTask"
 
-    def __init__(self, name: str, module: nn.Module, scale: float = 1.0, weight: float = 1.0, loss: str = "mse"):
+    def __init__(self, name: str, module: nn.Module, scale: float = 1.0, weight: float = 1.0, loss: str = "mse",
+                 element_dims: int = 0):
         if not scale > 0:
             raise ValueError(f"task {name!r}: scale must be positive, got {scale}")
         if loss not in LOSSES:
@@ -62,7 +64,8 @@ class BoundedRegressionTask(Task):
                          decoder=ScaleDecoder(scale),
                          metrics=[("mean_absolute_error", MeanAbsoluteError(1.0)),
                                   ("mean_absolute_error_decoded", MeanAbsoluteError(scale))],
-                         available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight)
+                         available_func=nan_available, missing=math.nan, label_dtype=torch.float32, weight=weight,
+                         element_dims=element_dims)
 
     def loss_group(self):
         """`("bounded_regression", loss)`: bounded regressions with the same built-in loss share one
@@ -71,14 +74,14 @@ class BoundedRegressionTask(Task):
                                   ("bounded_regression", self.loss_name))
 
     def label_shape(self) -> Optional[Tuple[int, ...]]:
-        """One label per sample."""
-        return ()
+        """One label per sample (per element: the data's shape, None)."""
+        return () if not self.element_dims else None
 
     def prepare_labels(self, values: Any) -> Tensor:
-        t = check_vector_labels(super().prepare_labels(values), self.name)
+        t = check_vector_labels(super().prepare_labels(values), self.name, self.element_dims)
         bad = (t < 0) | (t > 1)
         if bad.any():
-            i = int(bad.nonzero()[0, 0])
+            i, where = label_position(bad)
             raise LabelError(f"task {self.name!r}: bounded regression labels must lie in [0, 1] "
-                             f"(divide by scale={self.scale}); sample {i} is {float(t[i])}")
+                             f"(divide by scale={self.scale}); {where} is {float(t[i])}")
         return t
