@@ -248,5 +248,8 @@ def three_valued(graph: FlowGraph, cond, masks: Mapping[str, Tensor], gt, decode
 def _broadcast(*masks: Tensor) -> Tuple[Tensor, ...]:
     """Masks of leading shapes (`(N,)`, `(N, T)`) expanded to the shape of the one with the most
     dimensions (`functional.expand_mask`: per-sample values repeat over the elements)."""
-    widest = max(masks, key=lambda m: m.dim())
+    widest = masks[0]
+    for m in masks[1:]:  # not max(key=...): torch.compile cannot trace it
+        if m.dim() > widest.dim():
+            widest = m
     return tuple(m if m.dim() == widest.dim() else expand_mask(m, widest).expand(widest.shape) for m in masks)

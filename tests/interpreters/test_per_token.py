@@ -347,3 +347,28 @@ def test_dataset_carries_token_labels_the_padding_marker_and_gt():
     out = flow.torch()(X)
     assert out["mask"]["entity_type"].shape == (3, 4)
     assert torch.isfinite(flow.get_loss()(out, y))
+
+
+def test_fused_heads_and_torch_compile_on_a_token_flow():
+    rng = np.random.default_rng(0)
+    x, labels, _ = batch(rng, 5, 4)
+    plain, fused = token_flow(0), token_flow(0)
+    m1, m2 = plain.torch(), fused.torch(fuse=True)
+    assert len(m2.fused_heads) == 2  # the token heads with one output, and the pooled ones
+    m2.load_state_dict(m1.state_dict())
+    targets = as_targets(plain, labels)
+    x["gt"] = {p: targets[p] for p in plain.graph.condition_paths}
+    o1, o2 = m1(x), m2(x)
+    for p in plain.graph.paths:
+        # one GEMM against several: the same products summed in another order
+        torch.testing.assert_close(o1["logits"][p], o2["logits"][p], atol=1e-6, rtol=1e-6)
+        assert torch.equal(o1["mask"][p], o2["mask"][p])
+    torch.testing.assert_close(plain.get_loss()(o1, targets), fused.get_loss()(o2, targets), atol=1e-6, rtol=1e-6)
+    x.pop("gt")
+    m1.eval()
+    compiled = torch.compile(m1, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        eager, traced = m1(x), compiled(x)
+    for p in plain.graph.paths:
+        assert torch.equal(eager["mask"][p], traced["mask"][p]), p
+        assert torch.equal(eager["decoded"][p], traced["decoded"][p]), p
