@@ -1,0 +1,199 @@
+"""Per-token tasks (element_dims=1) at inference: the tree explainer, the filter, MC-dropout and
+predict / infer, against hand-written references (plain loops over samples and tokens)."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import dnn_cool_catalyst as dcc
+
+D, C = 4, 3
+
+
+def token_flow(dropout=0.0, per_sample_only=False):
+    """has_entities per sample; is_entity per token | out.has_entities; entity_type per token |
+    out.is_entity (or, with `per_sample_only`, | out.has_entities: a per-sample precondition)."""
+    def head(out):
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(D, out)) if dropout else nn.Linear(D, out)
+
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("has_entities", head(1)),
+                       dcc.BinaryClassificationTask("is_entity", head(1), element_dims=1),
+                       dcc.ClassificationTask("entity_type", head(C), element_dims=1,
+                                              class_names=["PER", "LOC", "ORG"])])
+
+    @tasks.add_flow
+    def tagging(flow, x, out):
+        out += flow.has_entities(x.pooled)
+        out += flow.is_entity(x.tokens) | out.has_entities
+        if per_sample_only:
+            out += flow.entity_type(x.tokens) | out.has_entities
+        else:
+            out += flow.entity_type(x.tokens) | out.is_entity
+        return out
+
+    torch.manual_seed(0)
+    return tasks.get_full_flow()
+
+
+def logits_of(has, is_entity, seed=0):
+    """Outputs with decisions set by hand: logit +2 for True, -2 for False (threshold 0.5)."""
+    has, is_entity = np.asarray(has, dtype=bool), np.asarray(is_entity, dtype=bool)
+    n, t = is_entity.shape
+    rng = np.random.default_rng(seed)
+    return {"logits": {
+        "has_entities": torch.tensor(np.where(has, 2.0, -2.0)[:, None], dtype=torch.float32),
+        "is_entity": torch.tensor(np.where(is_entity, 2.0, -2.0)[:, :, None], dtype=torch.float32),
+        "entity_type": torch.tensor(rng.normal(size=(n, t, C)), dtype=torch.float32),
+    }}
+
+
+def nodes(tree):
+    """`{node id: parent id}` of a tree, the root left out."""
+    return {nid: tree.parent(nid).identifier for nid in tree.nodes if nid != tree.root}
+
+
+# The explainer ---------------------------------------------------------------------------------
+
+
+HAS = [True, False, True]
+IS_ENTITY = [[True, False, True, True],
+             [True, True, True, True],
+             [False, False, False, False]]
+ELEMENTS = [[True, True, True, False],  # sample 0: token 3 is padding
+            [True, True, True, True],
+            [True, True, True, True]]
+
+
+def test_token_nodes_where_the_task_applies_padding_left_out():
+    flow = token_flow()
+    trees = flow.get_treelib_explainer()(logits_of(HAS, IS_ENTITY), elements=torch.tensor(ELEMENTS))
+    assert nodes(trees[0]) == {
+        "has_entities": "/",
+        "is_entity[0]": "has_entities", "is_entity[1]": "has_entities", "is_entity[2]": "has_entities",
+        "entity_type[0]": "is_entity[0]", "entity_type[2]": "is_entity[2]",
+        "entity_type[pruned]": "has_entities",
+    }
+    # sample 1: has_entities is False, no token task applies anywhere
+    assert nodes(trees[1]) == {"has_entities": "/"}
+    # sample 2: is_entity applies at every token (each False), entity_type at none
+    assert nodes(trees[2]) == {"has_entities": "/", **{f"is_entity[{t}]": "has_entities" for t in range(4)}}
+    assert trees[0]["entity_type[pruned]"].tag == "entity_type | does not apply at 1 of 3 tokens: 1"
+    assert trees[0]["is_entity[2]"].tag.startswith("is_entity[2] | decoded: [True (0.8808 > 0.5)]")
+    assert trees[0]["entity_type[0]"].tag.startswith("entity_type[0] | decoded: [")
+
+
+def test_padding_from_the_models_masks_counts_as_not_applying():
+    flow = token_flow()
+    x = {"tokens": torch.randn(3, 4, D), "pooled": torch.randn(3, D), "elements": torch.tensor(ELEMENTS)}
+    model = flow.torch().eval()
+    with torch.no_grad():
+        out = model(x)
+    trees = flow.get_treelib_explainer()(out)  # no elements=: the masks alone tell where a task applies
+    for i, tree in enumerate(trees):
+        mask = out["mask"]["is_entity"][i]
+        shown = {t for t in range(4) if tree.contains(f"is_entity[{t}]")}
+        assert shown == {t for t in range(4) if bool(mask[t])}
+        if 0 < len(shown) < 4:
+            absent = [t for t in range(4) if not bool(mask[t])]
+            assert tree["is_entity[pruned]"].tag == (f"is_entity | does not apply at {len(absent)} of 4 tokens: "
+                                                     + ", ".join(map(str, absent)))
+
+
+def test_a_per_sample_mask_is_broadcast_over_the_tokens():
+    flow = token_flow(per_sample_only=True)
+    trees = flow.get_treelib_explainer()(logits_of(HAS, IS_ENTITY))  # masks computed: entity_type's is (N,)
+    assert {nid for nid in nodes(trees[0]) if nid.startswith("entity_type")} == {f"entity_type[{t}]" for t in range(4)}
+    assert nodes(trees[0])["entity_type[1]"] == "has_entities"
+    assert nodes(trees[1]) == {"has_entities": "/"}
+
+
+def test_long_token_lists_are_capped_into_the_summary():
+    flow = token_flow()
+    trees = flow.get_treelib_explainer(max_elements=2)(logits_of(HAS, IS_ENTITY), elements=torch.tensor(ELEMENTS))
+    got = nodes(trees[0])
+    assert {nid for nid in got if nid.startswith("is_entity")} == {"is_entity[0]", "is_entity[1]", "is_entity[pruned]"}
+    assert trees[0]["is_entity[pruned]"].tag == ("is_entity | not shown: 1 more token where it applies "
+                                                 "(max_elements=2): 2")
+    one = nodes(flow.get_treelib_explainer(max_elements=1)(logits_of(HAS, IS_ENTITY), elements=torch.tensor(ELEMENTS))[0])
+    assert {nid for nid in one if nid.startswith("entity_type")} == {"entity_type[0]", "entity_type[pruned]"}
+    assert got["entity_type[0]"] == "is_entity[0]"
+    assert got["entity_type[2]"] == "has_entities"  # its token's is_entity node is not shown
+
+
+def test_mismatched_masks_and_elements_name_the_task():
+    flow = token_flow()
+    out = logits_of(HAS, IS_ENTITY)
+    with pytest.raises(ValueError, match="is_entity"):
+        flow.get_treelib_explainer()(out, elements=torch.ones(3, 5, dtype=torch.bool))
+    out["mask"] = {"has_entities": torch.ones(3, dtype=torch.bool), "is_entity": torch.ones(3, 2, dtype=torch.bool),
+                   "entity_type": torch.ones(3, 4, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="mask of task 'is_entity' has shape"):
+        flow.get_treelib_explainer()(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda n: st.integers(1, 5).flatmap(lambda t: st.tuples(
+    st.lists(st.booleans(), min_size=n, max_size=n),
+    st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=n, max_size=n),
+    st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=n, max_size=n)))))
+def test_nodes_match_a_loop_over_tokens(case):
+    has, is_entity, elements = case
+    flow = token_flow()
+    trees = flow.get_treelib_explainer()(logits_of(has, is_entity), elements=torch.tensor(elements))
+    for i, tree in enumerate(trees):
+        expected = {"has_entities": "/"}
+        existing = [t for t, e in enumerate(elements[i]) if e]
+        if has[i]:
+            for t in existing:
+                expected[f"is_entity[{t}]"] = "has_entities"
+            entity = [t for t in existing if is_entity[i][t]]
+            for t in entity:
+                expected[f"entity_type[{t}]"] = f"is_entity[{t}]"
+            if entity and len(entity) < len(existing):
+                expected["entity_type[pruned]"] = "has_entities"
+        assert nodes(tree) == expected
+
+
+# MC-dropout ------------------------------------------------------------------------------------
+
+
+def token_inputs(n=5, t=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    elements = torch.ones(n, t, dtype=torch.bool)
+    elements[0, 2:] = False
+    elements[3, 1:] = False
+    return {"tokens": torch.randn(n, t, D, generator=g) * 3, "pooled": torch.randn(n, D, generator=g) * 3,
+            "elements": elements}
+
+
+def test_mc_dropout_gives_per_token_statistics_and_applied_fractions():
+    flow = token_flow(dropout=0.5)
+    model = flow.torch()
+    x = token_inputs()
+    u = dcc.uncertainty.mc_dropout(model, x, n=12, seed=0, passes_per_forward=3)
+    assert u["has_entities"]["applied"].shape == (5,)
+    assert u["is_entity"]["entropy"].shape == (5, 4, 1)
+    assert u["entity_type"]["entropy"].shape == (5, 4)
+    assert u["entity_type"]["mean"].shape == (5, 4, C)
+    # reference: the passes one at a time, the same dropout stream (passes_per_forward=1, same seed)
+    ref = {"is_entity": torch.zeros(5, 4), "entity_type": torch.zeros(5, 4)}
+    with dcc.uncertainty.mc_dropout_mode(model, seed=0), torch.no_grad():
+        for _ in range(12):
+            out = model(x)
+            for p in ref:
+                ref[p] += out["mask"][p].float()
+    u1 = dcc.uncertainty.mc_dropout(model, x, n=12, seed=0, passes_per_forward=1)
+    for p in ref:
+        assert u1[p]["applied"].shape == (5, 4)
+        assert torch.equal(u1[p]["applied"], ref[p] / 12)
+        assert torch.all(u[p]["applied"][~x["elements"]] == 0)  # padding never applies
+        assert torch.all(~u[p]["applies"][~x["elements"]])
+        assert u[p]["applies"].shape == (5, 4)
+    out = model.eval()(x)
+    out["uncertainty"] = u
+    trees = flow.get_treelib_explainer(uncertainty=True)(out, elements=x["elements"])
+    for i, tree in enumerate(trees):
+        for t in range(4):
+            if tree.contains(f"is_entity[{t}]"):
+                assert f"applied {float(u['is_entity']['applied'][i, t]):.4g}" in tree[f"is_entity[{t}]"].tag
