@@ -197,3 +197,102 @@ def test_mc_dropout_gives_per_token_statistics_and_applied_fractions():
         for t in range(4):
             if tree.contains(f"is_entity[{t}]"):
                 assert f"applied {float(u['is_entity']['applied'][i, t]):.4g}" in tree[f"is_entity[{t}]"].tag
+
+
+# The filter ------------------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+def gt_reference(has, is_entity, elements, path):
+    """Where a task applies from ground truth (API.md section 4), by hand, per sample and token: a
+    condition holds where its label is 1 or missing (unknown), a task applies where every
+    condition on its path holds; padding positions never apply."""
+    n, t = len(has), len(elements[0])
+    out = []
+    for i in range(n):
+        has_ok = has[i] != 0  # 1 or NaN
+        for j in range(t):
+            if not elements[i][j]:
+                continue
+            if path == "is_entity" and has_ok:
+                out.append((i, j))
+            if path == "entity_type" and has_ok and is_entity[i][j] != 0:
+                out.append((i, j))
+    return out
+
+
+def labelled_case(has, is_entity, entity_type, elements, seed=3):
+    flow = token_flow()
+    n, t = len(has), len(elements[0])
+    g = torch.Generator().manual_seed(seed)
+    x = {"tokens": torch.randn(n, t, D, generator=g), "pooled": torch.randn(n, D, generator=g),
+         "elements": torch.tensor(elements), "gt": {"has_entities": torch.tensor(has, dtype=torch.float32),
+                                                    "is_entity": torch.tensor(is_entity, dtype=torch.float32)}}
+    with torch.no_grad():
+        out = flow.torch().eval()(x)
+    y = {"has_entities": torch.tensor(has, dtype=torch.float32), "is_entity": torch.tensor(is_entity, dtype=torch.float32),
+         "entity_type": torch.tensor(entity_type)}
+    return flow, out, y
+
+
+CASE = dict(has=[1.0, 0.0, NAN, 1.0],
+            is_entity=[[1.0, 0.0, NAN, NAN], [1.0, 1.0, 0.0, 1.0], [1.0, NAN, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]],
+            entity_type=[[2, 1, 0, -1], [0, 1, 2, 0], [1, -1, 2, 2], [-1, 0, -1, 1]],
+            elements=[[True, True, True, False], [True] * 4, [True] * 4, [True] * 4])
+
+
+@pytest.mark.parametrize("output", ["decoded", "activated", "logits"])
+def test_filter_gives_the_selected_tokens_flattened(output):
+    flow, out, y = labelled_case(**CASE)
+    got = flow.get_filter(output=output)(out, y)
+    for path in ("is_entity", "entity_type"):
+        selected = [(i, j) for i, j in gt_reference(CASE["has"], CASE["is_entity"], CASE["elements"], path)
+                    if bool(flow.graph.leaf(path).task.available(y[path][i, j]))]
+        pred, labels = got[path]
+        assert torch.equal(pred, torch.stack([out[output][path][i, j] for i, j in selected]))
+        assert torch.equal(labels, torch.stack([y[path][i, j] for i, j in selected]))
+    # by hand: entity_type applies at (0, 0) (is_entity 1), (0, 2) (is_entity unknown; (0, 3) is
+    # padding), (2, 0), (2, 1) (has_entities unknown), (3, 1), (3, 2); (2, 1) and (3, 2) have no label
+    assert got["entity_type"][1].tolist() == [2, 0, 1, 0]
+    assert got["entity_type"][0].shape == (4, C)  # ranked classes, probabilities or logits per token
+    assert got["is_entity"][1].shape == (9,)  # sample 0: tokens 0, 1; sample 2: 0, 2, 3; sample 3: all 4
+    assert got["has_entities"][1].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_filter_takes_given_per_token_masks_and_predicted_preconditions():
+    flow, out, y = labelled_case(**CASE)
+    masks = {p: m.clone() for p, m in out["mask"].items()}
+    masks["entity_type"][:] = False
+    masks["entity_type"][1, 2] = True
+    pred, labels = flow.get_filter()({**out, "mask": masks}, y)["entity_type"]
+    assert labels.tolist() == [2] and torch.equal(pred, out["decoded"]["entity_type"][1, 2:3])
+    got = flow.get_filter(preconditions="predicted")(out, y)["entity_type"]
+    dec = out["decoded"]
+    expected = [(i, j) for i in range(4) for j in range(4)
+                if bool(dec["has_entities"][i, 0]) and bool(dec["is_entity"][i, j, 0]) and int(y["entity_type"][i, j]) != -1]
+    assert got[1].tolist() == [int(y["entity_type"][i, j]) for i, j in expected]
+    with pytest.raises(ValueError, match="mask of task 'is_entity' has shape"):
+        flow.get_filter()({**out, "mask": {**masks, "is_entity": torch.ones(3, 4, dtype=torch.bool)}}, y)
+
+
+labels01 = st.sampled_from([0.0, 1.0, NAN])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda n: st.integers(1, 4).flatmap(lambda t: st.tuples(
+    st.lists(labels01, min_size=n, max_size=n),
+    st.lists(st.lists(labels01, min_size=t, max_size=t), min_size=n, max_size=n),
+    st.lists(st.lists(st.integers(-1, C - 1), min_size=t, max_size=t), min_size=n, max_size=n),
+    st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=n, max_size=n)))))
+def test_filter_matches_a_loop_over_tokens(case):
+    has, is_entity, entity_type, elements = case
+    flow, out, y = labelled_case(has, is_entity, entity_type, elements)
+    got = flow.get_filter()(out, y)
+    for path, present in (("is_entity", lambda v: v == v), ("entity_type", lambda v: v != -1)):
+        selected = [(i, j) for i, j in gt_reference(has, is_entity, elements, path) if present(y[path][i, j].item())]
+        pred, labels = got[path]
+        assert labels.tolist() == [y[path][i, j].item() for i, j in selected]
+        assert pred.shape[0] == len(selected)
+        if selected:
+            assert torch.equal(pred, torch.stack([out["decoded"][path][i, j] for i, j in selected]))
