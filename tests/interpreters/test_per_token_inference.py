@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import dnn_cool_catalyst as dcc
+from dnn_cool_catalyst import inference
 
 D, C = 4, 3
 
@@ -296,3 +297,72 @@ def test_filter_matches_a_loop_over_tokens(case):
         assert pred.shape[0] == len(selected)
         if selected:
             assert torch.equal(pred, torch.stack([out["decoded"][path][i, j] for i, j in selected]))
+
+
+# predict / infer ---------------------------------------------------------------------------------
+
+
+def token_data(n, t, seed, pad_from=None):
+    """Inputs and labels of `n` samples of `t` tokens; sample 1 is padding from token `pad_from`."""
+    g = torch.Generator().manual_seed(seed)
+    elements = torch.ones(n, t, dtype=torch.bool)
+    if pad_from is not None:
+        elements[1, pad_from:] = False
+    x = {"tokens": torch.randn(n, t, D, generator=g) * 3, "pooled": torch.randn(n, D, generator=g) * 3,
+         "elements": elements}
+    y = {"has_entities": torch.randint(0, 2, (n,), generator=g).float(),
+         "is_entity": torch.where(elements, torch.randint(0, 2, (n, t), generator=g).float(), NAN),
+         "entity_type": torch.where(elements, torch.randint(0, C, (n, t), generator=g), -1)}
+    return x, y
+
+
+def test_predict_and_infer_over_a_dataset_with_padding():
+    flow = token_flow()
+    model = flow.torch()
+    x, y = token_data(7, 4, seed=0, pad_from=2)
+    loader = torch.utils.data.DataLoader(flow.get_dataset(x, y), batch_size=3)
+    result = inference.predict(model, flow, loader)
+    with torch.no_grad():
+        ref = model.eval()(x)  # the whole set in one batch, x["elements"] included
+    assert result["logits"]["entity_type"].shape == (7, 4, C)
+    assert result["decoded"]["is_entity"].shape == (7, 4, 1)
+    for p in flow.graph.paths:
+        assert torch.equal(result["mask"][p], ref["mask"][p].expand(result["mask"][p].shape))
+        # equal up to float rounding: batches of 3 and one of 7 may take different kernels
+        torch.testing.assert_close(result["logits"][p], ref["logits"][p], rtol=1e-5, atol=1e-6)
+    assert not result["mask"]["is_entity"][1, 2:].any()  # padding never applies
+    assert torch.equal(result["targets"]["entity_type"], y["entity_type"])
+    arrays = inference.infer(model, flow, loader)
+    assert arrays["mask"]["entity_type"].shape == (7, 4) and arrays["mask"]["entity_type"].dtype == np.bool_
+
+
+def test_batches_of_different_lengths_are_padded_to_the_longest():
+    flow = token_flow(dropout=0.3)
+    model = flow.torch()
+    (x1, y1), (x2, y2) = token_data(3, 2, seed=1), token_data(4, 5, seed=2, pad_from=3)
+    result = inference.predict(model, flow, [(x1, y1), (x2, y2)], mc_samples=3, mc_seed=0)
+    with torch.no_grad():
+        first = model.eval()(x1)
+    assert result["logits"]["entity_type"].shape == (7, 5, C)
+    assert torch.equal(result["logits"]["entity_type"][:3, :2], first["logits"]["entity_type"])
+    assert torch.equal(result["mask"]["is_entity"][:3, :2], first["mask"]["is_entity"].expand(3, 2))
+    assert not result["mask"]["is_entity"][:3, 2:].any() and not result["mask"]["entity_type"][:3, 2:].any()
+    assert torch.isnan(result["targets"]["is_entity"][:3, 2:]).all()
+    assert (result["targets"]["entity_type"][:3, 2:] == -1).all()
+    u = result["uncertainty"]["entity_type"]
+    assert u["entropy"].shape == (7, 5) and u["applies"].shape == (7, 5)
+    assert not u["applies"][:3, 2:].any() and (u["applied"][:3, 2:] == 0).all()
+    # the filter over the joined predictions: the same tokens as over each batch alone
+    whole = flow.get_filter()(result, result["targets"])["entity_type"]
+    parts = [flow.get_filter()(inference.predict(model, flow, [b]), b[1])["entity_type"] for b in [(x1, y1), (x2, y2)]]
+    assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
+
+
+def test_other_shape_mismatches_between_batches_name_the_task():
+    flow = token_flow()
+    chunks = [{"has_entities": torch.zeros(2, 1)}, {"has_entities": torch.zeros(2, 2)}]
+    with pytest.raises(ValueError, match="the logits of task 'has_entities' have different shapes"):
+        inference.join_batches(chunks, flow.graph, "logits", "predict")
+    chunks = [{"entity_type": torch.zeros(2, 3, C)}, {"entity_type": torch.zeros(2, 4, C + 1)}]
+    with pytest.raises(ValueError, match="only its element dimensions may differ"):
+        inference.join_batches(chunks, flow.graph, "logits", "predict")
