@@ -366,3 +366,41 @@ def test_other_shape_mismatches_between_batches_name_the_task():
     chunks = [{"entity_type": torch.zeros(2, 3, C)}, {"entity_type": torch.zeros(2, 4, C + 1)}]
     with pytest.raises(ValueError, match="only its element dimensions may differ"):
         inference.join_batches(chunks, flow.graph, "logits", "predict")
+
+
+def test_per_token_multilabel_and_regression_are_filtered_per_token():
+    torch.manual_seed(0)
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("is_entity", nn.Linear(D, 1), element_dims=1),
+                       dcc.MultilabelClassificationTask("tags", nn.Linear(D, C), element_dims=1),
+                       dcc.BoundedRegressionTask("pos", nn.Linear(D, 1), element_dims=1, scale=10.0)])
+
+    @tasks.add_flow
+    def spans(flow, x, out):
+        out += flow.is_entity(x.tokens)
+        out += flow.tags(x.tokens) | out.is_entity
+        out += flow.pos(x.tokens) | out.is_entity
+        return out
+
+    flow = tasks.get_full_flow()
+    n, t = 4, 3
+    g = torch.Generator().manual_seed(5)
+    is_entity = torch.tensor([[1.0, 0.0, NAN], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [NAN, 1.0, 0.0]])
+    x = {"tokens": torch.randn(n, t, D, generator=g), "gt": {"is_entity": is_entity}}
+    tags = torch.randint(0, 2, (n, t, C), generator=g).float()
+    tags[0, 0] = NAN  # a token without any tag label
+    tags[2, 1, 0] = NAN  # a token with one missing tag
+    y = {"is_entity": is_entity, "tags": tags, "pos": torch.rand(n, t, generator=g)}
+    with torch.no_grad():
+        out = flow.torch().eval()(x)
+    applies = [(i, j) for i in range(n) for j in range(t) if not is_entity[i, j] == 0]  # 1 or unknown
+    rows = [(i, j) for i, j in applies if not torch.isnan(tags[i, j]).all()]
+    pred, labels = flow.get_filter()(out, y)["tags"]
+    assert torch.equal(pred, torch.stack([out["decoded"]["tags"][i, j] for i, j in rows]))
+    assert torch.allclose(labels, torch.stack([tags[i, j] for i, j in rows]), equal_nan=True)
+    pred, labels = flow.get_filter(elements=True)(out, y)["tags"]  # the present tag elements, flattened
+    present = [(i, j, c) for i, j in rows for c in range(C) if not torch.isnan(tags[i, j, c])]
+    assert labels.tolist() == [tags[i, j, c].item() for i, j, c in present]
+    assert pred.tolist() == [bool(out["decoded"]["tags"][i, j, c]) for i, j, c in present]
+    pred, labels = flow.get_filter()(out, y)["pos"]
+    assert labels.tolist() == [y["pos"][i, j].item() for i, j in applies]
+    assert torch.equal(pred, torch.stack([out["decoded"]["pos"][i, j] for i, j in applies]))
