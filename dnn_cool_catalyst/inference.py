@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from .batches import check_first_batch, concat_rows, split_batch, to_device
 from .distributed import unwrap
+from .errors import capped
+from .functional import element_dims
 from .keys import ACTIVATED, DECODED, GT, INDEX, LOGITS, MASK, SOURCE
 
 PARTS = (LOGITS, ACTIVATED, DECODED, MASK)
@@ -59,6 +61,62 @@ def mixed_sources(loader: Any) -> Optional[SourceLayout]:
 UNCERTAINTY = "uncertainty"
 
 
+def missing_marker(task: Any, dtype: torch.dtype) -> Any:
+    """The value that marks a label element missing for `task` in `dtype` (NaN for float labels,
+    else the task's `missing`, e.g. -1 for classes): what padding positions of its labels get."""
+    if dtype.is_floating_point:
+        return float("nan")
+    marker = getattr(task, "missing", None)
+    if marker is None or marker != marker:  # NaN: not representable in an integer dtype
+        raise ValueError(f"task {getattr(task, 'name', task)!r}: integer labels ({dtype}) but no integer missing marker "
+                         "to pad them with; give its labels padded to the same length in every batch")
+    return marker
+
+
+def join_batches(chunks: List[Dict[str, Tensor]], graph: Any, what: str, name: str,
+                 fill: Any = 0) -> Dict[str, Tensor]:
+    """`{path: tensor}` of the batches joined along the first dimension (`batches.concat_rows`);
+    the tasks with element dimensions (`ITask.element_dims`) whose batches have different lengths
+    (batches padded each to its longest sequence) are padded to the longest, with `fill` (a value,
+    or `fill(task, dtype)`). Padding positions are masked out (`fill=False` for the masks) and their
+    labels are missing (`missing_marker`), so nothing downstream counts them. Any other shape
+    mismatch between batches raises `ValueError` naming the task and `what` (logits, targets...)."""
+    if not chunks:
+        return {}
+    padded = []
+    for p in chunks[0]:
+        tensors = [c[p] for c in chunks]
+        shapes = list(dict.fromkeys(tuple(t.shape[1:]) for t in tensors))
+        if len(shapes) == 1:
+            continue
+        task = graph.leaf(p).task if p in graph.paths else None
+        k = element_dims(task) if task is not None else 0
+        trailing = {s[k:] for s in shapes}
+        if not k or len({len(s) for s in shapes}) > 1 or len(trailing) > 1:
+            raise ValueError(f"{name}: the {what} of task {p!r} have different shapes in different batches "
+                             f"({capped(shapes)} after the batch dimension)"
+                             + (": only its element dimensions may differ, each batch padded to its own longest"
+                                if k else "; batches must agree on every dimension but the first"))
+        longest = tuple(max(s[j] for s in shapes) for j in range(k))
+        value = fill(task, tensors[0].dtype) if callable(fill) else fill
+        out = []
+        for t in tensors:
+            if tuple(t.shape[1:1 + k]) == longest:
+                out.append(t)
+                continue
+            full = t.new_full((t.shape[0], *longest, *t.shape[1 + k:]), value)
+            full[(slice(None), *(slice(0, d) for d in t.shape[1:1 + k]))] = t
+            out.append(full)
+        padded.append((p, out))
+    if not padded:
+        return concat_rows(chunks)
+    chunks = [dict(c) for c in chunks]
+    for p, out in padded:
+        for c, t in zip(chunks, out):
+            c[p] = t
+    return concat_rows(chunks)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "predicted", *,
             name: str = "predict", mc_samples: Optional[int] = None, mc_seed: Optional[int] = None) -> Dict[str, Any]:
@@ -69,7 +127,13 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     loader that mixes sources (batches with `X["source"]`, as `MixedDataset.loader` gives them)
     also `"source"` (each sample's source position), the order then by source, then index.
     `preconditions="predicted"` (default) computes masks from the decoded predictions, as at
-    inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`. The model runs in eval mode and gets
+    inference (`X["gt"]` is dropped); `"gt"` from `X["gt"]`.
+
+    Tasks with element dimensions (`element_dims=1`: one output per token) give `(N, T, ...)`
+    outputs and `(N, T)` masks (a per-sample precondition broadcast over the tokens; padding
+    positions, `X["elements"]` False, never apply). Batches padded each to its own longest
+    sequence are padded to the longest of the loader: outputs with 0, masks with False, labels
+    with the task's missing marker (`join_batches`), so padding is never scored. The model runs in eval mode and gets
     its training mode back afterwards; a `DistributedDataParallel` wrapper is bypassed (each
     process predicts alone).
 
@@ -87,6 +151,8 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # after training under torchrun the process group is gone
     reads_inputs = unwrap(model) is flow.torch()
+    from .uncertainty import per_element_mask
+
     if mc_samples is not None:
         from .uncertainty import check_dropout, dropout_mode, sample_passes, seeded_rng
 
@@ -117,7 +183,10 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
                         uncertain.append(sample_passes(model, xd, mc_samples, flow.graph))
                 activated = out.get(ACTIVATED) or flow.get_activation()(out[LOGITS])
                 decoded = out.get(DECODED) or flow.get_decoder()(activated)
-                for key, value in ((LOGITS, out[LOGITS]), (ACTIVATED, activated), (DECODED, decoded), (MASK, out[MASK])):
+                # a per-element task's mask per element (N, *E), also where its precondition is per sample
+                masks = {leaf.path: per_element_mask(leaf.task, out[MASK][leaf.path], activated[leaf.path])
+                         for leaf in flow.graph.leaves}
+                for key, value in ((LOGITS, out[LOGITS]), (ACTIVATED, activated), (DECODED, decoded), (MASK, masks)):
                     parts[key].append({p: t.detach().cpu() for p, t in value.items()})
                 if y is not None:
                     targets.append({p: t.detach().cpu() for p, t in y.items()})
@@ -127,14 +196,20 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
                     sources.append(x[SOURCE].detach().cpu().reshape(-1).long())
     finally:
         model.train(was_training)
-    result: Dict[str, Any] = {k: concat_rows(v) for k, v in parts.items()}
+    graph = flow.graph
+    # batches padded each to its own longest sequence: per-element tasks padded to the longest of all
+    result: Dict[str, Any] = {k: join_batches(v, graph, k, name, fill=False if k == MASK else 0)
+                              for k, v in parts.items()}
     if not result[LOGITS]:
         raise ValueError(f"{name}: the loader yielded no batches (an empty dataset, or a sampler or "
                          f"drop_last=True leaving none): give it a loader with samples")
-    result["targets"] = concat_rows(targets) if targets else None
+    result["targets"] = join_batches(targets, graph, "targets", name, fill=missing_marker) if targets else None
     if uncertain:
-        result[UNCERTAINTY] = {p: {k: torch.cat([u[p][k] for u in uncertain]) for k in uncertain[0][p]}
-                               for p in uncertain[0]}
+        result[UNCERTAINTY] = {}
+        for p in uncertain[0]:
+            joined = {k: join_batches([{p: u[p][k]} for u in uncertain], graph, f"uncertainty[{k!r}]", name,
+                                      fill=False if k == "applies" else 0)[p] for k in uncertain[0][p]}
+            result[UNCERTAINTY][p] = joined
     n = next(iter(result[LOGITS].values())).shape[0]
     index = torch.cat(indices) if indices else torch.arange(n)
     source = torch.cat(sources) if sources else None

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import capped
+from .functional import element_dims
 from .interpreters.masks import compute_masks
 from .interpreters.module import FlowModule
-from .keys import ACTIVATED, GT, LOGITS, MASK
+from .keys import ACTIVATED, ELEMENTS, GT, LOGITS, MASK
 from .tasks.base import SortDecoder
 
 #: The dropout modules that MC-dropout switches on (dropout through `F.dropout` inside a module of
@@ -153,7 +154,7 @@ class _Moments:
         self.s1 = self.s2 = self.sh = self.applied = None
 
     def add(self, activated: Tensor, mask: Tensor) -> None:
-        """`activated` `(k, N, ...)` and `mask` `(k, N)` of `k` passes."""
+        """`activated` `(k, N, ...)` and `mask` `(k, N)` (`(k, N, *E)` per element) of `k` passes."""
         dtype = torch.float32 if activated.device.type == "mps" else torch.float64
         a = activated.to(dtype)
         parts = [a.sum(0), (a * a).sum(0), mask.to(dtype).sum(0)]
@@ -176,6 +177,22 @@ class _Moments:
             out[ENTROPY] = h
             out[MUTUAL_INFORMATION] = (h - self.sh / self.n).clamp_min(0)  # rounding: never below 0
         return {k: v.float().cpu() for k, v in out.items()}
+
+
+def per_element_mask(task: Any, mask: Tensor, activated: Tensor) -> Tensor:
+    """A task's mask where its statistics are: `(N,)` for a per-sample task, `(N, *E)` for one
+    with element dimensions (`ITask.element_dims`; a per-sample mask broadcast over the elements,
+    whose shape is read from the leading dimensions of its `activated` outputs `(N, *E, ...)`)."""
+    k = element_dims(task)
+    if not k:
+        return mask.reshape(-1)
+    shape = activated.shape[: 1 + k]
+    if mask.shape == shape:
+        return mask
+    if mask.shape != shape[: mask.dim()]:
+        raise ValueError(f"task {getattr(task, 'name', task)!r}: a mask of shape {tuple(mask.shape)} does not fit its "
+                         f"outputs of shape {tuple(activated.shape)} (element_dims={k})")
+    return mask.reshape(*mask.shape, *([1] * (len(shape) - mask.dim()))).expand(shape)
 
 
 def per_sample(values: Tensor) -> Tensor:
@@ -226,14 +243,17 @@ def sample_passes(model: nn.Module, x: Mapping[str, Any], n: int, graph: Any,
                 activated = {leaf.path: leaf.task.activate(logits[leaf.path]) for leaf in leaves}
             for leaf in leaves:
                 a = activated[leaf.path]
-                moments[leaf.path].add(a.reshape(k, batch, *a.shape[1:]), out[MASK][leaf.path].reshape(k, batch))
+                mask = per_element_mask(leaf.task, out[MASK][leaf.path], a)
+                moments[leaf.path].add(a.reshape(k, batch, *a.shape[1:]), mask.reshape(k, batch, *mask.shape[1:]))
             done += k
     result = {p: m.result() for p, m in moments.items()}
     decoded = {leaf.path: leaf.task.decode(result[leaf.path][MEAN]) for leaf in leaves}
-    applies = compute_masks(graph, batch, torch.device("cpu"), decoded=decoded)
+    elements = x.get(ELEMENTS)  # the padding marker: padding positions never apply
+    applies = compute_masks(graph, batch, torch.device("cpu"), decoded=decoded,
+                            elements=elements.cpu() if isinstance(elements, Tensor) else None)
     for leaf in leaves:
         result[leaf.path][DECODED_MEAN] = decoded[leaf.path]
-        result[leaf.path][APPLIES] = applies[leaf.path]
+        result[leaf.path][APPLIES] = per_element_mask(leaf.task, applies[leaf.path], result[leaf.path][MEAN])
     return result
 
 
@@ -265,6 +285,12 @@ def mc_dropout(model: nn.Module, x: Mapping[str, Any], n: int = 30, seed: Option
     - `"decoded"`: the mean decoded with the task's current (tuned) decoder, and `"applies"` `(N,)`
       bool: the precondition on those decoded means (API.md section 4, inference).
 
+    A task with element dimensions (`element_dims=1`, one output per token) gets its statistics
+    per element, `(N, T, ...)` as its outputs (a binary one's entropy `(N, T, 1)` for `(N, T, 1)`
+    logits, a classification's `(N, T)`), and `"applied"` / `"applies"` per element `(N, T)`, its
+    precondition evaluated per token (a per-sample precondition is broadcast over the tokens);
+    padding positions (`x["elements"]` False) never apply.
+
     Raises `ValueError` for a model without dropout (every pass would be the same).
     """
     graph = flow.graph if flow is not None else flow_module(model).graph
@@ -274,5 +300,5 @@ def mc_dropout(model: nn.Module, x: Mapping[str, Any], n: int = 30, seed: Option
 
 __all__ = ["APPLIED", "APPLIES", "DECODED_MEAN", "DEFAULT_ROWS", "DROPOUT_TYPES", "ENTROPY", "MEAN",
            "MUTUAL_INFORMATION", "VARIANCE", "check_dropout", "dropout_layers", "dropout_mode", "entropy",
-           "flow_module", "mc_dropout", "mc_dropout_mode", "per_sample", "predictive_kind", "sample_passes",
-           "seeded_rng"]
+           "flow_module", "mc_dropout", "mc_dropout_mode", "per_element_mask", "per_sample", "predictive_kind",
+           "sample_passes", "seeded_rng"]

@@ -3,7 +3,11 @@
 The exported graph is `DeployModule`: the model's logits -> each task's activation -> its decoder
 with the decoder's current (tuned) parameters as constants -> the precondition masks from the
 decoded predictions (`compute_masks(decoded=...)`, as at inference) -> per task path, in flow
-order, the decoded value and an `applies` boolean. The batch dimension is dynamic. The metadata
+order, the decoded value and an `applies` boolean. The batch dimension is dynamic, and so is the sequence length of a flow with per-element tasks
+(`element_dims=1`): the inputs that carry it (`element_inputs`) share one dynamic dimension
+`"elements"` after the batch, and a per-element task's `applies` is per element `(N, T)`, padding
+positions (`x["elements"]` False, an input of the artifact when the model takes it) never
+applying. The metadata
 (JSON; `runtime.METADATA_KEY` in ONNX `metadata_props`, `runtime.PT2_EXTRA_FILE` in a pt2 archive)
 describes inputs, tasks and outputs for `runtime.load`, which needs neither torch (for ONNX) nor
 this package.
@@ -21,12 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import unwrap
+from ..errors import capped
 from ..files import write_atomic
 from ..graph import Compound, Literal
+from ..functional import element_dims
 from ..interpreters.masks import compute_masks
-from ..keys import GT, INDEX, LOGITS, SOURCE
+from ..keys import ELEMENTS, GT, INDEX, LOGITS, SOURCE
+from ..uncertainty import per_element_mask
 from ..tasks.base import ScaleDecoder, SortDecoder, ThresholdDecoder
-from .runtime import BATCH, FORMAT, FORMAT_VERSION, METADATA_KEY, PT2_EXTRA_FILE, DeployError
+from .runtime import BATCH, ELEMENT_DIM, FORMAT, FORMAT_VERSION, METADATA_KEY, PT2_EXTRA_FILE, DeployError
 
 FORMATS = ("onnx", "pt2")
 TRAINING_KEYS = (GT, INDEX, SOURCE)  # left out of the example inputs: training batches carry them
@@ -111,14 +118,18 @@ class DeployModule(nn.Module):
         return x
 
     def forward(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
-        out = self.model(self.inputs_mapping(tensors))
+        x = self.inputs_mapping(tensors)
+        out = self.model(x)
         logits = out[LOGITS]
         decoded = {}
         for leaf, dec in zip(self.graph.leaves, self.decoders):
             decoded[leaf.path] = dec(logits[leaf.path])
         first = next(iter(logits.values()))
-        masks = compute_masks(self.graph, first.shape[0], first.device, decoded=decoded)
-        return tuple(t for leaf in self.graph.leaves for t in (decoded[leaf.path], masks[leaf.path]))
+        # the padding marker x["elements"]: padding positions never apply, as at inference
+        masks = compute_masks(self.graph, first.shape[0], first.device, decoded=decoded, elements=x.get(ELEMENTS))
+        # a per-element task's `applies` per element (N, *E), also where its precondition is per sample
+        return tuple(t for leaf in self.graph.leaves
+                     for t in (decoded[leaf.path], per_element_mask(leaf.task, masks[leaf.path], decoded[leaf.path])))
 
 
 def flatten_example(inputs: Mapping[str, Any], prefix: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], Tensor]]:
@@ -169,8 +180,10 @@ def infer_example_inputs(flow: Any, model: nn.Module, batch: int = EXAMPLE_BATCH
 
 
 def metadata_of(flow: Any, input_specs: Sequence[Tuple[Tuple[str, ...], Tensor]], artifact: str,
-                device: str = "cpu") -> Dict[str, Any]:
-    """The artifact's JSON metadata (see `runtime`)."""
+                device: str = "cpu", element_inputs: Sequence[str] = ()) -> Dict[str, Any]:
+    """The artifact's JSON metadata (see `runtime`); the inputs named in `element_inputs` have the
+    dynamic sequence length `"elements"` as their second dimension (format version 2, which older
+    loaders refuse by name rather than misread; version 1 otherwise)."""
     from .. import __version__
 
     tasks = []
@@ -188,21 +201,64 @@ def metadata_of(flow: Any, input_specs: Sequence[Tuple[Tuple[str, ...], Tensor]]
         tasks.append({
             "path": leaf.path, "kind": task.kind, "class_names": list(names) if names else None,
             "scale": getattr(task, "scale", None), "decoder": dec,
-            "precondition": text, "precondition_tree": tree,
+            "precondition": text, "precondition_tree": tree, "element_dims": element_dims(task),
             "outputs": {"decoded": f"{leaf.path}.decoded", "applies": f"{leaf.path}.applies"},
         })
+
+    def shape(name: str, t: Tensor) -> List[Any]:
+        return [BATCH] + ([ELEMENT_DIM] + list(t.shape[2:]) if name in element_inputs else list(t.shape[1:]))
+
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": artifact,
+        "format": FORMAT, "format_version": FORMAT_VERSION if element_inputs else 1, "artifact": artifact,
         "package_version": __version__, "torch_version": torch.__version__, "flow": flow.name,
         "device": device,  # where a pt2 artifact runs (it was traced there); ONNX runs where onnxruntime puts it
         "inputs": [{"name": ".".join(k), "key": list(k), "dtype": str(t.dtype).replace("torch.", ""),
-                    "shape": [BATCH] + list(t.shape[1:])} for k, t in input_specs],
+                    "shape": shape(".".join(k), t)} for k, t in input_specs],
         "tasks": tasks,
     }
 
 
+def element_input_names(flow: Any, model: nn.Module, items: Sequence[Tuple[Tuple[str, ...], Tensor]],
+                        element_inputs: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    """The (dotted) names of the inputs whose second dimension is the sequence length of the
+    flow's per-element tasks, checked to share it. Default (`element_inputs=None`): none for a flow
+    without per-element tasks; else `elements` (the padding marker) and, for a model that is
+    `flow.torch()`, the inputs the per-element tasks read (a backbone's inputs cannot be told:
+    name them in `element_inputs`)."""
+    names = {".".join(k): t for k, t in items}
+    per_element = [leaf for leaf in flow.graph.leaves if element_dims(leaf.task)]
+    if element_inputs is None:
+        if not per_element:
+            return ()
+        wanted = [ELEMENTS]
+        if unwrap(model) is flow.torch():
+            wanted += [".".join(leaf.input_key) for leaf in per_element]
+        chosen = tuple(dict.fromkeys(n for n in wanted if n in names and names[n].dim() >= 2))
+    else:
+        if isinstance(element_inputs, str):
+            element_inputs = [element_inputs]
+        chosen = tuple(dict.fromkeys(str(n) for n in element_inputs))
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise DeployError(f"deploy.export: element_inputs {capped(unknown)} are not inputs of the artifact "
+                              f"(they are {capped(list(names))})")
+        flat = [n for n in chosen if names[n].dim() < 2]
+        if flat:
+            raise DeployError(f"deploy.export: element_inputs {capped(flat)} have no dimension after the batch "
+                              "to be the sequence length")
+    lengths = {n: int(names[n].shape[1]) for n in chosen}
+    if len(set(lengths.values())) > 1:
+        raise DeployError("deploy.export: the element inputs must share their sequence length (dimension 1), got "
+                          + ", ".join(f"{n} {tuple(names[n].shape)}" for n in chosen))
+    if chosen and next(iter(lengths.values())) < 2:
+        raise DeployError(f"deploy.export: the example inputs {capped(list(chosen))} have sequences of length "
+                          f"{next(iter(lengths.values()))}; give at least 2 positions (the tracer fixes lengths 0 and "
+                          "1), the artifact then takes any length")
+    return chosen
+
+
 def export(flow: Any, model: nn.Module, path: str | os.PathLike, format: str = "onnx",
-           example_inputs: Optional[Mapping[str, Any]] = None) -> str:
+           example_inputs: Optional[Mapping[str, Any]] = None, element_inputs: Optional[Sequence[str]] = None) -> str:
     """Write `model` (anything mapping the flow's inputs to `flow.torch()`'s outputs, e.g.
     `flow.torch()` itself) with `flow`'s decoding and precondition gating into one artifact at
     `path`; returns the path.
@@ -215,6 +271,12 @@ def export(flow: Any, model: nn.Module, path: str | os.PathLike, format: str = "
     units) and `"<path>.applies"` (its precondition from the decoded predictions). The decoders'
     current (tuned) parameters are constants of the graph: tune before exporting. Load it with
     `dnn_cool_catalyst.deploy.load` (or `deploy/runtime.py` alone).
+
+    A flow with per-element tasks (`element_dims=1`, one output per token) exports with a dynamic
+    sequence length too: `element_inputs` names the inputs (dotted names) whose dimension 1 is it
+    (default: `elements`, the padding marker, and, for `flow.torch()`, the inputs the per-element
+    tasks read; `element_input_names`); their decoded values are `(N, T, ...)` and `applies`
+    `(N, T)`. Give example inputs with at least 2 positions.
     """
     if format not in FORMATS:
         raise DeployError(f"deploy.export: format must be one of {FORMATS}, got {format!r}")
@@ -236,16 +298,19 @@ def export(flow: Any, model: nn.Module, path: str | os.PathLike, format: str = "
         items = [(k, torch.cat([t] * EXAMPLE_BATCH)) for k, t in items]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     items = [(k, t.to(device)) for k, t in items]  # traced where the model is (a pt2 artifact runs there)
+    elements = element_input_names(flow, model, items, element_inputs)
     wrapper = DeployModule(flow, model, [k for k, _ in items])
     was_training = wrapper.model.training
     wrapper.eval()
     args = tuple(t for _, t in items)
     try:
         _check_tasks(wrapper, args)
-        meta = metadata_of(flow, items, format, str(args[0].device))
+        meta = metadata_of(flow, items, format, str(args[0].device), elements)
         names = [".".join(k) for k, _ in items]
         batch_dim = torch.export.Dim(BATCH, min=1)
-        dynamic = (tuple({0: batch_dim} for _ in items),)  # one entry: forward(*tensors)
+        length_dim = torch.export.Dim(ELEMENT_DIM, min=1)
+        dynamic = (tuple({0: batch_dim, 1: length_dim} if name in elements else {0: batch_dim}
+                         for name in names),)  # one entry: forward(*tensors)
         with torch.no_grad():
             if format == "onnx":
                 _export_onnx(wrapper, args, names, dynamic, meta, path)
@@ -331,7 +396,7 @@ def _quiet_exporter():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used.*")
+            warnings.filterwarnings("ignore", message=r"# The axis name: (batch|elements) will not be used.*")
             yield
     finally:
         registry.setLevel(level)

@@ -32,8 +32,9 @@ METADATA_KEY = "dnn_cool_catalyst"
 PT2_EXTRA_FILE = METADATA_KEY + ".json"
 #: The artifact layout this loader reads; `export` writes it. A newer one is refused.
 FORMAT = "dnn_cool_catalyst.deploy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: inputs may have the dynamic sequence length ELEMENT_DIM (flows with per-element tasks)
 BATCH = "batch"  # the symbolic batch dimension in the metadata's input shapes
+ELEMENT_DIM = "elements"  # the symbolic sequence length (per-token tasks), shared by the inputs that have it
 SHOWN = 10
 
 
@@ -105,14 +106,21 @@ class Deployed:
         if missing or extra:
             raise DeployError(f"{self.path}: the artifact takes inputs {_capped(expected)}; missing: {_capped(missing)}; "
                               f"unexpected: {_capped(extra)}")
-        arrays, batch = [], None
+        arrays, batch, length = [], None, None
         for spec in self.inputs:
             a = _as_numpy(flat[spec["name"]])
             shape = spec["shape"]
             want = "(" + ", ".join(str(d) for d in shape) + ")"
-            if a.ndim != len(shape) or any(d != BATCH and a.shape[i] != d for i, d in enumerate(shape)):
+            if a.ndim != len(shape) or any(d not in (BATCH, ELEMENT_DIM) and a.shape[i] != d for i, d in enumerate(shape)):
                 raise DeployError(f"{self.path}: input {spec['name']!r} has shape {tuple(a.shape)}, the artifact "
-                                  f"expects {want} ({BATCH} = any number of samples)")
+                                  f"expects {want} ({BATCH} = any number of samples"
+                                  + (f", {ELEMENT_DIM} = any sequence length)" if ELEMENT_DIM in shape else ")"))
+            if ELEMENT_DIM in shape:
+                n = a.shape[shape.index(ELEMENT_DIM)]
+                if length is not None and n != length[1]:
+                    raise DeployError(f"{self.path}: input {spec['name']!r} has sequences of length {n}, {length[0]!r} "
+                                      f"{length[1]}: the inputs with dimension {ELEMENT_DIM!r} share it (pad them alike)")
+                length = length or (spec["name"], n)
             if batch is not None and a.shape[0] != batch[1]:
                 raise DeployError(f"{self.path}: input {spec['name']!r} has {a.shape[0]} samples, "
                                   f"{batch[0]!r} {batch[1]}: every input needs the same batch size")
@@ -133,7 +141,7 @@ class Deployed:
             entry = {"decoded": decoded, "applies": applies.astype(bool)}
             names = task.get("class_names")
             if names:
-                entry["classes"] = _class_names(task, decoded, names)
+                entry["classes"] = _class_names(task, decoded, names, int(task.get("element_dims") or 0))
             result[task["path"]] = entry
         return result
 
@@ -142,11 +150,15 @@ class Deployed:
                 f"tasks={len(self.tasks)})")
 
 
-def _class_names(task: Dict[str, Any], decoded: np.ndarray, names: Sequence[str]):
+def _class_names(task: Dict[str, Any], decoded: np.ndarray, names: Sequence[str], element_dims: int = 0):
     """Ranked indices -> an array of names of the same shape; per-class decisions -> per sample the
-    list of the names decided yes."""
+    list of the names decided yes (per element, a list per sample of such lists, for a task with
+    element dimensions)."""
     table = np.asarray(names, dtype=object)
     if decoded.dtype == np.bool_:
+        if element_dims:
+            rows = decoded.reshape(decoded.shape[0], -1, decoded.shape[-1])
+            return [[list(table[r]) for r in sample] for sample in rows]
         return [list(table[row]) for row in decoded.reshape(decoded.shape[0], -1)]
     return table[decoded]
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..functional import expand_mask
+from ..functional import element_dims, element_rows, expand_mask
 from ..graph import FlowGraph
 from ..keys import ACTIVATED, DECODED, LOGITS, MASK
 from .decoding import as_tensor, prepare_labels
@@ -42,6 +42,18 @@ class FlowFilter:
     keep their rows: a missing element inside a kept row keeps its missing marker (NaN, -100).
     `elements=True` gives instead the present elements of the kept rows, flattened, for those tasks
     whose predictions have the labels' shape (predictions and labels then both `(K,)`).
+
+    Tasks with element dimensions (`element_dims=1`: one label per token, `(N, T)`) are filtered
+    per element: each token is a row (`functional.element_rows`), kept where the task applies at
+    that token (its precondition there is not FALSE: a per-token condition is read per token, a
+    per-sample one for all tokens of the sample) and its label is present (padding positions carry
+    the missing marker, or are left out by the masks of a model given `x["elements"]`). The
+    selected tokens of all samples come flattened in sample-major order: labels `(K,)`,
+    predictions `(K, ...)` with the task's own trailing dimensions (classification `(K, C)`, the
+    classes ranked, or probabilities / logits per class; binary `(K, 1)` for `(N, T, 1)` logits,
+    `(K,)` for `(N, T)`), `K` the number of selected tokens (what the metrics score for such a task).
+    A per-token multilabel task `(N, T, C)` keeps each token with at least one present label,
+    as per-sample multilabel rows (`elements=True` flattens their present elements).
     Everything returned is a detached CPU tensor.
     """
 
@@ -69,10 +81,16 @@ class FlowFilter:
         result = {}
         for leaf in self.graph.leaves:
             p = leaf.path
-            y, pred = labels[p], chosen[p]
+            k = element_dims(leaf.task)
+            try:  # a task with element dimensions: each element a row (identity for k == 0)
+                mask, pred, y = element_rows(k, masks[p], chosen[p], labels[p])
+            except ValueError as e:
+                raise ValueError(f"task {p!r} (element_dims={k}): its {self.output} outputs "
+                                 f"{tuple(chosen[p].shape)}, labels {tuple(labels[p].shape)} and mask "
+                                 f"{tuple(masks[p].shape)} do not fit: {e}") from None
             available = leaf.task.available(y)
-            selected = available & expand_mask(masks[p], available)
-            rows = selected.reshape(n, -1).any(dim=1)
+            selected = available & expand_mask(mask, available)
+            rows = selected.reshape(selected.shape[0], -1).any(dim=1)
             if self.elements and available.dim() > 1 and pred.shape == y.shape:
                 result[p] = pred[selected], y[selected]
             else:
@@ -105,5 +123,19 @@ class FlowFilter:
         if not isinstance(given, Mapping):
             raise KeyError("outputs have no 'mask' (precondition masks): pass the outputs of flow.torch(), or "
                            "get_filter(preconditions='gt' | 'predicted')")
-        return precondition_masks(self.graph, {p: given[p] for p in self._paths_in(given, MASK)}, labels, decoded, n)
+        masks = {}
+        for leaf in self.graph.leaves:  # per sample (N,), or per element (N, *E) for tasks with element dimensions
+            p = leaf.path
+            m = as_tensor(given[p], p, "mask").bool() if p in given else None
+            if m is None:
+                self._paths_in(given, MASK)  # raises, naming every task without a mask
+            if m.dim() == 0 or m.shape[0] != n:
+                raise ValueError(f"mask of task {p!r} has shape {tuple(m.shape)}, the outputs {n} samples")
+            if not element_dims(leaf.task):
+                if m.numel() != n:
+                    raise ValueError(f"mask of task {p!r} has shape {tuple(m.shape)}: a task without element dimensions "
+                                     f"has one mask value per sample ({n},)")
+                m = m.reshape(n)
+            masks[p] = m
+        return masks
 

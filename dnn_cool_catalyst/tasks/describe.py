@@ -203,3 +203,30 @@ def sample_ranked(decode: Decode, label: Tensor, activated: Optional[Tensor],
         return label_text, "?"
     top = int(decode(activated.unsqueeze(0))[0].reshape(-1)[0])
     return label_text, f"{_class_name(class_names, top)} ({_number(float(activated.reshape(-1)[top]), digits)})"
+
+
+# Tasks with element dimensions (one label per token) -------------------------------------------------
+
+
+def describe_elements(describe: Callable[..., List[str]], element_dims: int, decoded: np.ndarray,
+                      activated: np.ndarray, logits: Optional[np.ndarray], **options: Any) -> List[List[str]]:
+    """Texts per element of a task with `element_dims` k > 0 (`ITask.element_dims`, one label per
+    token): `describe` (the task's `describe`) on the elements seen as samples, arrays `(N, *E, ...)`
+    viewed as `(N * |E|, ...)`; returns, per sample, the texts of its `|E|` elements in row-major
+    order (`[[text of token 0, text of token 1, ...], ...]`). `options` go to `describe`."""
+    n = decoded.shape[0]
+    lead = activated.shape[: 1 + element_dims]
+    for name, x in (("decoded", decoded), ("logits", logits)):
+        if x is not None and x.shape[: 1 + element_dims] != lead:
+            raise ValueError(f"{name} of shape {x.shape} and activated of shape {activated.shape} do not share the "
+                             f"element shape {lead} (element_dims={element_dims})")
+    per_sample = int(np.prod(lead[1:], dtype=np.int64))
+    rows = n * per_sample
+
+    def flat(x: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        return None if x is None else x.reshape(rows, *x.shape[1 + element_dims:])
+
+    texts = describe(flat(decoded), flat(activated), flat(logits), **options)
+    if len(texts) != rows:
+        raise ValueError(f"describe() returned {len(texts)} texts for {rows} elements ({n} samples of {per_sample})")
+    return [list(texts[i * per_sample:(i + 1) * per_sample]) for i in range(n)]

@@ -241,3 +241,72 @@ def test_unknown_format_and_bad_example_inputs(tmp_path):
                                                                                 "other": torch.zeros(3, 4)})
     with pytest.raises(DeployError, match="model failed on the example inputs"):
         dcc.deploy.export(flow, flow.torch(), tmp_path / "m", example_inputs={"features": torch.zeros(2, 7)})
+
+
+def token_flow(width=4, classes=3):
+    """has_entities per sample; is_entity per token | out.has_entities; entity_type per token |
+    out.is_entity (element_dims=1)."""
+    torch.manual_seed(0)
+    tasks = dcc.Tasks([dcc.BinaryClassificationTask("has_entities", nn.Linear(width, 1)),
+                       dcc.BinaryClassificationTask("is_entity", nn.Linear(width, 1), element_dims=1),
+                       dcc.ClassificationTask("entity_type", nn.Linear(width, classes), element_dims=1,
+                                              class_names=["PER", "LOC", "ORG"])])
+
+    @tasks.add_flow
+    def tagging(flow, x, out):
+        out += flow.has_entities(x.pooled)
+        out += flow.is_entity(x.tokens) | out.has_entities
+        out += flow.entity_type(x.tokens) | out.is_entity
+        return out
+
+    return tasks.get_full_flow()
+
+
+def token_inputs(n, t, seed):
+    rng = np.random.default_rng(seed)
+    elements = np.ones((n, t), dtype=bool)
+    elements[0, t // 2:] = False  # sample 0 is padded
+    return {"tokens": (rng.normal(size=(n, t, 4)) * 3).astype(np.float32),
+            "pooled": (rng.normal(size=(n, 4)) * 3).astype(np.float32), "elements": elements}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_per_token_flow_exports_with_a_dynamic_sequence_length(tmp_path, fmt, assert_clear_decisions):
+    flow = token_flow()
+    model = flow.torch().eval()
+    example = {k: torch.as_tensor(v) for k, v in token_inputs(2, 5, seed=0).items()}
+    path = dcc.deploy.export(flow, model, tmp_path / f"tokens.{fmt}", format=fmt, example_inputs=example)
+    meta = dcc.deploy.read_metadata(path)
+    assert {i["name"]: i["shape"] for i in meta["inputs"]} == {
+        "tokens": ["batch", "elements", 4], "pooled": ["batch", 4], "elements": ["batch", "elements"]}
+    assert [t["element_dims"] for t in meta["tasks"]] == [0, 1, 1]
+    deployed = dcc.deploy.load(path)
+    for n, t, seed in ((9, 5, 1), (16, 11, 2)):  # other batch sizes and sequence lengths than the example's
+        inputs = token_inputs(n, t, seed)
+        reference = eager(model, flow, inputs)
+        assert_clear_decisions(flow, reference["activated"])
+        result = deployed(inputs)
+        assert_same(result, reference, flow)  # `applies` per token: padding never applies
+        assert result["is_entity"]["applies"].shape == (n, t) and not result["is_entity"]["applies"][0, t // 2:].any()
+        assert result["entity_type"]["classes"].shape == (n, t, 3)
+        assert reference["mask"]["entity_type"].any() and not reference["mask"]["entity_type"].all()
+    bad = token_inputs(3, 5, seed=3)
+    bad["elements"] = bad["elements"][:, :4]
+    with pytest.raises(DeployError, match="'elements' has sequences of length 4, 'tokens' 5"):
+        deployed(bad)
+
+
+def test_element_inputs_are_checked(tmp_path):
+    flow = token_flow()
+    model = flow.torch().eval()
+    example = {k: torch.as_tensor(v) for k, v in token_inputs(2, 5, seed=0).items()}
+    with pytest.raises(DeployError, match="element_inputs 'words' are not inputs of the artifact"):
+        dcc.deploy.export(flow, model, tmp_path / "a.onnx", example_inputs=example, element_inputs=["words"])
+    with pytest.raises(DeployError, match="must share their sequence length .dimension 1., got tokens .2, 5, 4., pooled"):
+        dcc.deploy.export(flow, model, tmp_path / "a.onnx", example_inputs=example, element_inputs=["tokens", "pooled"])
+    short = {**example, "elements": example["elements"][:, :1], "tokens": example["tokens"][:, :1]}
+    with pytest.raises(DeployError, match="give at least 2 positions"):
+        dcc.deploy.export(flow, model, tmp_path / "a.onnx", example_inputs=short)
+    uneven = {**example, "elements": example["elements"][:, :4]}
+    with pytest.raises(DeployError, match="must share their sequence length"):
+        dcc.deploy.export(flow, model, tmp_path / "a.onnx", example_inputs=uneven)

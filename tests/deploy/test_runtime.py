@@ -97,8 +97,8 @@ def _rewrite_onnx_metadata(src, dst, edit):
 def test_a_newer_format_version_is_refused(security_artifacts, tmp_path):
     _, _, paths = security_artifacts
     newer = _rewrite_onnx_metadata(paths["onnx"], tmp_path / "newer.onnx",
-                                   lambda m: {**m, "format_version": 2, "package_version": "9.0"})
-    with pytest.raises(DeployError, match=r"format version 2, newer than this loader reads \(1; package '9.0' "
+                                   lambda m: {**m, "format_version": runtime.FORMAT_VERSION + 1, "package_version": "9.0"})
+    with pytest.raises(DeployError, match=r"format version 3, newer than this loader reads \(2; package '9.0' "
                                           r"wrote it\): load it with dnn_cool_catalyst >= '9.0'"):
         dcc.deploy.load(newer)
 
