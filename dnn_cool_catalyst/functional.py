@@ -130,6 +130,22 @@ def where_selected(values: Tensor, selected: Tensor, mask: Tensor, fill: Any) ->
     return torch.where(keep, values, fill)
 
 
+def per_element_mask(task: Any, mask: Tensor, activated: Tensor) -> Tensor:
+    """A task's mask where its statistics are: `(N,)` for a per-sample task, `(N, *E)` for one
+    with element dimensions (`ITask.element_dims`; a per-sample mask broadcast over the elements,
+    whose shape is read from the leading dimensions of its `activated` outputs `(N, *E, ...)`)."""
+    k = element_dims(task)
+    if not k:
+        return mask.reshape(-1)
+    shape = activated.shape[: 1 + k]
+    if mask.shape == shape:
+        return mask
+    if mask.shape != shape[: mask.dim()]:
+        raise ValueError(f"task {getattr(task, 'name', task)!r}: a mask of shape {tuple(mask.shape)} does not fit its "
+                         f"outputs of shape {tuple(activated.shape)} (element_dims={k})")
+    return mask.reshape(*mask.shape, *([1] * (len(shape) - mask.dim()))).expand(shape)
+
+
 def per_sample_mean(elem_loss: Tensor, selected: Tensor) -> Tensor:
     """`(N,)`: the mean of each sample's selected elements of `elem_loss` (element shape), NaN where
     a sample has none; in `accumulation_dtype` (the tokens of one sample can overflow a float16

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .batches import check_first_batch, concat_rows, split_batch, to_device
 from .distributed import unwrap
 from .errors import capped
-from .functional import element_dims
+from .functional import element_dims, per_element_mask
 from .keys import ACTIVATED, DECODED, GT, INDEX, LOGITS, MASK, SOURCE
 
 PARTS = (LOGITS, ACTIVATED, DECODED, MASK)
@@ -151,7 +151,6 @@ def predict(model: nn.Module, flow: Any, loader: Any, preconditions: str = "pred
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # after training under torchrun the process group is gone
     reads_inputs = unwrap(model) is flow.torch()
-    from .uncertainty import per_element_mask
 
     if mc_samples is not None:
         from .uncertainty import check_dropout, dropout_mode, sample_passes, seeded_rng

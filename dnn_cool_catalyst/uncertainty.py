@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import capped
-from .functional import element_dims
+from .functional import per_element_mask
 from .interpreters.masks import compute_masks
 from .interpreters.module import FlowModule
 from .keys import ACTIVATED, ELEMENTS, GT, LOGITS, MASK
@@ -177,22 +177,6 @@ class _Moments:
             out[ENTROPY] = h
             out[MUTUAL_INFORMATION] = (h - self.sh / self.n).clamp_min(0)  # rounding: never below 0
         return {k: v.float().cpu() for k, v in out.items()}
-
-
-def per_element_mask(task: Any, mask: Tensor, activated: Tensor) -> Tensor:
-    """A task's mask where its statistics are: `(N,)` for a per-sample task, `(N, *E)` for one
-    with element dimensions (`ITask.element_dims`; a per-sample mask broadcast over the elements,
-    whose shape is read from the leading dimensions of its `activated` outputs `(N, *E, ...)`)."""
-    k = element_dims(task)
-    if not k:
-        return mask.reshape(-1)
-    shape = activated.shape[: 1 + k]
-    if mask.shape == shape:
-        return mask
-    if mask.shape != shape[: mask.dim()]:
-        raise ValueError(f"task {getattr(task, 'name', task)!r}: a mask of shape {tuple(mask.shape)} does not fit its "
-                         f"outputs of shape {tuple(activated.shape)} (element_dims={k})")
-    return mask.reshape(*mask.shape, *([1] * (len(shape) - mask.dim()))).expand(shape)
 
 
 def per_sample(values: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from ..graph import Compound, Literal
 from ..functional import element_dims
 from ..interpreters.masks import compute_masks
 from ..keys import ELEMENTS, GT, INDEX, LOGITS, SOURCE
-from ..uncertainty import per_element_mask
+from ..functional import per_element_mask
 from ..tasks.base import ScaleDecoder, SortDecoder, ThresholdDecoder
 from .runtime import BATCH, ELEMENT_DIM, FORMAT, FORMAT_VERSION, METADATA_KEY, PT2_EXTRA_FILE, DeployError
 
