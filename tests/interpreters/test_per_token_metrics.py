@@ -1,0 +1,390 @@
+"""Per-token tasks (issue 17 point 1) in the metrics, the evaluator and tuning: every token of
+`S_t` is one scored item. Checked against a hand-written reference that loops over the tokens in
+numpy / scikit-learn, on a token-tagging flow with padding (NaN / -1 labels, `x["elements"]`),
+a per-sample condition broadcast over the tokens and per-token conditions."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from sklearn import metrics as skm
+from torch import nn
+
+import dnn_cool_catalyst as dcc
+from dnn_cool_catalyst.tuning import METRICS
+
+D, C, L = 6, 4, 3  # features, entity types, token tags
+TOKEN_PATHS = ("is_entity", "entity_type", "is_person", "span_score", "tags")
+
+
+def token_flow(seed=0):
+    """has_entities per sample; is_entity per token | has_entities (per-sample condition broadcast);
+    entity_type, is_person and tags per token | is_entity (per-token condition); span_score per
+    token | has_entities."""
+    torch.manual_seed(seed)
+    tasks = dcc.Tasks([
+        dcc.BinaryClassificationTask("has_entities", nn.Linear(D, 1)),
+        dcc.BinaryClassificationTask("is_entity", nn.Linear(D, 1), element_dims=1),
+        dcc.ClassificationTask("entity_type", nn.Linear(D, C), top_k=3, element_dims=1),
+        dcc.BinaryClassificationTask("is_person", nn.Linear(D, 1), element_dims=1),
+        dcc.BoundedRegressionTask("span_score", nn.Linear(D, 1), element_dims=1),
+        dcc.MultilabelClassificationTask("tags", nn.Linear(D, L), element_dims=1),
+    ])
+
+    @tasks.add_flow
+    def tagging(flow, x, out):
+        out += flow.has_entities(x.pooled)
+        out += flow.is_entity(x.tokens) | out.has_entities
+        out += flow.entity_type(x.tokens) | out.is_entity
+        out += flow.is_person(x.tokens) | out.is_entity
+        out += flow.span_score(x.tokens) | out.has_entities
+        out += flow.tags(x.tokens) | out.is_entity
+        return out
+
+    return tasks.get_full_flow()
+
+
+def token_data(n, t, seed, missing=0.1):
+    """Inputs with `x["elements"]` and labels: padding after each sample's length (NaN / -1 there),
+    some labels missing inside too; is_entity and the other per-token tasks are labelled at every
+    real token, also where their precondition is FALSE (the metrics must leave those out)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, t + 1, n)
+    real = np.arange(t)[None, :] < lengths[:, None]
+    x = {"tokens": torch.randn(n, t, D, generator=torch.Generator().manual_seed(seed)) * 2,
+         "pooled": torch.randn(n, D, generator=torch.Generator().manual_seed(seed + 1)) * 2,
+         "elements": torch.as_tensor(real)}
+
+    def binary(shape, p_missing):
+        v = rng.integers(0, 2, shape).astype(np.float32)
+        v[rng.random(shape) < p_missing] = np.nan
+        return v
+
+    has = binary(n, missing)
+    is_entity = binary((n, t), missing)
+    etype = rng.integers(0, C, (n, t))
+    etype[rng.random((n, t)) < missing] = -1
+    person = binary((n, t), missing)
+    span = rng.random((n, t)).astype(np.float32)
+    span[rng.random((n, t)) < missing] = np.nan
+    tags = rng.integers(0, 2, (n, t, L)).astype(np.float32)
+    for v in (is_entity, person, span):
+        v[~real] = np.nan
+    etype[~real] = -1
+    tags[~real] = np.nan
+    y = {"has_entities": has, "is_entity": is_entity, "entity_type": etype, "is_person": person,
+         "span_score": span, "tags": tags}
+    return x, {k: torch.as_tensor(v) for k, v in y.items()}, real
+
+
+def reference_masks(y, real):
+    """Ground-truth preconditions by hand, per token (three-valued: a missing label is not FALSE)."""
+    has = y["has_entities"].numpy()
+    is_e = y["is_entity"].numpy()
+    n, t = is_e.shape
+    sample = ~(has == 0)  # NaN compares false: unknown is not FALSE
+    pre = {"has_entities": np.ones(n, bool)}
+    pre["is_entity"] = np.zeros((n, t), bool)
+    pre["entity_type"] = np.zeros((n, t), bool)
+    for i in range(n):
+        for j in range(t):
+            pre["is_entity"][i, j] = sample[i] and real[i, j]
+            pre["entity_type"][i, j] = pre["is_entity"][i, j] and not is_e[i, j] == 0
+    pre["is_person"] = pre["tags"] = pre["entity_type"]
+    pre["span_score"] = pre["is_entity"]
+    return pre
+
+
+NAMES = {"entity_type": ("accuracy_1", "accuracy_3", "f1_score", "precision", "recall"),
+         "span_score": ("mean_absolute_error",), "tags": ("accuracy", "f1_score")}
+BINARY_NAMES = ("accuracy", "f1_score", "precision", "recall")
+
+
+def reference_rows(activated, y, pre, tuned=None):
+    """`{path: {metric: value}}` and `{path: count}`: every metric of the flow from token loops
+    (NaN values where a task has no scored item)."""
+    values, counts = {}, {}
+    tuned = tuned or {}
+
+    def nothing(path):
+        counts[path] = 0
+        values[path] = {k: math.nan for k in NAMES.get(path, BINARY_NAMES)}
+
+    def binary(path, a, lab, sel):
+        if not sel.any():
+            return nothing(path)
+        thr = tuned.get(path, 0.5)
+        yt, yp = lab[sel].astype(int), (a[sel] > thr).astype(int)
+        counts[path] = int(sel.sum())
+        values[path] = {"accuracy": skm.accuracy_score(yt, yp),
+                        "f1_score": skm.f1_score(yt, yp, zero_division=0),
+                        "precision": skm.precision_score(yt, yp, zero_division=0),
+                        "recall": skm.recall_score(yt, yp, zero_division=0)}
+
+    has_a = activated["has_entities"].reshape(-1).numpy()
+    has_y = y["has_entities"].numpy()
+    binary("has_entities", has_a, has_y, pre["has_entities"] & ~np.isnan(has_y))
+    for path in ("is_entity", "is_person"):
+        a, lab = activated[path].numpy().reshape(y[path].shape), y[path].numpy()
+        sel = np.zeros(lab.shape, bool)
+        for i in range(lab.shape[0]):
+            for j in range(lab.shape[1]):
+                sel[i, j] = pre[path][i, j] and not np.isnan(lab[i, j])
+        binary(path, a, lab, sel)
+    # classification: top-k accuracy and macro scores over the labelled tokens in S_t
+    probs, lab = activated["entity_type"].numpy(), y["entity_type"].numpy()
+    items = [(probs[i, j], lab[i, j]) for i in range(lab.shape[0]) for j in range(lab.shape[1])
+             if pre["entity_type"][i, j] and lab[i, j] >= 0]
+    if not items:
+        nothing("entity_type")
+    else:
+        counts["entity_type"] = len(items)
+        ranked = [np.argsort(-p, kind="stable") for p, _ in items]
+        truth = np.array([c for _, c in items])
+        top1 = np.array([r[0] for r in ranked])
+        values["entity_type"] = {f"accuracy_{k}": float(np.mean([c in r[:k] for r, (_, c) in zip(ranked, items)]))
+                                 for k in (1, 3)}
+        for kind, fn in (("f1_score", skm.f1_score), ("precision", skm.precision_score),
+                         ("recall", skm.recall_score)):
+            values["entity_type"][kind] = fn(truth, top1, average="macro", zero_division=0)
+    # regression: MAE over the labelled tokens of S_t
+    a, lab = activated["span_score"].numpy().reshape(y["span_score"].shape), y["span_score"].numpy()
+    errs = [abs(float(a[i, j]) - float(lab[i, j])) for i in range(lab.shape[0]) for j in range(lab.shape[1])
+            if pre["span_score"][i, j] and not np.isnan(lab[i, j])]
+    counts["span_score"] = len(errs)
+    values["span_score"] = {"mean_absolute_error": float(np.mean(errs)) if errs else math.nan}
+    # multilabel per token: micro scores and element accuracy over the labelled (token, class) elements
+    a, lab = activated["tags"].numpy(), y["tags"].numpy()
+    toks = [(a[i, j] > 0.5, lab[i, j]) for i in range(lab.shape[0]) for j in range(lab.shape[1])
+            if pre["tags"][i, j] and not np.isnan(lab[i, j]).all()]
+    if not toks:
+        nothing("tags")
+        return values, counts
+    counts["tags"] = len(toks)
+    yp = np.array([p for p, _ in toks]).astype(int)
+    yt = np.array([t for _, t in toks]).astype(int)
+    values["tags"] = {"accuracy": float((yp == yt).mean()),
+                      "f1_score": skm.f1_score(yt, yp, average="micro", zero_division=0)}
+    return values, counts
+
+
+def _outputs(flow, x, y, train=False):
+    module = flow.torch()
+    module.train(train)
+    with torch.no_grad():
+        inputs = dict(x)
+        if train:
+            inputs["gt"] = {p: y[p] for p in ("has_entities", "is_entity")}
+        return module(inputs)
+
+
+def _assert_rows(computed, counts, ref_values, ref_counts):
+    """Equal counts; values equal up to float64 rounding (sums of the same items added in another
+    order: 1e-12), NaN where nothing was scored."""
+    for path, metrics in ref_values.items():
+        assert counts[path] == ref_counts[path], path
+        for name, value in metrics.items():
+            assert computed[f"{path}/{name}"] == pytest.approx(value, abs=1e-12, nan_ok=True), f"{path}/{name}"
+
+
+def test_flow_metrics_score_tokens_of_s_t_as_samples():
+    flow = token_flow()
+    x, y, real = token_data(9, 7, seed=3)
+    out = _outputs(flow, x, y, train=True)  # masks from x["gt"] and the x["elements"] padding marker
+    assert out["mask"]["entity_type"].shape == (9, 7)
+    metrics = flow.get_metrics()
+    metrics.update(out, y)
+    activated = flow.get_activation()(out["logits"])
+    ref_values, ref_counts = reference_rows(activated, y, reference_masks(y, real))
+    _assert_rows(metrics.compute(), metrics.num_samples(), ref_values, ref_counts)
+
+
+def test_flow_metrics_in_batches_equal_one_batch():
+    flow = token_flow()
+    x, y, _ = token_data(12, 5, seed=4)
+    out = _outputs(flow, x, y, train=True)
+    whole = flow.get_metrics()
+    whole.update(out, y)
+    parts = flow.get_metrics()
+    for rows in (slice(0, 5), slice(5, 12)):
+        xs = {k: v[rows] for k, v in x.items()}
+        ys = {k: v[rows] for k, v in y.items()}
+        parts.update(_outputs(flow, xs, ys, train=True), ys)
+    assert parts.num_samples() == whole.num_samples()
+    a, b = whole.compute(), parts.compute()
+    for key in a:  # the same counts in another order of additions: float64 rounding only
+        assert b[key] == pytest.approx(a[key], abs=1e-12, nan_ok=True), key
+
+
+def test_a_per_sample_mask_of_a_per_token_task_covers_its_tokens():
+    flow = token_flow()
+    x, y, real = token_data(6, 4, seed=5, missing=0.0)
+    out = _outputs(flow, x, y)
+    activated = out["activated"]
+    per_sample = {p: torch.ones(6, dtype=torch.bool) for p in flow.graph.paths}
+    per_sample["span_score"] = torch.tensor([True, False, True, True, False, True])
+    per_token = dict(per_sample)
+    per_token["span_score"] = per_sample["span_score"][:, None].expand(6, 4)
+    ev = flow.get_evaluator(per_class=False)
+    a, b = ev(activated, y, preconditions=per_sample), ev(activated, y, preconditions=per_token)
+    assert a.equals(b)
+    row = a[(a.task_path == "span_score")].iloc[0]
+    assert row.num_samples == int((real & per_token["span_score"].numpy()).sum())
+
+
+def test_evaluator_rows_equal_token_reference_and_count_elements():
+    flow = token_flow(seed=1)
+    x, y, real = token_data(10, 6, seed=6)
+    out = _outputs(flow, x, y)
+    table = flow.get_evaluator(per_class=False)(out["activated"], y)
+    ref_values, ref_counts = reference_rows(out["activated"], y, reference_masks(y, real))
+    computed = {f"{r.task_path}/{r.metric_name}": r.metric_res for r in table.itertuples()}
+    counts = {r.task_path: r.num_samples for r in table.itertuples()}
+    _assert_rows(computed, counts, ref_values, ref_counts)
+    assert counts["is_entity"] > 10  # elements, not samples
+
+
+def test_evaluator_per_class_rows_of_a_per_token_classification():
+    flow = token_flow(seed=2)
+    x, y, real = token_data(10, 6, seed=7)
+    out = _outputs(flow, x, y)
+    table = flow.get_evaluator()(out["activated"], y)
+    pre = reference_masks(y, real)["entity_type"]
+    lab = y["entity_type"].numpy()
+    sel = pre & (lab >= 0)
+    truth = lab[sel]
+    top1 = out["activated"]["entity_type"].numpy().argmax(-1)[sel]
+    classes = np.unique(np.concatenate([truth, top1]))
+    p, r, f, support = skm.precision_recall_fscore_support(truth, top1, labels=classes, zero_division=0)
+    rows = table[(table.task_path == "entity_type") & table.metric_name.str.startswith("recall/")]
+    assert [int(name.split("/")[1]) for name in rows.metric_name] == list(classes)
+    np.testing.assert_allclose(rows.metric_res.to_numpy(), r, atol=1e-12)
+    assert list(rows.num_samples) == list(support)
+
+
+def test_predicted_preconditions_per_token():
+    flow = token_flow(seed=3)
+    x, y, real = token_data(8, 5, seed=8)
+    out = _outputs(flow, x, y)
+    table = flow.get_evaluator(preconditions="predicted", per_class=False)(out["activated"], y)
+    decoded = out["decoded"]
+    has = decoded["has_entities"].reshape(-1).numpy()
+    is_e = decoded["is_entity"].reshape(8, 5).numpy()
+    pre = has[:, None] & is_e  # the decoded conditions, per token; padding is unlabelled
+    lab = y["is_person"].numpy()
+    sel = pre & ~np.isnan(lab)
+    row = table[(table.task_path == "is_person") & (table.metric_name == "accuracy")].iloc[0]
+    assert row.num_samples == int(sel.sum())
+    a = out["activated"]["is_person"].reshape(8, 5).numpy()
+    assert row.metric_res == pytest.approx(((a[sel] > 0.5) == (lab[sel] > 0.5)).mean(), abs=1e-12)
+
+
+def test_evaluator_uncertainty_per_token_is_the_mean_over_scored_tokens():
+    flow = token_flow(seed=4)
+    x, y, real = token_data(6, 5, seed=9)
+    out = _outputs(flow, x, y)
+    rng = np.random.default_rng(0)
+    stats = {p: {"entropy": rng.random((6,) + tuple(out["activated"][p].shape[1:]))} for p in flow.graph.paths}
+    stats["span_score"] = {"variance": rng.random((6, 5, 1))}
+    stats["tags"] = {"entropy": rng.random((6, 3))}  # not per token: no per-token mean, NaN
+    table = flow.get_evaluator(per_class=False)(out["activated"], y, uncertainty=stats)
+    pre = reference_masks(y, real)
+    lab = y["is_entity"].numpy()
+    sel = pre["is_entity"] & ~np.isnan(lab)
+    expected = stats["is_entity"]["entropy"].reshape(6, 5)[sel].mean()
+    got = table[table.task_path == "is_entity"].entropy.iloc[0]
+    assert got == pytest.approx(expected, abs=1e-6)  # float32 per-row means, float64 mean
+    sel = pre["span_score"] & ~np.isnan(y["span_score"].numpy())
+    got = table[table.task_path == "span_score"].variance.iloc[0]
+    assert got == pytest.approx(stats["span_score"]["variance"].reshape(6, 5)[sel].mean(), abs=1e-6)
+    assert math.isnan(table[table.task_path == "tags"].entropy.iloc[0])
+
+
+def test_evaluator_names_a_per_token_mask_that_does_not_fit():
+    flow = token_flow()
+    x, y, _ = token_data(4, 3, seed=1)
+    out = _outputs(flow, x, y)
+    masks = {p: torch.ones(4, dtype=torch.bool) for p in flow.graph.paths}
+    masks["entity_type"] = torch.ones(4, 2, dtype=torch.bool)  # T is 3
+    with pytest.raises(ValueError, match="entity_type"):
+        flow.get_evaluator()(out["activated"], y, preconditions=masks)
+
+
+def _best_score_by_hand(scores, labels, fn):
+    """The exact best of `fn` over every cut of the sorted scores (decisions `scores > cut`)."""
+    best = -math.inf
+    for cut in [-math.inf, *np.unique(scores)]:
+        p = scores > cut
+        tp, fp = float((p & labels).sum()), float((p & ~labels).sum())
+        fn_, tn = float((~p & labels).sum()), float((~p & ~labels).sum())
+        best = max(best, float(fn(np.array([tp]), np.array([fp]), np.array([fn_]), np.array([tn]))[0]))
+    return best
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1"])
+def test_tuning_a_per_token_binary_task_over_the_tokens_of_s_t(metric):
+    flow = token_flow(seed=5)
+    x, y, real = token_data(12, 6, seed=10)
+    out = _outputs(flow, x, y)
+    params, report = flow.get_decoder().fit(out["activated"], y, metric=metric)
+    pre = reference_masks(y, real)
+    for path in ("is_entity", "is_person"):  # conditions per sample (broadcast) and per token
+        lab = y[path].numpy()
+        sel = pre[path] & ~np.isnan(lab)
+        scores = out["activated"][path].reshape(lab.shape).numpy()[sel]
+        truth = lab[sel] > 0.5
+        assert report[path]["num_samples"] == int(sel.sum())
+        best = _best_score_by_hand(scores, truth, METRICS[metric])
+        assert report[path]["score"] == pytest.approx(best, abs=1e-12)
+        thr = params[path]["threshold"]
+        decided = scores > thr
+        tp, fp = (decided & truth).sum(), (decided & ~truth).sum()
+        fn_, tn = (~decided & truth).sum(), (~decided & ~truth).sum()
+        achieved = METRICS[metric](np.array([tp], float), np.array([fp], float), np.array([fn_], float),
+                                   np.array([tn], float))[0]
+        assert achieved == pytest.approx(best, abs=1e-12)
+
+
+def test_tuning_per_token_with_masks_given_per_token_and_per_sample():
+    flow = token_flow(seed=6)
+    x, y, real = token_data(8, 5, seed=11, missing=0.0)
+    out = _outputs(flow, x, y)
+    decoder = flow.get_decoder()
+    per_sample = {"is_person": torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)}
+    per_token = {"is_person": per_sample["is_person"][:, None].expand(8, 5).numpy()}  # arrays are accepted
+    a = decoder.fit({"is_person": out["activated"]["is_person"]}, y, masks=per_sample)
+    b = decoder.fit({"is_person": out["activated"]["is_person"]}, y, masks=per_token)
+    assert a == b
+    assert a[1]["is_person"]["num_samples"] == int((real & per_token["is_person"]).sum())
+    with pytest.raises(ValueError, match="is_person"):
+        decoder.fit({"is_person": out["activated"]["is_person"]}, y, masks={"is_person": torch.ones(8, 4, dtype=torch.bool)})
+
+
+def test_tuned_thresholds_of_per_token_tasks_apply_in_the_metrics():
+    flow = token_flow(seed=7)
+    x, y, real = token_data(10, 5, seed=12)
+    out = _outputs(flow, x, y)
+    tuned = flow.get_decoder().tune(out["activated"], y)
+    table = flow.get_evaluator(per_class=False)(out["activated"], y)
+    thresholds = {p: v["threshold"] for p, v in tuned.items() if p in ("has_entities", "is_entity", "is_person")}
+    ref_values, ref_counts = reference_rows(out["activated"], y, reference_masks(y, real), tuned=thresholds)
+    computed = {f"{r.task_path}/{r.metric_name}": r.metric_res for r in table.itertuples()}
+    counts = {r.task_path: r.num_samples for r in table.itertuples()}
+    ref_values = {p: v for p, v in ref_values.items() if p in thresholds}
+    _assert_rows(computed, counts, ref_values, ref_counts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), t=st.integers(1, 5), seed=st.integers(0, 10_000), missing=st.sampled_from([0.0, 0.3, 0.9]))
+def test_metrics_equal_the_token_reference_on_random_batches(n, t, seed, missing):
+    flow = token_flow(seed % 3)
+    x, y, real = token_data(n, t, seed, missing=missing)
+    out = _outputs(flow, x, y, train=True)
+    metrics = flow.get_metrics()
+    metrics.update(out, y)
+    computed, counts = metrics.compute(), metrics.num_samples()
+    activated = flow.get_activation()(out["logits"])
+    pre = reference_masks(y, real)
+    ref_values, ref_counts = reference_rows(activated, y, pre)
+    _assert_rows(computed, counts, ref_values, ref_counts)
