@@ -152,7 +152,8 @@ def reference_rows(activated, y, pre, tuned=None):
     values["span_score"] = {"mean_absolute_error": float(np.mean(errs)) if errs else math.nan}
     # multilabel per token: micro scores and element accuracy over the labelled (token, class) elements
     a, lab = activated["tags"].numpy(), y["tags"].numpy()
-    toks = [(a[i, j] > 0.5, lab[i, j]) for i in range(lab.shape[0]) for j in range(lab.shape[1])
+    thr = np.asarray(tuned.get("tags", 0.5))  # one per class once tuned
+    toks = [(a[i, j] > thr, lab[i, j]) for i in range(lab.shape[0]) for j in range(lab.shape[1])
             if pre["tags"][i, j] and not np.isnan(lab[i, j]).all()]
     if not toks:
         nothing("tags")
