@@ -7,8 +7,8 @@ task applies), or `(N, *E)` per element for a task with element dimensions (`ITa
 labels `(N, T)`, one per token; a `(N,)` mask then covers all of a sample's elements); a metric
 also skips elements whose label is missing, so it counts exactly the elements of `S_t`. Such a
 task's elements count as samples: a classification task's labels `(N, T)` with decoded
-predictions `(N, T, C)` are scored as `N * T` samples (`functional.element_rows`). `uses` tells whether `update` wants activated (`"activated"`) or decoded
-(`"decoded"`) predictions.
+predictions `(N, T, C)` are scored as `N * T` samples (`functional.element_rows`). `uses` tells
+whether `update` wants activated (`"activated"`) or decoded (`"decoded"`) predictions.
 
 Conventions (checked against scikit-learn in the tests):
 

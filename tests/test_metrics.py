@@ -507,10 +507,12 @@ def test_metrics_score_labels_per_token_as_one_item_each(mask_kind):
     args = (torch.from_numpy(ranked), torch.from_numpy(labels), torch.from_numpy(mask))
     top2 = TopKAccuracy(2)
     top2.update(*args)
-    assert top2.compute() == pytest.approx(np.mean([labels[i, j] in ranked[i, j, :2] for i, j in zip(*np.nonzero(sel))]))
+    hits = [labels[i, j] in ranked[i, j, :2] for i, j in zip(*np.nonzero(sel))]
+    assert top2.compute() == pytest.approx(np.mean(hits))
     f1 = ConfusionMatrixMetric("f1_score")
     f1.update(*args)
-    assert f1.compute() == pytest.approx(skm.f1_score(labels[sel], ranked[..., 0][sel], average="macro", zero_division=0))
+    expected = skm.f1_score(labels[sel], ranked[..., 0][sel], average="macro", zero_division=0)
+    assert f1.compute() == pytest.approx(expected)
     # regression: activated (N, T, 1), labels (N, T), NaN at padding
     values = rng.random((n, t, 1)).astype(np.float32)
     targets = rng.random((n, t)).astype(np.float32)

@@ -42,6 +42,11 @@ class FlowMetricsCallback(Callback):
     so that Catalyst's loggers, checkpoint selection and early stopping can use them. Per batch,
     `runner.batch_metrics` gets `<path>/loss` (`log_batch_losses`).
 
+    A per-token task (`ITask.element_dims`, labels `(N, T)`) is measured over its tokens: each
+    token of `S_t` counts as one sample in its metrics and PR curve (`FlowMetrics`), with masks per
+    token `(N, T)` or per sample; batches may have different numbers of tokens (a collate padding
+    each batch to its longest sample): the chunks of batches kept here never join two of them.
+
     Several sources: when the loader's dataset mixes sources (`dcc.MixedDataset`, whose batches
     carry `X["source"]`), each metric is also computed over each source's samples alone, as
     `<source>/<path>/<metric>`, for the tasks that source labels (`labelled_paths`): the value one

@@ -124,7 +124,8 @@ def _with_uncertainty(graph: FlowGraph, table: pd.DataFrame, uncertainty: Mappin
             raise KeyError(f"uncertainty of task {p!r} has no {kind!r} (it has {sorted(stats)})")
         raw = as_tensor(stats[kind], p, f"uncertainty[{kind!r}]")
         if raw.dim() == 0 or raw.shape[0] != n:
-            raise ValueError(f"uncertainty of task {p!r} has {raw.shape[0] if raw.dim() else 0} samples, the predictions {n}")
+            raise ValueError(f"uncertainty of task {p!r} has {raw.shape[0] if raw.dim() else 0} samples, "
+                             f"the predictions {n}")
         k = element_dims(leaf.task)
         if k:  # one value per scored element (token): statistics (N, *E, ...) as rows
             lead = labels[p].shape[: 1 + k]

@@ -141,9 +141,13 @@ def test_per_source_metrics_of_per_token_tasks_equal_each_source_alone(fake_runn
     runner.start([cb])
     got = runner.run_loader([cb], "valid", mixed.loader(batch_size=9))
     for name, ds in (("tokens", a), ("full", b)):
-        alone, _, _, _ = _reference(flow, ds, train_mode=False)
+        alone, _, out, y = _reference(flow, ds, train_mode=False)
         labelled = mixed.labelled_paths(name)
         expected = {f"{name}/{k}": v for k, v in alone.items() if k.split("/")[0] in labelled}
+        with torch.no_grad():  # each task's loss over the source's tokens of S_t
+            terms = flow.get_loss().terms(out, y)
+        expected.update({f"{name}/{p}/loss": float(s / c) if c > 0 else math.nan for p, (s, c) in terms.items()
+                         if p in labelled})
         assert expected
         _assert_close(got, expected)
     assert not any(k.startswith("tokens/has_entities/") for k in got)

@@ -218,7 +218,8 @@ def test_tuning_per_token_with_masks_given_per_token_and_per_sample():
     assert a == b
     assert a[1]["is_person"]["num_samples"] == int((real & per_token["is_person"]).sum())
     with pytest.raises(ValueError, match="is_person"):
-        decoder.fit({"is_person": out["activated"]["is_person"]}, y, masks={"is_person": torch.ones(8, 4, dtype=torch.bool)})
+        decoder.fit({"is_person": out["activated"]["is_person"]}, y,
+                    masks={"is_person": torch.ones(8, 4, dtype=torch.bool)})  # T is 5
 
 
 def test_tuned_thresholds_of_per_token_tasks_apply_in_the_metrics():

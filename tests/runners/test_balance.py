@@ -322,7 +322,8 @@ def _token_tagging():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("token_tagging", Path(__file__).resolve().parents[1] / "token_tagging.py")
+    path = Path(__file__).resolve().parents[1] / "token_tagging.py"
+    spec = importlib.util.spec_from_file_location("token_tagging", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -344,7 +345,8 @@ def test_replicas_merge_per_token_masks_and_metrics_to_the_whole_batch(devices, 
                                              zip(scatter_like(x, devices), scatter_like(y, devices))]))
     # chunks against the whole batch: float32 rounding only (as in test_replicas_merge_to_the_whole_batch)
     assert_clear_decisions(flow, flow.get_activation()(out["logits"]))
-    torch.testing.assert_close(FlowLoss.combine(merged[LOSS_TERMS], flow.get_loss().weights), loss, rtol=1e-5, atol=1e-6)
+    merged_loss = FlowLoss.combine(merged[LOSS_TERMS], flow.get_loss().weights)
+    torch.testing.assert_close(merged_loss, loss, rtol=1e-5, atol=1e-6)
     replica_metrics = flow.get_metrics()
     replica_metrics.merge(merged[METRIC_STATES])
     _assert_metrics_equal(metrics.compute(), replica_metrics.compute())

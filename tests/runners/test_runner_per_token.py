@@ -15,7 +15,8 @@ from dnn_cool_catalyst.runners import FlowRunner
 
 def load_token_tagging():
     """`tests/token_tagging.py`: the token-tagging flow and its hand-written reference."""
-    spec = importlib.util.spec_from_file_location("token_tagging", Path(__file__).resolve().parents[1] / "token_tagging.py")
+    path = Path(__file__).resolve().parents[1] / "token_tagging.py"
+    spec = importlib.util.spec_from_file_location("token_tagging", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,7 +42,8 @@ def test_train_two_epochs_and_evaluate_a_token_tagging_flow(tmp_path):
     assert tuned["is_person"]["num_samples"] == int((pre["is_person"] & ~np.isnan(lab)).sum())  # tokens of S_t
 
     table = runner.evaluate(loaders["valid"], verbose=False)
-    activated = {p: torch.as_tensor(v) for p, v in runner.infer(loaders["valid"], preconditions="gt")["activated"].items()}
+    predictions = runner.infer(loaders["valid"], preconditions="gt")
+    activated = {p: torch.as_tensor(v) for p, v in predictions["activated"].items()}
     thresholds = {p: params["threshold"] for p, params in flow.get_decoder().params().items()}
     ref_values, ref_counts = tt.reference_rows(activated, y, pre, tuned=thresholds)
     rows = {(r.task_path, r.metric_name): (r.metric_res, r.num_samples) for r in table.itertuples()}
