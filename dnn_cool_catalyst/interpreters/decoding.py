@@ -189,7 +189,8 @@ def task_mask(task: Any, mask: Tensor, path: str, n: int) -> Tensor:
     or `(N, *E)` per element for a task with element dimensions (`ITask.element_dims`)."""
     mask = mask.bool()
     k = element_dims(task)
-    if not (k and 2 <= mask.dim() <= 1 + k):
+    per_element = k and 2 <= mask.dim() <= 1 + k and mask.shape[1:].numel() != 1  # (N, 1): per sample
+    if not per_element:
         mask = mask.reshape(-1)
     if mask.shape[0] != n:
         raise ValueError(f"mask of task {path!r} has {mask.shape[0]} entries for {n} samples"

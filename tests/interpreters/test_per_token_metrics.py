@@ -216,6 +216,8 @@ def test_tuning_per_token_with_masks_given_per_token_and_per_sample():
     a = decoder.fit({"is_person": out["activated"]["is_person"]}, y, masks=per_sample)
     b = decoder.fit({"is_person": out["activated"]["is_person"]}, y, masks=per_token)
     assert a == b
+    column = {"is_person": per_sample["is_person"][:, None]}  # (N, 1): per sample too
+    assert decoder.fit({"is_person": out["activated"]["is_person"]}, y, masks=column) == a
     assert a[1]["is_person"]["num_samples"] == int((real & per_token["is_person"]).sum())
     with pytest.raises(ValueError, match="is_person"):
         decoder.fit({"is_person": out["activated"]["is_person"]}, y,
