@@ -3,9 +3,12 @@
 Every metric keeps its state as a dict of tensors that are *sums and counts*, so that the states of
 several batches, DataParallel replicas or DDP ranks merge exactly by addition (`merge`,
 `all_reduce`). `mask` is the boolean `(N,)` precondition mask of the task (samples in which the
-task applies); a metric also skips elements whose label is missing, so it counts exactly the
-elements of `S_t`. `uses` tells whether `update` wants activated (`"activated"`) or decoded
-(`"decoded"`) predictions.
+task applies), or `(N, *E)` per element for a task with element dimensions (`ITask.element_dims`:
+labels `(N, T)`, one per token; a `(N,)` mask then covers all of a sample's elements); a metric
+also skips elements whose label is missing, so it counts exactly the elements of `S_t`. Such a
+task's elements count as samples: a classification task's labels `(N, T)` with decoded
+predictions `(N, T, C)` are scored as `N * T` samples (`functional.element_rows`). `uses` tells
+whether `update` wants activated (`"activated"`) or decoded (`"decoded"`) predictions.
 
 Conventions (checked against scikit-learn in the tests):
 
@@ -48,14 +51,14 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Union
+from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import distributed
-from .functional import expand_mask
+from .functional import element_rows, expand_mask
 
 States = Dict[str, Tensor]
 
@@ -95,7 +98,8 @@ class Metric(abc.ABC):
 
     @abc.abstractmethod
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor) -> None:
-        """Add one batch: `preds` (activated or decoded), `targets` (labels), `mask` `(N,)` bool."""
+        """Add one batch: `preds` (activated or decoded), `targets` (labels), `mask` bool `(N,)`, or
+        `(N, *E)` per element of labels with element dimensions (see the module docstring)."""
 
     @abc.abstractmethod
     def compute(self) -> float:
@@ -169,6 +173,14 @@ def _ratio_rows(num: Tensor, den: Tensor, scale: float) -> List[float]:
     num, den = num.double(), den.double()
     values = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), math.nan)
     return (values * scale).tolist()
+
+
+def label_rows(mask: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """`(mask, labels)` flat, one row per label: labels with one value per sample `(N,)` or per
+    element `(N, *E)` viewed as `(N * |E|,)`, the mask (`(N,)` or `(N, *E)`) broadcast over the
+    elements with them (`functional.element_rows`), for the metrics of one value per row."""
+    mask, targets = element_rows(max(targets.dim() - 1, 0), mask, targets)
+    return mask.reshape(-1), targets.reshape(-1)
 
 
 def _zeros(*names: str, shape=()) -> States:
@@ -401,8 +413,11 @@ class TopKAccuracy(Metric):
         return _ratio_rows(states["correct"], states["count"], 1.0)
 
     def _counts(self, preds: Tensor, targets: Tensor, mask: Tensor, groups: Optional[int]) -> States:
-        t = targets.reshape(-1).long()
-        w = (t >= 0) & mask.reshape(-1)
+        m, t = label_rows(mask, targets)
+        t = t.long()
+        w = (t >= 0) & m
+        if preds.dim() > 2:  # per element (N, *E, C): one row per element, as the labels
+            preds = preds.reshape(t.shape[0], preds.shape[-1])
         hit = (preds[..., : self.k] == t.unsqueeze(-1)).any(-1) & w
         return {"correct": per_group(hit, groups), "count": per_group(w, groups)}
 
@@ -411,9 +426,11 @@ class TopKAccuracy(Metric):
 
 
 def confusion_matrix(top1: Tensor, targets: Tensor, mask: Tensor, num_classes: int) -> Tensor:
-    """`(C, C)` counts, rows = label, columns = top-1 prediction, over labelled masked samples."""
-    t = targets.reshape(-1).long()
-    w = (t >= 0) & mask.reshape(-1)
+    """`(C, C)` counts, rows = label, columns = top-1 prediction, over labelled masked samples
+    (labelled masked elements for labels `(N, *E)`)."""
+    m, t = label_rows(mask, targets)
+    t = t.long()
+    w = (t >= 0) & m
     idx = t.clamp_min(0) * num_classes + top1.reshape(-1).long()
     counts = torch.bincount(idx[w], minlength=num_classes * num_classes)
     if counts.numel() != num_classes * num_classes:
@@ -427,9 +444,10 @@ def confusion_matrices(top1: Tensor, targets: Tensor, mask: Tensor, num_classes:
     one `bincount`; None when a label or prediction of a counted sample is outside `[0, C)` (it
     would land in another task's matrix: counted one by one instead, where `confusion_matrix`
     raises)."""
-    t = targets.reshape(-1).long()
+    m, t = label_rows(mask, targets)
+    t = t.long()
     p = top1.reshape(-1).long()
-    w = (t >= 0) & mask.reshape(-1)
+    w = (t >= 0) & m
     cc = num_classes * num_classes
     if bool((w & ((torch.maximum(t, p) >= num_classes) | (p < 0))).any()):  # one host sync, as bincount's own
         return None
@@ -604,9 +622,9 @@ class MeanAbsoluteError(Metric):
 
     @staticmethod
     def _sums(preds: Tensor, targets: Tensor, mask: Tensor, groups: Optional[int]) -> States:
-        t = targets.reshape(-1)
+        m, t = label_rows(mask, targets)
         p = preds.reshape(-1)
-        w = ~torch.isnan(t) & mask.reshape(-1)
+        w = ~torch.isnan(t) & m
         err = torch.where(w, (p.double() - torch.nan_to_num(t).double()).abs(), torch.zeros((), dtype=torch.float64, device=t.device))
         return {"abs_sum": per_group(err, groups), "count": per_group(w, groups)}
 

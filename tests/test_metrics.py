@@ -477,3 +477,63 @@ def test_per_class_multilabel_states_reduce_when_a_rank_saw_nothing(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     expected = str([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     assert [o[0].strip() for o in outs] == [expected, expected]
+
+
+# Labels with element dimensions (per-token tasks, issue 17): each element is one scored item ------------
+
+
+def _token_case(rng, n=40, t=6):
+    """Per-token labels `(N, T)` with padding (-1 / NaN), and a per-sample and a per-token mask."""
+    lengths = rng.integers(1, t + 1, n)
+    real = np.arange(t)[None, :] < lengths[:, None]
+    per_sample = rng.random(n) < 0.7
+    per_token = (rng.random((n, t)) < 0.8) & real
+    return real, per_sample, per_token
+
+
+@pytest.mark.parametrize("mask_kind", ["per_sample", "per_token"])
+def test_metrics_score_labels_per_token_as_one_item_each(mask_kind):
+    rng = np.random.default_rng(5)
+    n, t, c = 40, 6, 4
+    real, per_sample, per_token = _token_case(rng, n, t)
+    mask = per_token if mask_kind == "per_token" else per_sample
+    token_mask = mask if mask.ndim == 2 else np.repeat(mask[:, None], t, 1)
+    # classification: decoded (N, T, C) ranked classes, labels (N, T), -1 at padding
+    probs = rng.random((n, t, c))
+    ranked = np.argsort(-probs, -1, kind="stable")
+    labels = rng.integers(0, c, (n, t))
+    labels[~real] = -1
+    sel = token_mask & (labels >= 0)
+    args = (torch.from_numpy(ranked), torch.from_numpy(labels), torch.from_numpy(mask))
+    top2 = TopKAccuracy(2)
+    top2.update(*args)
+    hits = [labels[i, j] in ranked[i, j, :2] for i, j in zip(*np.nonzero(sel))]
+    assert top2.compute() == pytest.approx(np.mean(hits))
+    f1 = ConfusionMatrixMetric("f1_score")
+    f1.update(*args)
+    expected = skm.f1_score(labels[sel], ranked[..., 0][sel], average="macro", zero_division=0)
+    assert f1.compute() == pytest.approx(expected)
+    # regression: activated (N, T, 1), labels (N, T), NaN at padding
+    values = rng.random((n, t, 1)).astype(np.float32)
+    targets = rng.random((n, t)).astype(np.float32)
+    targets[~real] = np.nan
+    sel = token_mask & ~np.isnan(targets)
+    mae = MeanAbsoluteError()
+    mae.update(torch.from_numpy(values), torch.from_numpy(targets), torch.from_numpy(mask))
+    assert mae.compute() == pytest.approx(np.abs(values[..., 0][sel].astype(np.float64) - targets[sel]).mean())
+    # binary per token: decoded (N, T, 1)
+    yes = rng.random((n, t, 1)) < 0.5
+    truth = (rng.random((n, t)) < 0.4).astype(np.float32)
+    truth[~real] = np.nan
+    sel = token_mask & ~np.isnan(truth)
+    acc = BinaryConfusionMetric("accuracy")
+    acc.update(torch.from_numpy(yes), torch.from_numpy(truth), torch.from_numpy(mask))
+    assert acc.compute() == pytest.approx(skm.accuracy_score(truth[sel], yes[..., 0][sel]))
+    # multilabel per token: decoded and labels (N, T, L)
+    tags = rng.random((n, t, 3)) < 0.5
+    tag_labels = (rng.random((n, t, 3)) < 0.3).astype(np.float32)
+    tag_labels[~real] = np.nan
+    sel = token_mask & real
+    micro = MultilabelConfusionMetric("f1_score")
+    micro.update(torch.from_numpy(tags), torch.from_numpy(tag_labels), torch.from_numpy(mask))
+    assert micro.compute() == pytest.approx(skm.f1_score(tag_labels[sel].astype(int), tags[sel], average="micro"))

@@ -16,6 +16,12 @@ Two needs are shared between `ThresholdTuningCallback`, `FlowMetricsCallback` an
 One `LoaderOutputs` exists per runner and set of tasks (`shared_outputs`): callbacks of flows built
 from the same `Tasks` share it, as they share the decoders; the callbacks never see each other.
 
+Tasks with element dimensions (`ITask.element_dims`, labels `(N, T)`: one per token) keep their
+elements: their masks are kept per element `(N, T)` (a per-sample mask broadcast over the tokens),
+and batches whose number of tokens differs (a collate that pads each batch to its longest sample)
+are joined padded to the longest, the added positions outside the mask (so tuning, the deferred
+metrics and the PR curves, which run over the elements of `S_t`, never see them).
+
 Life cycle per loader: every taking-part callback calls `start` in `on_loader_start` (the first
 `start` after a loader that kept or finished something begins a new loader), `add` in
 `on_batch_end`, `before_decoding` / `outputs` in `on_loader_end` and, last, `done`: once every
@@ -23,6 +29,7 @@ callback that started is done, the kept outputs are freed.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..functional import element_dims, expand_mask
 from ..keys import ACTIVATED, LOGITS, MASK
 from .batch import ChunkBuffer, batch_parts, batch_size_of, gather_kept
 
@@ -57,6 +65,8 @@ class LoaderOutputs:
         self._steps: Dict[int, Callable[[Any], None]] = {}
         self._joined: Optional[Kept] = None
         self._fresh = True
+        self._elements: Dict[str, int] = {p: element_dims(t) for p, t in self.tasks.items() if element_dims(t)}
+        self._element_shapes: Optional[Tuple[Any, ...]] = None  # of the per-token tasks buffered
 
     def reset(self) -> None:
         """Forget the previous loader: kept outputs, requests, pending steps."""
@@ -69,6 +79,7 @@ class LoaderOutputs:
         self._steps = {}
         self._joined = None
         self._fresh = True
+        self._element_shapes = None
 
     def start(self, who: Any, paths: Sequence[str] = (), buffer_elements: int = 2 ** 24,
               before_decoding: Optional[Callable[[Any], None]] = None) -> None:
@@ -99,6 +110,11 @@ class LoaderOutputs:
         inputs, targets, outputs = batch_parts(runner, type(who).__name__)
         source = ACTIVATED if outputs.get(ACTIVATED) else LOGITS
         paths = [p for p in self._paths if p in outputs.get(source, {})]
+        shapes = tuple((tuple(targets[p].shape[1:1 + self._elements[p]]), outputs[MASK][p].dim())
+                       for p in paths if p in self._elements)
+        if shapes != self._element_shapes:  # another number of tokens: the buffer joins equal shapes only
+            self._move_to_cpu()
+            self._element_shapes = shapes
         self._buffer.add(batch_size_of(targets, inputs), {source: {p: outputs[source][p] for p in paths},
                                                           "targets": {p: targets[p] for p in paths},
                                                           MASK: {p: outputs[MASK][p] for p in paths}})
@@ -113,7 +129,11 @@ class LoaderOutputs:
         activated, logits = chunk.get(ACTIVATED), chunk.get(LOGITS)
         for p in (activated if activated is not None else logits):
             a = activated[p] if activated is not None else self.tasks[p].activate(logits[p])
-            self._kept[p].append((a.cpu(), chunk["targets"][p].cpu(), chunk[MASK][p].cpu()))
+            y, m = chunk["targets"][p], chunk[MASK][p]
+            k = self._elements.get(p, 0)
+            if k and m.dim() < 1 + k:  # per element, so that chunks of other token counts pad alike
+                m = expand_mask(m, y).expand(y.shape[: 1 + k])
+            self._kept[p].append((a.cpu(), y.cpu(), m.cpu()))
 
     def before_decoding(self, runner: Any) -> None:
         """Run the pending loader-end steps (each once per loader, in the order they were
@@ -134,9 +154,22 @@ class LoaderOutputs:
             if distributed.world_size() > 1:
                 kept = gather_kept(kept)
             self._kept = defaultdict(list)
-            self._joined = {p: tuple(torch.cat(parts) for parts in zip(*chunks))
-                            for p, chunks in kept.items() if chunks}
+            self._joined = {p: self._join(p, chunks) for p, chunks in kept.items() if chunks}
         return self._joined
+
+    def _join(self, path: str, chunks: List[Tuple[Tensor, Tensor, Tensor]]) -> Tuple[Tensor, Tensor, Tensor]:
+        """`(activated, labels, mask)` of `path` over all chunks; chunks of a per-token task with
+        other numbers of tokens padded to the most (activated 0, labels the task's missing
+        marker, mask False there)."""
+        k = self._elements.get(path, 0)
+        sizes = {c[1].shape[1:1 + k] for c in chunks} if k else set()
+        if len(sizes) <= 1:
+            return tuple(torch.cat(parts) for parts in zip(*chunks))
+        longest = tuple(max(s[i] for s in sizes) for i in range(k))
+        missing = getattr(self.tasks[path], "missing", 0)
+        padded = [(_pad_elements(a, k, longest, 0), _pad_elements(y, k, longest, missing),
+                   _pad_elements(m, k, longest, False)) for a, y, m in chunks]
+        return tuple(torch.cat(parts) for parts in zip(*padded))
 
     def done(self, who: Any) -> None:
         """`who` is finished with this loader (the end of its `on_loader_end`); when every callback
@@ -145,6 +178,17 @@ class LoaderOutputs:
         self._open.discard(id(who))
         if not self._open:
             self.reset()
+
+
+def _pad_elements(t: Tensor, k: int, longest: Tuple[int, ...], fill: Any) -> Tensor:
+    """`t` `(N, *E, ...)` with its `k` element dimensions grown to `longest`, new positions `fill`."""
+    if tuple(t.shape[1:1 + k]) == longest:
+        return t
+    if isinstance(fill, float) and math.isnan(fill) and not t.dtype.is_floating_point:
+        fill = 0  # integer labels marked missing otherwise: outside the mask anyway
+    out = torch.full((t.shape[0], *longest, *t.shape[1 + k:]), fill, dtype=t.dtype)
+    out[(slice(None), *(slice(0, n) for n in t.shape[1:1 + k]))] = t
+    return out
 
 
 # One per runner and set of tasks; gone with the runner.

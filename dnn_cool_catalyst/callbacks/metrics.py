@@ -10,6 +10,7 @@ from catalyst.core.callback import Callback, CallbackOrder
 from torch import Tensor
 
 from ..distributed import collective_device, world_size
+from ..functional import and_masks, element_dims, element_rows
 from ..inference import SourceLayout, mixed_sources
 from ..keys import ACTIVATED, DECODED, LOGITS, LOSS_TERMS, MASK, METRIC_STATES, SOURCE
 from ..metrics import ConfusionMatrixMetric
@@ -41,6 +42,11 @@ class FlowMetricsCallback(Callback):
     so that Catalyst's loggers, checkpoint selection and early stopping can use them. Per batch,
     `runner.batch_metrics` gets `<path>/loss` (`log_batch_losses`).
 
+    A per-token task (`ITask.element_dims`, labels `(N, T)`) is measured over its tokens: each
+    token of `S_t` counts as one sample in its metrics and PR curve (`FlowMetrics`), with masks per
+    token `(N, T)` or per sample; batches may have different numbers of tokens (a collate padding
+    each batch to its longest sample): the chunks of batches kept here never join two of them.
+
     Several sources: when the loader's dataset mixes sources (`dcc.MixedDataset`, whose batches
     carry `X["source"]`), each metric is also computed over each source's samples alone, as
     `<source>/<path>/<metric>`, for the tasks that source labels (`labelled_paths`): the value one
@@ -68,7 +74,8 @@ class FlowMetricsCallback(Callback):
         pr_curves: log a precision-recall curve per thresholded task and loader that does not train,
             to the loggers that have `log_pr_curve` (e.g. `FlowTensorboardLogger`): `<path>/pr_curve`
             for a binary task, `<path>/pr_curve/<class>` per class of a multilabel task (the class's
-            name from `class_names`, else its index), each over the available labels of `S_t`.
+            name from `class_names`, else its index), each over the available labels of `S_t` (the
+            tokens of `S_t` for a per-token task, `ITask.element_dims`).
         confusion_matrices: log a confusion-matrix image per classification task and loader that
             does not train, `<path>/confusion_matrix` (rows = truth, columns = top-1 prediction,
             `callbacks.publishers.confusion_matrix_image`), through `runner.log_image`. It is drawn
@@ -107,6 +114,7 @@ class FlowMetricsCallback(Callback):
         self._curved: Set[str] = set()
         self._buffer = ChunkBuffer(self.buffer_elements)
         self._source_metrics: Dict[str, Any] = {}  # per source name: a FlowMetrics, made on first use
+        self._elements: Dict[str, int] = {}  # tasks with element dimensions: their element_dims
         self._warned_reduced = False
         # set at each loader's start
         self._reset_loader(active=False)
@@ -127,6 +135,7 @@ class FlowMetricsCallback(Callback):
         self._per_source: Tuple[Tuple[int, str, frozenset, Any], ...] = ()
         self._kept_sources: List[Tensor] = []  # X["source"] of each batch, for the deferred decoded metrics
         self._source_terms: Dict[int, List[Tensor]] = {}  # per source position: (tasks, 2) loss terms per batch
+        self._element_shapes: Optional[Tuple[Any, ...]] = None  # per-token tasks' in the buffer
 
     # Setup ---------------------------------------------------------------------------------------
     def on_experiment_start(self, runner: Any) -> None:
@@ -146,6 +155,7 @@ class FlowMetricsCallback(Callback):
         self._curved = self._binary | {leaf.path for leaf in self._leaves if leaf.task.decides_by_threshold}
         self._buffer = ChunkBuffer(self.buffer_elements)
         self._source_metrics = {}
+        self._elements = {leaf.path: element_dims(leaf.task) for leaf in self._leaves if element_dims(leaf.task)}
         self._reset_loader(active=False)
 
     def on_loader_start(self, runner: Any) -> None:
@@ -223,6 +233,14 @@ class FlowMetricsCallback(Callback):
             parts[SOURCE] = {SOURCE: src}
             if not runner.is_train_loader:
                 self._add_source_losses(outputs, targets, src)
+        if self._elements:  # another number of tokens, or masks per sample after masks per token:
+            # the buffer joins batches of equal shapes only
+            masks = outputs[MASK]
+            shapes = tuple((tuple(targets[p].shape[1:1 + k]), masks[p].dim()) for p, k in self._elements.items()
+                           if p in targets and p in masks)
+            if shapes != self._element_shapes:
+                self._flush()
+                self._element_shapes = shapes
         self._buffer.add(n, parts)
         if self._buffer.full:
             self._flush()
@@ -249,7 +267,7 @@ class FlowMetricsCallback(Callback):
         logits, masks = outputs[LOGITS], outputs[MASK]
         for position, _, _, _ in self._per_source:
             rows = src == position
-            terms = self._loss.terms({LOGITS: logits, MASK: {p: masks[p].reshape(-1) & rows for p in self._paths}},
+            terms = self._loss.terms({LOGITS: logits, MASK: {p: and_masks(masks[p], rows) for p in self._paths}},
                                      targets)
             stacked = torch.stack([t for p in self._paths for t in terms[p]]).view(len(self._paths), 2)
             self._source_terms.setdefault(position, []).append(stacked)
@@ -339,7 +357,7 @@ class FlowMetricsCallback(Callback):
         targets, masks = chunk["targets"], chunk[MASK]
         self._metrics.update_states(predictions, targets, masks)  # one kernel per kind (StateStack)
         for labelled, metrics, rows in sources:  # the source's own metrics, on its rows only
-            metrics.update_states(predictions, targets, {p: masks[p].reshape(-1) & rows for p in labelled}, labelled)
+            metrics.update_states(predictions, targets, {p: and_masks(masks[p], rows) for p in labelled}, labelled)
 
     def _source_rows(self, src: Tensor) -> List[Tuple[frozenset, Any, Tensor]]:
         """`(labelled paths, metrics, rows (N,) bool)` of each source, for a chunk's `X["source"]`."""
@@ -376,7 +394,7 @@ class FlowMetricsCallback(Callback):
             self._metrics.update_states({DECODED: decs}, targets, masks)
             for labelled, metrics, rows in sources:
                 paths = labelled & decs.keys()
-                metrics.update_states({DECODED: decs}, targets, {p: masks[p].reshape(-1) & rows for p in paths}, paths)
+                metrics.update_states({DECODED: decs}, targets, {p: and_masks(masks[p], rows) for p in paths}, paths)
         metrics: Dict[str, float] = {}
         if self._sums is not None:
             for p, s, c in zip(self._paths, self._sums.tolist(), self._counts.tolist()):
@@ -417,6 +435,8 @@ class FlowMetricsCallback(Callback):
             if leaf.path not in self._curved or leaf.path not in kept:
                 continue
             a, y, m = kept[leaf.path]  # on the CPU: selected in numpy, cheaper than tensor indexing
+            # a per-token task's curve runs over its tokens: one row per element
+            m, a, y = element_rows(element_dims(leaf.task), m, a, y)
             a, y = a.reshape(a.shape[0], -1), y.reshape(y.shape[0], -1)
             if leaf.path in self._binary or y.shape[1] == 1:
                 a, y = a[:, :1], y[:, :1]

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from ..errors import LabelError, TunedParamsError, did_you_mean
-from ..functional import expand_mask
+from ..functional import element_dims, expand_mask
 from ..graph import FlowGraph
 from ..tuning import FIX_TUNED, ConfusionMetric
 from .masks import compute_masks
+from .metrics import task_rows
 
 #: What a decoder is tuned for: a name of `tuning.METRICS` or a function of the confusion counts
 #: (not `metrics.Metric`, the per-task metric protocol).
@@ -88,8 +89,11 @@ class FlowDecoder:
 
         `predictions`: `{path: activated (N, ...)}` (tensors or arrays); tasks absent from it are
         left out. `targets`: `{path: labels}` in the tasks' label format. `masks`: `{path: bool
-        (N,)}`, or None to take them from the targets with ground-truth precondition semantics (then
-        `targets` must also hold the labels of the precondition tasks). `metric`: a name of
+        (N,)}` (`(N, T)` per element for a task with element dimensions), or None to take them from
+        the targets with ground-truth precondition semantics (then `targets` must also hold the
+        labels of the precondition tasks). A task with element dimensions (`ITask.element_dims`,
+        labels `(N, T)`) is tuned over its elements: each token of `S_t` is one sample (a per-token
+        binary task's threshold is the best over its tokens; `num_samples` counts them). `metric`: a name of
         `dnn_cool_catalyst.tuning.METRICS` ("accuracy", "f1", "balanced_accuracy", "youden"), a
         callable `f(tp, fp, fn, tn) -> scores` on arrays of confusion counts, or `{path: metric}`
         (paths not named use "accuracy").
@@ -130,9 +134,10 @@ class FlowDecoder:
                 raise LabelError(f"predictions of task {p!r} have {a.shape[0]} samples, those of {leaves[0].path!r} {n}")
             if p not in masks:
                 raise KeyError(f"masks have no entry for task {p!r}; they have {sorted(masks)}")
-            m = as_tensor(masks[p], p, "masks").reshape(-1).bool()
-            if m.shape[0] != n:
-                raise ValueError(f"mask of task {p!r} has {m.shape[0]} entries for {n} samples")
+            m = task_mask(leaf.task, as_tensor(masks[p], p, "masks"), p, n)
+            k = element_dims(leaf.task)
+            if k:  # per element (tokens): tuned over the elements of S_t, each one row
+                m, a, y = task_rows(p, k, m, a, y)
             avail = leaf.task.available(y)
             in_s = avail & expand_mask(m, avail)
             try:
@@ -177,6 +182,20 @@ def as_tensor(value: Any, path: str, what: str) -> Tensor:
         return torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{what} of task {path!r} must be a tensor or a numeric array ({e})") from None
+
+
+def task_mask(task: Any, mask: Tensor, path: str, n: int) -> Tensor:
+    """A task's precondition mask as given by a user, checked: bool `(N,)` (`(N, 1)` is flattened),
+    or `(N, *E)` per element for a task with element dimensions (`ITask.element_dims`)."""
+    mask = mask.bool()
+    k = element_dims(task)
+    per_element = k and 2 <= mask.dim() <= 1 + k and mask.shape[1:].numel() != 1  # (N, 1): per sample
+    if not per_element:
+        mask = mask.reshape(-1)
+    if mask.shape[0] != n:
+        raise ValueError(f"mask of task {path!r} has {mask.shape[0]} entries for {n} samples"
+                         + (f" (a mask per element has shape (N, T), here ({n}, T))" if k else ""))
+    return mask
 
 
 def prepare_labels(graph: FlowGraph, targets: Mapping[str, Any], paths: Sequence[str], n: int) -> Dict[str, Tensor]:

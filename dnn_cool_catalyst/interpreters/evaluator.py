@@ -9,9 +9,10 @@ from torch import Tensor
 
 from ..graph import FlowGraph
 from ..keys import ACTIVATED, DECODED, LOGITS, MASK
-from .decoding import as_tensor, ground_truth_masks, prepare_labels
+from ..functional import element_dims
+from .decoding import as_tensor, ground_truth_masks, prepare_labels, task_mask
 from .masks import compute_masks
-from .metrics import FlowMetrics
+from .metrics import FlowMetrics, task_rows
 
 COLUMNS = ["task_path", "metric_name", "metric_res", "num_samples"]
 MODES = ("gt", "predicted")
@@ -28,8 +29,14 @@ class FlowEvaluator:
     `preconditions` says which samples a task is scored on: `"gt"` (default) the samples of `S_t`,
     preconditions from the labels (API.md section 4); `"predicted"` the samples whose *decoded*
     precondition holds and whose label is present (end-to-end quality: a door wrongly seen as
-    closed hides its person tasks). A mapping `{path: bool (N,)}` gives the masks directly.
+    closed hides its person tasks). A mapping `{path: bool (N,)}` gives the masks directly
+    (`(N, T)` per element for a task with element dimensions).
     `num_samples` is the number of samples scored (with at least one available label element).
+
+    Tasks with element dimensions (`ITask.element_dims`, labels `(N, T)`: one per token) are
+    scored over their elements: every element of `S_t` (labelled, not padding, where its
+    precondition holds, per token or per sample) counts as one scored item, so their metrics are
+    token-level and their `num_samples` counts *elements* (tokens), not samples.
 
     `per_class` (default True): classification and multilabel tasks also get one row per class and
     kind, `metric_name` `precision/<class>`, `recall/<class>`, `f1_score/<class>` (the class's name
@@ -48,7 +55,9 @@ class FlowEvaluator:
     language modeling; NaN for other tasks), and `variance`, the mean variance of the activated
     outputs of any other task (regression; NaN for classifiers), each averaged over the samples
     the task is scored on (those counted in `num_samples`) and over each sample's values (classes
-    of a multilabel task, tokens, outputs); NaN where no sample is scored.
+    of a multilabel task, tokens, outputs); NaN where no sample is scored. For a task with element
+    dimensions the mean runs over its scored elements, from statistics per element `(N, T, ...)`;
+    statistics of another shape give NaN there.
     """
 
     def __init__(self, graph: FlowGraph, preconditions: str = "gt", per_class: bool = True):
@@ -113,10 +122,21 @@ def _with_uncertainty(graph: FlowGraph, table: pd.DataFrame, uncertainty: Mappin
         kind = "entropy" if predictive_kind(leaf.task) is not None else "variance"
         if kind not in stats:
             raise KeyError(f"uncertainty of task {p!r} has no {kind!r} (it has {sorted(stats)})")
-        v = per_sample(as_tensor(stats[kind], p, f"uncertainty[{kind!r}]"))
-        if v.shape[0] != n:
-            raise ValueError(f"uncertainty of task {p!r} has {v.shape[0]} samples, the predictions {n}")
-        scored = masks[p].reshape(-1).bool() & leaf.task.available(labels[p]).reshape(n, -1).any(1)
+        raw = as_tensor(stats[kind], p, f"uncertainty[{kind!r}]")
+        if raw.dim() == 0 or raw.shape[0] != n:
+            raise ValueError(f"uncertainty of task {p!r} has {raw.shape[0] if raw.dim() else 0} samples, "
+                             f"the predictions {n}")
+        k = element_dims(leaf.task)
+        if k:  # one value per scored element (token): statistics (N, *E, ...) as rows
+            lead = labels[p].shape[: 1 + k]
+            if raw.shape[: 1 + k] != lead:
+                values[p] = {kind: float("nan")}  # not per element: no per-token mean to give
+                continue
+            m, v, y = task_rows(p, k, masks[p].bool(), raw, labels[p])
+        else:
+            m, v, y = masks[p].reshape(-1).bool(), raw, labels[p]
+        v = per_sample(v)
+        scored = m & leaf.task.available(y).reshape(y.shape[0], -1).any(1)
         mean = float(v[scored].double().mean()) if bool(scored.any()) else float("nan")
         values[p] = {kind: mean}
     out = table.copy()
@@ -127,18 +147,16 @@ def _with_uncertainty(graph: FlowGraph, table: pd.DataFrame, uncertainty: Mappin
 
 def precondition_masks(graph: FlowGraph, mode: Union[str, Mapping[str, Any]], labels: Dict[str, Tensor],
                        decoded: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
-    """`{path: bool (N,)}`: where each task applies. `mode`: `"gt"` (from the prepared `labels`,
-    three-valued), `"predicted"` (from the `decoded` predictions) or a mapping of masks `{path: (N,)}`
-    (checked: one per task, `n` entries each)."""
+    """`{path: bool (N,)}` (`(N, T)` per element where a task's precondition is per token): where
+    each task applies. `mode`: `"gt"` (from the prepared `labels`, three-valued), `"predicted"`
+    (from the `decoded` predictions) or a mapping of masks `{path: (N,)}` or `(N, T)` (checked: one
+    per task, `n` entries each)."""
     if isinstance(mode, Mapping):
         masks = {}
         for p in graph.paths:
             if p not in mode:
                 raise KeyError(f"preconditions (masks) have no entry for task {p!r}; they have {sorted(mode)}")
-            m = as_tensor(mode[p], p, "masks").reshape(-1).bool()
-            if m.shape[0] != n:
-                raise ValueError(f"mask of task {p!r} has {m.shape[0]} entries for {n} samples")
-            masks[p] = m
+            masks[p] = task_mask(graph.leaf(p).task, as_tensor(mode[p], p, "masks"), p, n)
         return masks
     if _check_mode(mode) == "gt":
         return ground_truth_masks(graph, labels, n, labels)

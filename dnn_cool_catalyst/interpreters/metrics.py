@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..errors import LabelError
+from ..functional import element_dims, element_rows
 from ..graph import FlowGraph
 from ..keys import ACTIVATED, DECODED, LOGITS, MASK
 from ..metrics import Metric
@@ -182,6 +183,16 @@ class StateStack:
         return True
 
 
+def task_rows(path: str, k: int, mask: Tensor, *values: Tensor) -> Tuple[Tensor, ...]:
+    """`functional.element_rows` for task `path` with `k` element dimensions (metrics, tuning and
+    the evaluator score its elements as samples), a shape that does not fit named by the task."""
+    try:
+        return element_rows(k, mask, *values)
+    except ValueError as e:
+        raise ValueError(f"task {path!r} (element_dims={k}: outputs, labels and mask must share the leading "
+                         f"shape (N, T)): {e}") from None
+
+
 def _joinable(tensors: Sequence[Tensor]) -> bool:
     """Whether the tensors can be joined along the first dimension into equal blocks."""
     first = tensors[0]
@@ -193,6 +204,11 @@ class FlowMetrics:
     (activated/decoded are computed from logits when absent, as in training mode) and the masks in
     `outputs["mask"]`; `compute()` gives `{"<path>/<metric>": value}`; `num_samples()` gives
     `{path: |S_t|}` (samples with a label in the task's precondition).
+
+    A task with element dimensions (`ITask.element_dims`: labels `(N, T)`, one per token) is
+    scored over its elements: each element of `S_t` (labelled, where the mask, `(N,)` or
+    `(N, T)`, holds) counts as one sample, in its metrics and in `num_samples`
+    (`functional.element_rows`: predictions `(N, T, ...)` and labels seen as `(N * T, ...)` rows).
 
     Everything accumulated is sums and counts: `states()` exports them as one flat dict of
     tensors, `merge(other)` adds another instance's (or such a dict: DataParallel replicas, chunks
@@ -213,6 +229,9 @@ class FlowMetrics:
         self.groups_by_path: Dict[str, List[StateGroup]] = {leaf.path: [] for leaf in graph.leaves}
         for g in self.groups:
             self.groups_by_path[g.path].append(g)
+        # tasks with element dimensions, scored one row per element (`_rows`)
+        self._element_dims: Dict[str, int] = {leaf.path: element_dims(leaf.task) for leaf in graph.leaves
+                                              if element_dims(leaf.task)}
         self._units = self._stack_groups()
         self._counts: Dict[str, Tensor] = {}
         self.reset()
@@ -310,10 +329,10 @@ class FlowMetrics:
             if p not in targets:
                 raise LabelError(f"targets have no labels for task {p!r} of flow {self.graph.name!r}; "
                                  f"they have {sorted(targets)}")
-            avail = task.available(targets[p])
-            if avail.dim() > 1:  # per element: a sample counts when any of its elements is labelled
+            mask, avail = self._rows(p, masks[p], task.available(targets[p]))
+            if avail.dim() > 1:  # label elements of a row: it counts when any of them is labelled
                 avail = avail.flatten(1).any(1)
-            seen = (avail & masks[p].reshape(-1)).sum().double()
+            seen = (avail & mask.reshape(-1)).sum().double()
             c = self._counts[p]
             if c.device != seen.device and seen.device.type != "mps":
                 c = c.to(seen.device)
@@ -329,22 +348,31 @@ class FlowMetrics:
         task not in `paths` (when given). Groups that count alike for several tasks are counted
         together (`StateStack`: one kernel per kind instead of one update per task)."""
         for stack, groups in self._units:
-            chosen, preds = [], []
+            chosen, preds, labels, rows = [], [], [], []
             for i, g in enumerate(groups):
                 p = predictions.get(g.uses, {}).get(g.path)
                 if p is not None and (paths is None or g.path in paths):
+                    m, p, y = self._rows(g.path, masks[g.path], p, targets[g.path])
                     chosen.append(i)
                     preds.append(p)
+                    labels.append(y)
+                    rows.append(m)
             if not chosen:
                 continue
             if stack is None:
-                g = groups[0]
-                g.update(preds[0], targets[g.path], masks[g.path])
-            else:
-                stack.update(chosen, preds, [targets[groups[i].path] for i in chosen],
-                             [masks[groups[i].path] for i in chosen])
+                groups[0].update(preds[0], labels[0], rows[0])
+            else:  # per-element tasks' rows join others of the same shape only (`_joinable`)
+                stack.update(chosen, preds, labels, rows)
+
+    def _rows(self, path: str, mask: Tensor, *values: Tensor) -> Tuple[Tensor, ...]:
+        """`(mask, *values)` of task `path`, one row per element for a task with element dimensions
+        (`functional.element_rows`), as they are for any other; a shape that does not fit names the task."""
+        k = self._element_dims.get(path, 0)
+        return task_rows(path, k, mask, *values) if k else (mask, *values)
 
     def num_samples(self) -> Dict[str, int]:
+        """`{path: |S_t|}` so far: the samples with an available label where the task applies;
+        for a task with element dimensions, its elements (tokens) in `S_t`."""
         return {p: int(c) for p, c in self._counts.items()}
 
     def compute(self) -> Dict[str, float]:

@@ -419,7 +419,8 @@ class FlowRunner(dl.Runner):
     def evaluate(self, loader: Any, preconditions: str = "gt", save: bool = True, verbose: bool = True,
                  mc_samples: Optional[int] = None, mc_seed: Optional[int] = None) -> pd.DataFrame:
         """The flow's evaluation table on `loader` (`task_path, metric_name, metric_res,
-        num_samples`; `flow.get_evaluator()` on activated predictions); also written as
+        num_samples`; `flow.get_evaluator()` on activated predictions: a per-token task, with
+        `element_dims`, is scored over its tokens and its `num_samples` counts them); also written as
         `evaluation.csv` into the logdir when there is one and `save` is true (under torchrun,
         rank 0 only). `verbose` prints it in full, one line per task (`summary.format_table`),
         and where the logs are. `mc_samples=n` adds the columns `entropy` (classifiers) and

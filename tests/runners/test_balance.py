@@ -315,3 +315,45 @@ def test_two_gpus_reduce_to_the_whole_batch(fuse):
         torch.testing.assert_close(reduced[PER_SAMPLE_LOSS][p], v.detach(), equal_nan=True, rtol=1e-5, atol=1e-6)
     assert all(t.device == torch.device("cuda", 0) for t in _tensors(reduced))
     assert reduced[EXPLAIN]["index"].tolist() == [0, 1]
+
+
+def _token_tagging():
+    """`tests/token_tagging.py`: a token-tagging flow (per-token tasks, per-token preconditions)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "token_tagging.py"
+    spec = importlib.util.spec_from_file_location("token_tagging", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("devices", [2, 3])
+def test_replicas_merge_per_token_masks_and_metrics_to_the_whole_batch(devices, assert_clear_decisions):
+    tt = _token_tagging()
+    flow = tt.token_flow(seed=2)
+    x, y, _ = tt.token_data(11, 5, seed=4)
+    x["gt"] = {p: y[p] for p in ("has_entities", "is_entity")}
+    module = flow.torch().train()
+    with torch.no_grad():
+        out, loss, metrics, per_sample = _whole_batch(flow, module, x, y)
+    assert out["mask"]["entity_type"].shape == (11, 5)  # per token
+    reducer = ReplicaReducer(flow, keep=["is_entity", "tags"])
+    with torch.no_grad():
+        merged = merge_replicas(gather_like([reducer(module, xi, yi) for xi, yi in
+                                             zip(scatter_like(x, devices), scatter_like(y, devices))]))
+    # chunks against the whole batch: float32 rounding only (as in test_replicas_merge_to_the_whole_batch)
+    assert_clear_decisions(flow, flow.get_activation()(out["logits"]))
+    merged_loss = FlowLoss.combine(merged[LOSS_TERMS], flow.get_loss().weights)
+    torch.testing.assert_close(merged_loss, loss, rtol=1e-5, atol=1e-6)
+    replica_metrics = flow.get_metrics()
+    replica_metrics.merge(merged[METRIC_STATES])
+    _assert_metrics_equal(metrics.compute(), replica_metrics.compute())
+    assert replica_metrics.num_samples() == metrics.num_samples()
+    assert replica_metrics.num_samples()["is_entity"] > 11  # tokens
+    for p, m in out["mask"].items():
+        assert torch.equal(merged[OUTPUTS]["mask"][p], m)
+    for p, v in per_sample.items():
+        torch.testing.assert_close(merged[PER_SAMPLE_LOSS][p], v, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert merged[OUTPUTS]["activated"]["is_entity"].shape[:2] == (11, 5)
