@@ -30,9 +30,7 @@ def test_train_two_epochs_and_evaluate_a_token_tagging_flow(tmp_path):
     loaders = OrderedDict(train=ds.loader(batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)),
                           valid=ds.loader(batch_size=16))
     runner = FlowRunner(flow, model=flow.torch())
-    # interpretation=False: the explainer's per-token trees are another part of issue 17
-    runner.train(loaders=loaders, num_epochs=2, logdir=str(tmp_path / "run"), lr=1e-2, verbose=False,
-                 interpretation=False)
+    runner.train(loaders=loaders, num_epochs=2, logdir=str(tmp_path / "run"), lr=1e-2, verbose=False)
     pre = tt.reference_masks(y, real)
     valid = runner.epoch_metrics["valid"]
     for key in ("is_entity/accuracy", "entity_type/accuracy_1", "span_score/mean_absolute_error", "tags/f1_score"):
